@@ -1,0 +1,673 @@
+//! forkd's extent map: every volume and snapshot is the root of a copy-on-write pointer tree
+//! stored in sled, whose leaves point at 4 KiB slots in an extent file.
+//!
+//! Why a shared tree: a snapshot or a clone takes one reference on an existing root, so it costs
+//! the same for 1 GiB and 1 TiB; a read walks root-to-leaf (3 levels for 1 GiB, 4 for 1 TiB)
+//! whatever the clone depth, because a clone's tree already holds every pointer it inherited.
+//! The first write through a shared node copies that one node (at most 256 child ids or 64
+//! block entries) and takes a reference on each of its children; block data is never copied,
+//! so a 4 KiB write to an inherited block writes 4 KiB of data.
+//!
+//! Ownership and invariants:
+//! - node refcounts (`r` keys) and slot refcounts (`s` keys) are stored only when above 1;
+//!   a reachable node or slot without a key has exactly one reference;
+//! - a slot is in the free list (`f` keys) exactly when nothing references it; a slot freed by
+//!   a commit becomes reusable only after the next flush made that commit durable and its
+//!   bytes were punched out, so a durable pointer never sees another write's data;
+//! - unreachable subtrees wait in the garbage queue (`g` keys) and are dismantled in small
+//!   atomic steps, so a crash mid-delete neither leaks nor double-frees.
+//!
+//! Locking: `BlockMap` is not internally synchronised. Mutations take `&mut self` and
+//! accumulate in an overlay until [`BlockMap::commit`] applies them as one sled batch; the
+//! owner serialises writers and keeps readers out while a writer is between calls.
+//! The map does no data I/O: it answers with slots, and the caller reads and writes them.
+
+#![forbid(unsafe_code)]
+
+mod node;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, ZERO_SLOT};
+use node::{child_index, span};
+
+/// Size of a block, the unit of mapping, checksumming and allocation.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// Errors of the extent map.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockMapError {
+    /// The metadata store failed.
+    #[error("metadata store: {0}")]
+    Store(#[from] sled::Error),
+    /// Stored metadata is not what forkd writes.
+    #[error("corrupt metadata in {what}: {why}")]
+    Corrupt {
+        /// The damaged record.
+        what: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A block index beyond what the tree can address.
+    #[error("block {block} is beyond the end of the volume ({nblocks} blocks)")]
+    OutOfRange {
+        /// The block asked for.
+        block: u64,
+        /// The volume's size in blocks.
+        nblocks: u64,
+    },
+}
+
+type Result<T> = std::result::Result<T, BlockMapError>;
+
+const P_NODE: u8 = b'n';
+const P_NODE_RC: u8 = b'r';
+const P_SLOT_RC: u8 = b's';
+const P_FREE: u8 = b'f';
+const P_GARBAGE: u8 = b'g';
+const K_HIGH_WATER: &[u8] = b"m:high_water";
+const K_NEXT_NODE: &[u8] = b"m:next_node";
+/// Prefix reserved for the catalog's records, which share the map's atomic batches.
+pub const P_CATALOG: u8 = b'c';
+
+fn key(prefix: u8, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn id_of(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?))
+}
+
+fn decode_u64(what: &str, v: &[u8]) -> Result<u64> {
+    v.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| BlockMapError::Corrupt { what: what.to_string(), why: "not an 8-byte counter" })
+}
+
+/// Counters for the metrics endpoint and the architecture notes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapStats {
+    /// Slots handed out so far (the extent file's length in blocks).
+    pub high_water: u64,
+    /// Slots free for reuse now.
+    pub free_slots: u64,
+    /// Slots freed but waiting for a flush before reuse.
+    pub pending_free: u64,
+}
+
+/// The extent map. See the module documentation for its invariants.
+#[derive(Debug)]
+pub struct BlockMap {
+    tree: sled::Tree,
+    /// Decoded nodes changed in the open transaction (`None`: deleted).
+    dirty: HashMap<NodeId, Option<Node>>,
+    /// Other keys changed in the open transaction (`None`: removed).
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Slots nothing references that may be handed out now.
+    free: BTreeSet<u64>,
+    /// Next never-used slot.
+    high_water: u64,
+    next_node: NodeId,
+    /// Slots taken by the open transaction, and where from (true: the free list).
+    txn_allocated: Vec<(u64, bool)>,
+    /// Slots freed by the open transaction.
+    txn_freed: Vec<u64>,
+    /// Allocation state at the start of the open transaction, for rollback.
+    txn_start: (u64, NodeId),
+    /// Flush generation; frees committed in generation g are released by a flush that began
+    /// after g ended.
+    generation: u64,
+    pending: Vec<(u64, u64)>,
+}
+
+impl BlockMap {
+    /// Open the map stored in `tree`. Slots on the free list are returned by the first
+    /// [`BlockMap::take_released`] so the caller can punch them (again) before reuse.
+    pub fn open(tree: sled::Tree) -> Result<BlockMap> {
+        let high_water = match tree.get(K_HIGH_WATER)? {
+            Some(v) => decode_u64("high water mark", &v)?,
+            None => 1,
+        };
+        let next_node = match tree.get(K_NEXT_NODE)? {
+            Some(v) => decode_u64("node counter", &v)?,
+            None => 1,
+        };
+        let mut pending = Vec::new();
+        for kv in tree.scan_prefix([P_FREE]) {
+            let (k, _) = kv?;
+            let slot = id_of(&k)
+                .ok_or(BlockMapError::Corrupt { what: "free list".into(), why: "short key" })?;
+            if slot == 0 || slot >= high_water {
+                return Err(BlockMapError::Corrupt {
+                    what: format!("free slot {slot}"),
+                    why: "outside the extent file",
+                });
+            }
+            pending.push((0, slot));
+        }
+        Ok(BlockMap {
+            tree,
+            dirty: HashMap::new(),
+            overlay: BTreeMap::new(),
+            free: BTreeSet::new(),
+            high_water,
+            next_node,
+            txn_allocated: Vec::new(),
+            txn_freed: Vec::new(),
+            txn_start: (high_water, next_node),
+            generation: 1,
+            pending,
+        })
+    }
+
+    // ----- raw key access through the overlay -------------------------------------------
+
+    fn get_raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.overlay.get(k) {
+            return Ok(v.clone());
+        }
+        Ok(self.tree.get(k)?.map(|v| v.to_vec()))
+    }
+
+    fn put_raw(&mut self, k: &[u8], v: Vec<u8>) {
+        self.overlay.insert(k.to_vec(), Some(v));
+    }
+
+    fn del_raw(&mut self, k: &[u8]) {
+        self.overlay.insert(k.to_vec(), None);
+    }
+
+    /// Read a catalog record (key must start with [`P_CATALOG`]).
+    pub fn get_meta(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get_raw(k)
+    }
+
+    /// Write a catalog record in the open transaction.
+    pub fn put_meta(&mut self, k: &[u8], v: Vec<u8>) {
+        debug_assert_eq!(k.first(), Some(&P_CATALOG));
+        self.put_raw(k, v);
+    }
+
+    /// Remove a catalog record in the open transaction.
+    pub fn remove_meta(&mut self, k: &[u8]) {
+        debug_assert_eq!(k.first(), Some(&P_CATALOG));
+        self.del_raw(k);
+    }
+
+    /// Committed catalog records under `prefix` (the overlay is not consulted: call between
+    /// transactions, as at start-up).
+    pub fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    // ----- nodes and refcounts --------------------------------------------------------
+
+    fn load(&self, id: NodeId) -> Result<Node> {
+        if let Some(n) = self.dirty.get(&id) {
+            return n.clone().ok_or(BlockMapError::Corrupt {
+                what: format!("node {id}"),
+                why: "used after it was freed",
+            });
+        }
+        match self.tree.get(key(P_NODE, id))? {
+            Some(v) => Node::decode(id, &v),
+            None => Err(BlockMapError::Corrupt { what: format!("node {id}"), why: "missing" }),
+        }
+    }
+
+    fn store(&mut self, id: NodeId, node: Node) {
+        self.dirty.insert(id, Some(node));
+    }
+
+    fn new_node(&mut self, node: Node) -> NodeId {
+        let id = self.next_node;
+        self.next_node += 1;
+        self.store(id, node);
+        id
+    }
+
+    fn count(&self, prefix: u8, id: u64) -> Result<u32> {
+        match self.get_raw(&key(prefix, id))? {
+            None => Ok(1),
+            Some(v) => v.as_slice().try_into().map(u32::from_le_bytes).map_err(|_| {
+                BlockMapError::Corrupt { what: format!("refcount {}{id}", prefix as char), why: "not 4 bytes" }
+            }),
+        }
+    }
+
+    fn set_count(&mut self, prefix: u8, id: u64, n: u32) {
+        if n <= 1 {
+            self.del_raw(&key(prefix, id));
+        } else {
+            self.put_raw(&key(prefix, id), n.to_le_bytes().to_vec());
+        }
+    }
+
+    fn node_rc(&self, id: NodeId) -> Result<u32> {
+        self.count(P_NODE_RC, id)
+    }
+
+    fn slot_inc(&mut self, slot: u64) -> Result<()> {
+        let n = self.count(P_SLOT_RC, slot)?;
+        self.set_count(P_SLOT_RC, slot, n + 1);
+        Ok(())
+    }
+
+    fn slot_dec(&mut self, slot: u64) -> Result<()> {
+        let n = self.count(P_SLOT_RC, slot)?;
+        if n <= 1 {
+            self.put_raw(&key(P_FREE, slot), Vec::new());
+            self.txn_freed.push(slot);
+        } else {
+            self.set_count(P_SLOT_RC, slot, n - 1);
+        }
+        Ok(())
+    }
+
+    /// Take one more reference on every child of `node` (it is being copied).
+    fn inc_children(&mut self, node: &Node) -> Result<()> {
+        match node {
+            Node::Leaf(entries) => {
+                for e in entries.iter().flatten().filter(|e| e.has_data()) {
+                    self.slot_inc(e.slot)?;
+                }
+            }
+            Node::Inner { children, .. } => {
+                for &c in children.iter().filter(|&&c| c != 0) {
+                    let n = self.node_rc(c)?;
+                    self.set_count(P_NODE_RC, c, n + 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Return a node id that this tree owns alone and that holds `id`'s contents.
+    fn make_private(&mut self, id: NodeId) -> Result<NodeId> {
+        let rc = self.node_rc(id)?;
+        if rc <= 1 {
+            return Ok(id);
+        }
+        let node = self.load(id)?;
+        self.inc_children(&node)?;
+        self.set_count(P_NODE_RC, id, rc - 1);
+        Ok(self.new_node(node))
+    }
+
+    // ----- public tree operations ----------------------------------------------------
+
+    /// Take a reference on `root` (a new snapshot or clone shares it). O(1).
+    pub fn share(&mut self, root: NodeId) -> Result<()> {
+        if root != 0 {
+            let n = self.node_rc(root)?;
+            self.set_count(P_NODE_RC, root, n + 1);
+        }
+        Ok(())
+    }
+
+    /// Drop a reference on `root`. A root nobody else holds goes to the garbage queue;
+    /// [`BlockMap::collect_garbage`] frees it after the commit.
+    pub fn release(&mut self, root: NodeId) -> Result<()> {
+        if root == 0 {
+            return Ok(());
+        }
+        let n = self.node_rc(root)?;
+        if n > 1 {
+            self.set_count(P_NODE_RC, root, n - 1);
+        } else {
+            self.put_raw(&key(P_GARBAGE, root), Vec::new());
+        }
+        Ok(())
+    }
+
+    /// Set (or, with `None`, unmap) block `b` of the tree at `root`, copying shared nodes on
+    /// the way down. `root` is updated when the root itself had to be copied or created.
+    /// Returns the change in data-holding blocks (-1, 0 or +1).
+    pub fn set(&mut self, root: &mut NodeId, nblocks: u64, b: u64, new: Option<Entry>) -> Result<i64> {
+        if b >= nblocks {
+            return Err(BlockMapError::OutOfRange { block: b, nblocks });
+        }
+        let want = height_for(nblocks);
+        if *root == 0 {
+            if new.is_none() {
+                return Ok(0);
+            }
+            *root = self.new_node(Node::empty(want));
+        } else {
+            *root = self.make_private(*root)?;
+            // A grown volume gets new levels on top; the old tree becomes child 0.
+            let mut level = self.load(*root)?.level();
+            while level < want {
+                level += 1;
+                let mut top = Node::empty(level);
+                if let Node::Inner { children, .. } = &mut top {
+                    children[0] = *root;
+                }
+                *root = self.new_node(top);
+            }
+        }
+        let mut cur = *root;
+        loop {
+            let mut node = self.load(cur)?;
+            let idx = child_index(node.level(), b);
+            match &mut node {
+                Node::Leaf(entries) => {
+                    let old = entries[idx];
+                    if old == new {
+                        return Ok(0);
+                    }
+                    if let Some(o) = old.filter(Entry::has_data) {
+                        self.slot_dec(o.slot)?;
+                    }
+                    entries[idx] = new;
+                    self.store(cur, node);
+                    let had = i64::from(old.is_some_and(|e| e.has_data()));
+                    let has = i64::from(new.is_some_and(|e| e.has_data()));
+                    return Ok(has - had);
+                }
+                Node::Inner { level, children } => {
+                    let child = children[idx];
+                    let next = if child == 0 {
+                        if new.is_none() {
+                            return Ok(0);
+                        }
+                        let lvl = *level - 1;
+                        self.new_node(Node::empty(lvl))
+                    } else {
+                        self.make_private(child)?
+                    };
+                    if next != child {
+                        children[idx] = next;
+                        self.store(cur, node);
+                    }
+                    cur = next;
+                }
+            }
+        }
+    }
+
+    /// Look up `count` blocks from `first` in the tree at `root`: `None` is a hole (never
+    /// written in this lineage), `Some(Entry::ZERO)` reads as zeros, others hold data.
+    pub fn lookup(&self, root: NodeId, first: u64, count: u64) -> Result<Vec<Option<Entry>>> {
+        let len = usize::try_from(count).map_err(|_| BlockMapError::OutOfRange { block: first, nblocks: 0 })?;
+        let mut out = vec![None; len];
+        if root != 0 && count > 0 {
+            let node = self.load(root)?;
+            let base = 0;
+            self.lookup_node(&node, base, first, first + count, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn lookup_node(&self, node: &Node, base: u64, from: u64, to: u64, out: &mut [Option<Entry>]) -> Result<()> {
+        let level = node.level();
+        let sp = span(level);
+        match node {
+            Node::Leaf(entries) => {
+                for (i, e) in entries.iter().enumerate() {
+                    let b = base + i as u64;
+                    if b >= from && b < to {
+                        out[usize::try_from(b - from).unwrap_or(0)] = *e;
+                    }
+                }
+            }
+            Node::Inner { children, .. } => {
+                for (i, &c) in children.iter().enumerate() {
+                    let lo = base + i as u64 * sp;
+                    if c == 0 || lo + sp <= from || lo >= to {
+                        continue;
+                    }
+                    let child = self.load(c)?;
+                    self.lookup_node(&child, lo, from, to, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Call `f(block, entry)` for every present entry of the tree at `root`, in block order.
+    pub fn for_each(&self, root: NodeId, f: &mut dyn FnMut(u64, Entry) -> Result<()>) -> Result<()> {
+        if root == 0 {
+            return Ok(());
+        }
+        let node = self.load(root)?;
+        self.walk(&node, 0, f)
+    }
+
+    fn walk(&self, node: &Node, base: u64, f: &mut dyn FnMut(u64, Entry) -> Result<()>) -> Result<()> {
+        match node {
+            Node::Leaf(entries) => {
+                for (i, e) in entries.iter().enumerate() {
+                    if let Some(e) = e {
+                        f(base + i as u64, *e)?;
+                    }
+                }
+            }
+            Node::Inner { level, children } => {
+                let sp = span(*level);
+                for (i, &c) in children.iter().enumerate().filter(|(_, &c)| c != 0) {
+                    let child = self.load(c)?;
+                    self.walk(&child, base + i as u64 * sp, f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks of data that releasing all of `roots` together would free: exactly those
+    /// reachable only through them. Cost grows with what is unique, not with volume size.
+    pub fn unique_blocks(&self, roots: &[NodeId]) -> Result<u64> {
+        let mut node_refs: HashMap<NodeId, u32> = HashMap::new();
+        let mut slot_refs: HashMap<u64, u32> = HashMap::new();
+        let mut visit: Vec<NodeId> = Vec::new();
+        let mut unique = 0;
+        let mut reach = |id: NodeId, visit: &mut Vec<NodeId>, refs: &mut HashMap<NodeId, u32>| -> Result<()> {
+            let seen = refs.entry(id).or_insert(0);
+            *seen += 1;
+            if *seen == self.node_rc(id)? {
+                visit.push(id);
+            }
+            Ok(())
+        };
+        for &r in roots.iter().filter(|&&r| r != 0) {
+            reach(r, &mut visit, &mut node_refs)?;
+        }
+        while let Some(id) = visit.pop() {
+            match self.load(id)? {
+                Node::Leaf(entries) => {
+                    for e in entries.iter().flatten().filter(|e| e.has_data()) {
+                        let seen = slot_refs.entry(e.slot).or_insert(0);
+                        *seen += 1;
+                        if *seen == self.count(P_SLOT_RC, e.slot)? {
+                            unique += 1;
+                        }
+                    }
+                }
+                Node::Inner { children, .. } => {
+                    for &c in children.iter().filter(|&&c| c != 0) {
+                        reach(c, &mut visit, &mut node_refs)?;
+                    }
+                }
+            }
+        }
+        Ok(unique)
+    }
+
+    // ----- slots --------------------------------------------------------------------
+
+    /// Hand out `n` slots for new data, lowest free ones first, then fresh ones (contiguous,
+    /// so a long write becomes one large I/O). Part of the open transaction.
+    pub fn alloc(&mut self, n: usize) -> Vec<u64> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let Some(slot) = self.free.pop_first() else { break };
+            self.del_raw(&key(P_FREE, slot));
+            self.txn_allocated.push((slot, true));
+            out.push(slot);
+        }
+        while out.len() < n {
+            let slot = self.high_water;
+            self.high_water += 1;
+            self.txn_allocated.push((slot, false));
+            out.push(slot);
+        }
+        out
+    }
+
+    // ----- transactions -------------------------------------------------------------
+
+    /// Apply everything since the last commit or rollback as one atomic sled batch.
+    pub fn commit(&mut self) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (id, node) in self.dirty.drain() {
+            match node {
+                Some(n) => batch.insert(&key(P_NODE, id), n.encode()),
+                None => batch.remove(&key(P_NODE, id)),
+            }
+        }
+        for (k, v) in std::mem::take(&mut self.overlay) {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        if self.high_water != self.txn_start.0 {
+            batch.insert(K_HIGH_WATER, &self.high_water.to_le_bytes());
+        }
+        if self.next_node != self.txn_start.1 {
+            batch.insert(K_NEXT_NODE, &self.next_node.to_le_bytes());
+        }
+        if let Err(e) = self.tree.apply_batch(batch) {
+            self.rollback_allocations();
+            return Err(e.into());
+        }
+        let gen = self.generation;
+        self.pending.extend(self.txn_freed.drain(..).map(|s| (gen, s)));
+        self.txn_allocated.clear();
+        self.txn_start = (self.high_water, self.next_node);
+        Ok(())
+    }
+
+    /// Forget everything since the last commit.
+    pub fn rollback(&mut self) {
+        self.dirty.clear();
+        self.overlay.clear();
+        self.txn_freed.clear();
+        self.rollback_allocations();
+    }
+
+    fn rollback_allocations(&mut self) {
+        for (slot, from_free) in self.txn_allocated.drain(..) {
+            if from_free {
+                self.free.insert(slot);
+            }
+        }
+        self.dirty.clear();
+        self.overlay.clear();
+        self.txn_freed.clear();
+        (self.high_water, self.next_node) = self.txn_start;
+    }
+
+    /// True while a transaction has uncommitted changes.
+    pub fn in_transaction(&self) -> bool {
+        !self.dirty.is_empty() || !self.overlay.is_empty() || !self.txn_allocated.is_empty()
+    }
+
+    // ----- flush and reuse of freed slots ------------------------------------------
+
+    /// Start a flush: frees committed so far become releasable once it completes.
+    pub fn begin_flush(&mut self) -> u64 {
+        let g = self.generation;
+        self.generation += 1;
+        g
+    }
+
+    /// Slots freed in generations up to `ticket`, now durable: punch them, then hand them to
+    /// [`BlockMap::make_available`].
+    pub fn take_released(&mut self, ticket: u64) -> Vec<u64> {
+        let (done, keep): (Vec<_>, Vec<_>) = self.pending.drain(..).partition(|(g, _)| *g <= ticket);
+        self.pending = keep;
+        let mut slots: Vec<u64> = done.into_iter().map(|(_, s)| s).collect();
+        slots.sort_unstable();
+        slots
+    }
+
+    /// Let punched slots be allocated again.
+    pub fn make_available(&mut self, slots: Vec<u64>) {
+        self.free.extend(slots);
+    }
+
+    /// Dismantle queued garbage, committing every few nodes so each step is atomic and small.
+    /// Returns the number of nodes freed. Must be called with no open transaction.
+    pub fn collect_garbage(&mut self) -> Result<u64> {
+        let mut freed = 0;
+        loop {
+            let queue: Vec<NodeId> = self
+                .tree
+                .scan_prefix([P_GARBAGE])
+                .keys()
+                .take(64)
+                .map(|k| k.map(|k| id_of(&k).unwrap_or(0)))
+                .collect::<std::result::Result<_, _>>()?;
+            if queue.is_empty() {
+                return Ok(freed);
+            }
+            for id in queue {
+                let node = self.load(id)?;
+                match &node {
+                    Node::Leaf(entries) => {
+                        for e in entries.iter().flatten().filter(|e| e.has_data()) {
+                            self.slot_dec(e.slot)?;
+                        }
+                    }
+                    Node::Inner { children, .. } => {
+                        for &c in children.iter().filter(|&&c| c != 0) {
+                            self.release(c)?;
+                        }
+                    }
+                }
+                self.dirty.insert(id, None);
+                self.del_raw(&key(P_NODE_RC, id));
+                self.del_raw(&key(P_GARBAGE, id));
+                freed += 1;
+            }
+            self.commit()?;
+        }
+    }
+
+    /// Current allocation counters.
+    pub fn stats(&self) -> MapStats {
+        MapStats {
+            high_water: self.high_water,
+            free_slots: self.free.len() as u64,
+            pending_free: self.pending.len() as u64,
+        }
+    }
+
+    /// Make every committed change durable in the metadata store.
+    pub fn flush_store(&self) -> Result<()> {
+        self.tree.flush()?;
+        Ok(())
+    }
+}
+
+/// The crc32 every stored block carries.
+pub fn block_crc(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
+}
+
+/// The content digest ingest compares to find changed blocks.
+pub fn block_digest(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+//! Unit tests of the pointer tree: sharing, copy-on-write isolation and freeing.
+
+use super::*;
+
+fn open() -> (tempfile::TempDir, BlockMap) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let map = BlockMap::open(db.open_tree("map").unwrap()).unwrap();
+    (dir, map)
+}
+
+fn data(map: &mut BlockMap, root: &mut NodeId, nblocks: u64, b: u64, tag: u32) {
+    let slot = map.alloc(1)[0];
+    map.set(root, nblocks, b, Some(Entry { slot, crc: tag, digest: u64::from(tag) })).unwrap();
+}
+
+fn crcs(map: &BlockMap, root: NodeId, n: u64) -> Vec<Option<u32>> {
+    map.lookup(root, 0, n).unwrap().into_iter().map(|e| e.map(|e| e.crc)).collect()
+}
+
+#[test]
+fn shared_roots_copy_on_write_and_free_exactly() {
+    let (_d, mut map) = open();
+    let n = 100_000; // height 2
+    let mut a = 0;
+    for b in [0, 1, 63, 64, 99_999] {
+        data(&mut map, &mut a, n, b, 1);
+    }
+    map.commit().unwrap();
+    // snapshot: share the root; the volume keeps writing into a private copy
+    let snap = a;
+    map.share(snap).unwrap();
+    let mut clone = snap;
+    map.share(clone).unwrap();
+    data(&mut map, &mut a, n, 1, 2);
+    data(&mut map, &mut clone, n, 64, 3);
+    map.set(&mut clone, n, 0, Some(Entry::ZERO)).unwrap();
+    map.commit().unwrap();
+    assert_ne!(a, snap);
+    assert_ne!(clone, snap);
+    let s = crcs(&map, snap, n);
+    assert_eq!((s[0], s[1], s[64], s[2]), (Some(1), Some(1), Some(1), None));
+    let v = crcs(&map, a, n);
+    assert_eq!((v[0], v[1], v[64]), (Some(1), Some(2), Some(1)));
+    let c = crcs(&map, clone, n);
+    assert_eq!((c[0], c[1], c[64], c[99_999]), (Some(0), Some(1), Some(3), Some(1)));
+    // unique: the volume alone owns block 1's new data; the snapshot owns nothing alone.
+    assert_eq!(map.unique_blocks(&[a]).unwrap(), 1);
+    assert_eq!(map.unique_blocks(&[snap]).unwrap(), 0);
+    assert_eq!(map.unique_blocks(&[clone]).unwrap(), 1);
+    // releasing everything frees every slot ever handed out
+    for r in [a, snap, clone] {
+        map.release(r).unwrap();
+    }
+    map.commit().unwrap();
+    map.collect_garbage().unwrap();
+    let t = map.begin_flush();
+    let freed = map.take_released(t);
+    assert_eq!(freed.len() as u64, map.stats().high_water - 1);
+    map.make_available(freed);
+    assert_eq!(map.alloc(1), vec![1], "lowest freed slot is reused first");
+}
+
+#[test]
+fn freed_slots_wait_for_a_flush() {
+    let (_d, mut map) = open();
+    let mut r = 0;
+    data(&mut map, &mut r, 64, 0, 1);
+    map.commit().unwrap();
+    data(&mut map, &mut r, 64, 0, 2);
+    map.commit().unwrap();
+    assert_eq!(map.stats().pending_free, 1);
+    assert_eq!(map.alloc(1), vec![3], "a freed slot is not reused before a flush");
+    map.rollback();
+    let t = map.begin_flush();
+    let s = map.take_released(t);
+    assert_eq!(s, vec![1]);
+}
+
+#[test]
+fn rollback_forgets_everything() {
+    let (_d, mut map) = open();
+    let mut r = 0;
+    data(&mut map, &mut r, 64, 5, 1);
+    map.rollback();
+    assert!(!map.in_transaction());
+    assert_eq!(map.stats().high_water, 1);
+    let mut r2 = 0;
+    data(&mut map, &mut r2, 64, 5, 1);
+    map.commit().unwrap();
+    assert_eq!(crcs(&map, r2, 64)[5], Some(1));
+}
+
+#[test]
+fn grows_by_adding_levels() {
+    let (_d, mut map) = open();
+    let mut r = 0;
+    data(&mut map, &mut r, 64, 3, 7);
+    data(&mut map, &mut r, 1 << 20, (1 << 20) - 1, 8);
+    map.commit().unwrap();
+    let got = map.lookup(r, 0, 1 << 20).unwrap();
+    assert_eq!(got[3].map(|e| e.crc), Some(7));
+    assert_eq!(got[(1 << 20) - 1].map(|e| e.crc), Some(8));
+    assert!(map.set(&mut r, 64, 64, None).is_err());
+}
