@@ -469,7 +469,7 @@ impl BlockMap {
         let mut slot_refs: HashMap<u64, u32> = HashMap::new();
         let mut visit: Vec<NodeId> = Vec::new();
         let mut unique = 0;
-        let mut reach = |id: NodeId, visit: &mut Vec<NodeId>, refs: &mut HashMap<NodeId, u32>| -> Result<()> {
+        let reach = |id: NodeId, visit: &mut Vec<NodeId>, refs: &mut HashMap<NodeId, u32>| -> Result<()> {
             let seen = refs.entry(id).or_insert(0);
             *seen += 1;
             if *seen == self.node_rc(id)? {

@@ -143,7 +143,7 @@ impl Node {
 }
 
 /// Blocks covered by one child slot of a node at `level` (1 for a leaf's entries).
-pub fn span(level: u8) -> u64 {
+pub(crate) fn span(level: u8) -> u64 {
     if level == 0 {
         1
     } else {
@@ -167,7 +167,7 @@ pub fn height_for(nblocks: u64) -> u8 {
 }
 
 /// Index of block `b` within a node at `level`.
-pub fn child_index(level: u8, b: u64) -> usize {
+pub(crate) fn child_index(level: u8, b: u64) -> usize {
     let fan = if level == 0 { LEAF_FANOUT } else { INNER_FANOUT } as u64;
     usize::try_from((b / span(level)) % fan).unwrap_or(0)
 }

@@ -1,1 +1,830 @@
-pub fn x(){}
+//! forkd's catalog: sources, clones, snapshots, timeflows, origins and bookmarks, kept in the
+//! same sled tree as the extent map so every operation commits as one atomic batch.
+//!
+//! Each volume owns one reference on its head root and one on each snapshot's root (see the
+//! `blockmap` crate); a running ingest owns one on its staging root. Operations build new
+//! records on copies, commit map changes and records together, and only then replace the
+//! in-memory copies, so a failed operation changes nothing. Durability (fsync of data, flush
+//! of the store) is the caller's job once an operation returns: see docs/durability.md.
+//!
+//! Locking: `Catalog` is not synchronised; the daemon keeps it behind one `RwLock`.
+
+#![forbid(unsafe_code)]
+
+mod reference;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use blockmap::{self, BlockMap, BlockMapError, Entry, NodeId, BLOCK_SIZE};
+pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
+use serde::{Deserialize, Serialize};
+
+/// Errors of catalog operations. Each is one line a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The extent map failed.
+    #[error(transparent)]
+    Map(#[from] BlockMapError),
+    /// No volume has this name.
+    #[error("no volume named `{0}`")]
+    UnknownVolume(String),
+    /// The volume exists but the snapshot does not.
+    #[error("no snapshot `{0}`")]
+    UnknownSnapshot(String),
+    /// A reference that does not parse.
+    #[error("`{reference}` is not a valid reference: {why}")]
+    BadReference {
+        /// The text given.
+        reference: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A name that is not allowed.
+    #[error("`{name}` is not a valid name: {why}")]
+    InvalidName {
+        /// The text given.
+        name: String,
+        /// What is allowed.
+        why: String,
+    },
+    /// A size that is not allowed.
+    #[error("size `{size}` is not valid: {why}")]
+    InvalidSize {
+        /// The text given.
+        size: String,
+        /// What is allowed.
+        why: String,
+    },
+    /// The name is already used by a volume.
+    #[error("a volume named `{0}` already exists")]
+    NameTaken(String),
+    /// A bookmark name is already used on this volume.
+    #[error("bookmark `{bookmark}` already names {on}")]
+    BookmarkTaken {
+        /// The bookmark.
+        bookmark: String,
+        /// The snapshot it names.
+        on: String,
+    },
+    /// Clones depend on what was to be deleted.
+    #[error("cannot delete {what}: clones depend on it: {}", dependents.join(", "))]
+    HasDependents {
+        /// The snapshot or volume.
+        what: String,
+        /// The dependent clones.
+        dependents: Vec<String>,
+    },
+    /// The operation needs a clone.
+    #[error("`{0}` is a source; only clones can be {1}")]
+    NotAClone(String, &'static str),
+    /// The operation needs a source.
+    #[error("`{0}` is a clone; only sources are fed by ingest")]
+    NotASource(String),
+    /// Snapshots are read-only.
+    #[error("`{0}` is read-only")]
+    ReadOnly(String),
+    /// A rewind or refresh target outside the clone's lineage.
+    #[error("cannot move `{clone}` to {target}: it is neither one of its own snapshots nor a snapshot of its origin")]
+    NotInLineage {
+        /// The clone.
+        clone: String,
+        /// The target snapshot.
+        target: String,
+    },
+    /// A time before any snapshot that could answer it.
+    #[error("no snapshot of `{volume}` at or before {time}")]
+    BeforeFirstSnapshot {
+        /// The volume searched.
+        volume: String,
+        /// The time asked for.
+        time: String,
+    },
+    /// An ingest already runs on this source.
+    #[error("an ingest into `{0}` is already running")]
+    IngestRunning(String),
+    /// No ingest runs on this source.
+    #[error("no ingest is running into `{0}`")]
+    NoIngest(String),
+    /// A range beyond the end of the volume.
+    #[error("range {offset}+{length} is beyond the end of `{volume}` ({size} bytes)")]
+    OutOfRange {
+        /// The volume.
+        volume: String,
+        /// Start of the range in bytes.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+        /// The volume's size in bytes.
+        size: u64,
+    },
+    /// A stored record that cannot be parsed.
+    #[error("corrupt catalog record `{0}`")]
+    Corrupt(String),
+}
+
+type Result<T> = std::result::Result<T, CatalogError>;
+
+/// Whether a volume is fed by ingest or written by hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Fed only by ingest; read-only to hosts.
+    Source,
+    /// Writable copy of a snapshot.
+    Clone,
+}
+
+/// A snapshot's identity: `VOLUME@N`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SnapshotId {
+    /// The volume.
+    pub volume: String,
+    /// Its number on that volume.
+    pub id: u64,
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.volume, self.id)
+    }
+}
+
+/// What an ingest did, kept on the snapshot it produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestSummary {
+    /// Bytes of the source image read.
+    pub scanned_bytes: u64,
+    /// Bytes found different from the previous snapshot.
+    pub changed_bytes: u64,
+    /// Payload bytes received.
+    pub sent_bytes: u64,
+    /// Wall time of the ingest.
+    pub duration_ms: u64,
+}
+
+/// An immutable point in time of a volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Number on its volume, counting up from 1.
+    pub id: u64,
+    /// Root of its pointer tree (one reference held).
+    pub root: NodeId,
+    /// Creation time, unix milliseconds.
+    pub created_at: i64,
+    /// The timeflow of the volume when it was taken.
+    pub timeflow: u32,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Blocks holding data.
+    pub allocated_blocks: u64,
+    /// Names for it.
+    pub bookmarks: Vec<String>,
+    /// Why it was taken (`ingest`, `snapshot`, `clone`, `rewind`, `refresh`).
+    pub reason: String,
+    /// Set when an ingest produced it.
+    pub ingest: Option<IngestSummary>,
+}
+
+/// A running ingest: writes land in a staging tree that becomes the next snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Staging {
+    /// Root of the staging tree (one reference held).
+    pub root: NodeId,
+    /// Blocks holding data in it.
+    pub allocated_blocks: u64,
+}
+
+/// A named virtual block device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Volume {
+    /// Its name.
+    pub name: String,
+    /// Source or clone.
+    pub kind: Kind,
+    /// Size in bytes (a multiple of 4096).
+    pub size_bytes: u64,
+    /// Root of the head's pointer tree (one reference held).
+    pub root: NodeId,
+    /// The snapshot a clone currently derives from.
+    pub origin: Option<SnapshotId>,
+    /// Creation time, unix milliseconds.
+    pub created_at: i64,
+    /// Current timeflow; a rewind or refresh starts the next.
+    pub timeflow: u32,
+    /// Number the next snapshot gets.
+    pub next_snapshot: u64,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<Snapshot>,
+    /// Blocks holding data in the head (stored under its own key, updated with every write).
+    #[serde(skip)]
+    pub allocated_blocks: u64,
+    /// The running ingest (stored under its own key).
+    #[serde(skip)]
+    pub staging: Option<Staging>,
+}
+
+impl Volume {
+    /// Blocks in the volume.
+    pub fn nblocks(&self) -> u64 {
+        self.size_bytes / BLOCK_SIZE
+    }
+
+    /// Find a snapshot by selector.
+    pub fn find(&self, sel: &SnapSel) -> Result<&Snapshot> {
+        let missing = || CatalogError::UnknownSnapshot(format!("{}@{}", self.name, sel_text(sel)));
+        match sel {
+            SnapSel::Id(n) => self.snapshots.iter().find(|s| s.id == *n).ok_or_else(missing),
+            SnapSel::Latest => self.snapshots.last().ok_or_else(missing),
+            SnapSel::Bookmark(b) => self.snapshots.iter().find(|s| s.bookmarks.contains(b)).ok_or_else(missing),
+            SnapSel::At(t) => {
+                self.snapshots.iter().rev().find(|s| s.created_at <= *t).ok_or_else(|| {
+                    CatalogError::BeforeFirstSnapshot { volume: self.name.clone(), time: format_time(*t) }
+                })
+            }
+        }
+    }
+
+    /// Every root this volume holds a reference on.
+    pub fn roots(&self) -> Vec<NodeId> {
+        let mut r: Vec<NodeId> = self.snapshots.iter().map(|s| s.root).collect();
+        r.push(self.root);
+        r.extend(self.staging.as_ref().map(|s| s.root));
+        r
+    }
+}
+
+fn sel_text(sel: &SnapSel) -> String {
+    match sel {
+        SnapSel::Id(n) => n.to_string(),
+        SnapSel::Latest => "latest".into(),
+        SnapSel::Bookmark(b) => b.clone(),
+        SnapSel::At(t) => format_time(*t),
+    }
+}
+
+/// What a reference resolves to for I/O.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `VOLUME` or `VOLUME@N`.
+    pub name: String,
+    /// Root of the tree to read.
+    pub root: NodeId,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// True for snapshots and sources.
+    pub read_only: bool,
+}
+
+const K_VOLUME: &[u8] = b"cV";
+const K_ALLOCATED: &[u8] = b"cA";
+const K_STAGING: &[u8] = b"cI";
+
+fn k(prefix: &[u8], name: &str) -> Vec<u8> {
+    let mut v = prefix.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The catalog and the extent map it owns.
+#[derive(Debug)]
+pub struct Catalog {
+    map: BlockMap,
+    volumes: BTreeMap<String, Volume>,
+    /// Last timestamp handed out, so snapshot times never go backwards.
+    last_time: i64,
+}
+
+impl Catalog {
+    /// Load the catalog from `tree`, abandoning ingests a crash interrupted.
+    pub fn open(tree: sled::Tree) -> Result<Catalog> {
+        let map = BlockMap::open(tree)?;
+        let mut volumes = BTreeMap::new();
+        let mut last_time = 0;
+        for (key, val) in map.scan_meta(K_VOLUME)? {
+            let name = String::from_utf8_lossy(&key[K_VOLUME.len()..]).into_owned();
+            let mut v: Volume = serde_json::from_slice(&val).map_err(|_| CatalogError::Corrupt(name.clone()))?;
+            if v.name != name {
+                return Err(CatalogError::Corrupt(name));
+            }
+            if let Some(a) = map.get_meta(&k(K_ALLOCATED, &name))? {
+                v.allocated_blocks = u64::from_le_bytes(
+                    a.as_slice().try_into().map_err(|_| CatalogError::Corrupt(format!("{name} (allocation)")))?,
+                );
+            }
+            if let Some(s) = map.get_meta(&k(K_STAGING, &name))? {
+                v.staging = Some(
+                    serde_json::from_slice(&s).map_err(|_| CatalogError::Corrupt(format!("{name} (ingest)")))?,
+                );
+            }
+            last_time = last_time.max(v.created_at);
+            last_time = v.snapshots.iter().map(|s| s.created_at).fold(last_time, i64::max);
+            volumes.insert(name, v);
+        }
+        let mut cat = Catalog { map, volumes, last_time };
+        let interrupted: Vec<String> =
+            cat.volumes.values().filter(|v| v.staging.is_some()).map(|v| v.name.clone()).collect();
+        for name in interrupted {
+            tracing::warn!(source = %name, "abandoning an ingest that was interrupted by a restart");
+            cat.abort_ingest(&name)?;
+        }
+        cat.map.collect_garbage()?;
+        Ok(cat)
+    }
+
+    /// The extent map, for reads.
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    /// The extent map, for slot allocation and the flush protocol.
+    pub fn map_mut(&mut self) -> &mut BlockMap {
+        &mut self.map
+    }
+
+    /// All volumes, by name.
+    pub fn volumes(&self) -> &BTreeMap<String, Volume> {
+        &self.volumes
+    }
+
+    /// One volume.
+    pub fn volume(&self, name: &str) -> Result<&Volume> {
+        self.volumes.get(name).ok_or_else(|| CatalogError::UnknownVolume(name.to_string()))
+    }
+
+    fn now(&mut self) -> i64 {
+        self.last_time = now_ms().max(self.last_time);
+        self.last_time
+    }
+
+    /// Resolve a reference to what I/O should read or write.
+    pub fn target(&self, reference: &str) -> Result<Target> {
+        let r = Reference::parse(reference)?;
+        let v = self.volume(&r.volume)?;
+        Ok(match &r.snapshot {
+            None => Target {
+                name: v.name.clone(),
+                root: v.root,
+                size_bytes: v.size_bytes,
+                read_only: v.kind == Kind::Source,
+            },
+            Some(sel) => {
+                let s = v.find(sel)?;
+                Target {
+                    name: format!("{}@{}", v.name, s.id),
+                    root: s.root,
+                    size_bytes: s.size_bytes,
+                    read_only: true,
+                }
+            }
+        })
+    }
+
+    /// Resolve a snapshot reference (it must name a snapshot).
+    pub fn snapshot_of(&self, reference: &str) -> Result<(&Volume, &Snapshot)> {
+        let r = Reference::parse(reference)?;
+        let v = self.volume(&r.volume)?;
+        let sel = r.snapshot.ok_or_else(|| CatalogError::BadReference {
+            reference: reference.to_string(),
+            why: "this names a volume; name a snapshot as VOLUME@N".into(),
+        })?;
+        Ok((v, v.find(&sel)?))
+    }
+
+    /// Clones whose origin is `snap`.
+    pub fn dependents(&self, snap: &SnapshotId) -> Vec<String> {
+        self.volumes.values().filter(|v| v.origin.as_ref() == Some(snap)).map(|v| v.name.clone()).collect()
+    }
+
+    /// Data-holding blocks only `roots` reference, as bytes.
+    pub fn unique_bytes(&self, roots: &[NodeId]) -> Result<u64> {
+        Ok(self.map.unique_blocks(roots)? * BLOCK_SIZE)
+    }
+
+    // ----- committing ---------------------------------------------------------------
+
+    fn stage_record(&mut self, v: &Volume) -> Result<()> {
+        let json = serde_json::to_vec(v).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
+        self.map.put_meta(&k(K_VOLUME, &v.name), json);
+        self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
+        match &v.staging {
+            Some(s) => {
+                let json = serde_json::to_vec(s).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
+                self.map.put_meta(&k(K_STAGING, &v.name), json);
+            }
+            None => self.map.remove_meta(&k(K_STAGING, &v.name)),
+        }
+        Ok(())
+    }
+
+    /// Commit map changes made by `build` with the volumes it returns (and removes), or
+    /// roll everything back if any step fails.
+    fn commit_with<T>(&mut self, build: impl FnOnce(&mut Self) -> Result<(Vec<Volume>, Vec<String>, T)>) -> Result<T> {
+        let result = build(self).and_then(|(changed, removed, out)| {
+            for v in &changed {
+                self.stage_record(v)?;
+            }
+            for name in &removed {
+                for p in [K_VOLUME, K_ALLOCATED, K_STAGING] {
+                    self.map.remove_meta(&k(p, name));
+                }
+            }
+            self.map.commit()?;
+            Ok((changed, removed, out))
+        });
+        match result {
+            Ok((changed, removed, out)) => {
+                for name in removed {
+                    self.volumes.remove(&name);
+                }
+                for v in changed {
+                    self.volumes.insert(v.name.clone(), v);
+                }
+                self.map.collect_garbage()?;
+                Ok(out)
+            }
+            Err(e) => {
+                self.map.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn new_name(&self, name: &str) -> Result<()> {
+        validate_name("volume", name)?;
+        if self.volumes.contains_key(name) {
+            return Err(CatalogError::NameTaken(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Take a snapshot of `v`'s head into `v` (in the open transaction).
+    fn take_snapshot(&mut self, v: &mut Volume, reason: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
+        if let Some(b) = bookmark {
+            reference::validate_bookmark(b)?;
+            if let Some(s) = v.snapshots.iter().find(|s| s.bookmarks.iter().any(|x| x == b)) {
+                return Err(CatalogError::BookmarkTaken { bookmark: b.into(), on: format!("{}@{}", v.name, s.id) });
+            }
+        }
+        self.map.share(v.root)?;
+        let id = v.next_snapshot;
+        v.next_snapshot += 1;
+        let created_at = self.now();
+        v.snapshots.push(Snapshot {
+            id,
+            root: v.root,
+            created_at,
+            timeflow: v.timeflow,
+            size_bytes: v.size_bytes,
+            allocated_blocks: v.allocated_blocks,
+            bookmarks: bookmark.map(|b| vec![b.to_string()]).unwrap_or_default(),
+            reason: reason.to_string(),
+            ingest: None,
+        });
+        Ok(SnapshotId { volume: v.name.clone(), id })
+    }
+
+    // ----- operations ---------------------------------------------------------------
+
+    /// Create an empty source volume.
+    pub fn create_source(&mut self, name: &str, size_bytes: u64) -> Result<Volume> {
+        self.new_name(name)?;
+        check_size(size_bytes)?;
+        let created_at = self.now();
+        let v = Volume {
+            name: name.to_string(),
+            kind: Kind::Source,
+            size_bytes,
+            root: 0,
+            origin: None,
+            created_at,
+            timeflow: 1,
+            next_snapshot: 1,
+            snapshots: Vec::new(),
+            allocated_blocks: 0,
+            staging: None,
+        };
+        self.commit_with(|_| Ok((vec![v.clone()], vec![], ())))?;
+        Ok(v)
+    }
+
+    /// Snapshot a volume's current contents.
+    pub fn snapshot(&mut self, volume: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
+        let mut v = self.volume(volume)?.clone();
+        self.commit_with(|cat| {
+            let id = cat.take_snapshot(&mut v, "snapshot", bookmark)?;
+            Ok((vec![v], vec![], id))
+        })
+    }
+
+    /// Add a bookmark to a snapshot.
+    pub fn bookmark(&mut self, snapshot: &str, name: &str) -> Result<SnapshotId> {
+        reference::validate_bookmark(name)?;
+        let (v, s) = self.snapshot_of(snapshot)?;
+        let id = SnapshotId { volume: v.name.clone(), id: s.id };
+        let mut v = v.clone();
+        if let Some(other) = v.snapshots.iter().find(|x| x.bookmarks.iter().any(|b| b == name)) {
+            return Err(CatalogError::BookmarkTaken { bookmark: name.into(), on: format!("{}@{}", v.name, other.id) });
+        }
+        if let Some(s) = v.snapshots.iter_mut().find(|x| x.id == id.id) {
+            s.bookmarks.push(name.to_string());
+        }
+        self.commit_with(|_| Ok((vec![v], vec![], id)))
+    }
+
+    /// Create a clone of a snapshot, or of a volume (which is snapshotted first, atomically).
+    /// Returns the clone and the snapshot it was made from.
+    pub fn clone_volume(&mut self, from: &str, name: &str) -> Result<(Volume, SnapshotId)> {
+        self.new_name(name)?;
+        let r = Reference::parse(from)?;
+        let mut parent = self.volume(&r.volume)?.clone();
+        self.commit_with(|cat| {
+            let mut changed = Vec::new();
+            let snap_id = match &r.snapshot {
+                Some(sel) => SnapshotId { volume: parent.name.clone(), id: parent.find(sel)?.id },
+                None => {
+                    let id = cat.take_snapshot(&mut parent, "clone", None)?;
+                    changed.push(parent.clone());
+                    id
+                }
+            };
+            let snap = parent.find(&SnapSel::Id(snap_id.id))?;
+            cat.map.share(snap.root)?;
+            let created_at = cat.now();
+            let clone = Volume {
+                name: name.to_string(),
+                kind: Kind::Clone,
+                size_bytes: snap.size_bytes,
+                root: snap.root,
+                origin: Some(snap_id.clone()),
+                created_at,
+                timeflow: 1,
+                next_snapshot: 1,
+                snapshots: Vec::new(),
+                allocated_blocks: snap.allocated_blocks,
+                staging: None,
+            };
+            changed.push(clone.clone());
+            Ok((changed, vec![], (clone, snap_id)))
+        })
+    }
+
+    /// Volumes a clone may move to: itself and every volume up its origin chain.
+    fn lineage(&self, clone: &Volume) -> Vec<String> {
+        let mut out = vec![clone.name.clone()];
+        let mut cur = clone.origin.clone();
+        while let Some(o) = cur {
+            if out.contains(&o.volume) {
+                break;
+            }
+            out.push(o.volume.clone());
+            cur = self.volumes.get(&o.volume).and_then(|v| v.origin.clone());
+        }
+        out
+    }
+
+    /// Resolve a rewind target: `VOLUME@SEL`, `@SEL` or `N` (the clone's own), or a time
+    /// (the newest of the clone's own snapshots and its origin at or before it).
+    fn resolve_move_target(&self, clone: &Volume, to: &str) -> Result<SnapshotId> {
+        if let Some(t) = parse_time(to) {
+            let own = clone.snapshots.iter().filter(|s| s.created_at <= t).map(|s| (s.created_at, clone.name.clone(), s.id));
+            let origin = clone.origin.as_ref().and_then(|o| {
+                let s = self.volumes.get(&o.volume)?.snapshots.iter().find(|s| s.id == o.id)?;
+                (s.created_at <= t).then(|| (s.created_at, o.volume.clone(), s.id))
+            });
+            let best = own.chain(origin).max_by_key(|(at, _, _)| *at);
+            return best.map(|(_, volume, id)| SnapshotId { volume, id }).ok_or_else(|| {
+                CatalogError::BeforeFirstSnapshot { volume: clone.name.clone(), time: format_time(t) }
+            });
+        }
+        let full = if let Some(rest) = to.strip_prefix('@') {
+            format!("{}@{rest}", clone.name)
+        } else if !to.is_empty() && to.bytes().all(|c| c.is_ascii_digit()) {
+            format!("{}@{to}", clone.name)
+        } else {
+            to.to_string()
+        };
+        let (v, s) = self.snapshot_of(&full)?;
+        let id = SnapshotId { volume: v.name.clone(), id: s.id };
+        if !self.lineage(clone).contains(&v.name) {
+            return Err(CatalogError::NotInLineage { clone: clone.name.clone(), target: id.to_string() });
+        }
+        Ok(id)
+    }
+
+    /// Point a clone's head at `target`, keeping the state before as a snapshot.
+    fn repoint(&mut self, clone: &str, target: SnapshotId, reason: &'static str) -> Result<SnapshotId> {
+        let mut v = self.volume(clone)?.clone();
+        if v.kind != Kind::Clone {
+            return Err(CatalogError::NotAClone(v.name, if reason == "rewind" { "rewound" } else { "refreshed" }));
+        }
+        self.commit_with(|cat| {
+            let kept = cat.take_snapshot(&mut v, reason, None)?;
+            let t = if target.volume == v.name {
+                v.find(&SnapSel::Id(target.id))?.clone()
+            } else {
+                cat.volume(&target.volume)?.find(&SnapSel::Id(target.id))?.clone()
+            };
+            cat.map.share(t.root)?;
+            cat.map.release(v.root)?;
+            v.root = t.root;
+            v.size_bytes = t.size_bytes;
+            v.allocated_blocks = t.allocated_blocks;
+            v.timeflow += 1;
+            if target.volume != v.name {
+                v.origin = Some(target.clone());
+            }
+            Ok((vec![v], vec![], kept))
+        })
+    }
+
+    /// Make a clone's contents those of an earlier snapshot. Returns the snapshot that keeps
+    /// the pre-rewind state.
+    pub fn rewind(&mut self, clone: &str, to: &str) -> Result<(SnapshotId, SnapshotId)> {
+        let v = self.volume(clone)?;
+        if v.kind != Kind::Clone {
+            return Err(CatalogError::NotAClone(v.name.clone(), "rewound"));
+        }
+        let target = self.resolve_move_target(v, to)?;
+        let kept = self.repoint(clone, target.clone(), "rewind")?;
+        Ok((target, kept))
+    }
+
+    /// Re-point a clone at the newest snapshot of its origin volume (or `to`). Returns the
+    /// target and the snapshot that keeps the pre-refresh state.
+    pub fn refresh(&mut self, clone: &str, to: Option<&str>) -> Result<(SnapshotId, SnapshotId)> {
+        let v = self.volume(clone)?;
+        let origin = match (&v.kind, &v.origin) {
+            (Kind::Clone, Some(o)) => o.clone(),
+            _ => return Err(CatalogError::NotAClone(v.name.clone(), "refreshed")),
+        };
+        let target = match to {
+            Some(to) => self.resolve_move_target(v, to)?,
+            None => {
+                let src = self.volume(&origin.volume)?;
+                let s = src.find(&SnapSel::Latest)?;
+                SnapshotId { volume: src.name.clone(), id: s.id }
+            }
+        };
+        let kept = self.repoint(clone, target.clone(), "refresh")?;
+        Ok((target, kept))
+    }
+
+    /// Delete a volume (with its snapshots) or one snapshot. Refused, naming them, while
+    /// clones depend on what would go.
+    pub fn delete(&mut self, reference: &str) -> Result<()> {
+        let r = Reference::parse(reference)?;
+        let v = self.volume(&r.volume)?.clone();
+        match &r.snapshot {
+            Some(sel) => {
+                let s = v.find(sel)?.clone();
+                let sid = SnapshotId { volume: v.name.clone(), id: s.id };
+                let deps = self.dependents(&sid);
+                if !deps.is_empty() {
+                    return Err(CatalogError::HasDependents { what: sid.to_string(), dependents: deps });
+                }
+                let mut v = v;
+                v.snapshots.retain(|x| x.id != s.id);
+                self.commit_with(|cat| {
+                    cat.map.release(s.root)?;
+                    Ok((vec![v], vec![], ()))
+                })
+            }
+            None => {
+                let deps: Vec<String> = self
+                    .volumes
+                    .values()
+                    .filter(|c| c.name != v.name && c.origin.as_ref().is_some_and(|o| o.volume == v.name))
+                    .map(|c| c.name.clone())
+                    .collect();
+                if !deps.is_empty() {
+                    return Err(CatalogError::HasDependents { what: v.name.clone(), dependents: deps });
+                }
+                self.commit_with(|cat| {
+                    for root in v.roots() {
+                        cat.map.release(root)?;
+                    }
+                    Ok((vec![], vec![v.name.clone()], ()))
+                })
+            }
+        }
+    }
+
+    // ----- data plane ---------------------------------------------------------------
+
+    fn check_range(v: &Volume, first: u64, count: u64) -> Result<()> {
+        if first.checked_add(count).map_or(true, |end| end > v.nblocks()) {
+            return Err(CatalogError::OutOfRange {
+                volume: v.name.clone(),
+                offset: first.saturating_mul(BLOCK_SIZE),
+                length: count.saturating_mul(BLOCK_SIZE),
+                size: v.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Map `entries` (one per block from `first`; `None` unmaps) into a clone's head, or,
+    /// with `staging`, into a source's running ingest. Data must already be in its slots.
+    pub fn write(&mut self, volume: &str, first: u64, entries: &[Option<Entry>], staging: bool) -> Result<()> {
+        let mut v = self.volume(volume)?.clone();
+        match (staging, v.kind, v.staging.is_some()) {
+            (false, Kind::Clone, _) | (true, Kind::Source, true) => {}
+            (false, Kind::Source, _) => return Err(CatalogError::ReadOnly(v.name)),
+            (true, Kind::Clone, _) => return Err(CatalogError::NotASource(v.name)),
+            (true, Kind::Source, false) => return Err(CatalogError::NoIngest(v.name)),
+        }
+        Self::check_range(&v, first, entries.len() as u64)?;
+        let nblocks = v.nblocks();
+        self.commit_with(|cat| {
+            let (root, allocated) = match &mut v.staging {
+                Some(s) if staging => (&mut s.root, &mut s.allocated_blocks),
+                _ => (&mut v.root, &mut v.allocated_blocks),
+            };
+            let mut delta = 0i64;
+            for (i, e) in entries.iter().enumerate() {
+                delta += cat.map.set(root, nblocks, first + i as u64, *e)?;
+            }
+            *allocated = allocated.saturating_add_signed(delta);
+            Ok((vec![v], vec![], ()))
+        })
+    }
+
+    /// Turn every block of `first..first+count` that is mapped into a known-zero block
+    /// (holes stay holes, so trimming never copies shared nodes for nothing).
+    pub fn zero(&mut self, volume: &str, first: u64, count: u64) -> Result<()> {
+        let v = self.volume(volume)?;
+        Self::check_range(v, first, count)?;
+        let entries = self.map.lookup(v.root, first, count)?;
+        let mut writes: Vec<(u64, Option<Entry>)> = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            if e.is_some_and(|e| e.has_data()) {
+                writes.push((first + i as u64, Some(Entry::ZERO)));
+            }
+        }
+        for run in writes.chunk_by(|a, b| a.0 + 1 == b.0) {
+            let es: Vec<Option<Entry>> = run.iter().map(|w| w.1).collect();
+            self.write(volume, run[0].0, &es, false)?;
+        }
+        Ok(())
+    }
+
+    /// Start an ingest into a source: a staging tree that starts as the latest contents.
+    pub fn begin_ingest(&mut self, source: &str) -> Result<()> {
+        let mut v = self.volume(source)?.clone();
+        if v.kind != Kind::Source {
+            return Err(CatalogError::NotASource(v.name));
+        }
+        if v.staging.is_some() {
+            return Err(CatalogError::IngestRunning(v.name));
+        }
+        self.commit_with(|cat| {
+            cat.map.share(v.root)?;
+            v.staging = Some(Staging { root: v.root, allocated_blocks: v.allocated_blocks });
+            Ok((vec![v], vec![], ()))
+        })
+    }
+
+    /// Finish an ingest: its staging tree becomes the head and a new snapshot.
+    pub fn finish_ingest(&mut self, source: &str, summary: IngestSummary) -> Result<SnapshotId> {
+        let mut v = self.volume(source)?.clone();
+        let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
+        self.commit_with(|cat| {
+            cat.map.release(v.root)?;
+            v.root = staging.root;
+            v.allocated_blocks = staging.allocated_blocks;
+            let id = cat.take_snapshot(&mut v, "ingest", None)?;
+            if let Some(s) = v.snapshots.last_mut() {
+                s.ingest = Some(summary);
+            }
+            Ok((vec![v], vec![], id))
+        })
+    }
+
+    /// Abandon an ingest: its staging tree and every block only it held are freed.
+    pub fn abort_ingest(&mut self, source: &str) -> Result<()> {
+        let mut v = self.volume(source)?.clone();
+        let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
+        self.commit_with(|cat| {
+            cat.map.release(staging.root)?;
+            Ok((vec![v], vec![], ()))
+        })
+    }
+
+    /// The tree an ingest compares against: the source's latest contents.
+    pub fn ingest_base(&self, source: &str) -> Result<(NodeId, u64)> {
+        let v = self.volume(source)?;
+        if v.kind != Kind::Source {
+            return Err(CatalogError::NotASource(v.name.clone()));
+        }
+        Ok((v.root, v.size_bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests;

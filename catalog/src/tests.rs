@@ -1,0 +1,83 @@
+//! Catalog operations on a real sled tree: lineage rules, refusals, restart.
+
+use super::*;
+
+fn open(dir: &std::path::Path) -> Catalog {
+    let db = sled::Config::new().path(dir).open().unwrap();
+    Catalog::open(db.open_tree("forkd").unwrap()).unwrap()
+}
+
+fn put(cat: &mut Catalog, vol: &str, b: u64, tag: u32, staging: bool) {
+    let slot = cat.map_mut().alloc(1)[0];
+    cat.write(vol, b, &[Some(Entry { slot, crc: tag, digest: u64::from(tag) })], staging).unwrap();
+}
+
+fn crc(cat: &Catalog, reference: &str, b: u64) -> Option<u32> {
+    let t = cat.target(reference).unwrap();
+    cat.map().lookup(t.root, b, 1).unwrap()[0].map(|e| e.crc)
+}
+
+#[test]
+fn lineage_rewind_refresh_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cat = open(dir.path());
+    cat.create_source("db", 1 << 20).unwrap();
+    assert!(matches!(cat.create_source("db", 4096), Err(CatalogError::NameTaken(_))));
+    assert!(matches!(cat.create_source("x", 4095), Err(CatalogError::InvalidSize { .. })));
+    cat.begin_ingest("db").unwrap();
+    put(&mut cat, "db", 0, 1, true);
+    assert_eq!(crc(&cat, "db", 0), None, "staging is invisible until the ingest finishes");
+    let s1 = cat.finish_ingest("db", IngestSummary::default()).unwrap();
+    assert_eq!(s1.to_string(), "db@1");
+    assert!(matches!(cat.write("db", 0, &[None], false), Err(CatalogError::ReadOnly(_))));
+    let (dev, from) = cat.clone_volume("db@1", "dev").unwrap();
+    assert_eq!((dev.origin.clone(), from), (Some(s1.clone()), s1.clone()));
+    put(&mut cat, "dev", 0, 2, false);
+    assert_eq!((crc(&cat, "db@1", 0), crc(&cat, "dev", 0)), (Some(1), Some(2)));
+    let ds1 = cat.snapshot("dev", Some("before")).unwrap();
+    put(&mut cat, "dev", 1, 3, false);
+    let (target, kept) = cat.rewind("dev", "@before").unwrap();
+    assert_eq!(target, ds1);
+    assert_eq!((crc(&cat, "dev", 0), crc(&cat, "dev", 1)), (Some(2), None));
+    assert_eq!(crc(&cat, &kept.to_string(), 1), Some(3), "pre-rewind state kept");
+    assert_eq!(cat.volume("dev").unwrap().timeflow, 2);
+    // a second ingest, then refresh
+    cat.begin_ingest("db").unwrap();
+    put(&mut cat, "db", 5, 9, true);
+    cat.finish_ingest("db", IngestSummary::default()).unwrap();
+    let (t, _) = cat.refresh("dev", None).unwrap();
+    assert_eq!(t.to_string(), "db@2");
+    assert_eq!((crc(&cat, "dev", 0), crc(&cat, "dev", 5)), (Some(1), Some(9)));
+    // dependents are named
+    let err = cat.delete("db@2").unwrap_err().to_string();
+    assert!(err.contains("dev"), "{err}");
+    assert!(cat.delete("db").is_err());
+    cat.delete("db@1").unwrap();
+    assert!(matches!(cat.rewind("dev", "2020-01-01T00:00:00Z"), Err(CatalogError::BeforeFirstSnapshot { .. })));
+    assert!(matches!(cat.rewind("db", "db@2"), Err(CatalogError::NotAClone(..))));
+    cat.clone_volume("db@2", "other").unwrap();
+    assert!(matches!(cat.rewind("dev", "other@latest"), Err(CatalogError::UnknownSnapshot(_))));
+    drop(cat);
+    // restart: everything is there
+    let cat = open(dir.path());
+    assert_eq!(crc(&cat, "dev", 5), Some(9));
+    assert_eq!(cat.volume("dev").unwrap().snapshots.len(), 3);
+    assert_eq!(cat.volume("dev").unwrap().allocated_blocks, 2);
+}
+
+#[test]
+fn interrupted_ingest_is_abandoned_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut cat = open(dir.path());
+        cat.create_source("db", 1 << 20).unwrap();
+        cat.begin_ingest("db").unwrap();
+        put(&mut cat, "db", 3, 1, true);
+        cat.map().flush_store().unwrap();
+    }
+    let mut cat = open(dir.path());
+    let v = cat.volume("db").unwrap();
+    assert!(v.staging.is_none() && v.snapshots.is_empty());
+    let t = cat.map_mut().begin_flush();
+    assert_eq!(cat.map_mut().take_released(t), vec![1], "the staged block is free again");
+}
