@@ -1,1 +1,20 @@
-pub fn x(){}
+//! forkd's daemon crate: the `forkd` binary's parts, as a library so tests and benches can
+//! drive the store directly.
+//!
+//! - [`store`]: catalog + extent map + data engine, the one place data and metadata meet;
+//! - [`engine`]: io_uring data I/O on the extent file (pread/pwrite fallback);
+//! - [`api`], [`ingest_proto`]: the HTTP API and the ingest stream it receives;
+//! - [`serve`]: configuration and the daemon's life cycle;
+//! - [`cli`], [`client`], [`ingest`], [`dump`]: the command line, a client of the API;
+//! - [`metrics`]: Prometheus counters.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod dump;
+pub mod engine;
+pub mod ingest;
+pub mod ingest_proto;
+pub mod metrics;
+pub mod serve;
+pub mod store;

@@ -1,1 +1,23 @@
-fn main(){}
+//! The `forkd` binary: parses the command line, runs the daemon or one client command, and
+//! turns any error into one line on stderr and a non-zero exit.
+
+use clap::Parser;
+use forkd::cli::{Cli, Command};
+use forkd::client::Client;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match &cli.command {
+        Command::Serve(args) => forkd::serve::run(args),
+        Command::Ingest(args) => forkd::ingest::run(&Client::new(&cli.api), args, cli.json),
+        Command::Dump { reference, file } => forkd::dump::run(&Client::new(&cli.api), reference, file, cli.json),
+        _ => forkd::cli::run_client(&cli),
+    };
+    if let Err(e) = result {
+        eprintln!("forkd: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,318 @@
+//! A small blocking HTTP client for the forkd API (`docs/api.md`), used by every CLI command
+//! other than `serve`.
+//!
+//! Errors are made for humans: when the daemon answers with a non-2xx status and a
+//! `{"error": "..."}` body, the returned [`anyhow::Error`] displays exactly that text (it is an
+//! [`ApiError`], so callers can downcast to look at the status); when the daemon cannot be
+//! reached at all, the error says so and tells how to point the CLI elsewhere.
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use serde_json::Value;
+
+/// How long to wait for a TCP connection to the daemon. Reads and writes have no timeout:
+/// an ingest or a dump can legitimately take hours.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest error body we read when the daemon answers with a non-2xx status.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+
+/// The daemon answered with a non-2xx status. Displays as the daemon's own error text only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The HTTP status code (404, 409, ...).
+    pub status: u16,
+    /// The `error` field of the response body (or a short description when there was none).
+    pub message: String,
+}
+
+/// A blocking client for one forkd daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// `http://HOST:PORT`, without a trailing '/'.
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for the daemon at `api`: `http://HOST:PORT` or bare `HOST:PORT`.
+    pub fn new(api: &str) -> Client {
+        let trimmed = api.trim().trim_end_matches('/');
+        let base = if trimmed.contains("://") {
+            trimmed.to_string()
+        } else {
+            format!("http://{trimmed}")
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .build();
+        Client { base, agent }
+    }
+
+    /// The daemon's base URL, e.g. `http://127.0.0.1:7480`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET path` and parse the JSON answer.
+    pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self.call(self.request("GET", path).call())?;
+        self.json_body(resp)
+    }
+
+    /// `POST path` with a JSON body and parse the JSON answer.
+    pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self.call(self.request("POST", path).send_json(body))?;
+        self.json_body(resp)
+    }
+
+    /// `DELETE path` and parse the JSON answer.
+    pub fn delete_json(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self.call(self.request("DELETE", path).call())?;
+        self.json_body(resp)
+    }
+
+    /// `GET path` and return the whole raw body.
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let mut reader = self.get_reader(path)?;
+        let mut buf = Vec::new();
+        reader
+            .read_to_end(&mut buf)
+            .map_err(|e| self.io_error(&e))?;
+        Ok(buf)
+    }
+
+    /// `GET path` and return the body as a stream, for large transfers.
+    pub fn get_reader(&self, path: &str) -> anyhow::Result<Box<dyn Read + Send>> {
+        let resp = self.call(self.request("GET", path).call())?;
+        Ok(Box::new(resp.into_reader()))
+    }
+
+    /// `POST path` with a streamed `application/octet-stream` body (sent chunked) and parse
+    /// the JSON answer.
+    pub fn post_stream(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
+        let req = self
+            .request("POST", path)
+            .set("Content-Type", "application/octet-stream");
+        let resp = self.call(req.send(reader))?;
+        self.json_body(resp)
+    }
+
+    /// `PUT path` with a raw `application/octet-stream` body and parse the JSON answer.
+    pub fn put_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Value> {
+        let req = self
+            .request("PUT", path)
+            .set("Content-Type", "application/octet-stream");
+        let resp = self.call(req.send_bytes(body))?;
+        self.json_body(resp)
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let url = if path.starts_with('/') {
+            format!("{}{}", self.base, path)
+        } else {
+            format!("{}/{}", self.base, path)
+        };
+        self.agent.request(method, &url)
+    }
+
+    /// Turn a ureq result into a response or a human-readable error.
+    fn call(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<ureq::Response> {
+        match result {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(status, resp)) => Err(status_error(status, resp).into()),
+            Err(ureq::Error::Transport(t)) => Err(self.transport_error(&t)),
+        }
+    }
+
+    fn transport_error(&self, t: &ureq::Transport) -> anyhow::Error {
+        use ureq::ErrorKind;
+        match t.kind() {
+            ErrorKind::ConnectionFailed | ErrorKind::Dns => self.unreachable(),
+            ErrorKind::InvalidUrl | ErrorKind::UnknownScheme => {
+                anyhow!("invalid forkd API URL {}: {t} (set --api or FORKD_API)", self.base)
+            }
+            _ => {
+                // A refused connection can also surface as a plain I/O error.
+                let refused = std::error::Error::source(t)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+                if refused {
+                    self.unreachable()
+                } else {
+                    anyhow!("lost the connection to the forkd daemon at {}: {t}", self.base)
+                }
+            }
+        }
+    }
+
+    fn unreachable(&self) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the forkd daemon at {}: is `forkd serve` running? (set --api or FORKD_API)",
+            self.base
+        )
+    }
+
+    fn io_error(&self, e: &std::io::Error) -> anyhow::Error {
+        anyhow!("lost the connection to the forkd daemon at {}: {e}", self.base)
+    }
+
+    /// Parse a 2xx body as JSON; an empty body is `null`.
+    fn json_body(&self, resp: ureq::Response) -> anyhow::Result<Value> {
+        let mut text = String::new();
+        resp.into_reader()
+            .read_to_string(&mut text)
+            .map_err(|e| self.io_error(&e))?;
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow!(
+                "the forkd daemon at {} sent an answer that is not valid JSON: {e}",
+                self.base
+            )
+        })
+    }
+}
+
+/// Build the error for a non-2xx answer: the body's `error` text when there is one.
+fn status_error(status: u16, resp: ureq::Response) -> ApiError {
+    let status_text = resp.status_text().to_string();
+    let mut body = String::new();
+    // The body is best effort: if it cannot be read we still know the status.
+    let _ = resp
+        .into_reader()
+        .take(MAX_ERROR_BODY)
+        .read_to_string(&mut body);
+    let from_json = serde_json::from_str::<Value>(&body).ok().and_then(|v| {
+        v.get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    let message = match from_json {
+        Some(m) => m,
+        None => {
+            let first_line = body.lines().map(str::trim).find(|l| !l.is_empty());
+            match first_line {
+                Some(line) => format!("HTTP {status} {status_text}: {line}"),
+                None => format!("HTTP {status} {status_text}"),
+            }
+        }
+    };
+    ApiError { status, message }
+}
+
+/// Percent-encode one path segment: everything except `A-Z a-z 0-9 - . _ ~` is encoded
+/// (so `@`, `:` and `/` in references are safe to put in a path).
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    #[test]
+    fn enc_encodes_reserved() {
+        assert_eq!(enc("prod@3"), "prod%403");
+        assert_eq!(
+            enc("prod@2026-11-21T10:00:00Z"),
+            "prod%402026-11-21T10%3A00%3A00Z"
+        );
+        assert_eq!(enc("a-b.c_d~e"), "a-b.c_d~e");
+        assert_eq!(enc("a b/c"), "a%20b%2Fc");
+        assert_eq!(enc("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn new_normalizes_base() {
+        assert_eq!(Client::new("127.0.0.1:7480").base(), "http://127.0.0.1:7480");
+        assert_eq!(
+            Client::new("http://127.0.0.1:7480/").base(),
+            "http://127.0.0.1:7480"
+        );
+        assert_eq!(Client::new("http://h:1//").base(), "http://h:1");
+    }
+
+    /// Serve one canned HTTP answer on a local port; returns the address.
+    fn one_shot_server(status_line: &'static str, body: &'static str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            if let Ok((stream, _)) = listener.accept() {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                // Read the request head.
+                while reader.read_line(&mut line).is_ok() {
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status_line}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn error_body_becomes_the_message() {
+        let addr = one_shot_server("404 Not Found", r#"{"error":"no volume named dev9"}"#);
+        let err = Client::new(&addr)
+            .get_json("/v1/volumes/dev9")
+            .expect_err("404");
+        assert_eq!(err.to_string(), "no volume named dev9");
+        let api = err.downcast_ref::<ApiError>().expect("ApiError");
+        assert_eq!(api.status, 404);
+    }
+
+    #[test]
+    fn non_json_error_body_keeps_status() {
+        let addr = one_shot_server("502 Bad Gateway", "upstream gone\n");
+        let err = Client::new(&addr).get_json("/x").expect_err("502");
+        assert_eq!(err.to_string(), "HTTP 502 Bad Gateway: upstream gone");
+    }
+
+    #[test]
+    fn ok_body_is_parsed() {
+        let addr = one_shot_server("201 Created", r#"{"snapshot":"prod@3"}"#);
+        let v = Client::new(&addr)
+            .post_json("/v1/volumes/prod/snapshots", &serde_json::json!({}))
+            .expect("ok");
+        assert_eq!(v["snapshot"], "prod@3");
+    }
+
+    #[test]
+    fn refused_connection_is_explained() {
+        // Bind then drop to get a port nobody listens on.
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let err = Client::new(&addr).get_json("/v1/volumes").expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot reach the forkd daemon at http://{addr}: is `forkd serve` running? (set --api or FORKD_API)"
+            )
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! `forkd ingest NAME --from PATH`: the agent side of ingest.
+//!
+//! It reads the image front to back, hashes every 4 KiB block, compares it with the digest the
+//! daemon holds for the source's latest snapshot (fetched once, in block order, and walked in
+//! step with the image) and streams only the changed blocks, each with its crc32. Reading and
+//! hashing run on their own thread, sending on the caller's: the two overlap through a small
+//! bounded queue of encoded frames. Zero blocks are never sent; a block that became zero is
+//! sent as a zero frame without payload.
+
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::json;
+
+use crate::cli::{humanize, IngestArgs};
+use crate::client::{enc, Client};
+use crate::ingest_proto::{encode_data, encode_end, encode_zero, MAX_FRAME_BLOCKS};
+
+const BS: usize = 4096;
+/// Bytes read from the image at a time.
+const CHUNK: usize = 4 << 20;
+
+/// Progress shared between the reader thread and the reporter.
+#[derive(Debug, Default)]
+struct Progress {
+    scanned: AtomicU64,
+    changed: AtomicU64,
+}
+
+/// Frames queued for sending, as a `Read` for the HTTP body.
+struct FrameReader {
+    rx: Receiver<anyhow::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for FrameReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(buf)) => {
+                    self.cur = buf;
+                    self.pos = 0;
+                }
+                // A read error ends the body early; the daemon then abandons the ingest.
+                Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Size of a file or block device.
+fn image_size(f: &File, path: &Path) -> anyhow::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f.try_clone()?;
+    f.seek(SeekFrom::End(0)).with_context(|| format!("cannot find the size of {}", path.display()))
+}
+
+/// Run `forkd ingest`.
+pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result<()> {
+    let name = &args.name;
+    if args.abort {
+        client.delete_json(&format!("/v1/sources/{}/ingest", enc(name)))?;
+        println!("abandoned the running ingest into {name}");
+        return Ok(());
+    }
+    if args.changed_blocks.is_some() || args.lvm.is_some() || args.freeze.is_some() {
+        bail!("--changed-blocks, --lvm and --freeze are not supported yet: ingest from a consistent image with --from");
+    }
+    let path = args.from.as_deref().ok_or_else(|| anyhow!("ingest needs --from PATH"))?;
+    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let size = image_size(&file, path)?;
+    let vol = client.get_json(&format!("/v1/volumes/{}", enc(name)))?;
+    if vol["kind"] != "source" {
+        bail!("`{name}` is a clone; only sources are fed by ingest");
+    }
+    let vol_size = vol["size_bytes"].as_u64().unwrap_or(0);
+    if size != vol_size {
+        bail!("{} is {size} bytes but source `{name}` is {vol_size} bytes: sizes must match", path.display());
+    }
+    // The digests of the latest snapshot, (block, digest) in block order.
+    let raw = client.get_bytes(&format!("/v1/sources/{}/digests", enc(name)))?;
+    if raw.len() % 16 != 0 {
+        bail!("the daemon sent a malformed digest list");
+    }
+    let old: Vec<(u64, u64)> = raw
+        .chunks_exact(16)
+        .map(|c| {
+            let (b, d) = c.split_at(8);
+            (u64::from_le_bytes(b.try_into().unwrap_or_default()), u64::from_le_bytes(d.try_into().unwrap_or_default()))
+        })
+        .collect();
+    let progress = Arc::new(Progress::default());
+    let (tx, rx) = sync_channel::<anyhow::Result<Vec<u8>>>(8);
+    let p = progress.clone();
+    let reader = std::thread::spawn(move || {
+        if let Err(e) = scan(&file, size, &old, &p, &tx) {
+            let _ = tx.send(Err(e));
+        }
+    });
+    let started = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reporter = {
+        let (p, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || report(&p, size, started, &done, json_out))
+    };
+    let result = client.post_stream(&format!("/v1/sources/{}/ingest", enc(name)), FrameReader { rx, cur: Vec::new(), pos: 0 });
+    done.store(true, Ordering::Relaxed);
+    let _ = reporter.join();
+    let _ = reader.join();
+    let resp = result?;
+    let s = &resp["summary"];
+    if json_out {
+        println!("{}", json!({"event": "done", "snapshot": resp["snapshot"], "summary": s}));
+    } else {
+        println!(
+            "ingested {} into {}: scanned {}, changed {}, sent {} in {:.1}s",
+            path.display(),
+            resp["snapshot"].as_str().unwrap_or("?"),
+            humanize(s["scanned_bytes"].as_u64().unwrap_or(0)),
+            humanize(s["changed_bytes"].as_u64().unwrap_or(0)),
+            humanize(s["sent_bytes"].as_u64().unwrap_or(0)),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Read the image, find changed blocks, queue frames. Runs on its own thread.
+fn scan(
+    file: &File,
+    size: u64,
+    old: &[(u64, u64)],
+    p: &Progress,
+    tx: &std::sync::mpsc::SyncSender<anyhow::Result<Vec<u8>>>,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut oi = 0usize; // cursor into `old`
+    let mut out = Vec::with_capacity(CHUNK + CHUNK / 256);
+    let mut changed = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let want = usize::try_from((size - off).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let chunk = &mut buf[..want];
+        file.read_exact_at(chunk, off).with_context(|| format!("reading the image at offset {off}"))?;
+        let first = off / BS as u64;
+        // Runs of changed data blocks become data frames, blocks that became zero zero frames.
+        let mut run_start: Option<usize> = None;
+        let mut zero_start: Option<usize> = None;
+        let nblocks = want / BS;
+        for i in 0..=nblocks {
+            let kind = if i == nblocks {
+                0 // flush runs
+            } else {
+                let b = first + i as u64;
+                let block = &chunk[i * BS..(i + 1) * BS];
+                while oi < old.len() && old[oi].0 < b {
+                    oi += 1;
+                }
+                let prev = (oi < old.len() && old[oi].0 == b).then(|| old[oi].1);
+                if block.iter().all(|&x| x == 0) {
+                    if prev.is_some() {
+                        2
+                    } else {
+                        0
+                    }
+                } else if prev == Some(catalog::blockmap::block_digest(block)) {
+                    0
+                } else {
+                    1
+                }
+            };
+            let full = |s: usize| i - s >= MAX_FRAME_BLOCKS as usize;
+            if let Some(s) = run_start.filter(|&s| kind != 1 || full(s)) {
+                encode_data(first + s as u64, &chunk[s * BS..i * BS], &mut out);
+                changed += ((i - s) * BS) as u64;
+                run_start = None;
+            }
+            if let Some(s) = zero_start.filter(|&s| kind != 2 || full(s)) {
+                encode_zero(first + s as u64, u32::try_from(i - s).unwrap_or(u32::MAX), &mut out);
+                changed += ((i - s) * BS) as u64;
+                zero_start = None;
+            }
+            match kind {
+                1 if run_start.is_none() => run_start = Some(i),
+                2 if zero_start.is_none() => zero_start = Some(i),
+                _ => {}
+            }
+        }
+        off += want as u64;
+        p.scanned.store(off, Ordering::Relaxed);
+        p.changed.store(changed, Ordering::Relaxed);
+        if !out.is_empty() {
+            let full = std::mem::replace(&mut out, Vec::with_capacity(CHUNK + CHUNK / 256));
+            if tx.send(Ok(full)).is_err() {
+                return Ok(()); // the sender stopped; its error is reported there
+            }
+        }
+    }
+    encode_end(size, changed, &mut out);
+    let _ = tx.send(Ok(out));
+    Ok(())
+}
+
+/// Show progress: a status line on a terminal, JSON lines with `--json`, nothing otherwise.
+fn report(p: &Progress, size: u64, started: Instant, done: &std::sync::atomic::AtomicBool, json_out: bool) {
+    let tty = std::io::stderr().is_terminal();
+    if !tty && !json_out {
+        return;
+    }
+    let mut last = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.elapsed() < Duration::from_millis(if json_out { 1000 } else { 250 }) {
+            continue;
+        }
+        last = Instant::now();
+        let (scanned, changed) = (p.scanned.load(Ordering::Relaxed), p.changed.load(Ordering::Relaxed));
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = scanned as f64 / secs;
+        let eta = if rate > 0.0 { (size.saturating_sub(scanned)) as f64 / rate } else { 0.0 };
+        if json_out {
+            println!(
+                "{}",
+                json!({"event": "progress", "scanned_bytes": scanned, "size_bytes": size, "changed_bytes": changed, "bytes_per_second": rate as u64, "eta_seconds": eta as u64})
+            );
+        } else {
+            let pct = if size > 0 { scanned * 100 / size } else { 100 };
+            let mut e = std::io::stderr();
+            let _ = write!(
+                e,
+                "\r{pct:3}%  scanned {} of {}  changed {}  {}/s  ETA {:.0}s   ",
+                humanize(scanned),
+                humanize(size),
+                humanize(changed),
+                humanize(rate as u64),
+                eta
+            );
+            let _ = e.flush();
+        }
+    }
+    if tty && !json_out {
+        eprintln!();
+    }
+}

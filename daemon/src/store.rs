@@ -1,0 +1,439 @@
+//! The store: a data directory holding the catalog and extent map (sled, under `meta/`) and the
+//! extent file (`extents.0`, 4 KiB slots read and written through the io_uring [`Engine`]).
+//!
+//! It owns the rules that tie metadata to data:
+//! - new data goes into freshly allocated slots and is written before the map points at it,
+//!   so a committed pointer never sees half-written data, even after `kill -9`;
+//! - a flush is `fdatasync(extents)` then `sled flush`: after it returns, every write answered
+//!   before it is on disk, and only then are slots freed before it punched and reused;
+//! - every catalog operation is followed by a flush, so it is durable when it returns;
+//! - a block whose crc32 does not match is an I/O error naming the volume and offset.
+//!
+//! Locking: one `RwLock<Catalog>`. Reads hold it shared through their data reads (so no slot
+//! they planned to read can be freed and reused under them); writes and catalog operations
+//! hold it exclusively. The flush's fsyncs run without the lock.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
+
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// Largest single read or write the store accepts (bigger requests are split by callers).
+pub const MAX_IO: u64 = 64 << 20;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A catalog rule or lookup failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The data directory cannot be used.
+    #[error("data directory {path}: {why}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Reading or writing the extent file failed.
+    #[error("I/O on the extent file: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored data does not match its checksum.
+    #[error("checksum mismatch in `{volume}` at offset {offset}: the stored block is damaged")]
+    Checksum {
+        /// The volume or snapshot read.
+        volume: String,
+        /// Byte offset of the damaged block.
+        offset: u64,
+    },
+    /// A request larger than [`MAX_IO`].
+    #[error("request of {0} bytes is larger than the 64 MiB limit")]
+    TooLarge(u64),
+    /// The metadata store failed outside a catalog operation.
+    #[error("metadata store: {0}")]
+    Meta(#[from] sled::Error),
+}
+
+impl From<catalog::BlockMapError> for StoreError {
+    fn from(e: catalog::BlockMapError) -> Self {
+        StoreError::Catalog(CatalogError::Map(e))
+    }
+}
+
+/// Result of the store.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// An open data directory.
+#[derive(Debug)]
+pub struct Store {
+    catalog: RwLock<Catalog>,
+    engine: Engine,
+    db: sled::Db,
+    dir: PathBuf,
+    /// Held for the life of the store: one daemon per data directory.
+    _lock: nix::fcntl::Flock<File>,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+fn slot_offset(slot: u64) -> u64 {
+    (slot - 1) * BLOCK_SIZE
+}
+
+/// Group sorted `(slot, index)` pairs into runs of consecutive slots.
+fn runs(pairs: &[(u64, usize)]) -> impl Iterator<Item = &[(u64, usize)]> {
+    pairs.chunk_by(|a, b| a.0 + 1 == b.0 && a.1 + 1 == b.1)
+}
+
+impl Store {
+    /// Open (creating if needed) the data directory `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
+        std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create it: {e}")))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(|e| bad(format!("cannot open its lock file: {e}")))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| bad("another forkd daemon is using it".into()))?;
+        let meta = dir.join("meta");
+        let fresh = !meta.exists();
+        if !fresh && !dir.join("extents.0").exists() {
+            return Err(bad("its metadata exists but extents.0 is missing: the directory is incomplete".into()));
+        }
+        let db = sled::Config::new()
+            .path(&meta)
+            .cache_capacity(64 << 20)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
+        let tree = db.open_tree("forkd")?;
+        let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
+        let engine = Engine::open(&dir.join("extents.0"))?;
+        if !engine.uses_io_uring() {
+            tracing::warn!("io_uring is not available; data I/O falls back to pread/pwrite");
+        }
+        let store = Store {
+            catalog: RwLock::new(catalog),
+            engine,
+            db,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            metrics: Metrics::new(),
+        };
+        // Slots on the free list may not have been punched before a crash: do it now.
+        store.flush()?;
+        store.metrics.update_volumes(&store.catalog());
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Shared access to the catalog (for listing, resolving, planning reads).
+    pub fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn catalog_mut(&self) -> RwLockWriteGuard<'_, Catalog> {
+        self.catalog.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a catalog operation and make it durable before returning.
+    pub fn op<T>(&self, f: impl FnOnce(&mut Catalog) -> std::result::Result<T, CatalogError>) -> Result<T> {
+        let out = {
+            let mut cat = self.catalog_mut();
+            let out = f(&mut cat);
+            if out.is_err() && cat.map().in_transaction() {
+                cat.map_mut().rollback();
+            }
+            out?
+        };
+        self.flush()?;
+        self.metrics.update_volumes(&self.catalog());
+        Ok(out)
+    }
+
+    /// Make every write answered so far durable, then let slots freed before it be reused.
+    pub fn flush(&self) -> Result<()> {
+        let ticket = self.catalog_mut().map_mut().begin_flush();
+        self.engine.sync()?;
+        self.db.flush()?;
+        let released = self.catalog_mut().map_mut().take_released(ticket);
+        if !released.is_empty() {
+            let pairs: Vec<(u64, usize)> = released.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+            let ranges: Vec<(u64, u64)> =
+                runs(&pairs).map(|r| (slot_offset(r[0].0), r.len() as u64 * BLOCK_SIZE)).collect();
+            if let Err(e) = self.engine.punch(&ranges) {
+                // Not fatal: the slots are reused either way, only the space is not returned yet.
+                tracing::warn!(error = %e, "could not punch freed extents");
+            }
+            self.metrics.freed_bytes.inc_by(released.len() as u64 * BLOCK_SIZE);
+            self.catalog_mut().map_mut().make_available(released);
+        }
+        self.metrics.flushes.inc();
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` of a volume or snapshot. Any offset and length inside
+    /// the volume is allowed.
+    pub fn read(&self, reference: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cat = self.catalog();
+        let t = cat.target(reference)?;
+        self.read_target(&cat, &t.name, t.root, t.size_bytes, offset, buf)
+    }
+
+    fn read_target(
+        &self,
+        cat: &Catalog,
+        name: &str,
+        root: catalog::NodeId,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let len = buf.len() as u64;
+        check_range(name, size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let entries = cat.map().lookup(root, first, last - first + 1)?;
+        // Blocks are read whole (to check their crc) into a bounce buffer when the request
+        // does not cover them exactly.
+        let aligned = offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0;
+        let mut bounce = if aligned { Vec::new() } else { vec![0u8; usize_of(entries.len() as u64 * BLOCK_SIZE)] };
+        let whole: &mut [u8] = if aligned { buf } else { &mut bounce };
+        let mut pairs: Vec<(u64, usize)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match e {
+                Some(e) if e.has_data() => pairs.push((e.slot, i)),
+                _ => whole[i * 4096..(i + 1) * 4096].fill(0),
+            }
+        }
+        pairs.sort_unstable();
+        {
+            let mut rest: &mut [u8] = whole;
+            let mut consumed = 0usize;
+            let mut ios: Vec<(u64, &mut [u8])> = Vec::new();
+            // Split the buffer into runs in block order (pairs sorted by slot, so we sort the
+            // runs by block index to carve the buffer front to back).
+            let mut rs: Vec<&[(u64, usize)]> = runs(&pairs).collect();
+            rs.sort_unstable_by_key(|r| r[0].1);
+            for r in rs {
+                let start = r[0].1 * 4096;
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
+                let (this, tail) = tail.split_at_mut(r.len() * 4096);
+                ios.push((slot_offset(r[0].0), this));
+                rest = tail;
+                consumed = start + r.len() * 4096;
+            }
+            self.engine.read_many(&mut ios)?;
+        }
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(e) = e.filter(Entry::has_data) {
+                if catalog::blockmap::block_crc(&whole[i * 4096..(i + 1) * 4096]) != e.crc {
+                    let at = (first + i as u64) * BLOCK_SIZE;
+                    self.metrics.checksum_errors.inc();
+                    tracing::error!(volume = name, offset = at, slot = e.slot, "checksum mismatch: block is damaged");
+                    return Err(StoreError::Checksum { volume: name.to_string(), offset: at });
+                }
+            }
+        }
+        if !aligned {
+            let skip = usize_of(offset - first * BLOCK_SIZE);
+            buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+        }
+        self.metrics.read_bytes.inc_by(len);
+        Ok(())
+    }
+
+    /// Write `data` at `offset` of a clone. Partial blocks are merged with their current
+    /// contents; all-zero blocks are recorded as known zeros and take no space.
+    pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_blocks(volume, offset, data, false)
+    }
+
+    fn write_blocks(&self, volume: &str, offset: u64, data: &[u8], staging: bool) -> Result<()> {
+        let len = data.len() as u64;
+        if len > MAX_IO {
+            return Err(StoreError::TooLarge(len));
+        }
+        let mut cat = self.catalog_mut();
+        let v = cat.volume(volume)?;
+        if !staging && v.kind == catalog::Kind::Source {
+            return Err(CatalogError::ReadOnly(v.name.clone()).into());
+        }
+        let (root, size) = match (&v.staging, staging) {
+            (Some(s), true) => (s.root, v.size_bytes),
+            _ => (v.root, v.size_bytes),
+        };
+        check_range(volume, size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let nblocks = usize_of(last - first + 1);
+        // Assemble whole blocks: the edges of an unaligned write keep their current bytes.
+        let head = usize_of(offset - first * BLOCK_SIZE);
+        let owned;
+        let blocks: &[u8] = if head == 0 && len % BLOCK_SIZE == 0 {
+            data
+        } else {
+            let mut whole = vec![0u8; nblocks * 4096];
+            let edge = |i: usize| i * 4096..(i + 1) * 4096;
+            let name = volume.to_string();
+            self.read_target(&cat, &name, root, size, first * BLOCK_SIZE, &mut whole[edge(0)])?;
+            if nblocks > 1 {
+                self.read_target(&cat, &name, root, size, last * BLOCK_SIZE, &mut whole[edge(nblocks - 1)])?;
+            }
+            whole[head..head + data.len()].copy_from_slice(data);
+            owned = whole;
+            &owned
+        };
+        let mut entries: Vec<Option<Entry>> = Vec::with_capacity(nblocks);
+        let mut need = Vec::new();
+        for (i, b) in blocks.chunks_exact(4096).enumerate() {
+            if b.iter().all(|&x| x == 0) {
+                entries.push(Some(Entry::ZERO));
+            } else {
+                entries.push(None);
+                need.push(i);
+            }
+        }
+        let slots = cat.map_mut().alloc(need.len());
+        let mut pairs: Vec<(u64, usize)> = Vec::with_capacity(need.len());
+        for (&i, &slot) in need.iter().zip(&slots) {
+            let b = &blocks[i * 4096..(i + 1) * 4096];
+            entries[i] = Some(Entry {
+                slot,
+                crc: catalog::blockmap::block_crc(b),
+                digest: catalog::blockmap::block_digest(b),
+            });
+            pairs.push((slot, i));
+        }
+        let ios: Vec<(u64, &[u8])> = runs(&pairs)
+            .map(|r| (slot_offset(r[0].0), &blocks[r[0].1 * 4096..(r[0].1 + r.len()) * 4096]))
+            .collect();
+        if let Err(e) = self.engine.write_many(&ios) {
+            cat.map_mut().rollback();
+            return Err(e.into());
+        }
+        cat.write(volume, first, &entries, staging)?;
+        self.metrics.written_bytes.inc_by(len);
+        Ok(())
+    }
+
+    /// Make mapped blocks in a block-aligned range of a clone read as zeros, freeing what
+    /// only they held. Holes stay holes.
+    pub fn zero(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        let mut cat = self.catalog_mut();
+        let v = cat.volume(volume)?;
+        check_range(volume, v.size_bytes, offset, len)?;
+        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return Err(CatalogError::BadReference {
+                reference: format!("{volume}+{offset}+{len}"),
+                why: "zeroing needs a 4096-aligned offset and length".into(),
+            }
+            .into());
+        }
+        cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE)?;
+        Ok(())
+    }
+
+    // ----- ingest ---------------------------------------------------------------------
+
+    /// Write whole blocks into a running ingest. `data` holds `count` blocks whose crc32s
+    /// were checked by the caller; `None` marks blocks that became zero.
+    pub fn ingest_blocks(&self, source: &str, first: u64, data: Option<&[u8]>, count: u64) -> Result<()> {
+        match data {
+            Some(d) => self.write_blocks(source, first * BLOCK_SIZE, d, true),
+            None => {
+                let mut cat = self.catalog_mut();
+                let v = cat.volume(source)?;
+                let root = v.staging.as_ref().map(|s| s.root).ok_or_else(|| CatalogError::NoIngest(source.into()))?;
+                check_range(source, v.size_bytes, first * BLOCK_SIZE, count * BLOCK_SIZE)?;
+                let cur = cat.map().lookup(root, first, count)?;
+                let writes: Vec<(u64, Option<Entry>)> = cur
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.is_some_and(|e| e.has_data()))
+                    .map(|(i, _)| (first + i as u64, Some(Entry::ZERO)))
+                    .collect();
+                for run in writes.chunk_by(|a, b| a.0 + 1 == b.0) {
+                    let es: Vec<Option<Entry>> = run.iter().map(|w| w.1).collect();
+                    cat.write(source, run[0].0, &es, true)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `(block, digest)` of every data block of a source's latest contents, in block order.
+    pub fn digests(&self, source: &str) -> Result<Vec<(u64, u64)>> {
+        let cat = self.catalog();
+        let (root, _) = cat.ingest_base(source)?;
+        let mut out = Vec::new();
+        cat.map().for_each(root, &mut |b, e| {
+            if e.has_data() {
+                out.push((b, e.digest));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Byte ranges of a volume or snapshot that hold data, adjacent ones merged.
+    pub fn extents(&self, reference: &str) -> Result<(u64, Vec<(u64, u64)>)> {
+        let cat = self.catalog();
+        let t = cat.target(reference)?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        cat.map().for_each(t.root, &mut |b, e| {
+            if e.has_data() {
+                let off = b * BLOCK_SIZE;
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += BLOCK_SIZE,
+                    _ => out.push((off, BLOCK_SIZE)),
+                }
+            }
+            Ok(())
+        })?;
+        Ok((t.size_bytes, out))
+    }
+
+    /// Bytes the data directory takes on disk (what `du` would say).
+    pub fn disk_usage(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
+            let own = md.blocks() * 512;
+            if md.is_dir() {
+                std::fs::read_dir(p).map(|d| d.flatten().map(|e| walk(&e.path())).sum::<u64>()).unwrap_or(0) + own
+            } else {
+                own
+            }
+        }
+        walk(&self.dir)
+    }
+}
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+fn check_range(name: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).map_or(true, |end| end > size) {
+        return Err(CatalogError::OutOfRange { volume: name.to_string(), offset, length: len, size }.into());
+    }
+    Ok(())
+}
