@@ -759,6 +759,9 @@ impl Catalog {
     /// (holes stay holes, so trimming never copies shared nodes for nothing).
     pub fn zero(&mut self, volume: &str, first: u64, count: u64) -> Result<()> {
         let v = self.volume(volume)?;
+        if v.kind != Kind::Clone {
+            return Err(CatalogError::ReadOnly(v.name.clone()));
+        }
         Self::check_range(v, first, count)?;
         let entries = self.map.lookup(v.root, first, count)?;
         let mut writes: Vec<(u64, Option<Entry>)> = Vec::new();

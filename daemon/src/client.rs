@@ -133,7 +133,10 @@ impl Client {
         match t.kind() {
             ErrorKind::ConnectionFailed | ErrorKind::Dns => self.unreachable(),
             ErrorKind::InvalidUrl | ErrorKind::UnknownScheme => {
-                anyhow!("invalid forkd API URL {}: {t} (set --api or FORKD_API)", self.base)
+                anyhow!(
+                    "invalid forkd API URL {}: {t} (set --api or FORKD_API)",
+                    self.base
+                )
             }
             _ => {
                 // A refused connection can also surface as a plain I/O error.
@@ -143,7 +146,10 @@ impl Client {
                 if refused {
                     self.unreachable()
                 } else {
-                    anyhow!("lost the connection to the forkd daemon at {}: {t}", self.base)
+                    anyhow!(
+                        "lost the connection to the forkd daemon at {}: {t}",
+                        self.base
+                    )
                 }
             }
         }
@@ -157,7 +163,10 @@ impl Client {
     }
 
     fn io_error(&self, e: &std::io::Error) -> anyhow::Error {
-        anyhow!("lost the connection to the forkd daemon at {}: {e}", self.base)
+        anyhow!(
+            "lost the connection to the forkd daemon at {}: {e}",
+            self.base
+        )
     }
 
     /// Parse a 2xx body as JSON; an empty body is `null`.
@@ -187,11 +196,9 @@ fn status_error(status: u16, resp: ureq::Response) -> ApiError {
         .into_reader()
         .take(MAX_ERROR_BODY)
         .read_to_string(&mut body);
-    let from_json = serde_json::from_str::<Value>(&body).ok().and_then(|v| {
-        v.get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    });
+    let from_json = serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string));
     let message = match from_json {
         Some(m) => m,
         None => {
@@ -239,7 +246,10 @@ mod tests {
 
     #[test]
     fn new_normalizes_base() {
-        assert_eq!(Client::new("127.0.0.1:7480").base(), "http://127.0.0.1:7480");
+        assert_eq!(
+            Client::new("127.0.0.1:7480").base(),
+            "http://127.0.0.1:7480"
+        );
         assert_eq!(
             Client::new("http://127.0.0.1:7480/").base(),
             "http://127.0.0.1:7480"
@@ -307,7 +317,9 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").to_string()
         };
-        let err = Client::new(&addr).get_json("/v1/volumes").expect_err("refused");
+        let err = Client::new(&addr)
+            .get_json("/v1/volumes")
+            .expect_err("refused");
         assert_eq!(
             err.to_string(),
             format!(
