@@ -741,18 +741,39 @@ impl Catalog {
         }
         Self::check_range(&v, first, entries.len() as u64)?;
         let nblocks = v.nblocks();
-        self.commit_with(|cat| {
+        let result = (|| {
             let (root, allocated) = match &mut v.staging {
                 Some(s) if staging => (&mut s.root, &mut s.allocated_blocks),
                 _ => (&mut v.root, &mut v.allocated_blocks),
             };
+            let before = *root;
             let mut delta = 0i64;
             for (i, e) in entries.iter().enumerate() {
-                delta += cat.map.set(root, nblocks, first + i as u64, *e)?;
+                delta += self.map.set(root, nblocks, first + i as u64, *e)?;
             }
             *allocated = allocated.saturating_add_signed(delta);
-            Ok((vec![v], vec![], ()))
-        })
+            // The hot path: unless the root moved, only the small counters are rewritten.
+            if *root != before {
+                self.stage_record(&v)?;
+            } else if staging {
+                let json = serde_json::to_vec(&v.staging).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
+                self.map.put_meta(&k(K_STAGING, &v.name), json);
+            } else {
+                self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
+            }
+            self.map.commit()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.volumes.insert(v.name.clone(), v);
+                Ok(())
+            }
+            Err(e) => {
+                self.map.rollback();
+                Err(e)
+            }
+        }
     }
 
     /// Turn every block of `first..first+count` that is mapped into a known-zero block

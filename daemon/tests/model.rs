@@ -278,7 +278,11 @@ fn run(dir: &Path, ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48),
+        max_shrink_iters: 200,
+        .. ProptestConfig::default()
+    })]
 
     #[test]
     fn store_agrees_with_model(ops in proptest::collection::vec(op(), 1..60)) {
