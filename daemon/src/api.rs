@@ -12,7 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use catalog::{format_time, CatalogError, Kind, Volume};
+use catalog::{format_time, CatalogError, Volume};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -278,40 +278,32 @@ async fn remove(State(s): State<Shared>, Path(reference): Path<String>) -> ApiRe
     .await
 }
 
-fn tree_node(cat: &catalog::Catalog, v: &Volume) -> Value {
-    let snaps: Vec<Value> = v
-        .snapshots
-        .iter()
-        .map(|s| {
-            let sid = catalog::SnapshotId { volume: v.name.clone(), id: s.id };
-            let clones: Vec<Value> = cat
-                .dependents(&sid)
-                .iter()
-                .filter_map(|c| cat.volumes().get(c))
-                .map(|c| tree_node(cat, c))
-                .collect();
-            json!({
-                "name": sid.to_string(),
-                "created_at": format_time(s.created_at),
-                "bookmarks": s.bookmarks,
-                "timeflow": s.timeflow,
-                "clones": clones,
-            })
-        })
-        .collect();
-    json!({ "name": v.name, "kind": v.kind, "size_bytes": v.size_bytes, "timeflow": v.timeflow, "snapshots": snaps })
-}
-
 async fn tree(State(s): State<Shared>) -> ApiResult<Json<Value>> {
     blocking(&s, |st| {
         let cat = st.catalog();
-        let roots: Vec<Value> = cat
+        let vols: Vec<Value> = cat
             .volumes()
             .values()
-            .filter(|v| v.kind == Kind::Source || v.origin.is_none())
-            .map(|v| tree_node(&cat, v))
+            .map(|v| {
+                let snaps: Vec<Value> = v
+                    .snapshots
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "name": format!("{}@{}", v.name, s.id),
+                            "created_at": format_time(s.created_at),
+                            "bookmarks": s.bookmarks,
+                            "timeflow": s.timeflow,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": v.name, "kind": v.kind, "size_bytes": v.size_bytes, "timeflow": v.timeflow,
+                    "origin": v.origin.as_ref().map(|o| o.to_string()), "snapshots": snaps,
+                })
+            })
             .collect();
-        Ok(Json(json!({ "roots": roots })))
+        Ok(Json(json!({ "volumes": vols })))
     })
     .await
 }

@@ -646,14 +646,14 @@ fn render_show(v: &Value) -> String {
 }
 
 /// A node of the lineage tree: a volume (children: its snapshots) or a snapshot (children:
-/// the clones made from it).
+/// the clones whose origin it is).
 #[derive(Debug, Clone, Copy)]
 enum TreeItem<'a> {
     Volume(&'a Value),
     Snapshot(&'a Value),
 }
 
-impl<'a> TreeItem<'a> {
+impl TreeItem<'_> {
     fn label(self) -> String {
         match self {
             TreeItem::Volume(v) => format!(
@@ -672,46 +672,66 @@ impl<'a> TreeItem<'a> {
             }
         }
     }
-
-    fn children(self) -> Vec<TreeItem<'a>> {
-        match self {
-            TreeItem::Volume(v) => items(v, "snapshots")
-                .iter()
-                .map(TreeItem::Snapshot)
-                .collect(),
-            TreeItem::Snapshot(s) => items(s, "clones").iter().map(TreeItem::Volume).collect(),
-        }
-    }
 }
 
-/// Draw `{"roots":[TreeNode...]}` (see `docs/api.md`) with box-drawing characters.
+/// Draw the flat `{"volumes":[...]}` of `GET /v1/tree` (see `docs/api.md`) as a lineage tree
+/// with box-drawing characters. Iterative, so any number of clone generations draws.
 fn render_tree(tree: &Value) -> String {
-    let roots = items(tree, "roots");
-    if roots.is_empty() {
+    let vols = items(tree, "volumes");
+    if vols.is_empty() {
         return "no volumes\n".to_string();
     }
+    let mut clones_of: std::collections::HashMap<&str, Vec<&Value>> =
+        std::collections::HashMap::new();
+    let mut roots = Vec::new();
+    for v in vols {
+        match v.get("origin").and_then(Value::as_str) {
+            Some(o) => clones_of.entry(o).or_default().push(v),
+            None => roots.push(v),
+        }
+    }
+    fn children<'a>(
+        item: TreeItem<'a>,
+        clones_of: &std::collections::HashMap<&str, Vec<&'a Value>>,
+    ) -> Vec<&'a Value> {
+        match item {
+            TreeItem::Volume(v) => items(v, "snapshots").iter().collect(),
+            TreeItem::Snapshot(s) => clones_of
+                .get(str_or(s, "name", ""))
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
     let mut out = String::new();
-    for root in roots {
-        let item = TreeItem::Volume(root);
+    // (item, prefix of its line, connector, prefix for its children)
+    let mut stack: Vec<(TreeItem<'_>, String, &str, String)> = roots
+        .iter()
+        .rev()
+        .map(|r| (TreeItem::Volume(r), String::new(), "", String::new()))
+        .collect();
+    while let Some((item, prefix, connector, child_prefix)) = stack.pop() {
+        out.push_str(&prefix);
+        out.push_str(connector);
         out.push_str(&item.label());
         out.push('\n');
-        draw_children(item, "", &mut out);
+        let kids = children(item, &clones_of);
+        let n = kids.len();
+        for (i, kid) in kids.into_iter().enumerate().rev() {
+            let last = i + 1 == n;
+            let kid_item = match item {
+                TreeItem::Volume(_) => TreeItem::Snapshot(kid),
+                TreeItem::Snapshot(_) => TreeItem::Volume(kid),
+            };
+            let next = format!("{child_prefix}{}", if last { "    " } else { "│   " });
+            stack.push((
+                kid_item,
+                child_prefix.clone(),
+                if last { "└── " } else { "├── " },
+                next,
+            ));
+        }
     }
     out
-}
-
-fn draw_children(item: TreeItem<'_>, prefix: &str, out: &mut String) {
-    let children = item.children();
-    let count = children.len();
-    for (i, child) in children.into_iter().enumerate() {
-        let last = i + 1 == count;
-        out.push_str(prefix);
-        out.push_str(if last { "└── " } else { "├── " });
-        out.push_str(&child.label());
-        out.push('\n');
-        let next = format!("{prefix}{}", if last { "    " } else { "│   " });
-        draw_children(child, &next, out);
-    }
 }
 
 #[cfg(test)]
@@ -764,16 +784,14 @@ mod tests {
 
     #[test]
     fn tree_drawing() {
-        let tree = json!({"roots": [
-            {"name": "prod", "kind": "source", "size_bytes": 10u64 << 30, "snapshots": [
-                {"name": "prod@1", "created_at": "2026-11-21T10:00:00.000Z",
-                 "bookmarks": ["nightly"], "clones": [
-                    {"name": "dev1", "kind": "clone", "size_bytes": 10u64 << 30, "snapshots": [
-                        {"name": "dev1@1", "created_at": "T2", "bookmarks": [], "clones": []}
-                    ]},
-                    {"name": "dev2", "kind": "clone", "size_bytes": 10u64 << 30, "snapshots": []}
-                ]},
-                {"name": "prod@2", "created_at": "T3", "bookmarks": ["a", "b"], "clones": []}
+        let tree = json!({"volumes": [
+            {"name": "dev1", "kind": "clone", "size_bytes": 10u64 << 30, "origin": "prod@1", "snapshots": [
+                {"name": "dev1@1", "created_at": "T2", "bookmarks": []}
+            ]},
+            {"name": "dev2", "kind": "clone", "size_bytes": 10u64 << 30, "origin": "prod@1", "snapshots": []},
+            {"name": "prod", "kind": "source", "size_bytes": 10u64 << 30, "origin": null, "snapshots": [
+                {"name": "prod@1", "created_at": "2026-11-21T10:00:00.000Z", "bookmarks": ["nightly"]},
+                {"name": "prod@2", "created_at": "T3", "bookmarks": ["a", "b"]}
             ]},
             {"name": "other", "kind": "source", "size_bytes": 4096, "snapshots": []}
         ]});
@@ -787,9 +805,9 @@ prod  source  10.0 GiB
 other  source  4.0 KiB
 ";
         assert_eq!(render_tree(&tree), expected);
-        assert_eq!(render_tree(&json!({"roots": []})), "no volumes\n");
+        assert_eq!(render_tree(&json!({"volumes": []})), "no volumes\n");
         // Missing fields do not panic.
-        assert_eq!(render_tree(&json!({"roots": [{}]})), "-  -  0 B\n");
+        assert_eq!(render_tree(&json!({"volumes": [{}]})), "-  -  0 B\n");
     }
 
     #[test]
