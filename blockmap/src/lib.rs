@@ -115,6 +115,9 @@ pub struct BlockMap {
     txn_allocated: Vec<(u64, bool)>,
     /// Slots freed by the open transaction.
     txn_freed: Vec<u64>,
+    /// Nodes known to have exactly one reference in the open transaction (created or already
+    /// copied by it), so repeated walks skip their refcount lookups.
+    txn_private: std::collections::HashSet<NodeId>,
     /// Allocation state at the start of the open transaction, for rollback.
     txn_start: (u64, NodeId),
     /// Flush generation; frees committed in generation g are released by a flush that began
@@ -157,6 +160,7 @@ impl BlockMap {
             next_node,
             txn_allocated: Vec::new(),
             txn_freed: Vec::new(),
+            txn_private: Default::default(),
             txn_start: (high_water, next_node),
             generation: 1,
             pending,
@@ -231,6 +235,7 @@ impl BlockMap {
         let id = self.next_node;
         self.next_node += 1;
         self.store(id, node);
+        self.txn_private.insert(id);
         id
     }
 
@@ -284,6 +289,7 @@ impl BlockMap {
                 for &c in children.iter().filter(|&&c| c != 0) {
                     let n = self.node_rc(c)?;
                     self.set_count(P_NODE_RC, c, n + 1);
+                    self.txn_private.remove(&c);
                 }
             }
         }
@@ -292,8 +298,12 @@ impl BlockMap {
 
     /// Return a node id that this tree owns alone and that holds `id`'s contents.
     fn make_private(&mut self, id: NodeId) -> Result<NodeId> {
+        if self.txn_private.contains(&id) {
+            return Ok(id);
+        }
         let rc = self.node_rc(id)?;
         if rc <= 1 {
+            self.txn_private.insert(id);
             return Ok(id);
         }
         let node = self.load(id)?;
@@ -306,6 +316,7 @@ impl BlockMap {
 
     /// Take a reference on `root` (a new snapshot or clone shares it). O(1).
     pub fn share(&mut self, root: NodeId) -> Result<()> {
+        self.txn_private.remove(&root);
         if root != 0 {
             let n = self.node_rc(root)?;
             self.set_count(P_NODE_RC, root, n + 1);
@@ -328,18 +339,25 @@ impl BlockMap {
         Ok(())
     }
 
-    /// Set (or, with `None`, unmap) block `b` of the tree at `root`, copying shared nodes on
-    /// the way down. `root` is updated when the root itself had to be copied or created.
-    /// Returns the change in data-holding blocks (-1, 0 or +1).
+    /// Set (or, with `None`, unmap) block `b`. See [`BlockMap::set_range`].
     pub fn set(&mut self, root: &mut NodeId, nblocks: u64, b: u64, new: Option<Entry>) -> Result<i64> {
-        if b >= nblocks {
-            return Err(BlockMapError::OutOfRange { block: b, nblocks });
+        self.set_range(root, nblocks, b, &[new])
+    }
+
+    /// Set `entries.len()` consecutive blocks from `first` (`None` unmaps) in the tree at
+    /// `root`, copying shared nodes on the way down, one root-to-leaf walk per leaf touched.
+    /// `root` is updated when the root itself had to be copied, created or grown.
+    /// Returns the change in data-holding blocks.
+    pub fn set_range(&mut self, root: &mut NodeId, nblocks: u64, first: u64, entries: &[Option<Entry>]) -> Result<i64> {
+        let end = first.saturating_add(entries.len() as u64);
+        if end > nblocks {
+            return Err(BlockMapError::OutOfRange { block: end - 1, nblocks });
+        }
+        if entries.is_empty() || (*root == 0 && entries.iter().all(Option::is_none)) {
+            return Ok(0);
         }
         let want = height_for(nblocks);
         if *root == 0 {
-            if new.is_none() {
-                return Ok(0);
-            }
             *root = self.new_node(Node::empty(want));
         } else {
             *root = self.make_private(*root)?;
@@ -354,43 +372,62 @@ impl BlockMap {
                 *root = self.new_node(top);
             }
         }
-        let mut cur = *root;
-        loop {
-            let mut node = self.load(cur)?;
-            let idx = child_index(node.level(), b);
-            match &mut node {
-                Node::Leaf(entries) => {
-                    let old = entries[idx];
-                    if old == new {
-                        return Ok(0);
+        let mut delta = 0i64;
+        let mut b = first;
+        while b < end {
+            let leaf_end = ((b / LEAF_FANOUT as u64) + 1) * LEAF_FANOUT as u64;
+            let run = &entries[usize_of(b - first)..usize_of(leaf_end.min(end) - first)];
+            let all_unmap = run.iter().all(Option::is_none);
+            if let Some(leaf) = self.leaf_for(*root, b, !all_unmap)? {
+                let Node::Leaf(mut slots) = self.load(leaf)? else {
+                    return Err(BlockMapError::Corrupt { what: format!("node {leaf}"), why: "expected a leaf" });
+                };
+                let mut changed = false;
+                for (i, new) in run.iter().enumerate() {
+                    let idx = child_index(0, b + i as u64);
+                    let old = slots[idx];
+                    if old == *new {
+                        continue;
                     }
                     if let Some(o) = old.filter(Entry::has_data) {
                         self.slot_dec(o.slot)?;
                     }
-                    entries[idx] = new;
-                    self.store(cur, node);
-                    let had = i64::from(old.is_some_and(|e| e.has_data()));
-                    let has = i64::from(new.is_some_and(|e| e.has_data()));
-                    return Ok(has - had);
+                    slots[idx] = *new;
+                    changed = true;
+                    delta += i64::from(new.is_some_and(|e| e.has_data())) - i64::from(old.is_some_and(|e| e.has_data()));
                 }
-                Node::Inner { level, children } => {
-                    let child = children[idx];
-                    let next = if child == 0 {
-                        if new.is_none() {
-                            return Ok(0);
-                        }
-                        let lvl = *level - 1;
-                        self.new_node(Node::empty(lvl))
-                    } else {
-                        self.make_private(child)?
-                    };
-                    if next != child {
-                        children[idx] = next;
-                        self.store(cur, node);
-                    }
-                    cur = next;
+                if changed {
+                    self.store(leaf, Node::Leaf(slots));
                 }
             }
+            b = leaf_end.min(end);
+        }
+        Ok(delta)
+    }
+
+    /// The private leaf holding block `b` under the private `root`, copying shared nodes and
+    /// (with `create`) creating missing ones; `None` when absent and not to be created.
+    fn leaf_for(&mut self, root: NodeId, b: u64, create: bool) -> Result<Option<NodeId>> {
+        let mut cur = root;
+        loop {
+            let mut node = self.load(cur)?;
+            let Node::Inner { level, children } = &mut node else { return Ok(Some(cur)) };
+            let idx = child_index(*level, b);
+            let child = children[idx];
+            let next = if child == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                let lvl = *level - 1;
+                self.new_node(Node::empty(lvl))
+            } else {
+                self.make_private(child)?
+            };
+            if next != child {
+                children[idx] = next;
+                self.store(cur, node);
+            }
+            cur = next;
         }
     }
 
@@ -552,6 +589,7 @@ impl BlockMap {
         let gen = self.generation;
         self.pending.extend(self.txn_freed.drain(..).map(|s| (gen, s)));
         self.txn_allocated.clear();
+        self.txn_private.clear();
         self.txn_start = (self.high_water, self.next_node);
         Ok(())
     }
@@ -573,6 +611,7 @@ impl BlockMap {
         self.dirty.clear();
         self.overlay.clear();
         self.txn_freed.clear();
+        self.txn_private.clear();
         (self.high_water, self.next_node) = self.txn_start;
     }
 
@@ -657,6 +696,10 @@ impl BlockMap {
         self.tree.flush()?;
         Ok(())
     }
+}
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// The crc32 every stored block carries.

@@ -747,10 +747,7 @@ impl Catalog {
                 _ => (&mut v.root, &mut v.allocated_blocks),
             };
             let before = *root;
-            let mut delta = 0i64;
-            for (i, e) in entries.iter().enumerate() {
-                delta += self.map.set(root, nblocks, first + i as u64, *e)?;
-            }
+            let delta = self.map.set_range(root, nblocks, first, entries)?;
             *allocated = allocated.saturating_add_signed(delta);
             // The hot path: unless the root moved, only the small counters are rewritten.
             if *root != before {
