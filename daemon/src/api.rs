@@ -30,6 +30,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         use CatalogError as C;
         let status = match &e {
+            e if crate::store::is_enospc(e) => StatusCode::INSUFFICIENT_STORAGE,
             StoreError::Catalog(c) => match c {
                 C::UnknownVolume(_) | C::UnknownSnapshot(_) => StatusCode::NOT_FOUND,
                 C::BadReference { .. }
@@ -47,7 +48,6 @@ impl From<StoreError> for ApiError {
                 C::Map(_) | C::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            StoreError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())

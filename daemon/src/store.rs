@@ -15,7 +15,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
 
@@ -76,6 +77,12 @@ pub struct Store {
     dir: PathBuf,
     /// Held for the life of the store: one daemon per data directory.
     _lock: nix::fcntl::Flock<File>,
+    /// Emergency space (`reserve`): released when the disk fills so that trims and deletes
+    /// can still commit the metadata that frees space.
+    reserve: Mutex<File>,
+    reserve_bytes: u64,
+    /// Set while the reserve is released: new data is refused until it can be re-created.
+    low_space: AtomicBool,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
 }
@@ -116,6 +123,13 @@ impl Store {
         let tree = db.open_tree("forkd")?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
         let engine = Engine::open(&dir.join("extents.0"))?;
+        let reserve = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("reserve"))
+            .map_err(|e| bad(format!("cannot open its space reserve: {e}")))?;
+        let reserve_bytes = reserve_size(dir);
         if !engine.uses_io_uring() {
             tracing::warn!("io_uring is not available; data I/O falls back to pread/pwrite");
         }
@@ -125,8 +139,14 @@ impl Store {
             db,
             dir: dir.to_path_buf(),
             _lock: lock,
+            reserve: Mutex::new(reserve),
+            reserve_bytes,
+            low_space: AtomicBool::new(false),
             metrics: Metrics::new(),
         };
+        if !store.restore_reserve() {
+            tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
+        }
         // Slots on the free list may not have been punched before a crash: do it now.
         store.flush()?;
         store.metrics.update_volumes(&store.catalog());
@@ -149,6 +169,10 @@ impl Store {
 
     /// Run a catalog operation and make it durable before returning.
     pub fn op<T>(&self, f: impl FnOnce(&mut Catalog) -> std::result::Result<T, CatalogError>) -> Result<T> {
+        self.note_enospc(self.op_inner(f))
+    }
+
+    fn op_inner<T>(&self, f: impl FnOnce(&mut Catalog) -> std::result::Result<T, CatalogError>) -> Result<T> {
         let out = {
             let mut cat = self.catalog_mut();
             let out = f(&mut cat);
@@ -164,6 +188,10 @@ impl Store {
 
     /// Make every write answered so far durable, then let slots freed before it be reused.
     pub fn flush(&self) -> Result<()> {
+        self.note_enospc(self.flush_inner())
+    }
+
+    fn flush_inner(&self) -> Result<()> {
         let ticket = self.catalog_mut().map_mut().begin_flush();
         self.engine.sync()?;
         self.db.flush()?;
@@ -180,6 +208,47 @@ impl Store {
             self.catalog_mut().map_mut().make_available(released);
         }
         self.metrics.flushes.inc();
+        Ok(())
+    }
+
+    /// Re-create the space reserve if it was released; false while the disk is still full.
+    fn restore_reserve(&self) -> bool {
+        let f = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
+        let len = i64::try_from(self.reserve_bytes).unwrap_or(i64::MAX);
+        match nix::fcntl::fallocate(std::os::fd::AsRawFd::as_raw_fd(&*f), nix::fcntl::FallocateFlags::empty(), 0, len) {
+            Ok(()) => {
+                if self.low_space.swap(false, Ordering::SeqCst) {
+                    tracing::info!("space is available again: new data is accepted");
+                }
+                true
+            }
+            Err(_) => {
+                self.low_space.store(true, Ordering::SeqCst);
+                false
+            }
+        }
+    }
+
+    /// If `r` failed for lack of space, release the reserve so operations that free space
+    /// can still commit, and refuse new data until the reserve is back.
+    fn note_enospc<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if is_enospc(e) && !self.low_space.swap(true, Ordering::SeqCst) {
+                tracing::error!("the disk is full: released the space reserve; delete or trim to free space");
+                let f = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = f.set_len(0) {
+                    tracing::error!(error = %e, "could not release the space reserve");
+                }
+            }
+        }
+        r
+    }
+
+    /// Refuse new data while the disk is full.
+    fn check_space(&self) -> Result<()> {
+        if self.low_space.load(Ordering::SeqCst) && !self.restore_reserve() {
+            return Err(StoreError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         Ok(())
     }
 
@@ -260,7 +329,8 @@ impl Store {
     /// Write `data` at `offset` of a clone. Partial blocks are merged with their current
     /// contents; all-zero blocks are recorded as known zeros and take no space.
     pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_blocks(volume, offset, data, false)
+        self.check_space()?;
+        self.note_enospc(self.write_blocks(volume, offset, data, false))
     }
 
     fn write_blocks(&self, volume: &str, offset: u64, data: &[u8], staging: bool) -> Result<()> {
@@ -347,8 +417,9 @@ impl Store {
             }
             .into());
         }
-        cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE)?;
-        Ok(())
+        let r = cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE).map_err(StoreError::from);
+        drop(cat);
+        self.note_enospc(r)
     }
 
     // ----- ingest ---------------------------------------------------------------------
@@ -357,7 +428,10 @@ impl Store {
     /// were checked by the caller; `None` marks blocks that became zero.
     pub fn ingest_blocks(&self, source: &str, first: u64, data: Option<&[u8]>, count: u64) -> Result<()> {
         match data {
-            Some(d) => self.write_blocks(source, first * BLOCK_SIZE, d, true),
+            Some(d) => {
+                self.check_space()?;
+                self.note_enospc(self.write_blocks(source, first * BLOCK_SIZE, d, true))
+            }
             None => {
                 let mut cat = self.catalog_mut();
                 let v = cat.volume(source)?;
@@ -425,6 +499,27 @@ impl Store {
         }
         walk(&self.dir)
     }
+}
+
+/// True when `e` comes from a full disk, whichever layer saw it.
+pub(crate) fn is_enospc(e: &StoreError) -> bool {
+    fn io(e: &std::io::Error) -> bool {
+        e.raw_os_error() == Some(libc::ENOSPC)
+            || e.kind() == std::io::ErrorKind::StorageFull
+            || e.get_ref().is_some_and(|inner| inner.to_string().contains("No space left"))
+    }
+    match e {
+        StoreError::Io(e) => io(e),
+        StoreError::Meta(sled::Error::Io(e)) => io(e),
+        StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => io(e),
+        _ => false,
+    }
+}
+
+/// Emergency reserve: 5 % of the filesystem, between 1 MiB and 64 MiB.
+fn reserve_size(dir: &Path) -> u64 {
+    let total = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks() as u64 * s.fragment_size() as u64).unwrap_or(0);
+    (total / 20).clamp(1 << 20, 64 << 20) / BLOCK_SIZE * BLOCK_SIZE
 }
 
 fn usize_of(n: u64) -> usize {

@@ -67,9 +67,7 @@ pub fn disk_usage(p: &Path) -> u64 {
     };
     let own = md.blocks() * 512;
     if md.is_dir() {
-        let children: u64 = std::fs::read_dir(p)
-            .map(|d| d.flatten().map(|e| disk_usage(&e.path())).sum())
-            .unwrap_or(0);
+        let children: u64 = std::fs::read_dir(p).map(|d| d.flatten().map(|e| disk_usage(&e.path())).sum()).unwrap_or(0);
         own + children
     } else {
         own
@@ -79,10 +77,7 @@ pub fn disk_usage(p: &Path) -> u64 {
 /// Bytes one file takes on disk (`st_blocks * 512`).
 pub fn allocated_bytes(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
-        .blocks()
-        * 512
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display())).blocks() * 512
 }
 
 /// Run a command to completion, killing it (and panicking) after `timeout`.
@@ -118,11 +113,7 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
             Err(e) => panic!("waiting for {what}: {e}"),
         }
     };
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+    Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
 }
 
 /// An HTTP answer: status and raw body (for any status, 2xx or not).
@@ -138,11 +129,7 @@ impl Http {
     /// The body parsed as JSON (panics with the body if it is not JSON).
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "HTTP {} body is not JSON ({e}): {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
+            panic!("HTTP {} body is not JSON ({e}): {}", self.status, String::from_utf8_lossy(&self.body))
         })
     }
 
@@ -167,14 +154,9 @@ pub struct Api {
 impl Api {
     /// A client for `http://127.0.0.1:PORT`, with bounded timeouts.
     pub fn new(port: u16) -> Api {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .build();
-        Api {
-            base: format!("http://127.0.0.1:{port}"),
-            agent,
-        }
+        let agent =
+            ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(60)).build();
+        Api { base: format!("http://127.0.0.1:{port}"), agent }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -184,15 +166,8 @@ impl Api {
 
     /// Send a request; `Err` (a description) only for transport errors: daemon unreachable,
     /// connection reset, body cut short. Any HTTP status is an `Ok`.
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<(&str, &[u8])>,
-    ) -> Result<Http, String> {
-        let req = self
-            .agent
-            .request(method, &format!("{}{path}", self.base));
+    pub fn request(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Result<Http, String> {
+        let req = self.agent.request(method, &format!("{}{path}", self.base));
         let result = match body {
             Some((ctype, bytes)) => req.set("Content-Type", ctype).send_bytes(bytes),
             None => req.call(),
@@ -204,30 +179,24 @@ impl Api {
         };
         let status = resp.status();
         let mut buf = Vec::new();
-        resp.into_reader()
-            .take(256 << 20)
-            .read_to_end(&mut buf)
-            .map_err(|e| format!("reading the body: {e}"))?;
+        resp.into_reader().take(256 << 20).read_to_end(&mut buf).map_err(|e| format!("reading the body: {e}"))?;
         Ok(Http { status, body: buf })
     }
 
     /// `GET path`, panicking on transport errors.
     pub fn get(&self, path: &str) -> Http {
-        self.request("GET", path, None)
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        self.request("GET", path, None).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// `DELETE path`, panicking on transport errors.
     pub fn delete(&self, path: &str) -> Http {
-        self.request("DELETE", path, None)
-            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
+        self.request("DELETE", path, None).unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
     }
 
     /// `POST path` with a JSON body, panicking on transport errors.
     pub fn post_json(&self, path: &str, body: &Value) -> Http {
         let bytes = serde_json::to_vec(body).expect("json");
-        self.request("POST", path, Some(("application/json", &bytes)))
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+        self.request("POST", path, Some(("application/json", &bytes))).unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// `PUT path` with raw bytes, panicking on transport errors.
@@ -394,9 +363,7 @@ impl Daemon {
         loop {
             match child.try_wait() {
                 Ok(Some(st)) => return st,
-                Ok(None) if started.elapsed() < STOP_TIMEOUT => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Ok(None) if started.elapsed() < STOP_TIMEOUT => std::thread::sleep(Duration::from_millis(20)),
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -524,11 +491,7 @@ pub fn assert_same_image(what: &str, actual: &[u8], expected: &[u8]) {
         panic!("{what}: {} bytes, expected {}", actual.len(), expected.len());
     }
     if let Some(at) = first_difference(actual, expected) {
-        let blocks = actual
-            .chunks(BS)
-            .zip(expected.chunks(BS))
-            .filter(|(a, b)| a != b)
-            .count();
+        let blocks = actual.chunks(BS).zip(expected.chunks(BS)).filter(|(a, b)| a != b).count();
         panic!(
             "{what}: differs from the expected image at offset {at} (block {}); {blocks} blocks of 4 KiB differ",
             at / BS

@@ -1,0 +1,1083 @@
+//! `forkd-bench`: measures forkd against its performance goals and prints a markdown table
+//! (goal next to each figure, PASS/MISS), also written as JSON to `--out`.
+//!
+//! Benchmarks (select by name, default `all`):
+//! - `create`: clone and snapshot creation time through the library (`store.op`, which
+//!   includes the durable flush) on a sparse 1 GiB and a sparse 1 TiB source;
+//! - `read`: 4 KiB random-read latency through the map at clone depth 1 and depth 64;
+//! - `ingest`: full `forkd ingest` into a running `forkd serve` against `cp`, then the bytes an
+//!   incremental ingest sends after 1% of the blocks changed;
+//! - `space`: disk usage of a source with 20 clones each rewriting 10% of it, and after
+//!   deleting them; metadata bytes per GiB of data;
+//! - `memory`: the daemon's resident memory with 1000 clones, and the time of `list --json`.
+//!
+//! Everything runs in a scratch directory on the same disk (`--dir`), deleted afterwards.
+//! `--quick` shrinks every size so the whole run fits in about two minutes (CI smoke test).
+
+// Benchmark arithmetic converts between counts, byte sizes and floating-point statistics all
+// the time; every value involved is far below the limits of the types it is converted to.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use forkd::store::Store;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+const BS: u64 = 4096;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+// ----- command line -------------------------------------------------------------------------
+
+/// Benchmarks for forkd, each next to its goal.
+#[derive(Debug, Parser)]
+#[command(name = "forkd-bench")]
+struct Args {
+    /// Benchmarks to run: all, create, read, ingest, space, memory
+    #[arg(default_value = "all", value_name = "BENCH")]
+    benches: Vec<String>,
+
+    /// Small sizes everywhere (CI smoke test, about two minutes); explicit flags still win
+    #[arg(long)]
+    quick: bool,
+
+    /// Scratch directory on the disk to measure (created, then deleted)
+    #[arg(long, default_value = "/work/bench-scratch")]
+    dir: PathBuf,
+
+    /// Where to write the results as JSON
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results.json"))]
+    out: PathBuf,
+
+    /// The forkd binary [default: `forkd` next to this binary, i.e. target/release/forkd]
+    #[arg(long)]
+    forkd: Option<PathBuf>,
+
+    /// Keep the scratch directory afterwards
+    #[arg(long)]
+    keep: bool,
+
+    /// create: timed operations per kind and source size [50; quick 20]
+    #[arg(long)]
+    create_samples: Option<usize>,
+    /// create: data ingested into each source, spread over it [64M; quick 16M]
+    #[arg(long)]
+    create_data: Option<String>,
+
+    /// read: size of the fully written source [256M; quick 32M]
+    #[arg(long)]
+    read_data: Option<String>,
+    /// read: depth of the clone chain [64]
+    #[arg(long)]
+    read_depth: Option<usize>,
+    /// read: random 4 KiB reads per depth and round [20000; quick 5000]
+    #[arg(long)]
+    reads: Option<usize>,
+
+    /// ingest: size of the image file [4G; quick 256M]
+    #[arg(long)]
+    ingest_size: Option<String>,
+    /// ingest: percent of 4 KiB blocks changed before the incremental ingest [1]
+    #[arg(long)]
+    ingest_change_pct: Option<f64>,
+
+    /// space: size of the fully written source [1G; quick 128M]
+    #[arg(long)]
+    space_size: Option<String>,
+    /// space: number of clones [20]
+    #[arg(long)]
+    space_clones: Option<usize>,
+    /// space: percent of blocks each clone rewrites [10]
+    #[arg(long)]
+    space_pct: Option<f64>,
+
+    /// memory: clones created through the HTTP API [1000; quick 200]
+    #[arg(long)]
+    clones: Option<usize>,
+    /// memory: data ingested into the 1 GiB source [64M; quick 16M]
+    #[arg(long)]
+    memory_data: Option<String>,
+}
+
+/// Resolved sizes.
+#[derive(Debug, Clone, Serialize)]
+struct Params {
+    quick: bool,
+    create_samples: usize,
+    create_data: u64,
+    read_data: u64,
+    read_depth: usize,
+    reads: usize,
+    ingest_size: u64,
+    ingest_change_pct: f64,
+    space_size: u64,
+    space_clones: usize,
+    space_pct: f64,
+    clones: usize,
+    memory_data: u64,
+}
+
+fn size_arg(v: &Option<String>, full: u64, quick: u64, is_quick: bool, flag: &str) -> Result<u64> {
+    match v {
+        Some(s) => catalog::parse_size(s).map_err(|e| anyhow!("--{flag}: {e}")),
+        None => Ok(if is_quick { quick } else { full }),
+    }
+}
+
+impl Params {
+    fn from(a: &Args) -> Result<Params> {
+        let q = a.quick;
+        let pick = |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
+        let p = Params {
+            quick: q,
+            create_samples: pick(a.create_samples, 50, 20),
+            create_data: size_arg(&a.create_data, 64 * MIB, 16 * MIB, q, "create-data")?,
+            read_data: size_arg(&a.read_data, 256 * MIB, 32 * MIB, q, "read-data")?,
+            read_depth: pick(a.read_depth, 64, 64),
+            reads: pick(a.reads, 20_000, 5_000),
+            ingest_size: size_arg(&a.ingest_size, 4 * GIB, 256 * MIB, q, "ingest-size")?,
+            ingest_change_pct: a.ingest_change_pct.unwrap_or(1.0),
+            space_size: size_arg(&a.space_size, GIB, 128 * MIB, q, "space-size")?,
+            space_clones: pick(a.space_clones, 20, 20),
+            space_pct: a.space_pct.unwrap_or(10.0),
+            clones: pick(a.clones, 1000, 200),
+            memory_data: size_arg(&a.memory_data, 64 * MIB, 16 * MIB, q, "memory-data")?,
+        };
+        if p.create_samples == 0 || p.reads == 0 || p.read_depth == 0 || p.clones == 0 {
+            bail!("sample counts, depth and clone counts must be at least 1");
+        }
+        if !(0.0..=100.0).contains(&p.ingest_change_pct) || !(0.0..=100.0).contains(&p.space_pct) {
+            bail!("percentages must be between 0 and 100");
+        }
+        if p.create_data > GIB || p.memory_data > GIB {
+            bail!("--create-data and --memory-data must fit in the 1 GiB source");
+        }
+        Ok(p)
+    }
+}
+
+// ----- results ------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Cmp {
+    /// value < goal
+    Lt,
+    /// value <= goal
+    Le,
+    /// value >= goal
+    Ge,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Goal {
+    cmp: Cmp,
+    limit: f64,
+    /// The goal as written in the table.
+    text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    bench: String,
+    metric: String,
+    value: f64,
+    unit: String,
+    goal: Option<Goal>,
+    pass: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn info(&mut self, bench: &str, metric: &str, value: f64, unit: &str) {
+        self.rows.push(Row {
+            bench: bench.into(),
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            goal: None,
+            pass: None,
+        });
+    }
+
+    fn goal(&mut self, bench: &str, metric: &str, value: f64, unit: &str, cmp: Cmp, limit: f64, text: &str) {
+        let pass = match cmp {
+            Cmp::Lt => value < limit,
+            Cmp::Le => value <= limit,
+            Cmp::Ge => value >= limit,
+        };
+        self.rows.push(Row {
+            bench: bench.into(),
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            goal: Some(Goal { cmp, limit, text: text.into() }),
+            pass: Some(pass),
+        });
+    }
+
+    fn note(&mut self, bench: &str, text: impl Into<String>) {
+        let text = text.into();
+        eprintln!("[{bench}] note: {text}");
+        self.notes.push(format!("{bench}: {text}"));
+    }
+}
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    let num = if v == 0.0 {
+        "0".to_string()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    };
+    match unit {
+        "" | "x" => format!("{num}{unit}"),
+        _ => format!("{num} {unit}"),
+    }
+}
+
+fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from("| benchmark | metric | value | goal | result |\n|---|---|---:|---|---|\n");
+    for r in rows {
+        let goal = r.goal.as_ref().map_or("—".to_string(), |g| g.text.clone());
+        let res = match r.pass {
+            Some(true) => "PASS",
+            Some(false) => "**MISS**",
+            None => "info",
+        };
+        s.push_str(&format!("| {} | {} | {} | {} | {} |\n", r.bench, r.metric, fmt_value(r.value, &r.unit), goal, res));
+    }
+    s
+}
+
+// ----- helpers ------------------------------------------------------------------------------
+
+/// xorshift64*: fast, never yields a zero word from a non-zero state.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform-enough value in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// Fill with random bytes; every 8-byte word is non-zero with overwhelming probability,
+    /// so no 4 KiB block is ever all zeros.
+    fn fill(&mut self, buf: &mut [u8]) {
+        for w in buf.chunks_exact_mut(8) {
+            w.copy_from_slice(&(self.next() | 1).to_le_bytes());
+        }
+    }
+
+    /// `k` distinct values of `0..n`, sorted.
+    fn sample(&mut self, n: u64, k: u64) -> Vec<u64> {
+        let k = k.min(n);
+        if k * 4 > n {
+            // Partial Fisher-Yates over all indices.
+            let mut all: Vec<u64> = (0..n).collect();
+            for i in 0..k as usize {
+                let j = i + self.below(n - i as u64) as usize;
+                all.swap(i, j);
+            }
+            all.truncate(k as usize);
+            all.sort_unstable();
+            all
+        } else {
+            let mut set = std::collections::BTreeSet::new();
+            while (set.len() as u64) < k {
+                set.insert(self.below(n));
+            }
+            set.into_iter().collect()
+        }
+    }
+}
+
+/// Median, p90 and p99 of samples (nearest rank).
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    median: f64,
+    p90: f64,
+    p99: f64,
+}
+
+fn stats(samples: &[f64]) -> Stats {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (q * s.len() as f64).ceil() as usize;
+        s[rank.clamp(1, s.len()) - 1]
+    };
+    Stats { median: at(0.5), p90: at(0.9), p99: at(0.99) }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Group sorted block numbers into runs of consecutive blocks, at most `max` long.
+fn runs(blocks: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == b && *n < max => *n += 1,
+            _ => out.push((b, 1)),
+        }
+    }
+    out
+}
+
+/// Bytes a path takes on disk (st_blocks * 512, recursively), like `du -sB1`.
+fn disk_usage(p: &Path) -> u64 {
+    let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
+    let own = md.blocks() * 512;
+    if md.is_dir() {
+        own + std::fs::read_dir(p).map(|d| d.flatten().map(|e| disk_usage(&e.path())).sum::<u64>()).unwrap_or(0)
+    } else {
+        own
+    }
+}
+
+fn sync_all() -> Result<()> {
+    let st = Command::new("sync").status().context("running sync")?;
+    if !st.success() {
+        bail!("sync failed");
+    }
+    Ok(())
+}
+
+fn fresh_dir(p: &Path) -> Result<()> {
+    if p.exists() {
+        std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn hsize(b: u64) -> String {
+    if b >= TIB && b % TIB == 0 {
+        format!("{}T", b / TIB)
+    } else if b >= GIB && b % GIB == 0 {
+        format!("{}G", b / GIB)
+    } else if b % MIB == 0 {
+        format!("{}M", b / MIB)
+    } else {
+        format!("{b}B")
+    }
+}
+
+/// Ingest `data_bytes` of random data into a new source through the library, in runs of
+/// `run_blocks` blocks spread evenly over the volume (or front to back when it is full).
+fn library_source(store: &Store, name: &str, size: u64, data_bytes: u64, run_blocks: u64, rng: &mut Rng) -> Result<String> {
+    store.op(|c| c.create_source(name, size))?;
+    store.op(|c| c.begin_ingest(name))?;
+    let nblocks = size / BS;
+    let data_blocks = (data_bytes / BS).min(nblocks);
+    let mut buf = vec![0u8; (run_blocks * BS) as usize];
+    if data_blocks == nblocks {
+        let mut b = 0;
+        while b < nblocks {
+            let n = run_blocks.min(nblocks - b);
+            let chunk = &mut buf[..(n * BS) as usize];
+            rng.fill(chunk);
+            store.ingest_blocks(name, b, Some(chunk), n)?;
+            b += n;
+        }
+    } else {
+        let nruns = data_blocks.div_ceil(run_blocks).max(1);
+        let stride = nblocks / nruns;
+        for r in 0..nruns {
+            let n = run_blocks.min(stride);
+            let first = r * stride + rng.below(stride - n + 1);
+            let chunk = &mut buf[..(n * BS) as usize];
+            rng.fill(chunk);
+            store.ingest_blocks(name, first, Some(chunk), n)?;
+        }
+    }
+    let snap = store.op(|c| c.finish_ingest(name, Default::default()))?;
+    Ok(snap.to_string())
+}
+
+// ----- the daemon ---------------------------------------------------------------------------
+
+/// A `forkd serve` child process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    url: String,
+    bin: PathBuf,
+    log: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Daemon {
+    fn start(bin: &Path, data_dir: &Path) -> Result<Daemon> {
+        let port = free_port()?;
+        let (nbd, iscsi) = (free_port()?, free_port()?);
+        let log = data_dir.with_extension("log");
+        let logf = File::create(&log)?;
+        let child = Command::new(bin)
+            .env_remove("FORKD_API")
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--api")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--nbd")
+            .arg(format!("127.0.0.1:{nbd}"))
+            .arg("--iscsi")
+            .arg(format!("127.0.0.1:{iscsi}"))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut d = Daemon {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            bin: bin.to_path_buf(),
+            log,
+            agent: ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).build(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = d.child.try_wait()? {
+                bail!("forkd serve exited ({st}) at start-up: {}", d.log_tail());
+            }
+            if d.agent.get(&format!("{}/v1/volumes", d.url)).call().is_ok() {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                bail!("forkd serve did not answer within 30 s: {}", d.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" / ")
+    }
+
+    /// Run the CLI against this daemon; returns stdout.
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .env_remove("FORKD_API")
+            .arg("--api")
+            .arg(&self.url)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running forkd {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "forkd {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        match self.agent.post(&format!("{}{path}", self.url)).send_json(body) {
+            Ok(r) => Ok(r.into_json()?),
+            Err(ureq::Error::Status(code, r)) => bail!("POST {path}: {code} {}", r.into_string().unwrap_or_default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn proc_status(&self, field: &str) -> Result<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .ok_or_else(|| anyhow!("{field} missing from /proc/PID/status"))?;
+        let kb: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .ok_or_else(|| anyhow!("malformed {field} line"))?
+            .parse()?;
+        Ok(kb * 1024)
+    }
+
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ----- 1. create ------------------------------------------------------------------------------
+
+fn bench_create(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
+    const B: &str = "create";
+    let n = p.create_samples;
+    let mut clone_med = BTreeMap::new();
+    let mut snap_med = BTreeMap::new();
+    for (label, size) in [("1G", GIB), ("1T", TIB)] {
+        let dir = scratch.join(format!("create-{label}"));
+        fresh_dir(&dir)?;
+        let mut rng = Rng::new(1);
+        let store = Store::open(&dir)?;
+        let t = Instant::now();
+        let snap = library_source(&store, "src", size, p.create_data, 16, &mut rng)?;
+        eprintln!(
+            "[create] {label}: source with {} of data in runs of 64 KiB spread over it, {:.1}s",
+            hsize(p.create_data),
+            t.elapsed().as_secs_f64()
+        );
+        // The floor every catalog operation pays: fdatasync(extents) + sled flush.
+        let mut flush = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            store.flush()?;
+            flush.push(ms(t.elapsed()));
+        }
+        // Clones of the source's snapshot (a few untimed first, to warm up).
+        for i in 0..3 {
+            store.op(|c| c.clone_volume(&snap, &format!("warm{i}")))?;
+        }
+        let mut clones = Vec::new();
+        for i in 0..n {
+            let name = format!("c{i}");
+            let t = Instant::now();
+            store.op(|c| c.clone_volume(&snap, &name))?;
+            clones.push(ms(t.elapsed()));
+        }
+        // Snapshots of a clone that is written between them (untimed write + flush), the way
+        // a developer works: write, snapshot, write, snapshot.
+        store.op(|c| c.clone_volume(&snap, "w"))?;
+        let mut block = vec![0u8; BS as usize];
+        let mut snaps = Vec::new();
+        for _ in 0..n {
+            rng.fill(&mut block);
+            store.write("w", rng.below(size / BS) * BS, &block)?;
+            store.flush()?;
+            let t = Instant::now();
+            store.op(|c| c.snapshot("w", None))?;
+            snaps.push(ms(t.elapsed()));
+        }
+        let (f, c, s) = (stats(&flush), stats(&clones), stats(&snaps));
+        rep.info(B, &format!("{label} source: empty flush (fsync floor), median"), f.median, "ms");
+        rep.goal(B, &format!("{label} source: clone, median of {n}"), c.median, "ms", Cmp::Lt, 20.0, "< 20 ms");
+        rep.info(B, &format!("{label} source: clone, p90"), c.p90, "ms");
+        rep.goal(B, &format!("{label} source: snapshot, median of {n}"), s.median, "ms", Cmp::Lt, 20.0, "< 20 ms");
+        rep.info(B, &format!("{label} source: snapshot, p90"), s.p90, "ms");
+        clone_med.insert(label, c.median);
+        snap_med.insert(label, s.median);
+        drop(store);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    rep.goal(B, "clone median 1T / 1G", clone_med["1T"] / clone_med["1G"], "x", Cmp::Le, 1.5, "<= 1.5x");
+    rep.goal(B, "snapshot median 1T / 1G", snap_med["1T"] / snap_med["1G"], "x", Cmp::Le, 1.5, "<= 1.5x");
+    Ok(())
+}
+
+// ----- 2. read --------------------------------------------------------------------------------
+
+fn bench_read(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
+    const B: &str = "read";
+    let dir = scratch.join("read");
+    fresh_dir(&dir)?;
+    let mut rng = Rng::new(2);
+    let store = Store::open(&dir)?;
+    let size = p.read_data;
+    let nblocks = size / BS;
+    let t = Instant::now();
+    let mut prev = library_source(&store, "src", size, size, 1024, &mut rng)?;
+    // The chain: clone of a snapshot, a few writes, snapshot, clone of that, ...
+    let mut block = vec![0u8; BS as usize];
+    let deepest = format!("d{}", p.read_depth);
+    for d in 1..=p.read_depth {
+        let name = format!("d{d}");
+        store.op(|c| c.clone_volume(&prev, &name))?;
+        for b in rng.sample(nblocks, 16) {
+            rng.fill(&mut block);
+            store.write(&name, b * BS, &block)?;
+        }
+        store.flush()?;
+        if d < p.read_depth {
+            prev = store.op(|c| c.snapshot(&name, None))?.to_string();
+        }
+    }
+    eprintln!(
+        "[read] {} source and a chain of {} clones built in {:.1}s",
+        hsize(size),
+        p.read_depth,
+        t.elapsed().as_secs_f64()
+    );
+    let offsets: Vec<u64> = (0..p.reads).map(|_| rng.below(nblocks) * BS).collect();
+    let mut buf = vec![0u8; BS as usize];
+    // Warm the page cache and the map cache with exactly the reads to be measured.
+    for vol in ["d1", deepest.as_str()] {
+        for &o in &offsets {
+            store.read(vol, o, &mut buf)?;
+        }
+    }
+    let mut lat: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _round in 0..2 {
+        for vol in ["d1", deepest.as_str()] {
+            let v = lat.entry(if vol == "d1" { "d1" } else { "deep" }).or_default();
+            for &o in &offsets {
+                let t = Instant::now();
+                store.read(vol, o, &mut buf)?;
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    let (s1, sd) = (stats(&lat["d1"]), stats(&lat["deep"]));
+    let depth = p.read_depth;
+    let n = p.reads * 2;
+    rep.info(B, &format!("depth 1: 4 KiB random read, median of {n}"), s1.median, "µs");
+    rep.info(B, "depth 1: p99", s1.p99, "µs");
+    rep.info(B, &format!("depth {depth}: 4 KiB random read, median of {n}"), sd.median, "µs");
+    rep.info(B, &format!("depth {depth}: p99"), sd.p99, "µs");
+    rep.goal(B, &format!("median depth {depth} / depth 1"), sd.median / s1.median, "x", Cmp::Le, 1.25, "<= 1.25x");
+    rep.info(B, &format!("p99 depth {depth} / depth 1"), sd.p99 / s1.p99, "x");
+    drop(store);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+// ----- 3. ingest ------------------------------------------------------------------------------
+
+/// Write `size` bytes of random non-zero data to `path`.
+fn make_image(path: &Path, size: u64, rng: &mut Rng) -> Result<()> {
+    let mut f = File::create(path)?;
+    let mut buf = vec![0u8; (4 * MIB) as usize];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(4 * MIB) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn time_cp(from: &Path, to: &Path, then_sync: bool) -> Result<Duration> {
+    let t = Instant::now();
+    let st = Command::new("cp").arg(from).arg(to).status().context("running cp")?;
+    if !st.success() {
+        bail!("cp failed");
+    }
+    if then_sync {
+        sync_all()?;
+    }
+    let d = t.elapsed();
+    std::fs::remove_file(to)?;
+    sync_all()?;
+    Ok(d)
+}
+
+fn last_ingest(d: &Daemon, name: &str) -> Result<Value> {
+    let v: Value = serde_json::from_str(&d.cli(&["show", name, "--json"])?)?;
+    let snaps = v["snapshots"].as_array().ok_or_else(|| anyhow!("show --json has no snapshots"))?;
+    let last = snaps.last().ok_or_else(|| anyhow!("{name} has no snapshot"))?;
+    Ok(last["ingest"].clone())
+}
+
+fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> Result<()> {
+    const B: &str = "ingest";
+    let dir = scratch.join("ingest");
+    fresh_dir(&dir)?;
+    let size = p.ingest_size;
+    let img = dir.join("image");
+    let copy = dir.join("image.copy");
+    let mut rng = Rng::new(3);
+    let t = Instant::now();
+    make_image(&img, size, &mut rng)?;
+    sync_all()?;
+    eprintln!("[ingest] {} image generated and synced in {:.1}s", hsize(size), t.elapsed().as_secs_f64());
+    let mib = size as f64 / MIB as f64;
+
+    // cp, twice (the first may pay for page-cache misses), without sync; then once with sync.
+    let cp1 = time_cp(&img, &copy, false)?;
+    let cp2 = time_cp(&img, &copy, false)?;
+    let cp = cp1.min(cp2);
+    let cp_sync = time_cp(&img, &copy, true)?;
+    eprintln!(
+        "[ingest] cp: {:.2}s / {:.2}s, cp + sync: {:.2}s",
+        cp1.as_secs_f64(),
+        cp2.as_secs_f64(),
+        cp_sync.as_secs_f64()
+    );
+
+    // A full ingest into a fresh daemon, through the real CLI and HTTP API.
+    let data = dir.join("data");
+    let mut d = Daemon::start(forkd, &data)?;
+    d.cli(&["source", "create", "src", "--size", &size.to_string()])?;
+    let img_s = img.to_str().ok_or_else(|| anyhow!("non-UTF-8 scratch path"))?;
+    let t = Instant::now();
+    d.cli(&["ingest", "src", "--from", img_s])?;
+    let full = t.elapsed();
+    let s1 = last_ingest(&d, "src")?;
+    eprintln!("[ingest] full ingest: {:.2}s, summary {s1}", full.as_secs_f64());
+
+    // Change a percentage of the 4 KiB blocks at random, then ingest again.
+    let nblocks = size / BS;
+    let k = ((nblocks as f64 * p.ingest_change_pct / 100.0).round() as u64).max(1);
+    let changed_blocks = rng.sample(nblocks, k);
+    {
+        let f = OpenOptions::new().write(true).open(&img)?;
+        let mut block = vec![0u8; BS as usize];
+        for &b in &changed_blocks {
+            rng.fill(&mut block);
+            f.write_all_at(&block, b * BS)?;
+        }
+    }
+    let changed = k * BS;
+    let t = Instant::now();
+    d.cli(&["ingest", "src", "--from", img_s])?;
+    let incr = t.elapsed();
+    let s2 = last_ingest(&d, "src")?;
+    eprintln!("[ingest] incremental ingest: {:.2}s, summary {s2}", incr.as_secs_f64());
+    let data_usage = disk_usage(&data);
+    d.stop();
+    drop(d);
+
+    let get = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0) as f64;
+    rep.info(B, &format!("cp {} (best of 2, no sync)", hsize(size)), mib / cp.as_secs_f64(), "MiB/s");
+    rep.info(B, "cp + sync", mib / cp_sync.as_secs_f64(), "MiB/s");
+    rep.info(B, "full forkd ingest (wall, includes its final fsync)", mib / full.as_secs_f64(), "MiB/s");
+    rep.info(B, "full ingest: daemon-side duration_ms", get(&s1, "duration_ms"), "ms");
+    rep.goal(B, "full ingest throughput / cp", cp.as_secs_f64() / full.as_secs_f64(), "x", Cmp::Ge, 0.8, ">= 0.8x");
+    rep.info(B, "full ingest throughput / (cp + sync)", cp_sync.as_secs_f64() / full.as_secs_f64(), "x");
+    rep.info(B, "data dir after full + incremental ingest", data_usage as f64 / MIB as f64, "MiB");
+    rep.info(B, &format!("incremental ingest ({}% of blocks changed), wall", p.ingest_change_pct), ms(incr), "ms");
+    rep.info(B, "incremental: bytes changed (by the benchmark)", changed as f64 / MIB as f64, "MiB");
+    rep.info(B, "incremental: changed_bytes (reported)", get(&s2, "changed_bytes") / MIB as f64, "MiB");
+    let sent = get(&s2, "sent_bytes");
+    let limit = 1.05 * changed as f64 + MIB as f64;
+    rep.goal(
+        B,
+        "incremental: sent_bytes",
+        sent / MIB as f64,
+        "MiB",
+        Cmp::Le,
+        limit / MIB as f64,
+        &format!("<= 1.05 x changed + 1 MiB = {:.2} MiB", limit / MIB as f64),
+    );
+    rep.note(
+        B,
+        "cp is timed without sync (its data may still be in the page cache when it returns), while \
+         forkd ingest ends with a durable flush (fdatasync of the extent file + sled flush); \
+         'cp + sync' is shown for comparison",
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+// ----- 4. space -------------------------------------------------------------------------------
+
+fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
+    const B: &str = "space";
+    let dir = scratch.join("space");
+    fresh_dir(&dir)?;
+    let mut rng = Rng::new(4);
+    let store = Store::open(&dir)?;
+    let size = p.space_size;
+    let nblocks = size / BS;
+    let t = Instant::now();
+    let snap = library_source(&store, "src", size, size, 1024, &mut rng)?;
+    eprintln!("[space] {} source written in {:.1}s", hsize(size), t.elapsed().as_secs_f64());
+    let after_source = disk_usage(&dir);
+
+    let per_clone = (nblocks as f64 * p.space_pct / 100.0).round() as u64;
+    let mut buf = vec![0u8; MIB as usize * 64];
+    let t = Instant::now();
+    let mut writes = 0u64;
+    for i in 0..p.space_clones {
+        let name = format!("c{i}");
+        store.op(|c| c.clone_volume(&snap, &name))?;
+        for (first, n) in runs(&rng.sample(nblocks, per_clone), 16384) {
+            let chunk = &mut buf[..(n * BS) as usize];
+            rng.fill(chunk);
+            store.write(&name, first * BS, chunk)?;
+            writes += 1;
+        }
+    }
+    store.flush()?;
+    let wt = t.elapsed();
+    let written = size + p.space_clones as u64 * per_clone * BS;
+    let used = disk_usage(&dir);
+    let meta = disk_usage(&dir.join("meta"));
+    let extents = disk_usage(&dir.join("extents.0"));
+    eprintln!(
+        "[space] {} clones x {} blocks in {writes} writes, {:.1}s; du {} MiB (meta {} MiB, extents {} MiB)",
+        p.space_clones,
+        per_clone,
+        wt.as_secs_f64(),
+        used / MIB,
+        meta / MIB,
+        extents / MIB
+    );
+    let gib = |b: u64| b as f64 / GIB as f64;
+    rep.info(B, "data written (source + clone rewrites)", gib(written), "GiB");
+    rep.info(B, "clone rewrites: store.write throughput", (written - size) as f64 / MIB as f64 / wt.as_secs_f64(), "MiB/s");
+    rep.info(B, "clone rewrites: writes per second", writes as f64 / wt.as_secs_f64(), "/s");
+    rep.info(B, "du of data dir, source only", gib(after_source), "GiB");
+    rep.info(B, "du of data dir with clones", gib(used), "GiB");
+    rep.goal(B, "du with clones / data written", used as f64 / written as f64, "x", Cmp::Le, 1.05, "<= 1.05x");
+    rep.info(B, "extents.0 on disk / data written", extents as f64 / written as f64, "x");
+    rep.info(B, "meta/ bytes per GiB of data written", meta as f64 / MIB as f64 / gib(written), "MiB/GiB");
+
+    let t = Instant::now();
+    for i in 0..p.space_clones {
+        store.op(|c| c.delete(&format!("c{i}")))?;
+    }
+    store.flush()?;
+    store.flush()?;
+    let dt = t.elapsed();
+    let used2 = disk_usage(&dir);
+    let meta2 = disk_usage(&dir.join("meta"));
+    let extents2 = disk_usage(&dir.join("extents.0"));
+    eprintln!(
+        "[space] deleted the clones in {:.1}s; du {} MiB (meta {} MiB, extents {} MiB)",
+        dt.as_secs_f64(),
+        used2 / MIB,
+        meta2 / MIB,
+        extents2 / MIB
+    );
+    rep.info(B, "delete all clones", ms(dt), "ms");
+    rep.info(B, "du after deleting the clones", gib(used2), "GiB");
+    rep.goal(B, "du after delete / source size", used2 as f64 / size as f64, "x", Cmp::Le, 1.05, "<= 1.05x");
+    rep.info(B, "extents.0 on disk after delete / source size", extents2 as f64 / size as f64, "x");
+    rep.info(B, "meta/ after delete", meta2 as f64 / MIB as f64, "MiB");
+    drop(store);
+    // sled may reclaim on reopen: show what a restart leaves.
+    let store = Store::open(&dir)?;
+    store.flush()?;
+    drop(store);
+    let meta3 = disk_usage(&dir.join("meta"));
+    rep.info(B, "meta/ after delete and reopen", meta3 as f64 / MIB as f64, "MiB");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+// ----- 5. memory ------------------------------------------------------------------------------
+
+fn bench_memory(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> Result<()> {
+    const B: &str = "memory";
+    let dir = scratch.join("memory");
+    fresh_dir(&dir)?;
+    let mut rng = Rng::new(5);
+    // A sparse 1 GiB image with data in 64 KiB runs spread over it.
+    let img = dir.join("image");
+    {
+        let f = File::create(&img)?;
+        f.set_len(GIB)?;
+        let run = 16u64;
+        let nruns = (p.memory_data / BS).div_ceil(run).max(1);
+        let stride = GIB / BS / nruns;
+        let mut buf = vec![0u8; (run * BS) as usize];
+        for r in 0..nruns {
+            rng.fill(&mut buf);
+            f.write_all_at(&buf, (r * stride + rng.below(stride - run + 1)) * BS)?;
+        }
+    }
+    let mut d = Daemon::start(forkd, &dir.join("data"))?;
+    d.cli(&["source", "create", "src", "--size", "1G"])?;
+    d.cli(&["ingest", "src", "--from", img.to_str().ok_or_else(|| anyhow!("non-UTF-8 scratch path"))?])?;
+    let rss0 = d.proc_status("VmRSS")?;
+    let mut lat = Vec::with_capacity(p.clones);
+    let t = Instant::now();
+    for i in 0..p.clones {
+        let t = Instant::now();
+        d.post("/v1/clones", &json!({"from": "src@1", "name": format!("m{i}")}))?;
+        lat.push(ms(t.elapsed()));
+    }
+    let total = t.elapsed();
+    let rss = d.proc_status("VmRSS")?;
+    let hwm = d.proc_status("VmHWM")?;
+    let t = Instant::now();
+    let out = d.cli(&["list", "--json"])?;
+    let list_t = t.elapsed();
+    let n = serde_json::from_str::<Value>(&out)?["volumes"].as_array().map_or(0, Vec::len);
+    if n != p.clones + 1 {
+        bail!("list --json returned {n} volumes, expected {}", p.clones + 1);
+    }
+    let rss_after_list = d.proc_status("VmRSS")?;
+    d.stop();
+    drop(d);
+    let c = stats(&lat);
+    let mb = |b: u64| b as f64 / MIB as f64;
+    rep.info(B, "daemon VmRSS after ingest, before clones", mb(rss0), "MiB");
+    rep.info(B, &format!("clone over HTTP, median of {}", p.clones), c.median, "ms");
+    rep.info(B, "clone over HTTP, p90", c.p90, "ms");
+    rep.info(B, &format!("{} clones created in", p.clones), total.as_secs_f64(), "s");
+    rep.goal(B, &format!("daemon VmRSS with {} clones", p.clones), mb(rss), "MiB", Cmp::Le, 256.0, "<= 256 MiB");
+    rep.info(B, "daemon VmHWM (peak RSS)", mb(hwm), "MiB");
+    rep.info(B, &format!("forkd list --json with {} volumes (wall, incl. process start)", n), ms(list_t), "ms");
+    rep.info(B, "daemon VmRSS after list", mb(rss_after_list), "MiB");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+// ----- main -----------------------------------------------------------------------------------
+
+const ALL: [&str; 5] = ["create", "read", "ingest", "space", "memory"];
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let p = Params::from(&args)?;
+    let mut selected: Vec<&str> = Vec::new();
+    for b in &args.benches {
+        match b.as_str() {
+            "all" => selected.extend(ALL),
+            x if ALL.contains(&x) => selected.push(ALL[ALL.iter().position(|a| *a == x).unwrap_or(0)]),
+            x => bail!("unknown benchmark `{x}`: use all, {}", ALL.join(", ")),
+        }
+    }
+    selected.dedup();
+    let needs_daemon = selected.iter().any(|b| *b == "ingest" || *b == "memory");
+    let forkd = match &args.forkd {
+        Some(f) => f.clone(),
+        None => std::env::current_exe()?.with_file_name("forkd"),
+    };
+    if needs_daemon && !forkd.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p forkd-daemon) or pass --forkd PATH",
+            forkd.display()
+        );
+    }
+    let scratch = args.dir.clone();
+    if scratch.exists() {
+        let empty = std::fs::read_dir(&scratch)?.next().is_none();
+        if !empty && !scratch.join(".forkd-bench").exists() {
+            bail!("{} exists and is not a forkd-bench scratch directory; choose another --dir", scratch.display());
+        }
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    std::fs::create_dir_all(&scratch)?;
+    File::create(scratch.join(".forkd-bench"))?;
+
+    let started = Instant::now();
+    let mut rep = Report::default();
+    for b in &selected {
+        eprintln!("[{b}] running");
+        let t = Instant::now();
+        let r = match *b {
+            "create" => bench_create(&p, &scratch, &mut rep),
+            "read" => bench_read(&p, &scratch, &mut rep),
+            "ingest" => bench_ingest(&p, &scratch, &forkd, &mut rep),
+            "space" => bench_space(&p, &scratch, &mut rep),
+            "memory" => bench_memory(&p, &scratch, &forkd, &mut rep),
+            _ => unreachable!(),
+        };
+        match r {
+            Ok(()) => eprintln!("[{b}] done in {:.1}s", t.elapsed().as_secs_f64()),
+            Err(e) => {
+                eprintln!("[{b}] FAILED: {e:#}");
+                rep.failures.push(format!("{b}: {e:#}"));
+            }
+        }
+    }
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+
+    let table = markdown(&rep.rows);
+    println!("{table}");
+    for n in &rep.notes {
+        println!("- {n}");
+    }
+    for f in &rep.failures {
+        println!("- FAILED {f}");
+    }
+    let misses = rep.rows.iter().filter(|r| r.pass == Some(false)).count();
+    let passes = rep.rows.iter().filter(|r| r.pass == Some(true)).count();
+    println!(
+        "\n{passes} goals met, {misses} missed, {} benchmarks failed; {:.0}s",
+        rep.failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let host = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    });
+    let doc = json!({
+        "params": p,
+        "benches": selected,
+        "host": host,
+        "scratch": scratch,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "rows": rep.rows,
+        "notes": rep.notes,
+        "failures": rep.failures,
+        "markdown": table,
+    });
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("results written to {}", args.out.display());
+    if !rep.failures.is_empty() {
+        std::process::exit(2);
+    }
+    Ok(())
+}
