@@ -16,8 +16,12 @@ use catalog::{format_time, CatalogError, Volume};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::exports::Scope;
 use crate::ingest_proto;
 use crate::store::{Store, StoreError, MAX_IO};
+
+/// How long a rewind, refresh or delete waits for connected clients to be closed.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Shared state of the API handlers.
 pub type Shared = Arc<Store>;
@@ -232,6 +236,7 @@ struct MoveBody {
 async fn rewind(State(s): State<Shared>, Path(name): Path<String>, body: Json<MoveBody>) -> ApiResult<Json<Value>> {
     let to = body.0.to.ok_or_else(|| bad("rewind needs \"to\": a snapshot or a time"))?;
     blocking(&s, move |st| {
+        let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
         let (target, kept) = st.op(|cat| cat.rewind(&name, &to))?;
         Ok(Json(json!({ "volume": name, "target": target.to_string(), "kept": kept.to_string() })))
     })
@@ -245,6 +250,7 @@ async fn refresh(
 ) -> ApiResult<Json<Value>> {
     let to = body.and_then(|b| b.0.to);
     blocking(&s, move |st| {
+        let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
         let (target, kept) = st.op(|cat| cat.refresh(&name, to.as_deref()))?;
         Ok(Json(json!({ "volume": name, "target": target.to_string(), "kept": kept.to_string() })))
     })
@@ -272,7 +278,9 @@ async fn bookmark(
 async fn remove(State(s): State<Shared>, Path(reference): Path<String>) -> ApiResult<Json<Value>> {
     blocking(&s, move |st| {
         let before = st.metrics.freed_bytes.get();
+        let _fence = st.exports.fence_and_drain(&reference, Scope::Volume, DRAIN);
         st.op(|cat| cat.delete(&reference))?;
+        st.flush()?;
         Ok(Json(json!({ "deleted": reference, "freed_bytes": st.metrics.freed_bytes.get() - before })))
     })
     .await

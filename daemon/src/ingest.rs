@@ -80,6 +80,9 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         bail!("--changed-blocks, --lvm and --freeze are not supported yet: ingest from a consistent image with --from");
     }
     let path = args.from.as_deref().ok_or_else(|| anyhow!("ingest needs --from PATH"))?;
+    if path.is_dir() {
+        bail!("cannot read {}: it is a directory", path.display());
+    }
     let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let size = image_size(&file, path)?;
     let vol = client.get_json(&format!("/v1/volumes/{}", enc(name)))?;

@@ -6,6 +6,8 @@
 //! - [`api`], [`ingest_proto`]: the HTTP API and the ingest stream it receives;
 //! - [`serve`]: configuration and the daemon's life cycle;
 //! - [`cli`], [`client`], [`ingest`], [`dump`]: the command line, a client of the API;
+//! - [`nbd_server`]: the NBD listener, driving the `nbd` protocol crate over tokio;
+//! - [`exports`]: live connections per export, closed before rewind/refresh/delete;
 //! - [`metrics`]: Prometheus counters.
 
 pub mod api;
@@ -13,8 +15,10 @@ pub mod cli;
 pub mod client;
 pub mod dump;
 pub mod engine;
+pub mod exports;
 pub mod ingest;
 pub mod ingest_proto;
 pub mod metrics;
+pub mod nbd_server;
 pub mod serve;
 pub mod store;

@@ -1,7 +1,7 @@
 //! Prometheus metrics: counters the store and API bump, gauges refreshed after catalog
 //! operations, rendered as text for `GET /metrics`. Names start with `forkd_`.
 
-use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// The daemon's metrics, registered in their own registry.
 #[derive(Debug)]
@@ -25,6 +25,20 @@ pub struct Metrics {
     pub snapshots: IntGauge,
     /// Slots handed out so far (extent file length in blocks).
     pub extent_slots: IntGauge,
+    /// Open NBD connections.
+    pub nbd_active: IntGauge,
+    /// Closed NBD connections by reason.
+    pub nbd_closed: IntCounterVec,
+    /// NBD requests by command.
+    pub nbd_requests: IntCounterVec,
+    /// NBD error replies by errno.
+    pub nbd_errors: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|_| unreachable_metric(name));
+    let _ = r.register(Box::new(c.clone()));
+    c
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -63,6 +77,10 @@ impl Metrics {
             api_errors: counter(&r, "forkd_api_errors_total", "API requests answered with an error"),
             volumes: gauge(&r, "forkd_volumes", "Volumes in the catalog"),
             snapshots: gauge(&r, "forkd_snapshots", "Snapshots in the catalog"),
+            nbd_active: gauge(&r, "forkd_nbd_connections", "Open NBD connections"),
+            nbd_closed: counter_vec(&r, "forkd_nbd_connections_closed_total", "Closed NBD connections by reason", "reason"),
+            nbd_requests: counter_vec(&r, "forkd_nbd_requests_total", "NBD requests by command", "command"),
+            nbd_errors: counter_vec(&r, "forkd_nbd_errors_total", "NBD error replies by errno", "errno"),
             extent_slots: gauge(&r, "forkd_extent_slots", "4 KiB slots handed out in the extent file"),
             registry: r,
         }

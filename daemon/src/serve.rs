@@ -85,18 +85,38 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         if !api.ip().is_loopback() {
             tracing::warn!(%api, "the API is reachable from other hosts and has no authentication yet");
         }
+        let nbd_addr: SocketAddr = config
+            .nbd
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--nbd {}: not an address such as 0.0.0.0:10809", config.nbd))?;
+        let nbd_listener = tokio::net::TcpListener::bind(nbd_addr)
+            .await
+            .with_context(|| format!("cannot listen on {nbd_addr} for NBD"))?;
         tracing::info!(
             api = %listener.local_addr()?,
+            nbd = %nbd_listener.local_addr()?,
             data_dir = %config.data_dir.display(),
-            io_uring = true,
-            "forkd serving (NBD {} and iSCSI {} exports are not served by this build yet)",
-            config.nbd,
+            "forkd serving (iSCSI {} is not served by this build yet)",
             config.iscsi
         );
-        axum::serve(listener, crate::api::router(store.clone()))
-            .with_graceful_shutdown(shutdown_signal())
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let nbd = tokio::spawn(crate::nbd_server::serve(
+            nbd_listener,
+            store.clone(),
+            crate::nbd_server::NbdConfig::default(),
+            shutdown.clone(),
+        ));
+        let signal = shutdown.clone();
+        let api_result = axum::serve(listener, crate::api::router(store.clone()))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                signal.cancel();
+            })
             .await
-            .context("API server failed")
+            .context("API server failed");
+        shutdown.cancel();
+        let _ = nbd.await;
+        api_result
     })?;
     store.flush().context("final flush")?;
     tracing::info!("forkd stopped cleanly");

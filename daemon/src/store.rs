@@ -85,6 +85,8 @@ pub struct Store {
     low_space: AtomicBool,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// Live protocol connections per export, for rewind/refresh/delete.
+    pub exports: crate::exports::ExportRegistry,
 }
 
 fn slot_offset(slot: u64) -> u64 {
@@ -143,6 +145,7 @@ impl Store {
             reserve_bytes,
             low_space: AtomicBool::new(false),
             metrics: Metrics::new(),
+            exports: Default::default(),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
@@ -339,6 +342,11 @@ impl Store {
             return Err(StoreError::TooLarge(len));
         }
         let mut cat = self.catalog_mut();
+        if volume.contains('@') {
+            // A snapshot reference: it must exist, and it is read-only.
+            let t = cat.target(volume)?;
+            return Err(CatalogError::ReadOnly(t.name).into());
+        }
         let v = cat.volume(volume)?;
         if !staging && v.kind == catalog::Kind::Source {
             return Err(CatalogError::ReadOnly(v.name.clone()).into());
@@ -408,7 +416,14 @@ impl Store {
     /// only they held. Holes stay holes.
     pub fn zero(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
         let mut cat = self.catalog_mut();
+        if volume.contains('@') {
+            let t = cat.target(volume)?;
+            return Err(CatalogError::ReadOnly(t.name).into());
+        }
         let v = cat.volume(volume)?;
+        if v.kind != catalog::Kind::Clone {
+            return Err(CatalogError::ReadOnly(v.name.clone()).into());
+        }
         check_range(volume, v.size_bytes, offset, len)?;
         if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
             return Err(CatalogError::BadReference {
@@ -420,6 +435,58 @@ impl Store {
         let r = cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE).map_err(StoreError::from);
         drop(cat);
         self.note_enospc(r)
+    }
+
+    /// Zero any byte range of a clone: whole blocks become known zeros (freeing what only
+    /// they held), partial edge blocks are rewritten with zeros.
+    pub fn zero_range(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).ok_or_else(|| {
+            StoreError::from(CatalogError::OutOfRange { volume: volume.into(), offset, length: len, size: 0 })
+        })?;
+        let a = offset.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let b = end / BLOCK_SIZE * BLOCK_SIZE;
+        if a >= b {
+            return self.write(volume, offset, &vec![0u8; usize_of(len)]);
+        }
+        if offset < a {
+            self.write(volume, offset, &vec![0u8; usize_of(a - offset)])?;
+        }
+        if b < end {
+            self.write(volume, b, &vec![0u8; usize_of(end - b)])?;
+        }
+        self.zero(volume, a, b - a)
+    }
+
+    /// Allocation status of `len` bytes at `offset`, as consecutive `(length, state)` runs:
+    /// `HOLE` for ranges never written in the lineage, `ZERO` for known zeros, 0 for data.
+    /// Answers at most `limit` bytes (callers may ask for a whole disk).
+    pub fn block_status(&self, reference: &str, offset: u64, len: u64, limit: u64) -> Result<Vec<(u64, BlockState)>> {
+        let cat = self.catalog();
+        let t = cat.target(reference)?;
+        check_range(&t.name, t.size_bytes, offset, len)?;
+        let end = offset + len.min(limit.max(BLOCK_SIZE));
+        let mut out: Vec<(u64, BlockState)> = Vec::new();
+        if end == offset {
+            return Ok(out);
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        let entries = cat.map().lookup(t.root, first, last - first + 1)?;
+        for (i, e) in entries.iter().enumerate() {
+            let bstart = (first + i as u64) * BLOCK_SIZE;
+            let lo = bstart.max(offset);
+            let hi = (bstart + BLOCK_SIZE).min(end);
+            let state = match e {
+                None => BlockState::Hole,
+                Some(e) if !e.has_data() => BlockState::Zero,
+                Some(_) => BlockState::Data,
+            };
+            match out.last_mut() {
+                Some((l, s)) if *s == state => *l += hi - lo,
+                _ => out.push((hi - lo, state)),
+            }
+        }
+        Ok(out)
     }
 
     // ----- ingest ---------------------------------------------------------------------
@@ -499,6 +566,17 @@ impl Store {
         }
         walk(&self.dir)
     }
+}
+
+/// What a range of a volume holds, for block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// Never written anywhere in the lineage (reads as zeros).
+    Hole,
+    /// Written or trimmed to zeros (reads as zeros, holds no data).
+    Zero,
+    /// Holds data.
+    Data,
 }
 
 /// True when `e` comes from a full disk, whichever layer saw it.

@@ -27,7 +27,7 @@ pub const BS: usize = 4096;
 pub fn forkd_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FORKD_BIN") {
         let p = PathBuf::from(p);
-        assert!(p.is_file(), "FORKD_BIN={} is not a file", p.display());
+        assert!(p.is_file(), "FORKD_BIN={} is not a file: build the daemon first: cargo build --release", p.display());
         return p;
     }
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -83,6 +83,19 @@ pub fn allocated_bytes(p: &Path) -> u64 {
 /// Run a command to completion, killing it (and panicking) after `timeout`.
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
     let what = format!("{cmd:?}");
+    run_with_deadline(cmd, timeout).unwrap_or_else(|out| {
+        panic!(
+            "{what} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Run a command to completion. If it is still running after `timeout` it is killed and
+/// `Err` carries what it printed until then.
+pub fn run_with_deadline(cmd: &mut Command, timeout: Duration) -> Result<Output, Output> {
+    let what = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -101,19 +114,24 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
     let out = pipe(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
     let err = pipe(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
     let started = Instant::now();
-    let status = loop {
+    let (status, finished) = loop {
         match child.try_wait() {
-            Ok(Some(st)) => break st,
+            Ok(Some(st)) => break (st, true),
             Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
                 let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} did not finish within {timeout:?}");
+                let st = child.wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
+                break (st, false);
             }
             Err(e) => panic!("waiting for {what}: {e}"),
         }
     };
-    Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
+    let output = Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() };
+    if finished {
+        Ok(output)
+    } else {
+        Err(output)
+    }
 }
 
 /// An HTTP answer: status and raw body (for any status, 2xx or not).
@@ -324,6 +342,12 @@ impl Daemon {
                 return Err(format!("forkd serve exited early with {st}"));
             }
             if self.api.ready() {
+                // Make sure it is our daemon that answered, not one that took the port.
+                std::thread::sleep(Duration::from_millis(20));
+                if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    self.child = None;
+                    return Err(format!("forkd serve exited early with {st}"));
+                }
                 return Ok(());
             }
             if started.elapsed() > READY_TIMEOUT {
@@ -388,6 +412,11 @@ impl Daemon {
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The `forkd` binary this daemon runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// The API port.

@@ -242,6 +242,7 @@ fn cli_end_to_end_on_a_real_daemon() {
     let want: BTreeSet<String> = ["prod".to_string()].into_iter().collect();
     assert_eq!(names(&list), want, "list --json after deleting the clones: {list:#}");
     let usage = disk_usage(&data_dir);
+    println!("disk usage: {usage_after_ingests} after ingests, {usage} after deleting the clones; second ingest sent {sent} for {changed_bytes} changed");
     assert!(
         usage <= usage_after_ingests + 2 * MIB as u64,
         "data dir uses {usage} bytes after deleting every clone, {usage_after_ingests} after the ingests"
