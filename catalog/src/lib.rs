@@ -298,6 +298,8 @@ pub struct Catalog {
     volumes: BTreeMap<String, Volume>,
     /// Last timestamp handed out, so snapshot times never go backwards.
     last_time: i64,
+    /// Volumes changed by staged writes not yet committed (and whether a root moved).
+    staged: BTreeMap<String, (Volume, bool)>,
 }
 
 impl Catalog {
@@ -326,7 +328,7 @@ impl Catalog {
             last_time = v.snapshots.iter().map(|s| s.created_at).fold(last_time, i64::max);
             volumes.insert(name, v);
         }
-        let mut cat = Catalog { map, volumes, last_time };
+        let mut cat = Catalog { map, volumes, last_time, staged: BTreeMap::new() };
         let interrupted: Vec<String> =
             cat.volumes.values().filter(|v| v.staging.is_some()).map(|v| v.name.clone()).collect();
         for name in interrupted {
@@ -730,47 +732,83 @@ impl Catalog {
     }
 
     /// Map `entries` (one per block from `first`; `None` unmaps) into a clone's head, or,
-    /// with `staging`, into a source's running ingest. Data must already be in its slots.
+    /// with `staging`, into a source's running ingest, and commit. Data must already be in
+    /// its slots. See [`Catalog::stage_write`] to combine several writes in one commit.
     pub fn write(&mut self, volume: &str, first: u64, entries: &[Option<Entry>], staging: bool) -> Result<()> {
-        let mut v = self.volume(volume)?.clone();
+        let r = self.stage_write(volume, first, entries, staging).and_then(|()| self.commit_staged());
+        if r.is_err() {
+            self.rollback_staged();
+        }
+        r
+    }
+
+    /// The volume as the open transaction sees it.
+    fn staged_volume(&self, name: &str) -> Result<&Volume> {
+        match self.staged.get(name) {
+            Some((v, _)) => Ok(v),
+            None => self.volume(name),
+        }
+    }
+
+    /// Stage a write (see [`Catalog::write`]) in the open transaction without committing it.
+    /// Later staged writes see earlier ones. On error the caller must roll back.
+    pub fn stage_write(&mut self, volume: &str, first: u64, entries: &[Option<Entry>], staging: bool) -> Result<()> {
+        let v = self.staged_volume(volume)?;
         match (staging, v.kind, v.staging.is_some()) {
             (false, Kind::Clone, _) | (true, Kind::Source, true) => {}
-            (false, Kind::Source, _) => return Err(CatalogError::ReadOnly(v.name)),
-            (true, Kind::Clone, _) => return Err(CatalogError::NotASource(v.name)),
-            (true, Kind::Source, false) => return Err(CatalogError::NoIngest(v.name)),
+            (false, Kind::Source, _) => return Err(CatalogError::ReadOnly(v.name.clone())),
+            (true, Kind::Clone, _) => return Err(CatalogError::NotASource(v.name.clone())),
+            (true, Kind::Source, false) => return Err(CatalogError::NoIngest(v.name.clone())),
         }
-        Self::check_range(&v, first, entries.len() as u64)?;
+        Self::check_range(v, first, entries.len() as u64)?;
+        let (mut v, mut moved) = match self.staged.remove(volume) {
+            Some(x) => x,
+            None => (self.volume(volume)?.clone(), false),
+        };
         let nblocks = v.nblocks();
-        let result = (|| {
+        let result = {
             let (root, allocated) = match &mut v.staging {
                 Some(s) if staging => (&mut s.root, &mut s.allocated_blocks),
                 _ => (&mut v.root, &mut v.allocated_blocks),
             };
             let before = *root;
-            let delta = self.map.set_range(root, nblocks, first, entries)?;
-            *allocated = allocated.saturating_add_signed(delta);
-            // The hot path: unless the root moved, only the small counters are rewritten.
-            if *root != before {
-                self.stage_record(&v)?;
-            } else if staging {
-                let json = serde_json::to_vec(&v.staging).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-                self.map.put_meta(&k(K_STAGING, &v.name), json);
+            let r = self.map.set_range(root, nblocks, first, entries);
+            if let Ok(delta) = r {
+                *allocated = allocated.saturating_add_signed(delta);
+            }
+            moved |= *root != before;
+            r
+        };
+        self.staged.insert(v.name.clone(), (v, moved));
+        result.map(|_| ()).map_err(CatalogError::from)
+    }
+
+    /// Commit every staged write as one batch.
+    pub fn commit_staged(&mut self) -> Result<()> {
+        let staged = std::mem::take(&mut self.staged);
+        for (v, moved) in staged.values() {
+            // The hot path: unless a root moved, only the small counters are rewritten.
+            if *moved {
+                self.stage_record(v)?;
             } else {
                 self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
-            }
-            self.map.commit()?;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {
-                self.volumes.insert(v.name.clone(), v);
-                Ok(())
-            }
-            Err(e) => {
-                self.map.rollback();
-                Err(e)
+                if v.staging.is_some() {
+                    let json = serde_json::to_vec(&v.staging).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
+                    self.map.put_meta(&k(K_STAGING, &v.name), json);
+                }
             }
         }
+        self.map.commit()?;
+        for (name, (v, _)) in staged {
+            self.volumes.insert(name, v);
+        }
+        Ok(())
+    }
+
+    /// Forget every staged write.
+    pub fn rollback_staged(&mut self) {
+        self.staged.clear();
+        self.map.rollback();
     }
 
     /// Turn every block of `first..first+count` that is mapped into a known-zero block

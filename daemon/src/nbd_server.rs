@@ -200,36 +200,50 @@ async fn connection(
     });
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
     let stop = guard.token.clone();
+    // Requests already in the buffer are executed together, as one job on the blocking pool:
+    // consecutive writes become one group commit and the replies leave in one send. A new
+    // batch starts when the buffer holds no further complete request.
+    let mut batch: Vec<(Request, bytes::Bytes)> = Vec::new();
+    let mut batch_bytes = 0usize;
     stats.reason = loop {
-        let (req, used) = match session.decode_request(&buf) {
+        let decoded = session.decode_request(&buf);
+        let (req, used) = match decoded {
             Err(e) => {
                 tracing::debug!(error = %e, head = ?&buf[..buf.len().min(32)], "malformed request");
                 break "malformed request";
             }
-            Ok(Some(r)) => r,
-            Ok(None) => match read_more(&mut rd, &mut buf, &stop, &shutdown).await {
-                Ok(()) => continue,
-                Err(reason) => break reason,
-            },
+            Ok(Some((req, used))) if buf.len() - used >= usize::try_from(req.payload_len).unwrap_or(usize::MAX) || req.too_large => (req, used),
+            Ok(_) => {
+                // Nothing complete is left: run what was gathered, then read on.
+                if !batch.is_empty() {
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else { break "internal error" };
+                    let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
+                    let jobs = std::mem::take(&mut batch);
+                    batch_bytes = 0;
+                    tokio::task::spawn_blocking(move || {
+                        let reply = execute_batch(&store, &session, &writer, jobs);
+                        let _ = tx.blocking_send(reply);
+                        drop(permit);
+                    });
+                }
+                match read_more(&mut rd, &mut buf, &stop, &shutdown).await {
+                    Ok(()) => continue,
+                    Err(reason) => {
+                        if reason == "client disconnected" && !buf.is_empty() {
+                            break "client vanished mid-request";
+                        }
+                        break reason;
+                    }
+                }
+            }
         };
         buf.advance(used);
         stats.requests += 1;
         store.metrics.nbd_requests.with_label_values(&[command_name(req.command)]).inc();
-        // The payload (write data, or bytes to discard) follows the header.
         let need = usize::try_from(req.payload_len).unwrap_or(usize::MAX);
         if req.too_large {
+            // Refused below; its payload is read and dropped so the stream stays in sync.
             if let Err(reason) = discard(&mut rd, &mut buf, need, &stop, &shutdown).await {
-                break reason;
-            }
-        } else {
-            let mut vanished = None;
-            while buf.len() < need {
-                if let Err(reason) = read_more(&mut rd, &mut buf, &stop, &shutdown).await {
-                    vanished = Some(if reason == "client disconnected" { "client vanished mid-request" } else { reason });
-                    break;
-                }
-            }
-            if let Some(reason) = vanished {
                 break reason;
             }
         }
@@ -246,14 +260,30 @@ async fn connection(
             }
             continue;
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break "internal error" };
-        let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
-        tokio::task::spawn_blocking(move || {
-            let reply = execute(&store, &session, &writer, &req, &payload);
-            let _ = tx.blocking_send(reply);
-            drop(permit);
-        });
+        batch_bytes += need;
+        batch.push((req, payload));
+        if batch.len() >= 64 || batch_bytes >= 32 << 20 {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { break "internal error" };
+            let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
+            let jobs = std::mem::take(&mut batch);
+            batch_bytes = 0;
+            tokio::task::spawn_blocking(move || {
+                let reply = execute_batch(&store, &session, &writer, jobs);
+                let _ = tx.blocking_send(reply);
+                drop(permit);
+            });
+        }
     };
+    // Requests gathered before the end are still answered.
+    if !batch.is_empty() {
+        let (st, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
+        let jobs = std::mem::take(&mut batch);
+        let _ = tokio::task::spawn_blocking(move || {
+            let reply = execute_batch(&st, &session, &writer, jobs);
+            let _ = tx.blocking_send(reply);
+        })
+        .await;
+    }
     // Answer everything already received, then close.
     let _ = in_flight.acquire_many(u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX)).await;
     drop(tx);
@@ -339,8 +369,41 @@ async fn discard(
     }
 }
 
+/// Run a batch of checked requests in order; runs of plain writes are committed together.
+/// Returns the concatenated replies.
+fn execute_batch(store: &Store, session: &Session, writer: &ReplyWriter, jobs: Vec<(Request, bytes::Bytes)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < jobs.len() {
+        let plain_write = |r: &Request| r.command == Command::Write && !r.flags.contains(CommandFlags::FUA);
+        let run = jobs[i..].iter().take_while(|(r, _)| plain_write(r)).count();
+        if run > 1 {
+            let writes = jobs[i..i + run].iter().map(|(r, p)| (session.export.clone(), r.offset, p.clone())).collect();
+            for ((req, _), result) in jobs[i..i + run].iter().zip(store.write_many(writes)) {
+                match result {
+                    Ok(()) => out.extend_from_slice(&writer.ok(req)),
+                    Err(e) => out.extend_from_slice(&error_reply(store, writer, req, &e)),
+                }
+            }
+            i += run;
+        } else {
+            let (req, payload) = &jobs[i];
+            out.extend_from_slice(&execute(store, session, writer, req, payload.clone()));
+            i += 1;
+        }
+    }
+    out
+}
+
+fn error_reply(store: &Store, writer: &ReplyWriter, req: &Request, e: &StoreError) -> Vec<u8> {
+    let errno = errno_of(e);
+    count_errno(store, errno);
+    tracing::warn!(command = command_name(req.command), offset = req.offset, length = req.length, error = %e, "NBD request failed");
+    writer.error(req, errno, &e.to_string())
+}
+
 /// Run one checked request against the store and encode its reply.
-fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request, payload: &[u8]) -> Vec<u8> {
+fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request, payload: bytes::Bytes) -> Vec<u8> {
     let export = session.export.as_str();
     let fua = req.flags.contains(CommandFlags::FUA);
     let flush_if = |r: Result<(), StoreError>| r.and_then(|()| if fua { store.flush() } else { Ok(()) });
@@ -351,7 +414,7 @@ fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request
                 writer.read(req, &data).unwrap_or_else(|e| writer.error(req, NBD_EIO, &e.to_string()))
             })
         }
-        Command::Write => flush_if(store.write(export, req.offset, payload)).map(|()| writer.ok(req)),
+        Command::Write => flush_if(store.write_bytes(export, req.offset, payload)).map(|()| writer.ok(req)),
         Command::Flush => store.flush().map(|()| writer.ok(req)),
         Command::Trim => {
             // Trim is advisory: whole blocks inside the range are freed, edges are left alone.
@@ -365,15 +428,7 @@ fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request
         Command::BlockStatus => status_reply(store, session, writer, req),
         Command::Disc | Command::Unknown(_) => Ok(writer.error(req, NBD_EINVAL, "unsupported command")),
     };
-    match result {
-        Ok(reply) => reply,
-        Err(e) => {
-            let errno = errno_of(&e);
-            count_errno(store, errno);
-            tracing::warn!(export, command = command_name(req.command), offset = req.offset, length = req.length, error = %e, "NBD request failed");
-            writer.error(req, errno, &e.to_string())
-        }
-    }
+    result.unwrap_or_else(|e| error_reply(store, writer, req, &e))
 }
 
 fn status_reply(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request) -> Result<Vec<u8>, StoreError> {
