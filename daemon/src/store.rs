@@ -172,12 +172,19 @@ impl Store {
         if !fresh && !dir.join("extents.0").exists() {
             return Err(bad("its metadata exists but extents.0 is missing: the directory is incomplete".into()));
         }
-        let db = sled::Config::new()
-            .path(&meta)
-            .cache_capacity(64 << 20)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
+        // We hold LOCK, so a busy sled lock can only be this process's previous store still
+        // shutting down its threads: wait for it briefly.
+        let mut tries = 0;
+        let db = loop {
+            let r = sled::Config::new().path(&meta).cache_capacity(64 << 20).flush_every_ms(None).open();
+            match r {
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 250 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r.map_err(|e| bad(format!("cannot open its metadata store: {e}")))?,
+            }
+        };
         let tree = db.open_tree("forkd")?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
         let engine = Engine::open(&dir.join("extents.0"))?;
