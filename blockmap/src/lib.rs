@@ -29,7 +29,7 @@ mod node;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, ZERO_SLOT};
-use node::{child_index, span};
+use node::{child_index, span, View};
 
 /// Size of a block, the unit of mapping, checksumming and allocation.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -227,6 +227,31 @@ impl BlockMap {
         }
     }
 
+    /// Look at a node without decoding or copying it.
+    fn with_view<R>(&self, id: NodeId, f: impl FnOnce(View<'_>) -> Result<R>) -> Result<R> {
+        if let Some(n) = self.dirty.get(&id) {
+            let n = n.as_ref().ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" })?;
+            return f(View::Decoded(n));
+        }
+        let raw = self
+            .tree
+            .get(key(P_NODE, id))?
+            .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "missing" })?;
+        f(View::raw(id, &raw)?)
+    }
+
+    /// A node to change in the open transaction (decoded once, written at commit).
+    fn load_mut(&mut self, id: NodeId) -> Result<&mut Node> {
+        if !self.dirty.contains_key(&id) {
+            let n = self.load(id)?;
+            self.dirty.insert(id, Some(n));
+        }
+        match self.dirty.get_mut(&id) {
+            Some(Some(n)) => Ok(n),
+            _ => Err(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" }),
+        }
+    }
+
     fn store(&mut self, id: NodeId, node: Node) {
         self.dirty.insert(id, Some(node));
     }
@@ -379,10 +404,10 @@ impl BlockMap {
             let run = &entries[usize_of(b - first)..usize_of(leaf_end.min(end) - first)];
             let all_unmap = run.iter().all(Option::is_none);
             if let Some(leaf) = self.leaf_for(*root, b, !all_unmap)? {
-                let Node::Leaf(mut slots) = self.load(leaf)? else {
+                let mut freed = Vec::new();
+                let Node::Leaf(slots) = self.load_mut(leaf)? else {
                     return Err(BlockMapError::Corrupt { what: format!("node {leaf}"), why: "expected a leaf" });
                 };
-                let mut changed = false;
                 for (i, new) in run.iter().enumerate() {
                     let idx = child_index(0, b + i as u64);
                     let old = slots[idx];
@@ -390,14 +415,13 @@ impl BlockMap {
                         continue;
                     }
                     if let Some(o) = old.filter(Entry::has_data) {
-                        self.slot_dec(o.slot)?;
+                        freed.push(o.slot);
                     }
                     slots[idx] = *new;
-                    changed = true;
                     delta += i64::from(new.is_some_and(|e| e.has_data())) - i64::from(old.is_some_and(|e| e.has_data()));
                 }
-                if changed {
-                    self.store(leaf, Node::Leaf(slots));
+                for slot in freed {
+                    self.slot_dec(slot)?;
                 }
             }
             b = leaf_end.min(end);
@@ -410,22 +434,22 @@ impl BlockMap {
     fn leaf_for(&mut self, root: NodeId, b: u64, create: bool) -> Result<Option<NodeId>> {
         let mut cur = root;
         loop {
-            let mut node = self.load(cur)?;
-            let Node::Inner { level, children } = &mut node else { return Ok(Some(cur)) };
-            let idx = child_index(*level, b);
-            let child = children[idx];
+            let (level, child) = self.with_view(cur, |v| Ok((v.level(), v.child(child_index(v.level(), b)))))?;
+            if level == 0 {
+                return Ok(Some(cur));
+            }
             let next = if child == 0 {
                 if !create {
                     return Ok(None);
                 }
-                let lvl = *level - 1;
-                self.new_node(Node::empty(lvl))
+                self.new_node(Node::empty(level - 1))
             } else {
                 self.make_private(child)?
             };
             if next != child {
-                children[idx] = next;
-                self.store(cur, node);
+                if let Node::Inner { children, .. } = self.load_mut(cur)? {
+                    children[child_index(level, b)] = next;
+                }
             }
             cur = next;
         }
@@ -437,35 +461,35 @@ impl BlockMap {
         let len = usize::try_from(count).map_err(|_| BlockMapError::OutOfRange { block: first, nblocks: 0 })?;
         let mut out = vec![None; len];
         if root != 0 && count > 0 {
-            let node = self.load(root)?;
-            let base = 0;
-            self.lookup_node(&node, base, first, first + count, &mut out)?;
+            self.lookup_node(root, 0, first, first + count, &mut out)?;
         }
         Ok(out)
     }
 
-    fn lookup_node(&self, node: &Node, base: u64, from: u64, to: u64, out: &mut [Option<Entry>]) -> Result<()> {
-        let level = node.level();
-        let sp = span(level);
-        match node {
-            Node::Leaf(entries) => {
-                for (i, e) in entries.iter().enumerate() {
+    fn lookup_node(&self, id: NodeId, base: u64, from: u64, to: u64, out: &mut [Option<Entry>]) -> Result<()> {
+        let mut below: Vec<(NodeId, u64)> = Vec::new();
+        self.with_view(id, |v| {
+            let level = v.level();
+            if level == 0 {
+                v.for_entries(|i, e| {
                     let b = base + i as u64;
                     if b >= from && b < to {
-                        out[usize::try_from(b - from).unwrap_or(0)] = *e;
+                        out[usize_of(b - from)] = Some(e);
                     }
-                }
-            }
-            Node::Inner { children, .. } => {
-                for (i, &c) in children.iter().enumerate() {
+                });
+            } else {
+                let sp = span(level);
+                v.for_children(|i, c| {
                     let lo = base + i as u64 * sp;
-                    if c == 0 || lo + sp <= from || lo >= to {
-                        continue;
+                    if lo + sp > from && lo < to {
+                        below.push((c, lo));
                     }
-                    let child = self.load(c)?;
-                    self.lookup_node(&child, lo, from, to, out)?;
-                }
+                });
             }
+            Ok(())
+        })?;
+        for (c, lo) in below {
+            self.lookup_node(c, lo, from, to, out)?;
         }
         Ok(())
     }

@@ -205,3 +205,88 @@ mod tests {
         assert_eq!(child_index(0, 65), 1);
     }
 }
+
+/// A node read in place: either decoded (changed in the open transaction) or its stored
+/// bytes, parsed lazily so that a lookup allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum View<'a> {
+    Decoded(&'a Node),
+    Raw(&'a [u8]),
+}
+
+impl<'a> View<'a> {
+    /// Check a stored node's framing once, so the accessors below can trust it.
+    pub(crate) fn raw(id: NodeId, bytes: &'a [u8]) -> Result<View<'a>, BlockMapError> {
+        let bad = |why: &'static str| BlockMapError::Corrupt { what: format!("node {id}"), why };
+        if bytes.len() < 3 {
+            return Err(bad("shorter than its header"));
+        }
+        let count = usize::from(u16::from_le_bytes([bytes[1], bytes[2]]));
+        let (rec, fan) = if bytes[0] == 0 { (21, LEAF_FANOUT) } else { (9, INNER_FANOUT) };
+        if count > fan || bytes.len() != 3 + count * rec {
+            return Err(bad("length does not match its entry count"));
+        }
+        if bytes[3..].chunks_exact(rec).any(|r| usize::from(r[0]) >= fan) {
+            return Err(bad("entry index out of range"));
+        }
+        Ok(View::Raw(bytes))
+    }
+
+    pub(crate) fn level(&self) -> u8 {
+        match self {
+            View::Decoded(n) => n.level(),
+            View::Raw(b) => b[0],
+        }
+    }
+
+    /// The child at `idx` of an inner node (0 if none, or if this is a leaf).
+    pub(crate) fn child(&self, idx: usize) -> NodeId {
+        match self {
+            View::Decoded(Node::Inner { children, .. }) => children.get(idx).copied().unwrap_or(0),
+            View::Decoded(Node::Leaf(_)) => 0,
+            View::Raw(b) if b[0] == 0 => 0,
+            View::Raw(b) => b[3..]
+                .chunks_exact(9)
+                .find(|r| usize::from(r[0]) == idx)
+                .map_or(0, |r| u64::from_le_bytes([r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]])),
+        }
+    }
+
+    /// Present children `(idx, id)` of an inner node, in index order.
+    pub(crate) fn for_children(&self, mut f: impl FnMut(usize, NodeId)) {
+        match self {
+            View::Decoded(Node::Inner { children, .. }) => {
+                children.iter().enumerate().filter(|(_, &c)| c != 0).for_each(|(i, &c)| f(i, c));
+            }
+            View::Decoded(Node::Leaf(_)) => {}
+            View::Raw(b) if b[0] == 0 => {}
+            View::Raw(b) => b[3..].chunks_exact(9).for_each(|r| {
+                f(usize::from(r[0]), u64::from_le_bytes([r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]]));
+            }),
+        }
+    }
+
+    /// Present entries `(idx, entry)` of a leaf, in index order.
+    pub(crate) fn for_entries(&self, mut f: impl FnMut(usize, Entry)) {
+        match self {
+            View::Decoded(Node::Leaf(entries)) => {
+                entries.iter().enumerate().for_each(|(i, e)| {
+                    if let Some(e) = e {
+                        f(i, *e);
+                    }
+                });
+            }
+            View::Decoded(Node::Inner { .. }) => {}
+            View::Raw(b) if b[0] != 0 => {}
+            View::Raw(b) => b[3..].chunks_exact(21).for_each(|r| {
+                let u64_at = |at: usize| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(&r[at..at + 8]);
+                    u64::from_le_bytes(a)
+                };
+                let crc = u32::from_le_bytes([r[9], r[10], r[11], r[12]]);
+                f(usize::from(r[0]), Entry { slot: u64_at(1), crc, digest: u64_at(13) });
+            }),
+        }
+    }
+}

@@ -94,6 +94,17 @@ pub struct Store {
     committer: Mutex<()>,
 }
 
+impl Drop for Store {
+    /// Flush the metadata store so that no sled log write is still in flight when its last
+    /// handle goes: otherwise sled can keep its lock on `meta/db` after the drop, and a store
+    /// reopened in the same process (tests, an in-process restart) finds it locked.
+    fn drop(&mut self) {
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "final metadata flush failed");
+        }
+    }
+}
+
 /// A write waiting for a group commit, and its outcome.
 #[derive(Debug)]
 struct Pending {
@@ -540,11 +551,10 @@ impl Store {
                 if e.is_none() {
                     let Some(slot) = next.next() else { break };
                     let b = &prep.blocks[i * 4096..(i + 1) * 4096];
-                    *e = Some(Entry {
-                        slot,
-                        crc: catalog::blockmap::block_crc(b),
-                        digest: catalog::blockmap::block_digest(b),
-                    });
+                    // Only sources are ever compared by digest (ingest): host writes to clones
+                    // skip hashing it.
+                    let digest = if prep.pending.staging { catalog::blockmap::block_digest(b) } else { 0 };
+                    *e = Some(Entry { slot, crc: catalog::blockmap::block_crc(b), digest });
                     pairs.push((slot, w, i));
                 }
             }

@@ -122,7 +122,21 @@ fn check_all(store: &Store, m: &Model) {
     assert_eq!(store.catalog().volumes().len(), m.vols.len());
 }
 
+/// Copy a data directory (files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
 fn run(dir: &Path, ops: Vec<Op>) {
+    let mut dirs: Vec<tempfile::TempDir> = Vec::new();
     let mut store = Some(Store::open(dir).expect("open"));
     let mut m = Model::default();
     {
@@ -253,8 +267,15 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 }
             }
             Op::Restart => {
+                // Restart from what is on disk. sled can release its file lock lazily (its
+                // epoch-deferred cleanup may sit in another thread), so a same-process reopen
+                // of the same directory is flaky; the daemon never does that. Reopen a copy of
+                // the directory instead: it holds exactly what a restarted daemon would find.
                 drop(store.take());
-                store = Some(Store::open(dir).expect("reopen"));
+                let next = tempfile::tempdir().expect("tempdir");
+                copy_dir(&dirs.last().map(|d| d.path().to_path_buf()).unwrap_or_else(|| dir.to_path_buf()), next.path());
+                store = Some(Store::open(next.path()).expect("reopen"));
+                dirs.push(next);
             }
         }
     }
