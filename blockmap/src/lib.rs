@@ -17,9 +17,16 @@
 //! - unreachable subtrees wait in the garbage queue (`g` keys) and are dismantled in small
 //!   atomic steps, so a crash mid-delete neither leaks nor double-frees.
 //!
-//! Locking: `BlockMap` is not internally synchronised. Mutations take `&mut self` and
-//! accumulate in an overlay until [`BlockMap::commit`] applies them as one sled batch; the
-//! owner serialises writers and keeps readers out while a writer is between calls.
+//! Transactions and write-back: mutations take `&mut self` and accumulate in a transaction
+//! overlay; [`BlockMap::commit`] moves them, atomically, into an in-memory write-back layer,
+//! and [`BlockMap::spill`] hands that layer to sled as one batch (at every flush, and whenever
+//! it grows past a cap). Durability is only ever promised at a flush, so this changes nothing
+//! that is promised, while a leaf rewritten a thousand times between two flushes reaches sled
+//! once: sled's log, and with it its space use, grows with distinct changes, not with I/Os.
+//! Reads see the transaction, then the write-back layer, then sled.
+//!
+//! Locking: `BlockMap` is not internally synchronised. The owner serialises writers and keeps
+//! readers out while a writer is between calls.
 //! The map does no data I/O: it answers with slots, and the caller reads and writes them.
 
 #![forbid(unsafe_code)]
@@ -67,6 +74,9 @@ const P_FREE: u8 = b'f';
 const P_GARBAGE: u8 = b'g';
 const K_HIGH_WATER: &[u8] = b"m:high_water";
 const K_NEXT_NODE: &[u8] = b"m:next_node";
+/// Committed changes (nodes plus keys) held in memory before they are handed to sled anyway:
+/// about 32 MiB of decoded nodes.
+const WRITE_BACK_LIMIT: usize = 16_384;
 /// Prefix reserved for the catalog's records, which share the map's atomic batches.
 pub const P_CATALOG: u8 = b'c';
 
@@ -104,6 +114,10 @@ pub struct BlockMap {
     tree: sled::Tree,
     /// Decoded nodes changed in the open transaction (`None`: deleted).
     dirty: HashMap<NodeId, Option<Node>>,
+    /// Committed node changes not yet handed to sled.
+    wb_nodes: HashMap<NodeId, Option<Node>>,
+    /// Committed key changes not yet handed to sled.
+    wb_keys: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Other keys changed in the open transaction (`None`: removed).
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Slots nothing references that may be handed out now.
@@ -154,6 +168,8 @@ impl BlockMap {
         Ok(BlockMap {
             tree,
             dirty: HashMap::new(),
+            wb_nodes: HashMap::new(),
+            wb_keys: BTreeMap::new(),
             overlay: BTreeMap::new(),
             free: BTreeSet::new(),
             high_water,
@@ -170,7 +186,7 @@ impl BlockMap {
     // ----- raw key access through the overlay -------------------------------------------
 
     fn get_raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(v) = self.overlay.get(k) {
+        if let Some(v) = self.overlay.get(k).or_else(|| self.wb_keys.get(k)) {
             return Ok(v.clone());
         }
         Ok(self.tree.get(k)?.map(|v| v.to_vec()))
@@ -201,8 +217,8 @@ impl BlockMap {
         self.del_raw(k);
     }
 
-    /// Committed catalog records under `prefix` (the overlay is not consulted: call between
-    /// transactions, as at start-up).
+    /// Catalog records under `prefix` as sled holds them (neither the open transaction nor
+    /// the write-back layer is consulted: call at start-up, before any change).
     pub fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix(prefix) {
@@ -215,7 +231,7 @@ impl BlockMap {
     // ----- nodes and refcounts --------------------------------------------------------
 
     fn load(&self, id: NodeId) -> Result<Node> {
-        if let Some(n) = self.dirty.get(&id) {
+        if let Some(n) = self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)) {
             return n.clone().ok_or(BlockMapError::Corrupt {
                 what: format!("node {id}"),
                 why: "used after it was freed",
@@ -229,7 +245,7 @@ impl BlockMap {
 
     /// Look at a node without decoding or copying it.
     fn with_view<R>(&self, id: NodeId, f: impl FnOnce(View<'_>) -> Result<R>) -> Result<R> {
-        if let Some(n) = self.dirty.get(&id) {
+        if let Some(n) = self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)) {
             let n = n.as_ref().ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" })?;
             return f(View::Decoded(n));
         }
@@ -243,7 +259,7 @@ impl BlockMap {
     /// A node to change in the open transaction (decoded once, written at commit).
     fn load_mut(&mut self, id: NodeId) -> Result<&mut Node> {
         if !self.dirty.contains_key(&id) {
-            let n = self.load(id)?;
+            let n = self.load(id)?; // from the write-back layer or sled
             self.dirty.insert(id, Some(n));
         }
         match self.dirty.get_mut(&id) {
@@ -585,36 +601,54 @@ impl BlockMap {
 
     // ----- transactions -------------------------------------------------------------
 
-    /// Apply everything since the last commit or rollback as one atomic sled batch.
+    /// Commit everything since the last commit or rollback, atomically, into the write-back
+    /// layer (see the module documentation). Fails, changing nothing, only if the layer was
+    /// full and could not be handed to sled.
     pub fn commit(&mut self) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for (id, node) in self.dirty.drain() {
-            match node {
-                Some(n) => batch.insert(&key(P_NODE, id), n.encode()),
-                None => batch.remove(&key(P_NODE, id)),
+        if self.wb_nodes.len() + self.wb_keys.len() >= WRITE_BACK_LIMIT {
+            if let Err(e) = self.spill() {
+                self.rollback();
+                return Err(e);
             }
         }
-        for (k, v) in std::mem::take(&mut self.overlay) {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
+        self.wb_nodes.extend(self.dirty.drain());
+        self.wb_keys.extend(std::mem::take(&mut self.overlay));
         if self.high_water != self.txn_start.0 {
-            batch.insert(K_HIGH_WATER, &self.high_water.to_le_bytes());
+            self.wb_keys.insert(K_HIGH_WATER.to_vec(), Some(self.high_water.to_le_bytes().to_vec()));
         }
         if self.next_node != self.txn_start.1 {
-            batch.insert(K_NEXT_NODE, &self.next_node.to_le_bytes());
-        }
-        if let Err(e) = self.tree.apply_batch(batch) {
-            self.rollback_allocations();
-            return Err(e.into());
+            self.wb_keys.insert(K_NEXT_NODE.to_vec(), Some(self.next_node.to_le_bytes().to_vec()));
         }
         let gen = self.generation;
         self.pending.extend(self.txn_freed.drain(..).map(|s| (gen, s)));
         self.txn_allocated.clear();
         self.txn_private.clear();
         self.txn_start = (self.high_water, self.next_node);
+        Ok(())
+    }
+
+    /// Hand the write-back layer to sled as one atomic batch (not yet fsynced: see
+    /// [`BlockMap::flush_store`]). On error the layer is kept, nothing is lost.
+    pub fn spill(&mut self) -> Result<()> {
+        if self.wb_nodes.is_empty() && self.wb_keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (id, node) in &self.wb_nodes {
+            match node {
+                Some(n) => batch.insert(&key(P_NODE, *id), n.encode()),
+                None => batch.remove(&key(P_NODE, *id)),
+            }
+        }
+        for (k, v) in &self.wb_keys {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.wb_nodes.clear();
+        self.wb_keys.clear();
         Ok(())
     }
 
@@ -673,6 +707,8 @@ impl BlockMap {
     pub fn collect_garbage(&mut self) -> Result<u64> {
         let mut freed = 0;
         loop {
+            // The queue is read from sled, so everything committed must be there first.
+            self.spill()?;
             let queue: Vec<NodeId> = self
                 .tree
                 .scan_prefix([P_GARBAGE])
@@ -716,7 +752,8 @@ impl BlockMap {
     }
 
     /// Make every committed change durable in the metadata store.
-    pub fn flush_store(&self) -> Result<()> {
+    pub fn flush_store(&mut self) -> Result<()> {
+        self.spill()?;
         self.tree.flush()?;
         Ok(())
     }

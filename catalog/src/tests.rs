@@ -73,7 +73,7 @@ fn interrupted_ingest_is_abandoned_on_open() {
         cat.create_source("db", 1 << 20).unwrap();
         cat.begin_ingest("db").unwrap();
         put(&mut cat, "db", 3, 1, true);
-        cat.map().flush_store().unwrap();
+        cat.map_mut().flush_store().unwrap();
     }
     let mut cat = open(dir.path());
     let v = cat.volume("db").unwrap();

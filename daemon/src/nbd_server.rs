@@ -3,7 +3,7 @@
 //!
 //! One task per connection. The handshake runs under a timeout; the daemon caps the number of
 //! connections. In transmission, requests are decoded on the connection's task and executed on
-//! tokio's blocking pool (the store does synchronous I/O), up to `max_in_flight` at a time, with
+//! tokio's blocking pool (the store does synchronous I/O) in batches, `max_in_flight` at a time, with
 //! replies written by a separate writer task as they complete (NBD allows any order). A client
 //! that vanishes costs only its own connection: requests it already sent finish, nothing else
 //! is touched. Every store error is mapped to an NBD errno in [`errno_of`], the one place that
@@ -37,13 +37,14 @@ pub struct NbdConfig {
     pub max_connections: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
-    /// Requests one connection may have executing at once.
+    /// Batches of requests one connection may have executing at once (each batch holds every
+    /// request that arrived while the previous ones ran).
     pub max_in_flight: usize,
 }
 
 impl Default for NbdConfig {
     fn default() -> Self {
-        NbdConfig { max_connections: 256, handshake_timeout: Duration::from_secs(10), max_in_flight: 64 }
+        NbdConfig { max_connections: 256, handshake_timeout: Duration::from_secs(10), max_in_flight: 2 }
     }
 }
 
@@ -186,7 +187,7 @@ async fn connection(
     };
     let session = Arc::new(session);
     let writer = ReplyWriter::new(&session);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(cfg.max_in_flight * 2);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
     let write_task = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
             if wr.write_all(&reply).await.is_err() {
@@ -200,89 +201,99 @@ async fn connection(
     });
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
     let stop = guard.token.clone();
-    // Requests already in the buffer are executed together, as one job on the blocking pool:
-    // consecutive writes become one group commit and the replies leave in one send. A new
-    // batch starts when the buffer holds no further complete request.
+    // Complete requests are gathered into a batch that runs as one job on the blocking pool:
+    // runs of writes in it become one group commit and its replies leave in one send. At most
+    // `max_in_flight` jobs run per connection; while they are busy, further requests keep
+    // joining the next batch, so batches grow with the load instead of splintering.
     let mut batch: Vec<(Request, bytes::Bytes)> = Vec::new();
     let mut batch_bytes = 0usize;
-    stats.reason = loop {
-        let decoded = session.decode_request(&buf);
-        let (req, used) = match decoded {
-            Err(e) => {
-                tracing::debug!(error = %e, head = ?&buf[..buf.len().min(32)], "malformed request");
-                break "malformed request";
-            }
-            Ok(Some((req, used))) if buf.len() - used >= usize::try_from(req.payload_len).unwrap_or(usize::MAX) || req.too_large => (req, used),
-            Ok(_) => {
-                // Nothing complete is left: run what was gathered, then read on.
-                if !batch.is_empty() {
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else { break "internal error" };
-                    let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
-                    let jobs = std::mem::take(&mut batch);
-                    batch_bytes = 0;
-                    tokio::task::spawn_blocking(move || {
-                        let reply = execute_batch(&store, &session, &writer, jobs);
-                        let _ = tx.blocking_send(reply);
-                        drop(permit);
-                    });
+    let dispatch = |permit: tokio::sync::OwnedSemaphorePermit, jobs: Vec<(Request, bytes::Bytes)>| {
+        let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let reply = execute_batch(&store, &session, &writer, jobs);
+            let _ = tx.blocking_send(reply);
+            drop(permit);
+        });
+    };
+    stats.reason = 'conn: loop {
+        // Take every complete request out of the buffer.
+        loop {
+            let (req, used) = match session.decode_request(&buf) {
+                Err(e) => {
+                    tracing::debug!(error = %e, head = ?&buf[..buf.len().min(32)], "malformed request");
+                    break 'conn "malformed request";
                 }
-                match read_more(&mut rd, &mut buf, &stop, &shutdown).await {
-                    Ok(()) => continue,
-                    Err(reason) => {
-                        if reason == "client disconnected" && !buf.is_empty() {
-                            break "client vanished mid-request";
+                Ok(Some((req, used)))
+                    if req.too_large || buf.len() - used >= usize::try_from(req.payload_len).unwrap_or(usize::MAX) =>
+                {
+                    (req, used)
+                }
+                Ok(_) => break,
+            };
+            buf.advance(used);
+            stats.requests += 1;
+            store.metrics.nbd_requests.with_label_values(&[command_name(req.command)]).inc();
+            let need = usize::try_from(req.payload_len).unwrap_or(usize::MAX);
+            if req.too_large {
+                // Refused below; its payload is read and dropped so the stream stays in sync.
+                if let Err(reason) = discard(&mut rd, &mut buf, need, &stop, &shutdown).await {
+                    break 'conn reason;
+                }
+            }
+            let payload = if req.too_large { bytes::Bytes::new() } else { buf.split_to(need).freeze() };
+            if req.command == Command::Disc {
+                break 'conn "client sent NBD_CMD_DISC";
+            }
+            if let Err(errno) = req.check(&session) {
+                stats.errors += 1;
+                count_errno(store, errno);
+                let msg = format!("request refused: {}", errno_text(errno));
+                if tx.send(writer.error(&req, errno, &msg)).await.is_err() {
+                    break 'conn "reply writer failed";
+                }
+                continue;
+            }
+            batch_bytes += need;
+            batch.push((req, payload));
+            if batch.len() >= 256 || batch_bytes >= 32 << 20 {
+                // A full batch waits for a free job slot.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break 'conn "internal error" };
+                dispatch(permit, std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            if let Ok(permit) = in_flight.clone().try_acquire_owned() {
+                dispatch(permit, std::mem::take(&mut batch));
+                batch_bytes = 0;
+            } else {
+                // Every job slot is busy: read more requests into this batch, or dispatch it
+                // as soon as a slot frees up.
+                tokio::select! {
+                    permit = in_flight.clone().acquire_owned() => {
+                        let Ok(permit) = permit else { break 'conn "internal error" };
+                        dispatch(permit, std::mem::take(&mut batch));
+                        batch_bytes = 0;
+                        continue 'conn;
+                    }
+                    r = read_more(&mut rd, &mut buf, &stop, &shutdown) => {
+                        if let Err(reason) = r {
+                            break 'conn if reason == "client disconnected" && !buf.is_empty() { "client vanished mid-request" } else { reason };
                         }
-                        break reason;
+                        continue 'conn;
                     }
                 }
             }
-        };
-        buf.advance(used);
-        stats.requests += 1;
-        store.metrics.nbd_requests.with_label_values(&[command_name(req.command)]).inc();
-        let need = usize::try_from(req.payload_len).unwrap_or(usize::MAX);
-        if req.too_large {
-            // Refused below; its payload is read and dropped so the stream stays in sync.
-            if let Err(reason) = discard(&mut rd, &mut buf, need, &stop, &shutdown).await {
-                break reason;
-            }
         }
-        let payload = if req.too_large { bytes::Bytes::new() } else { buf.split_to(need).freeze() };
-        if req.command == Command::Disc {
-            break "client sent NBD_CMD_DISC";
-        }
-        if let Err(errno) = req.check(&session) {
-            stats.errors += 1;
-            count_errno(store, errno);
-            let msg = format!("request refused: {}", errno_text(errno));
-            if tx.send(writer.error(&req, errno, &msg)).await.is_err() {
-                break "reply writer failed";
-            }
-            continue;
-        }
-        batch_bytes += need;
-        batch.push((req, payload));
-        if batch.len() >= 64 || batch_bytes >= 32 << 20 {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else { break "internal error" };
-            let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
-            let jobs = std::mem::take(&mut batch);
-            batch_bytes = 0;
-            tokio::task::spawn_blocking(move || {
-                let reply = execute_batch(&store, &session, &writer, jobs);
-                let _ = tx.blocking_send(reply);
-                drop(permit);
-            });
+        if let Err(reason) = read_more(&mut rd, &mut buf, &stop, &shutdown).await {
+            break 'conn if reason == "client disconnected" && !buf.is_empty() { "client vanished mid-request" } else { reason };
         }
     };
     // Requests gathered before the end are still answered.
     if !batch.is_empty() {
-        let (st, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
-        let jobs = std::mem::take(&mut batch);
-        let _ = tokio::task::spawn_blocking(move || {
-            let reply = execute_batch(&st, &session, &writer, jobs);
-            let _ = tx.blocking_send(reply);
-        })
-        .await;
+        if let Ok(permit) = in_flight.clone().acquire_owned().await {
+            dispatch(permit, std::mem::take(&mut batch));
+        }
     }
     // Answer everything already received, then close.
     let _ = in_flight.acquire_many(u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX)).await;

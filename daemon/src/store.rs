@@ -95,12 +95,10 @@ pub struct Store {
 }
 
 impl Drop for Store {
-    /// Flush the metadata store so that no sled log write is still in flight when its last
-    /// handle goes: otherwise sled can keep its lock on `meta/db` after the drop, and a store
-    /// reopened in the same process (tests, an in-process restart) finds it locked.
+    /// A clean close is a full flush: data, the map's write-back layer, sled.
     fn drop(&mut self) {
-        if let Err(e) = self.db.flush() {
-            tracing::warn!(error = %e, "final metadata flush failed");
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "final flush failed");
         }
     }
 }
@@ -272,7 +270,10 @@ impl Store {
 
     fn flush_inner(&self) -> Result<()> {
         let ticket = self.catalog_mut().map_mut().begin_flush();
+        // Data first, then the pointers to it: fsync the extents, hand the map's write-back
+        // layer to sled, fsync sled.
         self.engine.sync()?;
+        self.catalog_mut().map_mut().spill()?;
         self.db.flush()?;
         let released = self.catalog_mut().map_mut().take_released(ticket);
         if !released.is_empty() {
