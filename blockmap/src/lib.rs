@@ -9,9 +9,11 @@
 //! so a 4 KiB write to an inherited block writes 4 KiB of data.
 //!
 //! Ownership and invariants:
-//! - node refcounts (`r` keys) and slot refcounts (`s` keys) are stored only when above 1;
-//!   a reachable node or slot without a key has exactly one reference;
-//! - a slot is in the free list (`f` keys) exactly when nothing references it; a slot freed by
+//! - node refcounts (`r` keys) are stored only when above 1; slot refcounts are stored as
+//!   extra references per group of 64 slots (`s` keys, absent when all are 0), so copying a
+//!   leaf updates one or two keys; a reachable node or slot without a count has one reference;
+//! - a slot is in the free list (`f` keys: one 64-bit map per group of 64 slots) exactly when
+//!   nothing references it; a slot freed by
 //!   a commit becomes reusable only after the next flush made that commit durable and its
 //!   bytes were punched out, so a durable pointer never sees another write's data;
 //! - unreachable subtrees wait in the garbage queue (`g` keys) and are dismantled in small
@@ -77,6 +79,8 @@ const K_NEXT_NODE: &[u8] = b"m:next_node";
 /// Committed changes (nodes plus keys) held in memory before they are handed to sled anyway:
 /// about 32 MiB of decoded nodes.
 const WRITE_BACK_LIMIT: usize = 16_384;
+/// Slots whose refcounts and free bits share one key.
+const SLOT_GROUP: u64 = 64;
 /// Prefix reserved for the catalog's records, which share the map's atomic batches.
 pub const P_CATALOG: u8 = b'c';
 
@@ -154,16 +158,17 @@ impl BlockMap {
         };
         let mut pending = Vec::new();
         for kv in tree.scan_prefix([P_FREE]) {
-            let (k, _) = kv?;
-            let slot = id_of(&k)
-                .ok_or(BlockMapError::Corrupt { what: "free list".into(), why: "short key" })?;
-            if slot == 0 || slot >= high_water {
-                return Err(BlockMapError::Corrupt {
-                    what: format!("free slot {slot}"),
-                    why: "outside the extent file",
-                });
+            let (k, v) = kv?;
+            let bad = |why| BlockMapError::Corrupt { what: "free list".into(), why };
+            let group = id_of(&k).ok_or(bad("short key"))?;
+            let bits = decode_u64("free list", &v)?;
+            for i in (0..SLOT_GROUP).filter(|i| bits & (1 << i) != 0) {
+                let slot = group * SLOT_GROUP + i;
+                if slot == 0 || slot >= high_water {
+                    return Err(bad("a free slot outside the extent file"));
+                }
+                pending.push((0, slot));
             }
-            pending.push((0, slot));
         }
         Ok(BlockMap {
             tree,
@@ -301,19 +306,76 @@ impl BlockMap {
         self.count(P_NODE_RC, id)
     }
 
-    fn slot_inc(&mut self, slot: u64) -> Result<()> {
-        let n = self.count(P_SLOT_RC, slot)?;
-        self.set_count(P_SLOT_RC, slot, n + 1);
+    /// Extra references (beyond the first) of the slots of one group of [`SLOT_GROUP`],
+    /// stored together so that copying a leaf touches one key, not 64.
+    fn group_refs(&self, group: u64) -> Result<[u32; SLOT_GROUP as usize]> {
+        let mut a = [0u32; SLOT_GROUP as usize];
+        if let Some(v) = self.get_raw(&key(P_SLOT_RC, group))? {
+            if v.len() != a.len() * 4 {
+                return Err(BlockMapError::Corrupt { what: format!("slot refcounts {group}"), why: "wrong length" });
+            }
+            for (x, c) in a.iter_mut().zip(v.chunks_exact(4)) {
+                *x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Ok(a)
+    }
+
+    fn put_group_refs(&mut self, group: u64, a: &[u32; SLOT_GROUP as usize]) {
+        if a.iter().all(|&x| x == 0) {
+            self.del_raw(&key(P_SLOT_RC, group));
+        } else {
+            self.put_raw(&key(P_SLOT_RC, group), a.iter().flat_map(|x| x.to_le_bytes()).collect());
+        }
+    }
+
+    /// References held on `slot` (at least 1 while it is mapped).
+    fn slot_refs(&self, slot: u64) -> Result<u32> {
+        Ok(self.group_refs(slot / SLOT_GROUP)?[usize_of(slot % SLOT_GROUP)] + 1)
+    }
+
+    /// One more reference on each of `slots`, one key update per group.
+    fn slots_inc(&mut self, mut slots: Vec<u64>) -> Result<()> {
+        slots.sort_unstable();
+        for run in slots.chunk_by(|a, b| a / SLOT_GROUP == b / SLOT_GROUP) {
+            let group = run[0] / SLOT_GROUP;
+            let mut a = self.group_refs(group)?;
+            for s in run {
+                let x = &mut a[usize_of(s % SLOT_GROUP)];
+                *x = x.checked_add(1).ok_or(BlockMapError::Corrupt { what: format!("slot {s}"), why: "refcount overflow" })?;
+            }
+            self.put_group_refs(group, &a);
+        }
         Ok(())
     }
 
     fn slot_dec(&mut self, slot: u64) -> Result<()> {
-        let n = self.count(P_SLOT_RC, slot)?;
-        if n <= 1 {
-            self.put_raw(&key(P_FREE, slot), Vec::new());
+        let group = slot / SLOT_GROUP;
+        let mut a = self.group_refs(group)?;
+        let x = &mut a[usize_of(slot % SLOT_GROUP)];
+        if *x == 0 {
+            self.set_free(slot, true)?;
             self.txn_freed.push(slot);
         } else {
-            self.set_count(P_SLOT_RC, slot, n - 1);
+            *x -= 1;
+            self.put_group_refs(group, &a);
+        }
+        Ok(())
+    }
+
+    /// Mark `slot` free or in use in the stored free bitmap of its group.
+    fn set_free(&mut self, slot: u64, free: bool) -> Result<()> {
+        let group = slot / SLOT_GROUP;
+        let mut bits = match self.get_raw(&key(P_FREE, group))? {
+            Some(v) => decode_u64("free list", &v)?,
+            None => 0,
+        };
+        let bit = 1u64 << (slot % SLOT_GROUP);
+        bits = if free { bits | bit } else { bits & !bit };
+        if bits == 0 {
+            self.del_raw(&key(P_FREE, group));
+        } else {
+            self.put_raw(&key(P_FREE, group), bits.to_le_bytes().to_vec());
         }
         Ok(())
     }
@@ -322,9 +384,7 @@ impl BlockMap {
     fn inc_children(&mut self, node: &Node) -> Result<()> {
         match node {
             Node::Leaf(entries) => {
-                for e in entries.iter().flatten().filter(|e| e.has_data()) {
-                    self.slot_inc(e.slot)?;
-                }
+                self.slots_inc(entries.iter().flatten().filter(|e| e.has_data()).map(|e| e.slot).collect())?;
             }
             Node::Inner { children, .. } => {
                 for &c in children.iter().filter(|&&c| c != 0) {
@@ -563,7 +623,7 @@ impl BlockMap {
                     for e in entries.iter().flatten().filter(|e| e.has_data()) {
                         let seen = slot_refs.entry(e.slot).or_insert(0);
                         *seen += 1;
-                        if *seen == self.count(P_SLOT_RC, e.slot)? {
+                        if *seen == self.slot_refs(e.slot)? {
                             unique += 1;
                         }
                     }
@@ -582,12 +642,12 @@ impl BlockMap {
 
     /// Hand out `n` slots for new data, lowest free ones first, then fresh ones (contiguous,
     /// so a long write becomes one large I/O). Part of the open transaction.
-    pub fn alloc(&mut self, n: usize) -> Vec<u64> {
+    pub fn alloc(&mut self, n: usize) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let Some(slot) = self.free.pop_first() else { break };
-            self.del_raw(&key(P_FREE, slot));
             self.txn_allocated.push((slot, true));
+            self.set_free(slot, false)?;
             out.push(slot);
         }
         while out.len() < n {
@@ -596,7 +656,7 @@ impl BlockMap {
             self.txn_allocated.push((slot, false));
             out.push(slot);
         }
-        out
+        Ok(out)
     }
 
     // ----- transactions -------------------------------------------------------------
@@ -705,41 +765,45 @@ impl BlockMap {
     /// Dismantle queued garbage, committing every few nodes so each step is atomic and small.
     /// Returns the number of nodes freed. Must be called with no open transaction.
     pub fn collect_garbage(&mut self) -> Result<u64> {
-        let mut freed = 0;
-        loop {
-            // The queue is read from sled, so everything committed must be there first.
-            self.spill()?;
-            let queue: Vec<NodeId> = self
-                .tree
-                .scan_prefix([P_GARBAGE])
-                .keys()
-                .take(64)
-                .map(|k| k.map(|k| id_of(&k).unwrap_or(0)))
-                .collect::<std::result::Result<_, _>>()?;
-            if queue.is_empty() {
-                return Ok(freed);
-            }
-            for id in queue {
-                let node = self.load(id)?;
-                match &node {
-                    Node::Leaf(entries) => {
-                        for e in entries.iter().flatten().filter(|e| e.has_data()) {
-                            self.slot_dec(e.slot)?;
-                        }
+        // The queue is read from sled once; what it finds is dismantled from memory, every
+        // step recorded in the queue keys of the same commit.
+        self.spill()?;
+        let mut work: Vec<NodeId> = self
+            .tree
+            .scan_prefix([P_GARBAGE])
+            .keys()
+            .map(|k| k.map(|k| id_of(&k).unwrap_or(0)))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut freed = 0u64;
+        while let Some(id) = work.pop() {
+            match self.load(id)? {
+                Node::Leaf(entries) => {
+                    for e in entries.iter().flatten().filter(|e| e.has_data()) {
+                        self.slot_dec(e.slot)?;
                     }
-                    Node::Inner { children, .. } => {
-                        for &c in children.iter().filter(|&&c| c != 0) {
-                            self.release(c)?;
+                }
+                Node::Inner { children, .. } => {
+                    for &c in children.iter().filter(|&&c| c != 0) {
+                        let n = self.node_rc(c)?;
+                        if n > 1 {
+                            self.set_count(P_NODE_RC, c, n - 1);
+                        } else {
+                            self.put_raw(&key(P_GARBAGE, c), Vec::new());
+                            work.push(c);
                         }
                     }
                 }
-                self.dirty.insert(id, None);
-                self.del_raw(&key(P_NODE_RC, id));
-                self.del_raw(&key(P_GARBAGE, id));
-                freed += 1;
             }
-            self.commit()?;
+            self.dirty.insert(id, None);
+            self.del_raw(&key(P_NODE_RC, id));
+            self.del_raw(&key(P_GARBAGE, id));
+            freed += 1;
+            if freed % 512 == 0 {
+                self.commit()?;
+            }
         }
+        self.commit()?;
+        Ok(freed)
     }
 
     /// Current allocation counters.

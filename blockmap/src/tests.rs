@@ -10,7 +10,7 @@ fn open() -> (tempfile::TempDir, BlockMap) {
 }
 
 fn data(map: &mut BlockMap, root: &mut NodeId, nblocks: u64, b: u64, tag: u32) {
-    let slot = map.alloc(1)[0];
+    let slot = map.alloc(1).unwrap()[0];
     map.set(root, nblocks, b, Some(Entry { slot, crc: tag, digest: u64::from(tag) })).unwrap();
 }
 
@@ -58,7 +58,7 @@ fn shared_roots_copy_on_write_and_free_exactly() {
     let freed = map.take_released(t);
     assert_eq!(freed.len() as u64, map.stats().high_water - 1);
     map.make_available(freed);
-    assert_eq!(map.alloc(1), vec![1], "lowest freed slot is reused first");
+    assert_eq!(map.alloc(1).unwrap(), vec![1], "lowest freed slot is reused first");
 }
 
 #[test]
@@ -70,7 +70,7 @@ fn freed_slots_wait_for_a_flush() {
     data(&mut map, &mut r, 64, 0, 2);
     map.commit().unwrap();
     assert_eq!(map.stats().pending_free, 1);
-    assert_eq!(map.alloc(1), vec![3], "a freed slot is not reused before a flush");
+    assert_eq!(map.alloc(1).unwrap(), vec![3], "a freed slot is not reused before a flush");
     map.rollback();
     let t = map.begin_flush();
     let s = map.take_released(t);

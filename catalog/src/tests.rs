@@ -8,7 +8,7 @@ fn open(dir: &std::path::Path) -> Catalog {
 }
 
 fn put(cat: &mut Catalog, vol: &str, b: u64, tag: u32, staging: bool) {
-    let slot = cat.map_mut().alloc(1)[0];
+    let slot = cat.map_mut().alloc(1).unwrap()[0];
     cat.write(vol, b, &[Some(Entry { slot, crc: tag, digest: u64::from(tag) })], staging).unwrap();
 }
 

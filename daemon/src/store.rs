@@ -544,7 +544,14 @@ impl Store {
             need += es.iter().filter(|e| e.is_none()).count();
             entries.push(es);
         }
-        let slots = cat.map_mut().alloc(need);
+        let slots = match cat.map_mut().alloc(need) {
+            Ok(s) => s,
+            Err(e) => {
+                cat.map_mut().rollback();
+                fail(&segment, &StoreError::from(e));
+                return;
+            }
+        };
         let mut next = slots.into_iter();
         let mut pairs: Vec<(u64, usize, usize)> = Vec::with_capacity(need); // (slot, write, block)
         for (w, (prep, es)) in segment.iter().zip(entries.iter_mut()).enumerate() {
