@@ -47,7 +47,7 @@ struct Args {
     #[arg(default_value = "all", value_name = "BENCH")]
     benches: Vec<String>,
 
-    /// Small sizes everywhere (CI smoke test, about two minutes); explicit flags still win
+    /// Small sizes everywhere (CI smoke test, well under two minutes); explicit flags still win
     #[arg(long)]
     quick: bool,
 
@@ -67,7 +67,11 @@ struct Args {
     #[arg(long)]
     keep: bool,
 
-    /// create: timed operations per kind and source size [50; quick 20]
+    /// Exit with status 1 when a goal is missed (failed benchmarks always exit with 2)
+    #[arg(long)]
+    fail_on_miss: bool,
+
+    /// create: timed operations per kind and source size [50]
     #[arg(long)]
     create_samples: Option<usize>,
     /// create: data ingested into each source, spread over it [64M; quick 16M]
@@ -140,7 +144,7 @@ impl Params {
         let pick = |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
         let p = Params {
             quick: q,
-            create_samples: pick(a.create_samples, 50, 20),
+            create_samples: pick(a.create_samples, 50, 50),
             create_data: size_arg(&a.create_data, 64 * MIB, 16 * MIB, q, "create-data")?,
             read_data: size_arg(&a.read_data, 256 * MIB, 32 * MIB, q, "read-data")?,
             read_depth: pick(a.read_depth, 64, 64),
@@ -374,6 +378,60 @@ fn disk_usage(p: &Path) -> u64 {
     } else {
         own
     }
+}
+
+/// Newest modification time of any file under `p`.
+fn newest_mtime(p: &Path) -> Option<std::time::SystemTime> {
+    let md = std::fs::symlink_metadata(p).ok()?;
+    if md.is_dir() {
+        std::fs::read_dir(p).ok()?.flatten().filter_map(|e| newest_mtime(&e.path())).max()
+    } else {
+        md.modified().ok()
+    }
+}
+
+/// `git describe --always --dirty` of the workspace, if it is a git checkout.
+fn git_describe() -> Option<String> {
+    let out = Command::new("git")
+        .args(["-C", concat!(env!("CARGO_MANIFEST_DIR"), "/.."), "describe", "--always", "--dirty"])
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Clock ticks per second of /proc times.
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds of a process (all its threads, io_uring workers included) and of its
+/// waited-for children: (utime + stime, cutime + cstime).
+fn proc_cpu(pid: &str) -> Result<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime is field 14 of the whole line.
+    let rest = s.rsplit_once(')').map(|x| x.1).ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    let at = |i: usize| f.get(i - 3).copied().unwrap_or(0.0);
+    let tck = clk_tck();
+    Ok(((at(14) + at(15)) / tck, (at(16) + at(17)) / tck))
+}
+
+/// Whole-machine CPU counters from /proc/stat: (busy, steal, total) in ticks.
+fn machine_cpu() -> (f64, f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> =
+        s.lines().next().unwrap_or("").split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0.0)).collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    // user nice system idle iowait irq softirq steal
+    let idle = get(3) + get(4);
+    let steal = get(7);
+    let total: f64 = f.iter().take(8).sum();
+    (total - idle - steal, steal, total)
 }
 
 fn sync_all() -> Result<()> {
@@ -799,9 +857,13 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
     let mut d = Daemon::start(forkd, &data)?;
     d.cli(&["source", "create", "src", "--size", &size.to_string()])?;
     let img_s = img.to_str().ok_or_else(|| anyhow!("non-UTF-8 scratch path"))?;
+    let daemon_cpu0 = proc_cpu(&d.pid().to_string())?.0;
+    let cli_cpu0 = proc_cpu("self")?.1;
     let t = Instant::now();
     d.cli(&["ingest", "src", "--from", img_s])?;
     let full = t.elapsed();
+    let daemon_cpu = proc_cpu(&d.pid().to_string())?.0 - daemon_cpu0;
+    let cli_cpu = proc_cpu("self")?.1 - cli_cpu0;
     let s1 = last_ingest(&d, "src")?;
     eprintln!("[ingest] full ingest: {:.2}s, summary {s1}", full.as_secs_f64());
 
@@ -855,6 +917,7 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
         d
     };
     sync_all()?;
+    let lib_cpu0 = proc_cpu("self")?.0;
     let (lib_total, lib_finish, lib_in_store) = {
         let sdir = dir.join("lib");
         let store = Store::open(&sdir)?;
@@ -881,6 +944,7 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
         std::fs::remove_dir_all(&sdir)?;
         (total, finish, in_store)
     };
+    let lib_cpu = proc_cpu("self")?.0 - lib_cpu0;
     eprintln!(
         "[ingest] breakdown: pread/pwrite {:.2}s; library ingest {:.2}s ({:.2}s in ingest_blocks, {:.2}s final flush)",
         floor.as_secs_f64(),
@@ -898,6 +962,10 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
     rep.goal(B, "full ingest throughput / cp (best of 2)", cp.as_secs_f64() / full.as_secs_f64(), "x", Cmp::Ge, 0.8, ">= 0.8x");
     rep.info(B, "full ingest throughput / slower cp run", cp1.max(cp2).as_secs_f64() / full.as_secs_f64(), "x");
     rep.info(B, "full ingest throughput / (cp + sync)", cp_sync.as_secs_f64() / full.as_secs_f64(), "x");
+    let gib4 = size as f64 / GIB as f64;
+    rep.info(B, "full ingest: CPU of forkd serve per GiB", daemon_cpu / gib4, "s/GiB");
+    rep.info(B, "full ingest: CPU of the forkd ingest client per GiB", cli_cpu / gib4, "s/GiB");
+    rep.info(B, "breakdown: library ingest CPU per GiB", lib_cpu / gib4, "s/GiB");
     rep.info(B, "breakdown: pread + pwrite into a new file, no sync", mib / floor.as_secs_f64(), "MiB/s");
     rep.info(B, "breakdown: library ingest (Store::ingest_blocks + finish)", mib / lib_total.as_secs_f64(), "MiB/s");
     rep.info(B, "breakdown: library ingest, time in ingest_blocks", ms(lib_in_store), "ms");
@@ -1118,7 +1186,14 @@ fn bench_memory(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
 
 const ALL: [&str; 5] = ["create", "read", "ingest", "space", "memory"];
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("forkd-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let p = Params::from(&args)?;
     let mut selected: Vec<&str> = Vec::new();
@@ -1141,6 +1216,28 @@ fn main() -> Result<()> {
             forkd.display()
         );
     }
+    let mut stale_note = None;
+    if needs_daemon {
+        // `cargo run -p forkd-bench` rebuilds the library but not the `forkd` binary: warn
+        // when a source file of the crates it is built from is newer than it.
+        let bin = std::fs::metadata(&forkd).and_then(|m| m.modified()).ok();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let newest = ["daemon", "catalog", "blockmap", "nbd"]
+            .iter()
+            .filter_map(|c| newest_mtime(&root.join(c).join("src")))
+            .max();
+        if let (Some(bin), Some(src)) = (bin, newest) {
+            if bin < src {
+                let text = format!(
+                    "{} is older than the daemon's sources: it may not match the library measured \
+                     here; rebuild it with cargo build --release -p forkd-daemon",
+                    forkd.display()
+                );
+                eprintln!("warning: {text}");
+                stale_note = Some(text);
+            }
+        }
+    }
     let scratch = args.dir.clone();
     if scratch.exists() {
         let empty = std::fs::read_dir(&scratch)?.next().is_none();
@@ -1154,9 +1251,14 @@ fn main() -> Result<()> {
 
     let started = Instant::now();
     let mut rep = Report::default();
+    if let Some(n) = stale_note {
+        rep.note("setup", n);
+    }
     for b in &selected {
         eprintln!("[{b}] running");
         let t = Instant::now();
+        let (busy0, steal0, total0) = machine_cpu();
+        let (own0, kids0) = proc_cpu("self").unwrap_or_default();
         let r = match *b {
             "create" => bench_create(&p, &scratch, &mut rep),
             "read" => bench_read(&p, &scratch, &mut rep),
@@ -1165,6 +1267,17 @@ fn main() -> Result<()> {
             "memory" => bench_memory(&p, &scratch, &forkd, &mut rep),
             _ => unreachable!(),
         };
+        let (busy1, steal1, total1) = machine_cpu();
+        let (own1, kids1) = proc_cpu("self").unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        let wall_ticks = (total1 - total0).max(1.0) / cores;
+        let tck = clk_tck();
+        let ours = (own1 - own0 + kids1 - kids0) * tck;
+        let others = ((busy1 - busy0) - ours).max(0.0) / wall_ticks;
+        rep.info(b, &format!("machine: CPU cores busy with other processes meanwhile (of {cores})"), others, "");
+        if steal1 > steal0 {
+            rep.info(b, "machine: CPU stolen by the hypervisor (cores)", (steal1 - steal0) / wall_ticks, "");
+        }
         match r {
             Ok(()) => eprintln!("[{b}] done in {:.1}s", t.elapsed().as_secs_f64()),
             Err(e) => {
@@ -1196,6 +1309,7 @@ fn main() -> Result<()> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "balloon_free_page_reporting": free_page_reporting(),
+        "git": git_describe(),
     });
     let doc = json!({
         "params": p,
@@ -1216,6 +1330,9 @@ fn main() -> Result<()> {
     eprintln!("results written to {}", args.out.display());
     if !rep.failures.is_empty() {
         std::process::exit(2);
+    }
+    if args.fail_on_miss && misses > 0 {
+        std::process::exit(1);
     }
     Ok(())
 }

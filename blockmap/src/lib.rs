@@ -37,7 +37,7 @@ mod node;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, ZERO_SLOT};
+pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, MAX_SLOT, ZERO_SLOT};
 use node::{child_index, span, View};
 
 /// Size of a block, the unit of mapping, checksumming and allocation.
@@ -442,14 +442,22 @@ impl BlockMap {
 
     /// Set (or, with `None`, unmap) block `b`. See [`BlockMap::set_range`].
     pub fn set(&mut self, root: &mut NodeId, nblocks: u64, b: u64, new: Option<Entry>) -> Result<i64> {
-        self.set_range(root, nblocks, b, &[new])
+        self.set_range(root, nblocks, b, &[new], true)
     }
 
     /// Set `entries.len()` consecutive blocks from `first` (`None` unmaps) in the tree at
     /// `root`, copying shared nodes on the way down, one root-to-leaf walk per leaf touched.
     /// `root` is updated when the root itself had to be copied, created or grown.
-    /// Returns the change in data-holding blocks.
-    pub fn set_range(&mut self, root: &mut NodeId, nblocks: u64, first: u64, entries: &[Option<Entry>]) -> Result<i64> {
+    /// Returns the change in data-holding blocks. Without `keep_digests` (trees that are never
+    /// an ingest base: clones), every leaf touched drops its digests, which halves its size.
+    pub fn set_range(
+        &mut self,
+        root: &mut NodeId,
+        nblocks: u64,
+        first: u64,
+        entries: &[Option<Entry>],
+        keep_digests: bool,
+    ) -> Result<i64> {
         let end = first.saturating_add(entries.len() as u64);
         if end > nblocks {
             return Err(BlockMapError::OutOfRange { block: end - 1, nblocks });
@@ -484,6 +492,9 @@ impl BlockMap {
                 let Node::Leaf(slots) = self.load_mut(leaf)? else {
                     return Err(BlockMapError::Corrupt { what: format!("node {leaf}"), why: "expected a leaf" });
                 };
+                if !keep_digests {
+                    slots.iter_mut().flatten().for_each(|e| e.digest = 0);
+                }
                 for (i, new) in run.iter().enumerate() {
                     let idx = child_index(0, b + i as u64);
                     let old = slots[idx];
@@ -652,6 +663,9 @@ impl BlockMap {
         }
         while out.len() < n {
             let slot = self.high_water;
+            if slot > MAX_SLOT {
+                return Err(BlockMapError::Corrupt { what: "extent file".into(), why: "all 2^40 slots are in use" });
+            }
             self.high_water += 1;
             self.txn_allocated.push((slot, false));
             out.push(slot);

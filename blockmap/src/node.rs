@@ -5,8 +5,11 @@
 //! stored sparsely: only present entries are encoded, so a thin volume costs little.
 //!
 //! Encoding (all integers little-endian):
-//! - leaf: `0u8`, count `u16`, then per entry `idx u8, slot u64, crc u32, digest u64`;
+//! - leaf: `0u8`, count `u16`, flags `u8` (bit 0: entries carry digests), then per entry
+//!   `idx u8, slot u40, crc u32` and, with bit 0, `digest u64` (10 or 18 bytes an entry);
 //! - inner: `level u8`, count `u16`, then per child `idx u8, node u64`.
+//!
+//! Only sources' leaves need digests (ingest compares them); clones' leaves drop them.
 
 use crate::BlockMapError;
 
@@ -32,6 +35,18 @@ pub struct Entry {
 
 /// The slot value of an entry that is known to read as zeros (trimmed or zero-written).
 pub const ZERO_SLOT: u64 = 0;
+
+/// Slots are stored in 40 bits: 2^40 slots of 4 KiB is 4 PiB of data.
+pub const MAX_SLOT: u64 = (1 << 40) - 1;
+
+/// Bytes of one stored leaf entry.
+fn leaf_record(digests: bool) -> usize {
+    if digests {
+        18
+    } else {
+        10
+    }
+}
 
 impl Entry {
     /// A "known zero" entry: written (or trimmed) to zeros, holds no data.
@@ -76,14 +91,18 @@ impl Node {
             Node::Leaf(entries) => {
                 let present: Vec<(usize, &Entry)> =
                     entries.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (i, e))).collect();
-                let mut out = Vec::with_capacity(3 + present.len() * 21);
+                let digests = present.iter().any(|(_, e)| e.digest != 0);
+                let mut out = Vec::with_capacity(4 + present.len() * leaf_record(digests));
                 out.push(0);
                 out.extend_from_slice(&(present.len() as u16).to_le_bytes());
+                out.push(u8::from(digests));
                 for (i, e) in present {
                     out.push(i as u8);
-                    out.extend_from_slice(&e.slot.to_le_bytes());
+                    out.extend_from_slice(&e.slot.to_le_bytes()[..5]);
                     out.extend_from_slice(&e.crc.to_le_bytes());
-                    out.extend_from_slice(&e.digest.to_le_bytes());
+                    if digests {
+                        out.extend_from_slice(&e.digest.to_le_bytes());
+                    }
                 }
                 out
             }
@@ -112,21 +131,9 @@ impl Node {
         let count = usize::from(u16::from_le_bytes([bytes[1], bytes[2]]));
         let body = &bytes[3..];
         if level == 0 {
-            if count > LEAF_FANOUT || body.len() != count * 21 {
-                return Err(bad("leaf length does not match its entry count"));
-            }
+            let view = View::raw(id, bytes)?;
             let mut entries = vec![None; LEAF_FANOUT];
-            for rec in body.chunks_exact(21) {
-                let idx = usize::from(rec[0]);
-                if idx >= LEAF_FANOUT {
-                    return Err(bad("leaf entry index out of range"));
-                }
-                entries[idx] = Some(Entry {
-                    slot: u64::from_le_bytes(rec[1..9].try_into().map_err(|_| bad("slot"))?),
-                    crc: u32::from_le_bytes(rec[9..13].try_into().map_err(|_| bad("crc"))?),
-                    digest: u64::from_le_bytes(rec[13..21].try_into().map_err(|_| bad("digest"))?),
-                });
-            }
+            view.for_entries(|i, e| entries[i] = Some(e));
             Ok(Node::Leaf(entries))
         } else {
             if count > INNER_FANOUT || body.len() != count * 9 {
@@ -218,15 +225,22 @@ impl<'a> View<'a> {
     /// Check a stored node's framing once, so the accessors below can trust it.
     pub(crate) fn raw(id: NodeId, bytes: &'a [u8]) -> Result<View<'a>, BlockMapError> {
         let bad = |why: &'static str| BlockMapError::Corrupt { what: format!("node {id}"), why };
-        if bytes.len() < 3 {
+        if bytes.len() < 3 || (bytes[0] == 0 && bytes.len() < 4) {
             return Err(bad("shorter than its header"));
         }
         let count = usize::from(u16::from_le_bytes([bytes[1], bytes[2]]));
-        let (rec, fan) = if bytes[0] == 0 { (21, LEAF_FANOUT) } else { (9, INNER_FANOUT) };
-        if count > fan || bytes.len() != 3 + count * rec {
+        let (head, rec, fan) = if bytes[0] == 0 {
+            if bytes[3] > 1 {
+                return Err(bad("unknown leaf flags"));
+            }
+            (4, leaf_record(bytes[3] == 1), LEAF_FANOUT)
+        } else {
+            (3, 9, INNER_FANOUT)
+        };
+        if count > fan || bytes.len() != head + count * rec {
             return Err(bad("length does not match its entry count"));
         }
-        if bytes[3..].chunks_exact(rec).any(|r| usize::from(r[0]) >= fan) {
+        if bytes[head..].chunks_exact(rec).any(|r| usize::from(r[0]) >= fan) {
             return Err(bad("entry index out of range"));
         }
         Ok(View::Raw(bytes))
@@ -278,15 +292,19 @@ impl<'a> View<'a> {
             }
             View::Decoded(Node::Inner { .. }) => {}
             View::Raw(b) if b[0] != 0 => {}
-            View::Raw(b) => b[3..].chunks_exact(21).for_each(|r| {
-                let u64_at = |at: usize| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(&r[at..at + 8]);
-                    u64::from_le_bytes(a)
-                };
-                let crc = u32::from_le_bytes([r[9], r[10], r[11], r[12]]);
-                f(usize::from(r[0]), Entry { slot: u64_at(1), crc, digest: u64_at(13) });
-            }),
+            View::Raw(b) => {
+                let digests = b[3] == 1;
+                b[4..].chunks_exact(leaf_record(digests)).for_each(|r| {
+                    let slot = u64::from_le_bytes([r[1], r[2], r[3], r[4], r[5], 0, 0, 0]);
+                    let crc = u32::from_le_bytes([r[6], r[7], r[8], r[9]]);
+                    let digest = if digests {
+                        u64::from_le_bytes([r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17]])
+                    } else {
+                        0
+                    };
+                    f(usize::from(r[0]), Entry { slot, crc, digest });
+                });
+            }
         }
     }
 }

@@ -772,7 +772,7 @@ impl Catalog {
                 _ => (&mut v.root, &mut v.allocated_blocks),
             };
             let before = *root;
-            let r = self.map.set_range(root, nblocks, first, entries);
+            let r = self.map.set_range(root, nblocks, first, entries, staging);
             if let Ok(delta) = r {
                 *allocated = allocated.saturating_add_signed(delta);
             }
