@@ -59,7 +59,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Parse one frame from the front of `buf`: `Ok(Some((frame, consumed)))`, `Ok(None)` when
-/// more bytes are needed, or `Err` for malformed input.
+/// more bytes are needed, or `Err` for malformed input. A data frame's `data` is left empty:
+/// [`take`] fills it from the buffer without copying.
 pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, String> {
     let Some(&tag) = buf.first() else { return Ok(None) };
     match tag {
@@ -81,8 +82,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, String> {
                 return Ok(None);
             }
             let crcs = (0..n).map(|i| u32_at(buf, 13 + 4 * i)).collect();
-            let data = Bytes::copy_from_slice(&buf[13 + 4 * n..total]);
-            Ok(Some((Frame::Data { first, crcs, data }, total)))
+            // The data is cut out of the buffer by `take` without copying.
+            Ok(Some((Frame::Data { first, crcs, data: Bytes::new() }, total)))
         }
         b'E' => {
             if buf.len() < 17 {
@@ -92,6 +93,17 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, String> {
         }
         other => Err(format!("unknown frame type 0x{other:02x}")),
     }
+}
+
+/// Remove the next frame from `buf`, with a data frame's payload split off uncopied.
+pub fn take(buf: &mut BytesMut) -> Result<Option<Frame>, String> {
+    let Some((mut frame, used)) = parse(buf)? else { return Ok(None) };
+    let mut whole = buf.split_to(used);
+    if let Frame::Data { crcs, data, .. } = &mut frame {
+        whole.advance(13 + 4 * crcs.len());
+        *data = whole.freeze();
+    }
+    Ok(Some(frame))
 }
 
 /// Append a data frame for `blocks` (a multiple of 4096 bytes) starting at block `first`.
@@ -156,24 +168,37 @@ pub(crate) async fn receive(store: Shared, name: String, body: Body) -> Result<(
 
 /// Parse and apply frames until `E`; returns (scanned, changed, payload bytes received).
 async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, u64, u64), ApiError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(16);
     let (st, n) = (store.clone(), name.to_string());
     let writer = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
         let mut sent = 0u64;
         while let Some(frame) = rx.blocking_recv() {
-            match frame {
-                Frame::Data { first, crcs, data } => {
-                    for (i, (crc, block)) in crcs.iter().zip(data.chunks_exact(BS)).enumerate() {
-                        if catalog::blockmap::block_crc(block) != *crc {
-                            return Err(bad(format!("block {} arrived damaged (crc32 mismatch)", first + i as u64)));
-                        }
-                    }
-                    st.ingest_blocks(&n, first, Some(&data), crcs.len() as u64)?;
-                    sent += data.len() as u64;
-                }
-                Frame::Zero { first, count } => st.ingest_blocks(&n, first, None, u64::from(count))?,
-                Frame::End { .. } => {}
+            // Every frame already queued joins this one in a single group commit.
+            let mut frames = vec![frame];
+            while let Ok(f) = rx.try_recv() {
+                frames.push(f);
             }
+            let mut data = Vec::new();
+            for frame in frames {
+                match frame {
+                    Frame::Data { first, crcs, data: d } => {
+                        for (i, (crc, block)) in crcs.iter().zip(d.chunks_exact(BS)).enumerate() {
+                            if catalog::blockmap::block_crc(block) != *crc {
+                                return Err(bad(format!("block {} arrived damaged (crc32 mismatch)", first + i as u64)));
+                            }
+                        }
+                        sent += d.len() as u64;
+                        data.push((first, d));
+                    }
+                    Frame::Zero { first, count } => {
+                        // Keep the order: what came before is written first.
+                        st.ingest_data(&n, std::mem::take(&mut data))?;
+                        st.ingest_blocks(&n, first, None, u64::from(count))?;
+                    }
+                    Frame::End { .. } => {}
+                }
+            }
+            st.ingest_data(&n, data)?;
         }
         Ok(sent)
     });
@@ -194,9 +219,8 @@ async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, 
             }
         }
         loop {
-            match parse(&buf) {
-                Ok(Some((frame, used))) => {
-                    buf.advance(used);
+            match take(&mut buf) {
+                Ok(Some(frame)) => {
                     if let Frame::End { scanned, changed } = frame {
                         end = Some((scanned, changed));
                         if !buf.is_empty() || stream.next().await.is_some() {
@@ -235,20 +259,20 @@ mod tests {
     #[test]
     fn frames_round_trip_and_need_more() {
         let mut out = Vec::new();
-        let blocks = vec![7u8; 2 * BS];
+        let blocks: Vec<u8> = (0..2 * BS).map(|i| (i % 251) as u8).collect();
         encode_data(5, &blocks, &mut out);
         encode_zero(9, 3, &mut out);
         encode_end(100, 50, &mut out);
-        let (f, used) = parse(&out).unwrap().unwrap();
-        assert!(matches!(&f, Frame::Data { first: 5, crcs, data } if crcs.len() == 2 && data.len() == 2 * BS));
+        let (_, used) = parse(&out).unwrap().unwrap();
         for cut in 0..used {
             assert_eq!(parse(&out[..cut]).unwrap(), None, "cut at {cut}");
         }
-        let rest = &out[used..];
-        let (f, used2) = parse(rest).unwrap().unwrap();
-        assert_eq!(f, Frame::Zero { first: 9, count: 3 });
-        let (f, _) = parse(&rest[used2..]).unwrap().unwrap();
-        assert_eq!(f, Frame::End { scanned: 100, changed: 50 });
+        let mut buf = BytesMut::from(&out[..]);
+        let f = take(&mut buf).unwrap().unwrap();
+        assert!(matches!(&f, Frame::Data { first: 5, crcs, data } if crcs.len() == 2 && data[..] == blocks[..]));
+        assert_eq!(take(&mut buf).unwrap(), Some(Frame::Zero { first: 9, count: 3 }));
+        assert_eq!(take(&mut buf).unwrap(), Some(Frame::End { scanned: 100, changed: 50 }));
+        assert_eq!(take(&mut buf).unwrap(), None);
     }
 
     #[test]

@@ -187,11 +187,13 @@ async fn connection(
     };
     let session = Arc::new(session);
     let writer = ReplyWriter::new(&session);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let (tx, mut rx) = mpsc::channel::<Reply>(64);
     let write_task = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
-            if wr.write_all(&reply).await.is_err() {
-                return false;
+            for chunk in reply {
+                if wr.write_all(&chunk).await.is_err() {
+                    return false;
+                }
             }
             if rx.is_empty() && wr.flush().await.is_err() {
                 return false;
@@ -248,7 +250,7 @@ async fn connection(
                 stats.errors += 1;
                 count_errno(store, errno);
                 let msg = format!("request refused: {}", errno_text(errno));
-                if tx.send(writer.error(&req, errno, &msg)).await.is_err() {
+                if tx.send(vec![writer.error(&req, errno, &msg).into()]).await.is_err() {
                     break 'conn "reply writer failed";
                 }
                 continue;
@@ -380,10 +382,41 @@ async fn discard(
     }
 }
 
+/// Bytes to send for one batch: small replies gathered, read data passed along uncopied.
+type Reply = Vec<bytes::Bytes>;
+
+/// Collects replies: small ones are appended to one buffer, large ones (read data) are kept
+/// as their own chunk so they are never copied.
+#[derive(Default)]
+struct ReplyBuf {
+    chunks: Reply,
+    small: Vec<u8>,
+}
+
+impl ReplyBuf {
+    fn push(&mut self, b: bytes::Bytes) {
+        if b.len() < 16 << 10 {
+            self.small.extend_from_slice(&b);
+        } else {
+            if !self.small.is_empty() {
+                self.chunks.push(std::mem::take(&mut self.small).into());
+            }
+            self.chunks.push(b);
+        }
+    }
+
+    fn finish(mut self) -> Reply {
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.into());
+        }
+        self.chunks
+    }
+}
+
 /// Run a batch of checked requests in order; runs of plain writes are committed together.
-/// Returns the concatenated replies.
-fn execute_batch(store: &Store, session: &Session, writer: &ReplyWriter, jobs: Vec<(Request, bytes::Bytes)>) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Returns the replies in order.
+fn execute_batch(store: &Store, session: &Session, writer: &ReplyWriter, jobs: Vec<(Request, bytes::Bytes)>) -> Reply {
+    let mut out = ReplyBuf::default();
     let mut i = 0;
     while i < jobs.len() {
         let plain_write = |r: &Request| r.command == Command::Write && !r.flags.contains(CommandFlags::FUA);
@@ -392,18 +425,20 @@ fn execute_batch(store: &Store, session: &Session, writer: &ReplyWriter, jobs: V
             let writes = jobs[i..i + run].iter().map(|(r, p)| (session.export.clone(), r.offset, p.clone())).collect();
             for ((req, _), result) in jobs[i..i + run].iter().zip(store.write_many(writes)) {
                 match result {
-                    Ok(()) => out.extend_from_slice(&writer.ok(req)),
-                    Err(e) => out.extend_from_slice(&error_reply(store, writer, req, &e)),
+                    Ok(()) => out.push(writer.ok(req).into()),
+                    Err(e) => out.push(error_reply(store, writer, req, &e).into()),
                 }
             }
             i += run;
         } else {
             let (req, payload) = &jobs[i];
-            out.extend_from_slice(&execute(store, session, writer, req, payload.clone()));
+            for chunk in execute(store, session, writer, req, payload.clone()) {
+                out.push(chunk);
+            }
             i += 1;
         }
     }
-    out
+    out.finish()
 }
 
 fn error_reply(store: &Store, writer: &ReplyWriter, req: &Request, e: &StoreError) -> Vec<u8> {
@@ -414,17 +449,23 @@ fn error_reply(store: &Store, writer: &ReplyWriter, req: &Request, e: &StoreErro
 }
 
 /// Run one checked request against the store and encode its reply.
-fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request, payload: bytes::Bytes) -> Vec<u8> {
+fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request, payload: bytes::Bytes) -> Reply {
     let export = session.export.as_str();
     let fua = req.flags.contains(CommandFlags::FUA);
     let flush_if = |r: Result<(), StoreError>| r.and_then(|()| if fua { store.flush() } else { Ok(()) });
+    if req.command == Command::Read {
+        // The header and the data go out as two chunks: the data is never copied again.
+        let mut data = vec![0u8; usize::try_from(req.length).unwrap_or(0)];
+        return match store.read(export, req.offset, &mut data) {
+            Ok(()) => match writer.read_header(req, req.length) {
+                Ok(h) => vec![h.into(), data.into()],
+                Err(e) => vec![writer.error(req, NBD_EIO, &e.to_string()).into()],
+            },
+            Err(e) => vec![error_reply(store, writer, req, &e).into()],
+        };
+    }
     let result: Result<Vec<u8>, StoreError> = match req.command {
-        Command::Read => {
-            let mut data = vec![0u8; usize::try_from(req.length).unwrap_or(0)];
-            store.read(export, req.offset, &mut data).map(|()| {
-                writer.read(req, &data).unwrap_or_else(|e| writer.error(req, NBD_EIO, &e.to_string()))
-            })
-        }
+        Command::Read => Ok(Vec::new()),
         Command::Write => flush_if(store.write_bytes(export, req.offset, payload)).map(|()| writer.ok(req)),
         Command::Flush => store.flush().map(|()| writer.ok(req)),
         Command::Trim => {
@@ -439,7 +480,7 @@ fn execute(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request
         Command::BlockStatus => status_reply(store, session, writer, req),
         Command::Disc | Command::Unknown(_) => Ok(writer.error(req, NBD_EINVAL, "unsupported command")),
     };
-    result.unwrap_or_else(|e| error_reply(store, writer, req, &e))
+    vec![result.unwrap_or_else(|e| error_reply(store, writer, req, &e)).into()]
 }
 
 fn status_reply(store: &Store, session: &Session, writer: &ReplyWriter, req: &Request) -> Result<Vec<u8>, StoreError> {

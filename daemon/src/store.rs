@@ -196,7 +196,9 @@ impl Store {
         };
         let tree = db.open_tree("forkd")?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
-        let engine = Engine::open(&dir.join("extents.0"))?;
+        // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
+        let no_uring = std::env::var_os("FORKD_NO_IO_URING").is_some_and(|v| v == "1");
+        let engine = Engine::open_with(&dir.join("extents.0"), no_uring)?;
         let reserve = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -671,6 +673,20 @@ impl Store {
     }
 
     // ----- ingest ---------------------------------------------------------------------
+
+    /// Write runs of whole blocks `(first block, data)` into a running ingest, committed
+    /// together. Their crc32s were checked by the caller.
+    pub fn ingest_data(&self, source: &str, runs: Vec<(u64, bytes::Bytes)>) -> Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        self.check_space()?;
+        let ps = runs.into_iter().map(|(first, d)| Pending::new(source, first * BLOCK_SIZE, d, true)).collect();
+        for r in self.submit_many(ps) {
+            self.note_enospc(r)?;
+        }
+        Ok(())
+    }
 
     /// Write whole blocks into a running ingest. `data` holds `count` blocks whose crc32s
     /// were checked by the caller; `None` marks blocks that became zero.
