@@ -80,7 +80,8 @@ const K_NEXT_NODE: &[u8] = b"m:next_node";
 /// about 32 MiB of decoded nodes.
 const WRITE_BACK_LIMIT: usize = 16_384;
 /// Slots whose refcounts and free bits share one key.
-const SLOT_GROUP: u64 = 64;
+const SLOT_GROUP_LEN: usize = 64;
+const SLOT_GROUP: u64 = SLOT_GROUP_LEN as u64;
 /// Prefix reserved for the catalog's records, which share the map's atomic batches.
 pub const P_CATALOG: u8 = b'c';
 
@@ -237,10 +238,9 @@ impl BlockMap {
 
     fn load(&self, id: NodeId) -> Result<Node> {
         if let Some(n) = self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)) {
-            return n.clone().ok_or(BlockMapError::Corrupt {
-                what: format!("node {id}"),
-                why: "used after it was freed",
-            });
+            return n
+                .clone()
+                .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" });
         }
         match self.tree.get(key(P_NODE, id))? {
             Some(v) => Node::decode(id, &v),
@@ -251,7 +251,9 @@ impl BlockMap {
     /// Look at a node without decoding or copying it.
     fn with_view<R>(&self, id: NodeId, f: impl FnOnce(View<'_>) -> Result<R>) -> Result<R> {
         if let Some(n) = self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)) {
-            let n = n.as_ref().ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" })?;
+            let n = n
+                .as_ref()
+                .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" })?;
             return f(View::Decoded(n));
         }
         let raw = self
@@ -288,8 +290,9 @@ impl BlockMap {
     fn count(&self, prefix: u8, id: u64) -> Result<u32> {
         match self.get_raw(&key(prefix, id))? {
             None => Ok(1),
-            Some(v) => v.as_slice().try_into().map(u32::from_le_bytes).map_err(|_| {
-                BlockMapError::Corrupt { what: format!("refcount {}{id}", prefix as char), why: "not 4 bytes" }
+            Some(v) => v.as_slice().try_into().map(u32::from_le_bytes).map_err(|_| BlockMapError::Corrupt {
+                what: format!("refcount {}{id}", prefix as char),
+                why: "not 4 bytes",
             }),
         }
     }
@@ -308,8 +311,8 @@ impl BlockMap {
 
     /// Extra references (beyond the first) of the slots of one group of [`SLOT_GROUP`],
     /// stored together so that copying a leaf touches one key, not 64.
-    fn group_refs(&self, group: u64) -> Result<[u32; SLOT_GROUP as usize]> {
-        let mut a = [0u32; SLOT_GROUP as usize];
+    fn group_refs(&self, group: u64) -> Result<[u32; SLOT_GROUP_LEN]> {
+        let mut a = [0u32; SLOT_GROUP_LEN];
         if let Some(v) = self.get_raw(&key(P_SLOT_RC, group))? {
             if v.len() != a.len() * 4 {
                 return Err(BlockMapError::Corrupt { what: format!("slot refcounts {group}"), why: "wrong length" });
@@ -321,7 +324,7 @@ impl BlockMap {
         Ok(a)
     }
 
-    fn put_group_refs(&mut self, group: u64, a: &[u32; SLOT_GROUP as usize]) {
+    fn put_group_refs(&mut self, group: u64, a: &[u32; SLOT_GROUP_LEN]) {
         if a.iter().all(|&x| x == 0) {
             self.del_raw(&key(P_SLOT_RC, group));
         } else {
@@ -342,7 +345,9 @@ impl BlockMap {
             let mut a = self.group_refs(group)?;
             for s in run {
                 let x = &mut a[usize_of(s % SLOT_GROUP)];
-                *x = x.checked_add(1).ok_or(BlockMapError::Corrupt { what: format!("slot {s}"), why: "refcount overflow" })?;
+                *x = x
+                    .checked_add(1)
+                    .ok_or(BlockMapError::Corrupt { what: format!("slot {s}"), why: "refcount overflow" })?;
             }
             self.put_group_refs(group, &a);
         }
@@ -505,7 +510,8 @@ impl BlockMap {
                         freed.push(o.slot);
                     }
                     slots[idx] = *new;
-                    delta += i64::from(new.is_some_and(|e| e.has_data())) - i64::from(old.is_some_and(|e| e.has_data()));
+                    delta +=
+                        i64::from(new.is_some_and(|e| e.has_data())) - i64::from(old.is_some_and(|e| e.has_data()));
                 }
                 for slot in freed {
                     self.slot_dec(slot)?;
@@ -812,7 +818,7 @@ impl BlockMap {
             self.del_raw(&key(P_NODE_RC, id));
             self.del_raw(&key(P_GARBAGE, id));
             freed += 1;
-            if freed % 512 == 0 {
+            if freed.is_multiple_of(512) {
                 self.commit()?;
             }
         }

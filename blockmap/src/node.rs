@@ -94,10 +94,10 @@ impl Node {
                 let digests = present.iter().any(|(_, e)| e.digest != 0);
                 let mut out = Vec::with_capacity(4 + present.len() * leaf_record(digests));
                 out.push(0);
-                out.extend_from_slice(&(present.len() as u16).to_le_bytes());
+                out.extend_from_slice(&u16::try_from(present.len()).unwrap_or(u16::MAX).to_le_bytes());
                 out.push(u8::from(digests));
                 for (i, e) in present {
-                    out.push(i as u8);
+                    out.push(u8::try_from(i).unwrap_or(u8::MAX));
                     out.extend_from_slice(&e.slot.to_le_bytes()[..5]);
                     out.extend_from_slice(&e.crc.to_le_bytes());
                     if digests {
@@ -111,9 +111,9 @@ impl Node {
                     children.iter().copied().enumerate().filter(|(_, c)| *c != 0).collect();
                 let mut out = Vec::with_capacity(3 + present.len() * 9);
                 out.push(*level);
-                out.extend_from_slice(&(present.len() as u16).to_le_bytes());
+                out.extend_from_slice(&u16::try_from(present.len()).unwrap_or(u16::MAX).to_le_bytes());
                 for (i, c) in present {
-                    out.push(i as u8);
+                    out.push(u8::try_from(i).unwrap_or(u8::MAX));
                     out.extend_from_slice(&c.to_le_bytes());
                 }
                 out

@@ -320,9 +320,8 @@ impl Catalog {
                 );
             }
             if let Some(s) = map.get_meta(&k(K_STAGING, &name))? {
-                v.staging = Some(
-                    serde_json::from_slice(&s).map_err(|_| CatalogError::Corrupt(format!("{name} (ingest)")))?,
-                );
+                v.staging =
+                    Some(serde_json::from_slice(&s).map_err(|_| CatalogError::Corrupt(format!("{name} (ingest)")))?);
             }
             last_time = last_time.max(v.created_at);
             last_time = v.snapshots.iter().map(|s| s.created_at).fold(last_time, i64::max);
@@ -377,12 +376,7 @@ impl Catalog {
             },
             Some(sel) => {
                 let s = v.find(sel)?;
-                Target {
-                    name: format!("{}@{}", v.name, s.id),
-                    root: s.root,
-                    size_bytes: s.size_bytes,
-                    read_only: true,
-                }
+                Target { name: format!("{}@{}", v.name, s.id), root: s.root, size_bytes: s.size_bytes, read_only: true }
             }
         })
     }
@@ -594,15 +588,16 @@ impl Catalog {
     /// (the newest of the clone's own snapshots and its origin at or before it).
     fn resolve_move_target(&self, clone: &Volume, to: &str) -> Result<SnapshotId> {
         if let Some(t) = parse_time(to) {
-            let own = clone.snapshots.iter().filter(|s| s.created_at <= t).map(|s| (s.created_at, clone.name.clone(), s.id));
+            let own =
+                clone.snapshots.iter().filter(|s| s.created_at <= t).map(|s| (s.created_at, clone.name.clone(), s.id));
             let origin = clone.origin.as_ref().and_then(|o| {
                 let s = self.volumes.get(&o.volume)?.snapshots.iter().find(|s| s.id == o.id)?;
                 (s.created_at <= t).then(|| (s.created_at, o.volume.clone(), s.id))
             });
             let best = own.chain(origin).max_by_key(|(at, _, _)| *at);
-            return best.map(|(_, volume, id)| SnapshotId { volume, id }).ok_or_else(|| {
-                CatalogError::BeforeFirstSnapshot { volume: clone.name.clone(), time: format_time(t) }
-            });
+            return best
+                .map(|(_, volume, id)| SnapshotId { volume, id })
+                .ok_or_else(|| CatalogError::BeforeFirstSnapshot { volume: clone.name.clone(), time: format_time(t) });
         }
         let full = if let Some(rest) = to.strip_prefix('@') {
             format!("{}@{rest}", clone.name)
@@ -720,7 +715,7 @@ impl Catalog {
     // ----- data plane ---------------------------------------------------------------
 
     fn check_range(v: &Volume, first: u64, count: u64) -> Result<()> {
-        if first.checked_add(count).map_or(true, |end| end > v.nblocks()) {
+        if first.checked_add(count).is_none_or(|end| end > v.nblocks()) {
             return Err(CatalogError::OutOfRange {
                 volume: v.name.clone(),
                 offset: first.saturating_mul(BLOCK_SIZE),

@@ -90,7 +90,8 @@ impl Reference {
                     return Err(bad("not an RFC 3339 time such as 2026-11-21T10:00:00Z"))
                 }
                 None => {
-                    validate_name("bookmark", sel).map_err(|_| bad("not a snapshot number, `latest`, time or bookmark"))?;
+                    validate_name("bookmark", sel)
+                        .map_err(|_| bad("not a snapshot number, `latest`, time or bookmark"))?;
                     Some(SnapSel::Bookmark(sel.to_string()))
                 }
             },
@@ -126,7 +127,7 @@ pub fn parse_size(s: &str) -> Result<u64, CatalogError> {
 
 /// A volume size must be a positive multiple of 4096 bytes and at most 1 PiB.
 pub fn check_size(bytes: u64) -> Result<(), CatalogError> {
-    if bytes == 0 || bytes % 4096 != 0 || bytes > 1 << 50 {
+    if bytes == 0 || !bytes.is_multiple_of(4096) || bytes > 1 << 50 {
         return Err(CatalogError::InvalidSize {
             size: bytes.to_string(),
             why: "must be a positive multiple of 4096 bytes, at most 1P".into(),

@@ -46,9 +46,11 @@ impl From<StoreError> for ApiError {
                 | C::NotInLineage { .. }
                 | C::BeforeFirstSnapshot { .. } => StatusCode::BAD_REQUEST,
                 C::ReadOnly(_) => StatusCode::FORBIDDEN,
-                C::NameTaken(_) | C::BookmarkTaken { .. } | C::HasDependents { .. } | C::IngestRunning(_) | C::NoIngest(_) => {
-                    StatusCode::CONFLICT
-                }
+                C::NameTaken(_)
+                | C::BookmarkTaken { .. }
+                | C::HasDependents { .. }
+                | C::IngestRunning(_)
+                | C::NoIngest(_) => StatusCode::CONFLICT,
                 C::Map(_) | C::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

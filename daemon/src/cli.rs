@@ -213,13 +213,7 @@ impl FromArgMatches for ServeArgs {
     fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
         let listen_api = listen_api_from(matches);
         let flags = ServeFlags::from_arg_matches_mut(matches)?;
-        Ok(ServeArgs {
-            config: flags.config,
-            data_dir: flags.data_dir,
-            listen_api,
-            nbd: flags.nbd,
-            iscsi: flags.iscsi,
-        })
+        Ok(ServeArgs { config: flags.config, data_dir: flags.data_dir, listen_api, nbd: flags.nbd, iscsi: flags.iscsi })
     }
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
@@ -270,23 +264,15 @@ pub struct IngestArgs {
 pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.api);
     match &cli.command {
-        Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } => {
-            Err(anyhow!("internal: not a client command"))
-        }
-        Command::Source {
-            cmd: SourceCmd::Create { name, size },
-        } => {
+        Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } => Err(anyhow!("internal: not a client command")),
+        Command::Source { cmd: SourceCmd::Create { name, size } } => {
             let size_value = match size.trim().parse::<u64>() {
                 Ok(n) => json!(n),
                 Err(_) => json!(size),
             };
             let v = client.post_json("/v1/sources", &json!({"name": name, "size": size_value}))?;
             report(cli.json, &v, || {
-                format!(
-                    "created source {} ({})",
-                    str_or(&v, "name", name),
-                    humanize(u64_of(&v, "size_bytes"))
-                )
+                format!("created source {} ({})", str_or(&v, "name", name), humanize(u64_of(&v, "size_bytes")))
             })
         }
         Command::Snapshot { volume, bookmark } => {
@@ -311,17 +297,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
                     .and_then(Value::as_str)
                     .or_else(|| v.get("origin").and_then(Value::as_str))
                     .unwrap_or(from);
-                format!(
-                    "created clone {} from {made_from}",
-                    str_or(&v, "name", name)
-                )
+                format!("created clone {} from {made_from}", str_or(&v, "name", name))
             })
         }
         Command::Rewind { clone, to } => {
-            let v = client.post_json(
-                &format!("/v1/volumes/{}/rewind", enc(clone)),
-                &json!({ "to": to }),
-            )?;
+            let v = client.post_json(&format!("/v1/volumes/{}/rewind", enc(clone)), &json!({ "to": to }))?;
             report(cli.json, &v, || moved_line("rewound", &v, clone, to))
         }
         Command::Refresh { clone, to } => {
@@ -331,18 +311,12 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             };
             let v = client.post_json(&format!("/v1/volumes/{}/refresh", enc(clone)), &body)?;
             let fallback = to.as_deref().unwrap_or("the newest snapshot");
-            report(cli.json, &v, || {
-                moved_line("refreshed", &v, clone, fallback)
-            })
+            report(cli.json, &v, || moved_line("refreshed", &v, clone, fallback))
         }
         Command::Bookmark { snapshot, name } => {
-            let v = client.post_json(
-                &format!("/v1/snapshots/{}/bookmarks", enc(snapshot)),
-                &json!({ "name": name }),
-            )?;
-            report(cli.json, &v, || {
-                format!("bookmarked {} as {name}", str_or(&v, "snapshot", snapshot))
-            })
+            let v =
+                client.post_json(&format!("/v1/snapshots/{}/bookmarks", enc(snapshot)), &json!({ "name": name }))?;
+            report(cli.json, &v, || format!("bookmarked {} as {name}", str_or(&v, "snapshot", snapshot)))
         }
         Command::List => {
             let v = client.get_json("/v1/volumes")?;
@@ -359,11 +333,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         Command::Delete { reference } => {
             let v = client.delete_json(&format!("/v1/volumes/{}", enc(reference)))?;
             report(cli.json, &v, || {
-                format!(
-                    "deleted {} (freed {})",
-                    str_or(&v, "deleted", reference),
-                    humanize(u64_of(&v, "freed_bytes"))
-                )
+                format!("deleted {} (freed {})", str_or(&v, "deleted", reference), humanize(u64_of(&v, "freed_bytes")))
             })
         }
     }
@@ -371,24 +341,15 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
 
 /// Print `v` as pretty JSON, or the human text `human` builds.
 fn report(json: bool, v: &Value, human: impl FnOnce() -> String) -> anyhow::Result<()> {
-    let text = if json {
-        serde_json::to_string_pretty(v)?
-    } else {
-        human()
-    };
+    let text = if json { serde_json::to_string_pretty(v)? } else { human() };
     emit(&text)
 }
 
 /// Write `text` (plus a final newline if missing) to stdout; a closed pipe is not an error.
 fn emit(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let result = out.write_all(text.as_bytes()).and_then(|()| {
-        if text.ends_with('\n') {
-            Ok(())
-        } else {
-            out.write_all(b"\n")
-        }
-    });
+    let result =
+        out.write_all(text.as_bytes()).and_then(|()| if text.ends_with('\n') { Ok(()) } else { out.write_all(b"\n") });
     match result.and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -428,19 +389,12 @@ fn cell(v: &Value, key: &str) -> String {
 
 /// The elements of the array field `key`, or none.
 fn items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v.get(key)
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+    v.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
 }
 
 /// The bookmark names of a snapshot, comma-separated (empty when none).
 fn bookmarks(snap: &Value) -> String {
-    items(snap, "bookmarks")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
+    items(snap, "bookmarks").iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
 }
 
 /// A size in binary units with one decimal: `0 B`, `1023 B`, `4.0 KiB`, `10.0 GiB`.
@@ -539,10 +493,8 @@ fn render_list(v: &Value) -> String {
     let rows: Vec<Vec<String>> = volumes
         .iter()
         .map(|vol| {
-            let snapshots = vol
-                .get("snapshot_count")
-                .and_then(Value::as_u64)
-                .unwrap_or(items(vol, "snapshots").len() as u64);
+            let snapshots =
+                vol.get("snapshot_count").and_then(Value::as_u64).unwrap_or(items(vol, "snapshots").len() as u64);
             vec![
                 cell(vol, "name"),
                 cell(vol, "kind"),
@@ -555,15 +507,7 @@ fn render_list(v: &Value) -> String {
         })
         .collect();
     render_table(
-        &[
-            "NAME",
-            "KIND",
-            "SIZE",
-            "ALLOCATED",
-            "UNIQUE",
-            "ORIGIN",
-            "SNAPSHOTS",
-        ],
+        &["NAME", "KIND", "SIZE", "ALLOCATED", "UNIQUE", "ORIGIN", "SNAPSHOTS"],
         &[Left, Left, Right, Right, Right, Left, Right],
         &rows,
     )
@@ -602,16 +546,7 @@ fn render_show(v: &Value) -> String {
     }
     use Align::{Left, Right};
     let with_ingest = snapshots.iter().any(|s| ingest_summary(s).is_some());
-    let mut headers = vec![
-        "ID",
-        "NAME",
-        "CREATED",
-        "TIMEFLOW",
-        "BOOKMARKS",
-        "REASON",
-        "ALLOCATED",
-        "UNIQUE",
-    ];
+    let mut headers = vec!["ID", "NAME", "CREATED", "TIMEFLOW", "BOOKMARKS", "REASON", "ALLOCATED", "UNIQUE"];
     let mut align = vec![Right, Left, Left, Right, Left, Left, Right, Right];
     if with_ingest {
         headers.push("INGEST");
@@ -626,11 +561,7 @@ fn render_show(v: &Value) -> String {
                 cell(s, "name"),
                 cell(s, "created_at"),
                 cell(s, "timeflow"),
-                if marks.is_empty() {
-                    "-".to_string()
-                } else {
-                    marks
-                },
+                if marks.is_empty() { "-".to_string() } else { marks },
                 cell(s, "reason"),
                 humanize(u64_of(s, "allocated_bytes")),
                 humanize(u64_of(s, "unique_bytes")),
@@ -656,12 +587,9 @@ enum TreeItem<'a> {
 impl TreeItem<'_> {
     fn label(self) -> String {
         match self {
-            TreeItem::Volume(v) => format!(
-                "{}  {}  {}",
-                cell(v, "name"),
-                cell(v, "kind"),
-                humanize(u64_of(v, "size_bytes"))
-            ),
+            TreeItem::Volume(v) => {
+                format!("{}  {}  {}", cell(v, "name"), cell(v, "kind"), humanize(u64_of(v, "size_bytes")))
+            }
             TreeItem::Snapshot(s) => {
                 let mut label = format!("{}  {}", cell(s, "name"), cell(s, "created_at"));
                 let marks = bookmarks(s);
@@ -681,8 +609,7 @@ fn render_tree(tree: &Value) -> String {
     if vols.is_empty() {
         return "no volumes\n".to_string();
     }
-    let mut clones_of: std::collections::HashMap<&str, Vec<&Value>> =
-        std::collections::HashMap::new();
+    let mut clones_of: std::collections::HashMap<&str, Vec<&Value>> = std::collections::HashMap::new();
     let mut roots = Vec::new();
     for v in vols {
         match v.get("origin").and_then(Value::as_str) {
@@ -690,25 +617,16 @@ fn render_tree(tree: &Value) -> String {
             None => roots.push(v),
         }
     }
-    fn children<'a>(
-        item: TreeItem<'a>,
-        clones_of: &std::collections::HashMap<&str, Vec<&'a Value>>,
-    ) -> Vec<&'a Value> {
+    fn children<'a>(item: TreeItem<'a>, clones_of: &std::collections::HashMap<&str, Vec<&'a Value>>) -> Vec<&'a Value> {
         match item {
             TreeItem::Volume(v) => items(v, "snapshots").iter().collect(),
-            TreeItem::Snapshot(s) => clones_of
-                .get(str_or(s, "name", ""))
-                .cloned()
-                .unwrap_or_default(),
+            TreeItem::Snapshot(s) => clones_of.get(str_or(s, "name", "")).cloned().unwrap_or_default(),
         }
     }
     let mut out = String::new();
     // (item, prefix of its line, connector, prefix for its children)
-    let mut stack: Vec<(TreeItem<'_>, String, &str, String)> = roots
-        .iter()
-        .rev()
-        .map(|r| (TreeItem::Volume(r), String::new(), "", String::new()))
-        .collect();
+    let mut stack: Vec<(TreeItem<'_>, String, &str, String)> =
+        roots.iter().rev().map(|r| (TreeItem::Volume(r), String::new(), "", String::new())).collect();
     while let Some((item, prefix, connector, child_prefix)) = stack.pop() {
         out.push_str(&prefix);
         out.push_str(connector);
@@ -723,12 +641,7 @@ fn render_tree(tree: &Value) -> String {
                 TreeItem::Snapshot(_) => TreeItem::Volume(kid),
             };
             let next = format!("{child_prefix}{}", if last { "    " } else { "│   " });
-            stack.push((
-                kid_item,
-                child_prefix.clone(),
-                if last { "└── " } else { "├── " },
-                next,
-            ));
+            stack.push((kid_item, child_prefix.clone(), if last { "└── " } else { "├── " }, next));
         }
     }
     out
@@ -766,11 +679,7 @@ mod tests {
             vec!["prod".to_string(), "10.0 GiB".to_string(), "x".to_string()],
             vec!["dev1-long".to_string(), "0 B".to_string(), "-".to_string()],
         ];
-        let t = render_table(
-            &["NAME", "SIZE", "ORIGIN"],
-            &[Align::Left, Align::Right, Align::Left],
-            &rows,
-        );
+        let t = render_table(&["NAME", "SIZE", "ORIGIN"], &[Align::Left, Align::Right, Align::Left], &rows);
         assert_eq!(
             t,
             "NAME           SIZE  ORIGIN\n\
@@ -829,15 +738,9 @@ other  source  4.0 KiB
                 "unique_bytes": 0, "ingest": {"scanned_bytes": 8192, "changed_bytes": 4096,
                 "sent_bytes": 4096, "duration_ms": 1500}}]});
         let text = render_show(&vol);
-        assert!(
-            text.contains("iscsi target:  iqn.2026-11.dev.forkd:prod\n"),
-            "{text}"
-        );
+        assert!(text.contains("iscsi target:  iqn.2026-11.dev.forkd:prod\n"), "{text}");
         assert!(text.contains("origin:        -\n"), "{text}");
-        assert!(
-            text.contains("scanned 8.0 KiB, changed 4.0 KiB, sent 4.0 KiB in 1.5s"),
-            "{text}"
-        );
+        assert!(text.contains("scanned 8.0 KiB, changed 4.0 KiB, sent 4.0 KiB in 1.5s"), "{text}");
     }
 
     #[test]
@@ -847,8 +750,7 @@ other  source  4.0 KiB
 
     #[test]
     fn serve_api_flag() {
-        let cli = Cli::try_parse_from(["forkd", "serve", "--api", "0.0.0.0:7480", "--nbd", "x:1"])
-            .expect("parse");
+        let cli = Cli::try_parse_from(["forkd", "serve", "--api", "0.0.0.0:7480", "--nbd", "x:1"]).expect("parse");
         match cli.command {
             Command::Serve(s) => {
                 assert_eq!(s.listen_api.as_deref(), Some("0.0.0.0:7480"));
@@ -857,8 +759,7 @@ other  source  4.0 KiB
             }
             other => panic!("unexpected {other:?}"),
         }
-        let cli =
-            Cli::try_parse_from(["forkd", "--api", "http://1.2.3.4:5/", "serve"]).expect("parse");
+        let cli = Cli::try_parse_from(["forkd", "--api", "http://1.2.3.4:5/", "serve"]).expect("parse");
         match cli.command {
             Command::Serve(s) => assert_eq!(s.listen_api.as_deref(), Some("1.2.3.4:5")),
             other => panic!("unexpected {other:?}"),
@@ -887,14 +788,9 @@ other  source  4.0 KiB
     fn ingest_from_required_unless_abort() {
         assert!(Cli::try_parse_from(["forkd", "ingest", "prod"]).is_err());
         let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--abort"]).expect("abort");
-        assert!(matches!(
-            cli.command,
-            Command::Ingest(IngestArgs { abort: true, .. })
-        ));
-        let cli = Cli::try_parse_from([
-            "forkd", "ingest", "prod", "--from", "/dev/sdb", "--lvm", "vg/lv",
-        ])
-        .expect("from");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { abort: true, .. })));
+        let cli =
+            Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/dev/sdb", "--lvm", "vg/lv"]).expect("from");
         match cli.command {
             Command::Ingest(i) => {
                 assert_eq!(i.from, Some(PathBuf::from("/dev/sdb")));
@@ -902,9 +798,7 @@ other  source  4.0 KiB
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(
-            Cli::try_parse_from(["forkd", "ingest", "prod", "--abort", "--from", "/x"]).is_err()
-        );
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--abort", "--from", "/x"]).is_err());
     }
 
     #[test]
@@ -912,8 +806,7 @@ other  source  4.0 KiB
         let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1"]).expect("clone");
         assert!(matches!(cli.command, Command::Clone { ref from, ref name }
             if from == "prod@3" && name == "dev1"));
-        let cli = Cli::try_parse_from(["forkd", "source", "create", "prod", "--size", "10G"])
-            .expect("source");
+        let cli = Cli::try_parse_from(["forkd", "source", "create", "prod", "--size", "10G"]).expect("source");
         assert!(matches!(cli.command,
             Command::Source { cmd: SourceCmd::Create { ref size, .. } } if size == "10G"));
         let cli = Cli::try_parse_from(["forkd", "rewind", "dev1", "--to", "@2"]).expect("rewind");

@@ -41,14 +41,8 @@ impl Client {
     /// A client for the daemon at `api`: `http://HOST:PORT` or bare `HOST:PORT`.
     pub fn new(api: &str) -> Client {
         let trimmed = api.trim().trim_end_matches('/');
-        let base = if trimmed.contains("://") {
-            trimmed.to_string()
-        } else {
-            format!("http://{trimmed}")
-        };
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT)
-            .build();
+        let base = if trimmed.contains("://") { trimmed.to_string() } else { format!("http://{trimmed}") };
+        let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).build();
         Client { base, agent }
     }
 
@@ -79,9 +73,7 @@ impl Client {
     pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let mut reader = self.get_reader(path)?;
         let mut buf = Vec::new();
-        reader
-            .read_to_end(&mut buf)
-            .map_err(|e| self.io_error(&e))?;
+        reader.read_to_end(&mut buf).map_err(|e| self.io_error(&e))?;
         Ok(buf)
     }
 
@@ -94,28 +86,21 @@ impl Client {
     /// `POST path` with a streamed `application/octet-stream` body (sent chunked) and parse
     /// the JSON answer.
     pub fn post_stream(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
-        let req = self
-            .request("POST", path)
-            .set("Content-Type", "application/octet-stream");
+        let req = self.request("POST", path).set("Content-Type", "application/octet-stream");
         let resp = self.call(req.send(reader))?;
         self.json_body(resp)
     }
 
     /// `PUT path` with a raw `application/octet-stream` body and parse the JSON answer.
     pub fn put_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Value> {
-        let req = self
-            .request("PUT", path)
-            .set("Content-Type", "application/octet-stream");
+        let req = self.request("PUT", path).set("Content-Type", "application/octet-stream");
         let resp = self.call(req.send_bytes(body))?;
         self.json_body(resp)
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let url = if path.starts_with('/') {
-            format!("{}{}", self.base, path)
-        } else {
-            format!("{}/{}", self.base, path)
-        };
+        let url =
+            if path.starts_with('/') { format!("{}{}", self.base, path) } else { format!("{}/{}", self.base, path) };
         self.agent.request(method, &url)
     }
 
@@ -133,10 +118,7 @@ impl Client {
         match t.kind() {
             ErrorKind::ConnectionFailed | ErrorKind::Dns => self.unreachable(),
             ErrorKind::InvalidUrl | ErrorKind::UnknownScheme => {
-                anyhow!(
-                    "invalid forkd API URL {}: {t} (set --api or FORKD_API)",
-                    self.base
-                )
+                anyhow!("invalid forkd API URL {}: {t} (set --api or FORKD_API)", self.base)
             }
             _ => {
                 // A refused connection can also surface as a plain I/O error.
@@ -146,44 +128,29 @@ impl Client {
                 if refused {
                     self.unreachable()
                 } else {
-                    anyhow!(
-                        "lost the connection to the forkd daemon at {}: {t}",
-                        self.base
-                    )
+                    anyhow!("lost the connection to the forkd daemon at {}: {t}", self.base)
                 }
             }
         }
     }
 
     fn unreachable(&self) -> anyhow::Error {
-        anyhow!(
-            "cannot reach the forkd daemon at {}: is `forkd serve` running? (set --api or FORKD_API)",
-            self.base
-        )
+        anyhow!("cannot reach the forkd daemon at {}: is `forkd serve` running? (set --api or FORKD_API)", self.base)
     }
 
     fn io_error(&self, e: &std::io::Error) -> anyhow::Error {
-        anyhow!(
-            "lost the connection to the forkd daemon at {}: {e}",
-            self.base
-        )
+        anyhow!("lost the connection to the forkd daemon at {}: {e}", self.base)
     }
 
     /// Parse a 2xx body as JSON; an empty body is `null`.
     fn json_body(&self, resp: ureq::Response) -> anyhow::Result<Value> {
         let mut text = String::new();
-        resp.into_reader()
-            .read_to_string(&mut text)
-            .map_err(|e| self.io_error(&e))?;
+        resp.into_reader().read_to_string(&mut text).map_err(|e| self.io_error(&e))?;
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text).map_err(|e| {
-            anyhow!(
-                "the forkd daemon at {} sent an answer that is not valid JSON: {e}",
-                self.base
-            )
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow!("the forkd daemon at {} sent an answer that is not valid JSON: {e}", self.base))
     }
 }
 
@@ -192,10 +159,7 @@ fn status_error(status: u16, resp: ureq::Response) -> ApiError {
     let status_text = resp.status_text().to_string();
     let mut body = String::new();
     // The body is best effort: if it cannot be read we still know the status.
-    let _ = resp
-        .into_reader()
-        .take(MAX_ERROR_BODY)
-        .read_to_string(&mut body);
+    let _ = resp.into_reader().take(MAX_ERROR_BODY).read_to_string(&mut body);
     let from_json = serde_json::from_str::<Value>(&body)
         .ok()
         .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string));
@@ -235,10 +199,7 @@ mod tests {
     #[test]
     fn enc_encodes_reserved() {
         assert_eq!(enc("prod@3"), "prod%403");
-        assert_eq!(
-            enc("prod@2026-11-21T10:00:00Z"),
-            "prod%402026-11-21T10%3A00%3A00Z"
-        );
+        assert_eq!(enc("prod@2026-11-21T10:00:00Z"), "prod%402026-11-21T10%3A00%3A00Z");
         assert_eq!(enc("a-b.c_d~e"), "a-b.c_d~e");
         assert_eq!(enc("a b/c"), "a%20b%2Fc");
         assert_eq!(enc("é"), "%C3%A9");
@@ -246,14 +207,8 @@ mod tests {
 
     #[test]
     fn new_normalizes_base() {
-        assert_eq!(
-            Client::new("127.0.0.1:7480").base(),
-            "http://127.0.0.1:7480"
-        );
-        assert_eq!(
-            Client::new("http://127.0.0.1:7480/").base(),
-            "http://127.0.0.1:7480"
-        );
+        assert_eq!(Client::new("127.0.0.1:7480").base(), "http://127.0.0.1:7480");
+        assert_eq!(Client::new("http://127.0.0.1:7480/").base(), "http://127.0.0.1:7480");
         assert_eq!(Client::new("http://h:1//").base(), "http://h:1");
     }
 
@@ -286,9 +241,7 @@ mod tests {
     #[test]
     fn error_body_becomes_the_message() {
         let addr = one_shot_server("404 Not Found", r#"{"error":"no volume named dev9"}"#);
-        let err = Client::new(&addr)
-            .get_json("/v1/volumes/dev9")
-            .expect_err("404");
+        let err = Client::new(&addr).get_json("/v1/volumes/dev9").expect_err("404");
         assert_eq!(err.to_string(), "no volume named dev9");
         let api = err.downcast_ref::<ApiError>().expect("ApiError");
         assert_eq!(api.status, 404);
@@ -304,9 +257,7 @@ mod tests {
     #[test]
     fn ok_body_is_parsed() {
         let addr = one_shot_server("201 Created", r#"{"snapshot":"prod@3"}"#);
-        let v = Client::new(&addr)
-            .post_json("/v1/volumes/prod/snapshots", &serde_json::json!({}))
-            .expect("ok");
+        let v = Client::new(&addr).post_json("/v1/volumes/prod/snapshots", &serde_json::json!({})).expect("ok");
         assert_eq!(v["snapshot"], "prod@3");
     }
 
@@ -317,9 +268,7 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").to_string()
         };
-        let err = Client::new(&addr)
-            .get_json("/v1/volumes")
-            .expect_err("refused");
+        let err = Client::new(&addr).get_json("/v1/volumes").expect_err("refused");
         assert_eq!(
             err.to_string(),
             format!(

@@ -85,13 +85,7 @@ impl Engine {
     /// Like [`Engine::open`]; `force_fallback` skips io_uring and uses
     /// `pread`/`pwrite` unconditionally.
     pub fn open_with(path: &Path, force_fallback: bool) -> io::Result<Engine> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
         let io_uring = if force_fallback {
             tracing::debug!(path = %path.display(), "io_uring disabled by request; using pread/pwrite");
             false
@@ -130,10 +124,8 @@ impl Engine {
             check_range(*offset, buf.len())?;
         }
         if self.io_uring {
-            let mut ops: Vec<Op> = ios
-                .iter_mut()
-                .map(|(offset, buf)| Op::new(*offset, buf.as_mut_ptr(), buf.len()))
-                .collect();
+            let mut ops: Vec<Op> =
+                ios.iter_mut().map(|(offset, buf)| Op::new(*offset, buf.as_mut_ptr(), buf.len())).collect();
             if let Some(res) = self.with_ring(OpKind::Read, &mut ops) {
                 res?;
                 // The kernel is done with every buffer; fill what lies past EOF.
@@ -161,10 +153,8 @@ impl Engine {
         if self.io_uring {
             // `cast_mut` only to share `Op` with reads: a Write entry never
             // lets the kernel store through this pointer.
-            let mut ops: Vec<Op> = ios
-                .iter()
-                .map(|(offset, buf)| Op::new(*offset, buf.as_ptr().cast_mut(), buf.len()))
-                .collect();
+            let mut ops: Vec<Op> =
+                ios.iter().map(|(offset, buf)| Op::new(*offset, buf.as_ptr().cast_mut(), buf.len())).collect();
             if let Some(res) = self.with_ring(OpKind::Write, &mut ops) {
                 return res;
             }
@@ -262,12 +252,7 @@ struct Op {
 
 impl Op {
     fn new(offset: u64, ptr: *mut u8, len: usize) -> Op {
-        Op {
-            offset,
-            ptr,
-            len,
-            done: 0,
-        }
+        Op { offset, ptr, len, done: 0 }
     }
 }
 
@@ -318,26 +303,18 @@ fn probe_ring() -> io::Result<IoUring> {
 fn build_entry(fd: RawFd, kind: OpKind, op: &Op, idx: usize) -> io::Result<squeue::Entry> {
     let user_data = u64::try_from(idx).map_err(|_| einval())?;
     let entry = match kind {
-        OpKind::Fsync => opcode::Fsync::new(types::Fd(fd))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
+        OpKind::Fsync => opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build(),
         OpKind::Read | OpKind::Write => {
             let remaining = op.len - op.done;
-            let chunk = u32::try_from(remaining)
-                .unwrap_or(MAX_RW_CHUNK)
-                .min(MAX_RW_CHUNK);
+            let chunk = u32::try_from(remaining).unwrap_or(MAX_RW_CHUNK).min(MAX_RW_CHUNK);
             let done = u64::try_from(op.done).map_err(|_| einval())?;
             let offset = op.offset.checked_add(done).ok_or_else(einval)?;
             // In bounds: `done <= len`, and `ptr..ptr+len` is one borrowed buffer.
             let ptr = op.ptr.wrapping_add(op.done);
             if kind == OpKind::Read {
-                opcode::Read::new(types::Fd(fd), ptr, chunk)
-                    .offset(offset)
-                    .build()
+                opcode::Read::new(types::Fd(fd), ptr, chunk).offset(offset).build()
             } else {
-                opcode::Write::new(types::Fd(fd), ptr.cast_const(), chunk)
-                    .offset(offset)
-                    .build()
+                opcode::Write::new(types::Fd(fd), ptr.cast_const(), chunk).offset(offset).build()
             }
         }
     };
@@ -352,12 +329,8 @@ fn build_entry(fd: RawFd, kind: OpKind, op: &Op, idx: usize) -> io::Result<squeu
 /// SQ still holds entries the kernel never consumed, so the caller must drop
 /// the ring instead of submitting anything else on it).
 fn drive(ring: &mut IoUring, fd: RawFd, kind: OpKind, ops: &mut [Op]) -> (io::Result<()>, bool) {
-    let cap = usize::try_from(ring.params().sq_entries())
-        .unwrap_or(1)
-        .max(1);
-    let mut queue: VecDeque<usize> = (0..ops.len())
-        .filter(|&i| kind == OpKind::Fsync || ops[i].len > 0)
-        .collect();
+    let cap = usize::try_from(ring.params().sq_entries()).unwrap_or(1).max(1);
+    let mut queue: VecDeque<usize> = (0..ops.len()).filter(|&i| kind == OpKind::Fsync || ops[i].len > 0).collect();
     // Entries pushed to the SQ whose completion has not been reaped yet.
     let mut in_flight = 0usize;
     let mut error: Option<io::Error> = None;
@@ -419,16 +392,10 @@ fn reap(
     error: &mut Option<io::Error>,
 ) {
     for cqe in ring.completion() {
-        let Some(idx) = usize::try_from(cqe.user_data())
-            .ok()
-            .filter(|&i| i < ops.len())
-        else {
+        let Some(idx) = usize::try_from(cqe.user_data()).ok().filter(|&i| i < ops.len()) else {
             // Cannot happen: the ring is idle between calls and every entry we
             // push carries an index into `ops`.
-            tracing::error!(
-                user_data = cqe.user_data(),
-                "unexpected io_uring completion"
-            );
+            tracing::error!(user_data = cqe.user_data(), "unexpected io_uring completion");
             continue;
         };
         *in_flight = in_flight.saturating_sub(1);
@@ -449,9 +416,7 @@ fn reap(
                 // EOF: the rest of the buffer is zero-filled by the caller.
             }
             OpKind::Write if n == 0 => {
-                error.get_or_insert_with(|| {
-                    io::Error::new(io::ErrorKind::WriteZero, "io_uring write returned 0")
-                });
+                error.get_or_insert_with(|| io::Error::new(io::ErrorKind::WriteZero, "io_uring write returned 0"));
             }
             OpKind::Read | OpKind::Write => {
                 op.done = op.done.saturating_add(n).min(op.len);
@@ -482,10 +447,7 @@ fn abandon(ring: &mut IoUring, ops: &mut [Op], kind: OpKind, in_flight: &mut usi
         // SAFETY: `to_submit = 0`, so no new SQE is handed to the kernel; this
         // only waits for completions of entries already consumed. No `arg`
         // pointer is passed.
-        let res = unsafe {
-            ring.submitter()
-                .enter::<libc::sigset_t>(0, want, IORING_ENTER_GETEVENTS, None)
-        };
+        let res = unsafe { ring.submitter().enter::<libc::sigset_t>(0, want, IORING_ENTER_GETEVENTS, None) };
         if let Err(e) = res {
             if !e.raw_os_error().is_some_and(is_transient) {
                 tracing::error!(error = %e, "cannot wait for in-flight io_uring I/O; aborting");
@@ -499,9 +461,7 @@ fn abandon(ring: &mut IoUring, ops: &mut [Op], kind: OpKind, in_flight: &mut usi
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
-        let off = offset
-            .checked_add(u64::try_from(done).map_err(|_| einval())?)
-            .ok_or_else(einval)?;
+        let off = offset.checked_add(u64::try_from(done).map_err(|_| einval())?).ok_or_else(einval)?;
         match file.read_at(&mut buf[done..], off) {
             Ok(0) => {
                 buf[done..].fill(0);
@@ -523,9 +483,7 @@ mod tests {
     const SLOT: usize = 4096;
 
     fn pattern(seed: u64) -> Vec<u8> {
-        (0..SLOT)
-            .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
-            .collect()
+        (0..SLOT).map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8).collect()
     }
 
     fn scattered_roundtrip(force_fallback: bool) {
@@ -536,28 +494,20 @@ mod tests {
         }
         let slots: [u64; 5] = [0, 3, 17, 1000, 4096 + 5];
         let data: Vec<Vec<u8>> = slots.iter().map(|&s| pattern(s)).collect();
-        let writes: Vec<(u64, &[u8])> = slots
-            .iter()
-            .zip(&data)
-            .map(|(&s, d)| (s * SLOT as u64, d.as_slice()))
-            .collect();
+        let writes: Vec<(u64, &[u8])> =
+            slots.iter().zip(&data).map(|(&s, d)| (s * SLOT as u64, d.as_slice())).collect();
         engine.write_many(&writes).unwrap();
         engine.sync().unwrap();
 
         let mut bufs = vec![vec![0xAAu8; SLOT]; slots.len()];
-        let mut reads: Vec<(u64, &mut [u8])> = slots
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|(&s, b)| (s * SLOT as u64, b.as_mut_slice()))
-            .collect();
+        let mut reads: Vec<(u64, &mut [u8])> =
+            slots.iter().zip(bufs.iter_mut()).map(|(&s, b)| (s * SLOT as u64, b.as_mut_slice())).collect();
         engine.read_many(&mut reads).unwrap();
         assert_eq!(bufs, data);
 
         // Untouched slot inside the file (a hole) reads as zeros.
         let mut hole = vec![0xAAu8; SLOT];
-        engine
-            .read_many(&mut [(5 * SLOT as u64, &mut hole[..])])
-            .unwrap();
+        engine.read_many(&mut [(5 * SLOT as u64, &mut hole[..])]).unwrap();
         assert!(hole.iter().all(|&b| b == 0));
     }
 
@@ -587,12 +537,7 @@ mod tests {
         let mut past = vec![0xAAu8; SLOT];
         // Straddling EOF: the first half is data, the rest zeros.
         let mut straddle = vec![0xAAu8; SLOT];
-        engine
-            .read_many(&mut [
-                (10 * SLOT as u64, &mut past[..]),
-                (SLOT as u64 / 2, &mut straddle[..]),
-            ])
-            .unwrap();
+        engine.read_many(&mut [(10 * SLOT as u64, &mut past[..]), (SLOT as u64 / 2, &mut straddle[..])]).unwrap();
         assert!(past.iter().all(|&b| b == 0));
         assert_eq!(&straddle[..SLOT / 2], &data[SLOT / 2..]);
         assert!(straddle[SLOT / 2..].iter().all(|&b| b == 0));
@@ -613,11 +558,7 @@ mod tests {
         let path = dir.path().join("extents");
         let engine = Engine::open_with(&path, force_fallback).unwrap();
         let mib = vec![0x5Au8; 1 << 20];
-        let chunks: Vec<(u64, &[u8])> = mib
-            .chunks(SLOT)
-            .enumerate()
-            .map(|(i, c)| ((i * SLOT) as u64, c))
-            .collect();
+        let chunks: Vec<(u64, &[u8])> = mib.chunks(SLOT).enumerate().map(|(i, c)| ((i * SLOT) as u64, c)).collect();
         engine.write_many(&chunks).unwrap();
         engine.sync().unwrap();
         let before = std::fs::metadata(&path).unwrap();
@@ -627,21 +568,11 @@ mod tests {
         let after = std::fs::metadata(&path).unwrap();
         assert_eq!(after.len(), before.len(), "KEEP_SIZE");
         // st_blocks is in 512-byte units; 512 KiB = 1024 blocks.
-        assert!(
-            after.blocks() + 1000 <= before.blocks(),
-            "blocks {} -> {}",
-            before.blocks(),
-            after.blocks()
-        );
+        assert!(after.blocks() + 1000 <= before.blocks(), "blocks {} -> {}", before.blocks(), after.blocks());
 
         let mut punched = vec![0xAAu8; SLOT];
         let mut kept = vec![0u8; SLOT];
-        engine
-            .read_many(&mut [
-                (8 * SLOT as u64, &mut punched[..]),
-                ((512 << 10) as u64, &mut kept[..]),
-            ])
-            .unwrap();
+        engine.read_many(&mut [(8 * SLOT as u64, &mut punched[..]), ((512 << 10) as u64, &mut kept[..])]).unwrap();
         assert!(punched.iter().all(|&b| b == 0));
         assert!(kept.iter().all(|&b| b == 0x5A));
     }
@@ -663,17 +594,12 @@ mod tests {
         // Interleaved order so neighbouring ios are not adjacent on disk.
         let slot_of = |i: usize| ((i * 7919) % 4001) as u64;
         let data: Vec<Vec<u8>> = (0..n).map(|i| pattern(slot_of(i))).collect();
-        let writes: Vec<(u64, &[u8])> = (0..n)
-            .map(|i| (slot_of(i) * SLOT as u64, data[i].as_slice()))
-            .collect();
+        let writes: Vec<(u64, &[u8])> = (0..n).map(|i| (slot_of(i) * SLOT as u64, data[i].as_slice())).collect();
         engine.write_many(&writes).unwrap();
 
         let mut bufs = vec![vec![0u8; SLOT]; n];
-        let mut reads: Vec<(u64, &mut [u8])> = bufs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| (slot_of(i) * SLOT as u64, b.as_mut_slice()))
-            .collect();
+        let mut reads: Vec<(u64, &mut [u8])> =
+            bufs.iter_mut().enumerate().map(|(i, b)| (slot_of(i) * SLOT as u64, b.as_mut_slice())).collect();
         engine.read_many(&mut reads).unwrap();
         assert!(bufs == data);
     }
@@ -699,9 +625,7 @@ mod tests {
         let big: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 253) as u8).collect();
         engine.write_many(&[(SLOT as u64, &big[..])]).unwrap();
         let mut back = vec![0u8; big.len()];
-        engine
-            .read_many(&mut [(SLOT as u64, &mut back[..])])
-            .unwrap();
+        engine.read_many(&mut [(SLOT as u64, &mut back[..])]).unwrap();
         assert!(back == big);
     }
 
@@ -711,13 +635,9 @@ mod tests {
         for fallback in [false, true] {
             let engine = Engine::open_with(&dir.path().join("extents"), fallback).unwrap();
             let mut buf = vec![0u8; SLOT];
-            let err = engine
-                .read_many(&mut [(u64::MAX, &mut buf[..])])
-                .unwrap_err();
+            let err = engine.read_many(&mut [(u64::MAX, &mut buf[..])]).unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
-            let err = engine
-                .write_many(&[(i64::MAX as u64, &buf[..])])
-                .unwrap_err();
+            let err = engine.write_many(&[(i64::MAX as u64, &buf[..])]).unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
             let err = engine.punch(&[(u64::MAX - 1, 10)]).unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
@@ -731,10 +651,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("extents");
         let engine = Engine::open(&path).unwrap();
-        let ro = Engine {
-            file: File::open(&path).unwrap(),
-            io_uring: engine.uses_io_uring(),
-        };
+        let ro = Engine { file: File::open(&path).unwrap(), io_uring: engine.uses_io_uring() };
         let data = pattern(1);
         let writes: Vec<(u64, &[u8])> = (0..600).map(|i| (i * SLOT as u64, &data[..])).collect();
         let err = ro.write_many(&writes).unwrap_err();
@@ -756,13 +673,9 @@ mod tests {
                     for round in 0..20u64 {
                         let slot = t * 100 + round;
                         let data = pattern(slot);
-                        engine
-                            .write_many(&[(slot * SLOT as u64, &data[..])])
-                            .unwrap();
+                        engine.write_many(&[(slot * SLOT as u64, &data[..])]).unwrap();
                         let mut back = vec![0u8; SLOT];
-                        engine
-                            .read_many(&mut [(slot * SLOT as u64, &mut back[..])])
-                            .unwrap();
+                        engine.read_many(&mut [(slot * SLOT as u64, &mut back[..])]).unwrap();
                         assert_eq!(back, data);
                     }
                     engine.sync().unwrap();

@@ -30,6 +30,7 @@ struct Conn {
     volume: String,
     export: String,
     token: CancellationToken,
+    expired: CancellationToken,
 }
 
 /// The registry of live export connections.
@@ -45,8 +46,12 @@ pub struct ExportRegistry {
 pub struct ConnGuard<'a> {
     reg: &'a ExportRegistry,
     id: u64,
-    /// Cancelled when the connection must close.
+    /// Cancelled when the connection must close: stop reading requests, answer the ones
+    /// received, hang up.
     pub token: CancellationToken,
+    /// Cancelled when the switch stopped waiting for this connection: from then on no request
+    /// may run (it would see the new contents).
+    pub expired: CancellationToken,
 }
 
 impl Drop for ConnGuard<'_> {
@@ -96,12 +101,17 @@ impl ExportRegistry {
             *n += 1;
             *n
         };
-        let token = CancellationToken::new();
+        let (token, expired) = (CancellationToken::new(), CancellationToken::new());
         self.lock_conns().insert(
             id,
-            Conn { volume: volume_of(export).to_string(), export: export.to_string(), token: token.clone() },
+            Conn {
+                volume: volume_of(export).to_string(),
+                export: export.to_string(),
+                token: token.clone(),
+                expired: expired.clone(),
+            },
         );
-        Some(ConnGuard { reg: self, id, token })
+        Some(ConnGuard { reg: self, id, token, expired })
     }
 
     /// Connections to `export` right now.
@@ -139,6 +149,13 @@ impl ExportRegistry {
         let start = Instant::now();
         while self.lock_conns().values().any(hit) && start.elapsed() < timeout {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        let late: Vec<String> = self.lock_conns().values().filter(|c| hit(c)).map(|c| c.export.clone()).collect();
+        for c in self.lock_conns().values().filter(|c| hit(c)) {
+            c.expired.cancel();
+        }
+        if !late.is_empty() {
+            tracing::warn!(export = reference, connections = late.len(), "switching while connections still close: their remaining requests are refused");
         }
         fence
     }

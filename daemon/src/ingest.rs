@@ -119,7 +119,8 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         let (p, done) = (progress.clone(), done.clone());
         std::thread::spawn(move || report(&p, size, started, &done, json_out))
     };
-    let result = client.post_stream(&format!("/v1/sources/{}/ingest", enc(name)), FrameReader { rx, cur: Vec::new(), pos: 0 });
+    let result =
+        client.post_stream(&format!("/v1/sources/{}/ingest", enc(name)), FrameReader { rx, cur: Vec::new(), pos: 0 });
     done.store(true, Ordering::Relaxed);
     let _ = reporter.join();
     let _ = reader.join();
@@ -217,6 +218,18 @@ fn scan(
     Ok(())
 }
 
+/// A non-negative rate or duration as a whole number (saturating; NaN is 0).
+fn whole(x: f64) -> u64 {
+    if x.is_finite() && x > 0.0 {
+        // Rates and seconds are far below 2^53, where f64 stops being exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = x.min(u64::MAX as f64) as u64;
+        n
+    } else {
+        0
+    }
+}
+
 /// Show progress: a status line on a terminal, JSON lines with `--json`, nothing otherwise.
 fn report(p: &Progress, size: u64, started: Instant, done: &std::sync::atomic::AtomicBool, json_out: bool) {
     let tty = std::io::stderr().is_terminal();
@@ -237,10 +250,10 @@ fn report(p: &Progress, size: u64, started: Instant, done: &std::sync::atomic::A
         if json_out {
             println!(
                 "{}",
-                json!({"event": "progress", "scanned_bytes": scanned, "size_bytes": size, "changed_bytes": changed, "bytes_per_second": rate as u64, "eta_seconds": eta as u64})
+                json!({"event": "progress", "scanned_bytes": scanned, "size_bytes": size, "changed_bytes": changed, "bytes_per_second": whole(rate), "eta_seconds": whole(eta)})
             );
         } else {
-            let pct = if size > 0 { scanned * 100 / size } else { 100 };
+            let pct = (scanned * 100).checked_div(size).unwrap_or(100);
             let mut e = std::io::stderr();
             let _ = write!(
                 e,
@@ -248,7 +261,7 @@ fn report(p: &Progress, size: u64, started: Instant, done: &std::sync::atomic::A
                 humanize(scanned),
                 humanize(size),
                 humanize(changed),
-                humanize(rate as u64),
+                humanize(whole(rate)),
                 eta
             );
             let _ = e.flush();

@@ -184,7 +184,10 @@ async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, 
                     Frame::Data { first, crcs, data: d } => {
                         for (i, (crc, block)) in crcs.iter().zip(d.chunks_exact(BS)).enumerate() {
                             if catalog::blockmap::block_crc(block) != *crc {
-                                return Err(bad(format!("block {} arrived damaged (crc32 mismatch)", first + i as u64)));
+                                return Err(bad(format!(
+                                    "block {} arrived damaged (crc32 mismatch)",
+                                    first + i as u64
+                                )));
                             }
                         }
                         sent += d.len() as u64;
@@ -241,9 +244,8 @@ async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, 
         }
     }
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("ingest writer failed: {e}")))?;
+    let written =
+        writer.await.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("ingest writer failed: {e}")))?;
     let sent = written?;
     if let Some(f) = failure {
         return Err(f);
@@ -259,7 +261,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_need_more() {
         let mut out = Vec::new();
-        let blocks: Vec<u8> = (0..2 * BS).map(|i| (i % 251) as u8).collect();
+        let blocks: Vec<u8> = (0..2 * BS).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
         encode_data(5, &blocks, &mut out);
         encode_zero(9, 3, &mut out);
         encode_end(100, 50, &mut out);

@@ -78,7 +78,12 @@ impl Metrics {
             volumes: gauge(&r, "forkd_volumes", "Volumes in the catalog"),
             snapshots: gauge(&r, "forkd_snapshots", "Snapshots in the catalog"),
             nbd_active: gauge(&r, "forkd_nbd_connections", "Open NBD connections"),
-            nbd_closed: counter_vec(&r, "forkd_nbd_connections_closed_total", "Closed NBD connections by reason", "reason"),
+            nbd_closed: counter_vec(
+                &r,
+                "forkd_nbd_connections_closed_total",
+                "Closed NBD connections by reason",
+                "reason",
+            ),
             nbd_requests: counter_vec(&r, "forkd_nbd_requests_total", "NBD requests by command", "command"),
             nbd_errors: counter_vec(&r, "forkd_nbd_errors_total", "NBD error replies by errno", "errno"),
             extent_slots: gauge(&r, "forkd_extent_slots", "4 KiB slots handed out in the extent file"),

@@ -20,8 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use nbd::consts::{NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EOVERFLOW, NBD_EPERM, NBD_STATE_HOLE, NBD_STATE_ZERO};
-use nbd::{Command, CommandFlags, ExportInfo, Exports, Handshake, HandshakeConfig, ReplyWriter, Request, Session, Step};
+use nbd::consts::{
+    NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN, NBD_STATE_HOLE, NBD_STATE_ZERO,
+};
+use nbd::{
+    Command, CommandFlags, ExportInfo, Exports, Handshake, HandshakeConfig, ReplyWriter, Request, Session, Step,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -47,6 +51,12 @@ impl Default for NbdConfig {
         NbdConfig { max_connections: 256, handshake_timeout: Duration::from_secs(10), max_in_flight: 2 }
     }
 }
+
+/// How long a closed connection keeps delivering replies and waiting for its client to hang up.
+const LINGER: Duration = Duration::from_secs(60);
+
+/// Reply bytes a connection may have waiting for its client before it reads no more requests.
+const QUEUE_LIMIT: usize = 64 << 20;
 
 /// Largest block-status answer (callers may ask about a whole disk at once).
 const STATUS_LIMIT: u64 = 1 << 30;
@@ -187,22 +197,43 @@ async fn connection(
     };
     let session = Arc::new(session);
     let writer = ReplyWriter::new(&session);
-    let (tx, mut rx) = mpsc::channel::<Reply>(64);
+    // Replies go to the writer task through an unbounded queue, so running a request never
+    // waits for the client to read; the reader stops taking requests while more than
+    // `QUEUE_LIMIT` bytes of replies wait, which bounds memory for a client that never reads.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let (q, n) = (queued.clone(), drained.clone());
     let write_task = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
+            let len: usize = reply.iter().map(bytes::Bytes::len).sum();
             for chunk in reply {
                 if wr.write_all(&chunk).await.is_err() {
                     return false;
                 }
             }
+            q.fetch_sub(len, std::sync::atomic::Ordering::Relaxed);
+            n.notify_waiters();
             if rx.is_empty() && wr.flush().await.is_err() {
                 return false;
             }
         }
-        wr.flush().await.is_ok()
+        // Every reply is out: send FIN. The socket is closed only once the client hangs up
+        // too (see below), so a client still sending cannot make the kernel reset the
+        // connection and drop replies it has not read yet.
+        wr.flush().await.is_ok() && wr.shutdown().await.is_ok()
     });
+    let send = {
+        let (tx, queued) = (tx.clone(), queued.clone());
+        move |reply: Reply| {
+            let len: usize = reply.iter().map(bytes::Bytes::len).sum();
+            queued.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            tx.send(reply).is_ok()
+        }
+    };
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
     let stop = guard.token.clone();
+    let expired = guard.expired.clone();
     // Complete requests are gathered into a batch that runs as one job on the blocking pool:
     // runs of writes in it become one group commit and its replies leave in one send. At most
     // `max_in_flight` jobs run per connection; while they are busy, further requests keep
@@ -210,10 +241,10 @@ async fn connection(
     let mut batch: Vec<(Request, bytes::Bytes)> = Vec::new();
     let mut batch_bytes = 0usize;
     let dispatch = |permit: tokio::sync::OwnedSemaphorePermit, jobs: Vec<(Request, bytes::Bytes)>| {
-        let (store, session, writer, tx) = (store.clone(), session.clone(), writer.clone(), tx.clone());
+        let (store, session, writer, send, expired) = (store.clone(), session.clone(), writer, send.clone(), expired.clone());
         tokio::task::spawn_blocking(move || {
-            let reply = execute_batch(&store, &session, &writer, jobs);
-            let _ = tx.blocking_send(reply);
+            let reply = execute_batch(&store, &session, &writer, &expired, jobs);
+            send(reply);
             drop(permit);
         });
     };
@@ -250,7 +281,7 @@ async fn connection(
                 stats.errors += 1;
                 count_errno(store, errno);
                 let msg = format!("request refused: {}", errno_text(errno));
-                if tx.send(vec![writer.error(&req, errno, &msg).into()]).await.is_err() {
+                if !send(vec![writer.error(&req, errno, &msg).into()]) {
                     break 'conn "reply writer failed";
                 }
                 continue;
@@ -287,22 +318,59 @@ async fn connection(
                 }
             }
         }
+        // Backpressure: while too many reply bytes wait for the client, read nothing more.
+        while queued.load(std::sync::atomic::Ordering::Relaxed) > QUEUE_LIMIT {
+            let wake = drained.notified();
+            if queued.load(std::sync::atomic::Ordering::Relaxed) <= QUEUE_LIMIT {
+                break;
+            }
+            tokio::select! {
+                _ = wake => {}
+                _ = stop.cancelled() => break,
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
         if let Err(reason) = read_more(&mut rd, &mut buf, &stop, &shutdown).await {
-            break 'conn if reason == "client disconnected" && !buf.is_empty() { "client vanished mid-request" } else { reason };
+            break 'conn if reason == "client disconnected" && !buf.is_empty() {
+                "client vanished mid-request"
+            } else {
+                reason
+            };
         }
     };
-    // Requests gathered before the end are still answered.
+    // Requests gathered before the end are still answered (after a close for a switch,
+    // with ESHUTDOWN: see `execute_batch`).
     if !batch.is_empty() {
         if let Ok(permit) = in_flight.clone().acquire_owned().await {
             dispatch(permit, std::mem::take(&mut batch));
         }
     }
-    // Answer everything already received, then close.
-    let _ = in_flight.acquire_many(u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX)).await;
+    // Every request received runs before the connection lets go of its export (a switch
+    // waits for this); running never waits for the client, so this is quick.
+    let all = u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX);
+    let _ = in_flight.acquire_many(all).await;
+    drop(send);
     drop(tx);
-    if !write_task.await.unwrap_or(false) && stats.reason == "client sent NBD_CMD_DISC" {
-        stats.reason = "client gone before its replies";
-    }
+    // Then, in the background: deliver the replies, send FIN, and read and drop whatever
+    // the client still sends until it hangs up, so no reply is lost to a reset. Bounded, for
+    // clients that never read or never close.
+    tokio::spawn(async move {
+        let linger = tokio::time::Instant::now() + LINGER;
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 << 10];
+            while let Ok(Ok(n)) = tokio::time::timeout_at(linger, rd.read(&mut sink)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let abort = write_task.abort_handle();
+        if tokio::time::timeout_at(linger, write_task).await.is_err() {
+            abort.abort();
+        }
+        let _ = reader.await;
+    });
     drop(guard);
     stats
 }
@@ -415,10 +483,27 @@ impl ReplyBuf {
 
 /// Run a batch of checked requests in order; runs of plain writes are committed together.
 /// Returns the replies in order.
-fn execute_batch(store: &Store, session: &Session, writer: &ReplyWriter, jobs: Vec<(Request, bytes::Bytes)>) -> Reply {
+///
+/// Once `expired` is cancelled (a rewind, refresh or delete stopped waiting for this
+/// connection and switched the export), requests not yet run are answered `ESHUTDOWN`: no
+/// request may run against what it switched to.
+fn execute_batch(
+    store: &Store,
+    session: &Session,
+    writer: &ReplyWriter,
+    expired: &CancellationToken,
+    jobs: Vec<(Request, bytes::Bytes)>,
+) -> Reply {
     let mut out = ReplyBuf::default();
     let mut i = 0;
     while i < jobs.len() {
+        if expired.is_cancelled() {
+            for (req, _) in &jobs[i..] {
+                count_errno(store, NBD_ESHUTDOWN);
+                out.push(writer.error(req, NBD_ESHUTDOWN, "the export is being rewound, refreshed or deleted").into());
+            }
+            break;
+        }
         let plain_write = |r: &Request| r.command == Command::Write && !r.flags.contains(CommandFlags::FUA);
         let run = jobs[i..].iter().take_while(|(r, _)| plain_write(r)).count();
         if run > 1 {
@@ -499,9 +584,7 @@ fn status_reply(store: &Store, session: &Session, writer: &ReplyWriter, req: &Re
             (len, flags)
         })
         .collect();
-    Ok(chunks
-        .block_status(req, ctx, &extents, true)
-        .unwrap_or_else(|e| writer.error(req, NBD_EINVAL, &e.to_string())))
+    Ok(chunks.block_status(req, ctx, &extents, true).unwrap_or_else(|e| writer.error(req, NBD_EINVAL, &e.to_string())))
 }
 
 /// The one mapping from store errors to NBD errnos.
@@ -532,6 +615,7 @@ fn count_errno(store: &Store, errno: u32) {
         NBD_EINVAL => "EINVAL",
         NBD_ENOSPC => "ENOSPC",
         NBD_EOVERFLOW => "EOVERFLOW",
+        NBD_ESHUTDOWN => "ESHUTDOWN",
         _ => "EIO",
     };
     store.metrics.nbd_errors.with_label_values(&[label]).inc();

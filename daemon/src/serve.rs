@@ -75,10 +75,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("--api {}: not an address such as 127.0.0.1:7480", config.api))?;
     let store = Arc::new(Store::open(&config.data_dir)?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot listen on {api} for the API"))?;

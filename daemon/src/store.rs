@@ -13,10 +13,10 @@
 //! they planned to read can be freed and reused under them); writes and catalog operations
 //! hold it exclusively. The flush's fsyncs run without the lock.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
@@ -149,7 +149,9 @@ fn replicate(e: &StoreError) -> StoreError {
     match e {
         StoreError::Io(e) => StoreError::Io(io(e)),
         StoreError::Meta(sled::Error::Io(e)) => StoreError::Io(io(e)),
-        StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => StoreError::Io(io(e)),
+        StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => {
+            StoreError::Io(io(e))
+        }
         other => StoreError::Io(std::io::Error::other(other.to_string())),
     }
 }
@@ -361,7 +363,7 @@ impl Store {
         let entries = cat.map().lookup(root, first, last - first + 1)?;
         // Blocks are read whole (to check their crc) into a bounce buffer when the request
         // does not cover them exactly.
-        let aligned = offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0;
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
         let mut bounce = if aligned { Vec::new() } else { vec![0u8; usize_of(entries.len() as u64 * BLOCK_SIZE)] };
         let whole: &mut [u8] = if aligned { buf } else { &mut bounce };
         let mut pairs: Vec<(u64, usize)> = Vec::new();
@@ -458,7 +460,7 @@ impl Store {
             // A read-modify-write of a block written earlier in this batch must see that
             // write: commit what came before first.
             let len = p.data.len() as u64;
-            let unaligned = p.offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0;
+            let unaligned = !p.offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE);
             if unaligned && len > 0 {
                 let edges = [p.offset / BLOCK_SIZE, (p.offset + len - 1) / BLOCK_SIZE];
                 if edges.iter().any(|&b| touched.contains(&(p.volume.clone(), b))) {
@@ -581,9 +583,10 @@ impl Store {
             fail(&segment, &StoreError::Io(e));
             return;
         }
-        let staged = segment.iter().zip(&entries).try_for_each(|(prep, es)| {
-            cat.stage_write(&prep.pending.volume, prep.first, es, prep.pending.staging)
-        });
+        let staged = segment
+            .iter()
+            .zip(&entries)
+            .try_for_each(|(prep, es)| cat.stage_write(&prep.pending.volume, prep.first, es, prep.pending.staging));
         if let Err(e) = staged.and_then(|()| cat.commit_staged()) {
             cat.rollback_staged();
             fail(&segment, &StoreError::Catalog(e));
@@ -608,7 +611,7 @@ impl Store {
             return Err(CatalogError::ReadOnly(v.name.clone()).into());
         }
         check_range(volume, v.size_bytes, offset, len)?;
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(CatalogError::BadReference {
                 reference: format!("{volume}+{offset}+{len}"),
                 why: "zeroing needs a 4096-aligned offset and length".into(),
@@ -794,7 +797,7 @@ pub(crate) fn is_enospc(e: &StoreError) -> bool {
 
 /// Emergency reserve: 5 % of the filesystem, between 1 MiB and 64 MiB.
 fn reserve_size(dir: &Path) -> u64 {
-    let total = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks() as u64 * s.fragment_size() as u64).unwrap_or(0);
+    let total = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks() * s.fragment_size()).unwrap_or(0);
     (total / 20).clamp(1 << 20, 64 << 20) / BLOCK_SIZE * BLOCK_SIZE
 }
 
@@ -803,7 +806,7 @@ fn usize_of(n: u64) -> usize {
 }
 
 fn check_range(name: &str, size: u64, offset: u64, len: u64) -> Result<()> {
-    if offset.checked_add(len).map_or(true, |end| end > size) {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(CatalogError::OutOfRange { volume: name.to_string(), offset, length: len, size }.into());
     }
     Ok(())

@@ -16,7 +16,7 @@ impl Drop for Mount {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed | 1).collect()
+    (0..len).map(|i| u8::try_from(i % 256).unwrap_or(0).wrapping_mul(31) ^ seed | 1).collect()
 }
 
 #[test]
@@ -54,10 +54,7 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
     }
     let e = err.expect("a 24 MiB disk cannot hold 64 MiB");
     let msg = e.to_string();
-    assert!(
-        matches!(&e, StoreError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC)),
-        "expected ENOSPC, got: {msg}"
-    );
+    assert!(matches!(&e, StoreError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC)), "expected ENOSPC, got: {msg}");
     assert!(msg.contains("No space left"), "the error says why: {msg}");
     // Nothing of the failed write is visible; what was written before is intact.
     let mut buf = vec![0u8; 1 << 20];

@@ -99,10 +99,10 @@ impl Model {
 
 fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
     // Mostly non-zero bytes, with whole zero blocks now and then (they become known zeros).
-    if seed % 7 == 0 {
+    if seed.is_multiple_of(7) {
         return vec![0; len];
     }
-    (0..len).map(|i| (((offset + i) as u32).wrapping_mul(2_654_435_761) >> 24) as u8 ^ seed | 1).collect()
+    (0..len).map(|i| (((offset + i) as u64).wrapping_mul(2_654_435_761) >> 24).to_le_bytes()[0] ^ seed | 1).collect()
 }
 
 fn read_all(store: &Store, r: &str) -> Vec<u8> {
@@ -148,7 +148,10 @@ fn run(dir: &Path, ops: Vec<Op>) {
         s.op(|c| c.finish_ingest("src", Default::default())).expect("finish");
         let mut full = data;
         full.resize(SIZE, 0);
-        m.vols.insert("src".into(), MVol { source: true, data: full.clone(), origin: None, snaps: BTreeMap::from([(1, full)]), next: 2 });
+        m.vols.insert(
+            "src".into(),
+            MVol { source: true, data: full.clone(), origin: None, snaps: BTreeMap::from([(1, full)]), next: 2 },
+        );
     }
     for op in ops {
         let s = store.as_ref().unwrap_or_else(|| unreachable!());
@@ -273,7 +276,10 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 // the directory instead: it holds exactly what a restarted daemon would find.
                 drop(store.take());
                 let next = tempfile::tempdir().expect("tempdir");
-                copy_dir(&dirs.last().map(|d| d.path().to_path_buf()).unwrap_or_else(|| dir.to_path_buf()), next.path());
+                copy_dir(
+                    &dirs.last().map(|d| d.path().to_path_buf()).unwrap_or_else(|| dir.to_path_buf()),
+                    next.path(),
+                );
                 store = Some(Store::open(next.path()).expect("reopen"));
                 dirs.push(next);
             }
@@ -286,7 +292,11 @@ fn run(dir: &Path, ops: Vec<Op>) {
         let leaf = m
             .vols
             .keys()
-            .find(|n| !m.vols.iter().any(|(o, v)| o != *n && v.origin.as_ref().is_some_and(|x| x.split('@').next() == Some(n.as_str()))))
+            .find(|n| {
+                !m.vols
+                    .iter()
+                    .any(|(o, v)| o != *n && v.origin.as_ref().is_some_and(|x| x.split('@').next() == Some(n.as_str())))
+            })
             .cloned()
             .unwrap_or_else(|| unreachable!("the lineage is a forest"));
         s.op(|c| c.delete(&leaf)).unwrap_or_else(|e| panic!("final delete {leaf}: {e}"));

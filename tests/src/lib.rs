@@ -527,3 +527,566 @@ pub fn assert_same_image(what: &str, actual: &[u8], expected: &[u8]) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// NBD helpers: where a daemon's NBD listener is, its metrics, and a minimal raw NBD client
+// written from the protocol spec (fixed newstyle handshake, simple and structured replies), for
+// tests that must send exact bytes.
+// ---------------------------------------------------------------------------------------------
+
+/// Remove ANSI escape sequences (`ESC [ ... letter`) from log text.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The NBD port in the last `forkd serving ... nbd=HOST:PORT` line of a daemon log.
+pub fn nbd_port_in_log(log: &str) -> Option<u16> {
+    let log = strip_ansi(log);
+    let line = log.lines().rev().find(|l| l.contains("forkd serving") && l.contains(" nbd="))?;
+    let value = line.split(" nbd=").nth(1)?.split_whitespace().next()?;
+    value.rsplit(':').next()?.parse().ok()
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as rendered, or a bare name) in
+/// a `/metrics` text; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.trim().parse::<f64>().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// How long [`Daemon::nbd_port`] waits for the daemon to log its NBD address.
+pub const NBD_PORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// The port the daemon's NBD listener is bound to (it is started with `--nbd 127.0.0.1:0`;
+    /// the address is read from its `forkd serving` log line of the current run).
+    pub fn nbd_port(&self) -> u16 {
+        let started = Instant::now();
+        loop {
+            if let Some(p) = nbd_port_in_log(&self.log()) {
+                return p;
+            }
+            assert!(
+                started.elapsed() < NBD_PORT_TIMEOUT,
+                "the daemon did not log its NBD address (a `forkd serving ... nbd=ADDR` line; is FORKD_LOG \
+                 hiding info lines?)\n--- daemon log ---\n{}",
+                tail(&self.log(), 50)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `127.0.0.1:NBD_PORT`.
+    pub fn nbd_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.nbd_port())
+    }
+
+    /// `nbd://127.0.0.1:NBD_PORT/EXPORT` with the export name percent-encoded (`@` as `%40`).
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_port(), enc(export))
+    }
+
+    /// `GET /metrics` as text.
+    pub fn metrics(&self) -> String {
+        let r = self.api.get("/metrics");
+        assert!(r.ok(), "GET /metrics: HTTP {} {}", r.status, r.text());
+        r.text()
+    }
+
+    /// `forkd_nbd_connections_closed_total{reason="REASON"}` right now.
+    pub fn nbd_closed(&self, reason: &str) -> u64 {
+        let v = metric_value(&self.metrics(), &format!("forkd_nbd_connections_closed_total{{reason=\"{reason}\"}}"));
+        format!("{v}").parse::<u64>().unwrap_or_else(|_| panic!("counter value {v} is not an integer"))
+    }
+
+    /// Wait (bounded by `timeout`) until `forkd_nbd_connections_closed_total{reason="REASON"}`
+    /// reaches `at_least`; panics with the metrics and the log if it does not. The counter is
+    /// bumped just after the socket closes, so a client may see the close a moment earlier.
+    pub fn wait_nbd_closed(&self, reason: &str, at_least: u64, timeout: Duration) -> u64 {
+        let started = Instant::now();
+        loop {
+            let v = self.nbd_closed(reason);
+            if v >= at_least {
+                return v;
+            }
+            if started.elapsed() > timeout {
+                let m = self.metrics();
+                let lines: Vec<&str> = m.lines().filter(|l| l.starts_with("forkd_nbd")).collect();
+                panic!(
+                    "forkd_nbd_connections_closed_total{{reason=\"{reason}\"}} is {v}, expected at least {at_least} \
+                     within {timeout:?}\n--- NBD metrics ---\n{}\n--- daemon log ---\n{}",
+                    lines.join("\n"),
+                    tail(&self.log(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A minimal raw NBD client (fixed newstyle, no TLS) for tests that send exact bytes.
+pub mod rawnbd {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    use std::time::{Duration, Instant};
+
+    /// `NBDMAGIC`.
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    /// `IHAVEOPT`.
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    /// Option reply magic.
+    pub const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    /// Request magic (compact headers).
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    /// Simple reply magic.
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    /// Structured reply magic.
+    pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+    /// Client flag `NBD_FLAG_C_FIXED_NEWSTYLE`.
+    pub const C_FIXED_NEWSTYLE: u32 = 1;
+    /// Client flag `NBD_FLAG_C_NO_ZEROES`.
+    pub const C_NO_ZEROES: u32 = 2;
+    /// `NBD_OPT_EXPORT_NAME`.
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    /// `NBD_OPT_ABORT`.
+    pub const OPT_ABORT: u32 = 2;
+    /// `NBD_OPT_LIST`.
+    pub const OPT_LIST: u32 = 3;
+    /// `NBD_OPT_INFO`.
+    pub const OPT_INFO: u32 = 6;
+    /// `NBD_OPT_GO`.
+    pub const OPT_GO: u32 = 7;
+    /// `NBD_OPT_STRUCTURED_REPLY`.
+    pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    /// `NBD_REP_ACK`.
+    pub const REP_ACK: u32 = 1;
+    /// `NBD_REP_SERVER`.
+    pub const REP_SERVER: u32 = 2;
+    /// `NBD_REP_INFO`.
+    pub const REP_INFO: u32 = 3;
+    /// `NBD_REP_ERR_UNKNOWN`.
+    pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
+    /// `NBD_REP_ERR_TOO_BIG`.
+    pub const REP_ERR_TOO_BIG: u32 = (1 << 31) | 9;
+    /// `NBD_CMD_READ`.
+    pub const CMD_READ: u16 = 0;
+    /// `NBD_CMD_WRITE`.
+    pub const CMD_WRITE: u16 = 1;
+    /// `NBD_CMD_DISC`.
+    pub const CMD_DISC: u16 = 2;
+    /// `NBD_CMD_FLUSH`.
+    pub const CMD_FLUSH: u16 = 3;
+    /// `NBD_FLAG_READ_ONLY` (transmission flags).
+    pub const FLAG_READ_ONLY: u16 = 1 << 1;
+    /// `NBD_EPERM`.
+    pub const EPERM: u32 = 1;
+    /// `NBD_EINVAL`.
+    pub const EINVAL: u32 = 22;
+    /// `NBD_ENOSPC`.
+    pub const ENOSPC: u32 = 28;
+    /// `NBD_EOVERFLOW`.
+    pub const EOVERFLOW: u32 = 75;
+    /// `NBD_REPLY_FLAG_DONE`.
+    pub const REPLY_FLAG_DONE: u16 = 1;
+    /// `NBD_REPLY_TYPE_OFFSET_DATA`.
+    pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`.
+    pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+    /// Longest any single socket read or write may block.
+    pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// One option reply.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct OptReply {
+        /// The option it answers.
+        pub option: u32,
+        /// `NBD_REP_*`.
+        pub kind: u32,
+        /// The reply data.
+        pub data: Vec<u8>,
+    }
+
+    /// A structured reply chunk.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Chunk {
+        /// Chunk flags (`NBD_REPLY_FLAG_DONE`).
+        pub flags: u16,
+        /// Chunk type.
+        pub kind: u16,
+        /// The cookie it answers.
+        pub cookie: u64,
+        /// The chunk payload.
+        pub data: Vec<u8>,
+    }
+
+    impl Chunk {
+        /// The errno of an error chunk (`type` with bit 15 set), if it is one.
+        pub fn errno(&self) -> Option<u32> {
+            (self.kind & 0x8000 != 0 && self.data.len() >= 4).then(|| be32(&self.data[..4]))
+        }
+    }
+
+    /// What the transmission phase negotiated.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Export {
+        /// Export size in bytes.
+        pub size: u64,
+        /// Transmission flags.
+        pub flags: u16,
+    }
+
+    fn be16(b: &[u8]) -> u16 {
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    fn be32(b: &[u8]) -> u32 {
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    fn be64(b: &[u8]) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[..8]);
+        u64::from_be_bytes(a)
+    }
+
+    /// One connection to an NBD server.
+    #[derive(Debug)]
+    pub struct Client {
+        /// The socket (public so tests can send arbitrary bytes).
+        pub stream: TcpStream,
+        /// Structured replies were negotiated.
+        pub structured: bool,
+        /// The export entered, once transmission started.
+        pub export: Option<Export>,
+        next_cookie: u64,
+    }
+
+    impl Client {
+        /// Connect to `addr` (bounded by [`IO_TIMEOUT`]) without reading anything.
+        pub fn connect_raw(addr: &str) -> Client {
+            let sa: std::net::SocketAddr = addr.parse().unwrap_or_else(|e| panic!("address {addr}: {e}"));
+            let stream = TcpStream::connect_timeout(&sa, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("connect to NBD {addr}: {e}"));
+            stream.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+            stream.set_write_timeout(Some(IO_TIMEOUT)).expect("write timeout");
+            let _ = stream.set_nodelay(true);
+            Client { stream, structured: false, export: None, next_cookie: 1 }
+        }
+
+        /// Connect and read the 18-byte greeting, checking it is fixed newstyle.
+        pub fn connect(addr: &str) -> Client {
+            let mut c = Client::connect_raw(addr);
+            let g = c.read_exact_vec(18).unwrap_or_else(|e| panic!("reading the NBD greeting from {addr}: {e}"));
+            assert_eq!(be64(&g[0..8]), NBDMAGIC, "greeting magic: {g:02x?}");
+            assert_eq!(be64(&g[8..16]), IHAVEOPT, "greeting is not newstyle: {g:02x?}");
+            assert_eq!(be16(&g[16..18]) & 1, 1, "server is not fixed newstyle: {g:02x?}");
+            c
+        }
+
+        /// Connect, send client flags (`FIXED_NEWSTYLE | NO_ZEROES`), optionally negotiate
+        /// structured replies, then `NBD_OPT_GO` into `export`; panics if any step fails.
+        pub fn open(addr: &str, export: &str, structured: bool) -> Client {
+            let mut c = Client::connect(addr);
+            c.send_flags(C_FIXED_NEWSTYLE | C_NO_ZEROES).expect("send client flags");
+            if structured {
+                c.send_option(OPT_STRUCTURED_REPLY, &[]).expect("send NBD_OPT_STRUCTURED_REPLY");
+                let r = c.read_option_reply().expect("reply to NBD_OPT_STRUCTURED_REPLY");
+                assert_eq!(r.kind, REP_ACK, "NBD_OPT_STRUCTURED_REPLY refused: {r:?}");
+                c.structured = true;
+            }
+            match c.go(export) {
+                Ok(_) => c,
+                Err(kind) => panic!("NBD_OPT_GO {export:?} refused with reply type {kind:#x}"),
+            }
+        }
+
+        /// Read exactly `n` bytes.
+        pub fn read_exact_vec(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+            let mut v = vec![0u8; n];
+            self.stream.read_exact(&mut v)?;
+            Ok(v)
+        }
+
+        /// Send raw bytes.
+        pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.stream.write_all(bytes)
+        }
+
+        /// Send the 4-byte client flags.
+        pub fn send_flags(&mut self, flags: u32) -> std::io::Result<()> {
+            self.send(&flags.to_be_bytes())
+        }
+
+        /// The bytes of one option: `IHAVEOPT`, option, length, data.
+        pub fn option_bytes(option: u32, data: &[u8]) -> Vec<u8> {
+            let mut b = Vec::with_capacity(16 + data.len());
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&option.to_be_bytes());
+            b.extend_from_slice(&u32::try_from(data.len()).expect("option length").to_be_bytes());
+            b.extend_from_slice(data);
+            b
+        }
+
+        /// Send one option.
+        pub fn send_option(&mut self, option: u32, data: &[u8]) -> std::io::Result<()> {
+            self.send(&Client::option_bytes(option, data))
+        }
+
+        /// The data of `NBD_OPT_GO`/`NBD_OPT_INFO` for `export`, asking for no info items.
+        pub fn go_data(export: &[u8]) -> Vec<u8> {
+            let mut d = Vec::with_capacity(6 + export.len());
+            d.extend_from_slice(&u32::try_from(export.len()).expect("name length").to_be_bytes());
+            d.extend_from_slice(export);
+            d.extend_from_slice(&0u16.to_be_bytes());
+            d
+        }
+
+        /// Read one option reply (header checked for the reply magic).
+        pub fn read_option_reply(&mut self) -> std::io::Result<OptReply> {
+            let h = self.read_exact_vec(20)?;
+            if be64(&h[0..8]) != REP_MAGIC {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, format!("bad option reply magic: {h:02x?}")));
+            }
+            let len = be32(&h[16..20]);
+            if len > 1 << 20 {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, format!("option reply of {len} bytes")));
+            }
+            let data = self.read_exact_vec(usize::try_from(len).expect("len"))?;
+            Ok(OptReply { option: be32(&h[8..12]), kind: be32(&h[12..16]), data })
+        }
+
+        /// Send `NBD_OPT_GO` for `export` and read its replies. `Ok` (transmission started)
+        /// after `NBD_REP_ACK`, `Err(reply type)` after an error reply (still negotiating).
+        pub fn go(&mut self, export: &str) -> Result<Export, u32> {
+            self.send_option(OPT_GO, &Client::go_data(export.as_bytes())).expect("send NBD_OPT_GO");
+            let mut found = None;
+            for _ in 0..64 {
+                let r = self.read_option_reply().unwrap_or_else(|e| panic!("reading the reply to NBD_OPT_GO: {e}"));
+                assert_eq!(r.option, OPT_GO, "reply to another option: {r:?}");
+                match r.kind {
+                    REP_INFO => {
+                        if r.data.len() >= 12 && be16(&r.data[0..2]) == 0 {
+                            found = Some(Export { size: be64(&r.data[2..10]), flags: be16(&r.data[10..12]) });
+                        }
+                    }
+                    REP_ACK => {
+                        let e = found.expect("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT");
+                        self.export = Some(e);
+                        return Ok(e);
+                    }
+                    k if k & (1 << 31) != 0 => return Err(k),
+                    k => panic!("unexpected reply type {k:#x} to NBD_OPT_GO"),
+                }
+            }
+            panic!("more than 64 replies to one NBD_OPT_GO");
+        }
+
+        /// The 28 bytes of a compact request header.
+        pub fn request_bytes(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+            let mut b = Vec::with_capacity(28);
+            b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&command.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&length.to_be_bytes());
+            b
+        }
+
+        /// A fresh cookie.
+        pub fn cookie(&mut self) -> u64 {
+            self.next_cookie += 1;
+            self.next_cookie
+        }
+
+        /// Read one simple reply; `data_len` bytes of data follow it when it is a success.
+        /// Returns (errno, cookie, data).
+        pub fn read_simple_reply(&mut self, data_len: usize) -> std::io::Result<(u32, u64, Vec<u8>)> {
+            let h = self.read_exact_vec(16)?;
+            if be32(&h[0..4]) != SIMPLE_REPLY_MAGIC {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, format!("not a simple reply: {h:02x?}")));
+            }
+            let errno = be32(&h[4..8]);
+            let cookie = be64(&h[8..16]);
+            let data = if errno == 0 { self.read_exact_vec(data_len)? } else { Vec::new() };
+            Ok((errno, cookie, data))
+        }
+
+        /// Read one structured reply chunk.
+        pub fn read_chunk(&mut self) -> std::io::Result<Chunk> {
+            let h = self.read_exact_vec(20)?;
+            if be32(&h[0..4]) != STRUCTURED_REPLY_MAGIC {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, format!("not a structured reply: {h:02x?}")));
+            }
+            let len = be32(&h[16..20]);
+            if len > 64 << 20 {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, format!("chunk of {len} bytes")));
+            }
+            let data = self.read_exact_vec(usize::try_from(len).expect("len"))?;
+            Ok(Chunk { flags: be16(&h[4..6]), kind: be16(&h[6..8]), cookie: be64(&h[8..16]), data })
+        }
+
+        /// Read structured chunks up to and including the one with `NBD_REPLY_FLAG_DONE`.
+        pub fn read_chunks(&mut self) -> std::io::Result<Vec<Chunk>> {
+            let mut out = Vec::new();
+            for _ in 0..100_000 {
+                let c = self.read_chunk()?;
+                let done = c.flags & REPLY_FLAG_DONE != 0;
+                out.push(c);
+                if done {
+                    return Ok(out);
+                }
+            }
+            Err(std::io::Error::new(ErrorKind::InvalidData, "too many chunks without NBD_REPLY_FLAG_DONE"))
+        }
+
+        /// `NBD_CMD_READ`: the data, or the errno of the error reply. Transport errors panic
+        /// ([`Client::try_read`] reports them instead).
+        pub fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
+            self.try_read(offset, length).unwrap_or_else(|e| panic!("NBD read {offset}+{length}: {e}"))
+        }
+
+        /// `NBD_CMD_READ` with transport errors reported: `Ok(Ok(data))`, `Ok(Err(errno))`
+        /// or `Err(io error)`.
+        pub fn try_read(&mut self, offset: u64, length: u32) -> std::io::Result<Result<Vec<u8>, u32>> {
+            let cookie = self.cookie();
+            self.send(&Client::request_bytes(CMD_READ, 0, cookie, offset, length))?;
+            self.read_reply_data(cookie, offset, length)
+        }
+
+        /// Read the reply to a read request already sent with `cookie`.
+        pub fn read_reply_data(
+            &mut self,
+            cookie: u64,
+            offset: u64,
+            length: u32,
+        ) -> std::io::Result<Result<Vec<u8>, u32>> {
+            let len = usize::try_from(length).expect("length");
+            if !self.structured {
+                let (errno, got, data) = self.read_simple_reply(len)?;
+                assert_eq!(got, cookie, "reply to another request");
+                return Ok(if errno == 0 { Ok(data) } else { Err(errno) });
+            }
+            let mut data = vec![0u8; len];
+            let mut error = None;
+            for c in self.read_chunks()? {
+                assert_eq!(c.cookie, cookie, "chunk for another request");
+                if let Some(e) = c.errno() {
+                    error = Some(e);
+                    continue;
+                }
+                match c.kind {
+                    REPLY_TYPE_OFFSET_DATA => {
+                        let at = usize::try_from(be64(&c.data[0..8]) - offset).expect("offset");
+                        data[at..at + c.data.len() - 8].copy_from_slice(&c.data[8..]);
+                    }
+                    REPLY_TYPE_OFFSET_HOLE => {
+                        let at = usize::try_from(be64(&c.data[0..8]) - offset).expect("offset");
+                        let n = usize::try_from(be32(&c.data[8..12])).expect("hole");
+                        data[at..at + n].fill(0);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(match error {
+                Some(e) => Err(e),
+                None => Ok(data),
+            })
+        }
+
+        /// Read the reply to a request without data (write, flush...): 0 or the errno.
+        pub fn read_status_reply(&mut self, cookie: u64) -> std::io::Result<u32> {
+            if !self.structured {
+                let (errno, got, _) = self.read_simple_reply(0)?;
+                assert_eq!(got, cookie, "reply to another request");
+                return Ok(errno);
+            }
+            let mut errno = 0;
+            for c in self.read_chunks()? {
+                assert_eq!(c.cookie, cookie, "chunk for another request");
+                if let Some(e) = c.errno() {
+                    errno = e;
+                }
+            }
+            Ok(errno)
+        }
+
+        /// `NBD_CMD_WRITE`: `Ok` or the errno of the error reply (panics on transport errors).
+        pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), u32> {
+            self.try_write(offset, data).unwrap_or_else(|e| panic!("NBD write {offset}+{}: {e}", data.len()))
+        }
+
+        /// `NBD_CMD_WRITE` with transport errors reported.
+        pub fn try_write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<Result<(), u32>> {
+            let cookie = self.cookie();
+            let mut b = Client::request_bytes(CMD_WRITE, 0, cookie, offset, u32::try_from(data.len()).expect("len"));
+            b.extend_from_slice(data);
+            self.send(&b)?;
+            let errno = self.read_status_reply(cookie)?;
+            Ok(if errno == 0 { Ok(()) } else { Err(errno) })
+        }
+
+        /// `NBD_CMD_FLUSH`: 0 or the errno.
+        pub fn flush(&mut self) -> u32 {
+            let cookie = self.cookie();
+            self.send(&Client::request_bytes(CMD_FLUSH, 0, cookie, 0, 0)).expect("send flush");
+            self.read_status_reply(cookie).expect("flush reply")
+        }
+
+        /// Send `NBD_CMD_DISC` and shut the socket down.
+        pub fn disconnect(mut self) {
+            let cookie = self.cookie();
+            let _ = self.send(&Client::request_bytes(CMD_DISC, 0, cookie, 0, 0));
+            let _ = self.stream.shutdown(Shutdown::Write);
+            let _ = self.wait_closed(Duration::from_secs(10));
+        }
+
+        /// Wait (bounded) until the server closes the connection: `true` on EOF or a reset,
+        /// `false` if it is still open after `timeout`. Any bytes that arrive are returned
+        /// through `received` and discarded.
+        pub fn wait_closed_collect(&mut self, timeout: Duration, received: &mut Vec<u8>) -> bool {
+            let started = Instant::now();
+            let mut buf = [0u8; 65536];
+            while started.elapsed() < timeout {
+                let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(10));
+                let _ = self.stream.set_read_timeout(Some(left.min(Duration::from_millis(500))));
+                match self.stream.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => return true,
+                }
+            }
+            let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
+            false
+        }
+
+        /// [`Client::wait_closed_collect`], ignoring what arrives.
+        pub fn wait_closed(&mut self, timeout: Duration) -> bool {
+            let mut sink = Vec::new();
+            self.wait_closed_collect(timeout, &mut sink)
+        }
+    }
+}
