@@ -328,11 +328,8 @@ impl Catalog {
             volumes.insert(name, v);
         }
         let mut cat = Catalog { map, volumes, last_time, staged: BTreeMap::new() };
-        let interrupted: Vec<String> =
-            cat.volumes.values().filter(|v| v.staging.is_some()).map(|v| v.name.clone()).collect();
-        for name in interrupted {
-            tracing::warn!(source = %name, "abandoning an ingest that was interrupted by a restart");
-            cat.abort_ingest(&name)?;
+        for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
+            tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }
         cat.map.collect_garbage()?;
         Ok(cat)
@@ -828,19 +825,20 @@ impl Catalog {
         Ok(())
     }
 
-    /// Start an ingest into a source: a staging tree that starts as the latest contents.
-    pub fn begin_ingest(&mut self, source: &str) -> Result<()> {
+    /// Start an ingest into a source: a staging tree that starts as the latest contents. If an
+    /// interrupted ingest left its staging tree, it is resumed instead: returns true then.
+    pub fn begin_ingest(&mut self, source: &str) -> Result<bool> {
         let mut v = self.volume(source)?.clone();
         if v.kind != Kind::Source {
             return Err(CatalogError::NotASource(v.name));
         }
         if v.staging.is_some() {
-            return Err(CatalogError::IngestRunning(v.name));
+            return Ok(true);
         }
         self.commit_with(|cat| {
             cat.map.share(v.root)?;
             v.staging = Some(Staging { root: v.root, allocated_blocks: v.allocated_blocks });
-            Ok((vec![v], vec![], ()))
+            Ok((vec![v], vec![], false))
         })
     }
 
@@ -870,13 +868,42 @@ impl Catalog {
         })
     }
 
-    /// The tree an ingest compares against: the source's latest contents.
+    /// The tree an ingest compares against: an interrupted ingest's staging tree (so a resumed
+    /// ingest sends nothing the daemon already has), else the source's latest contents.
     pub fn ingest_base(&self, source: &str) -> Result<(NodeId, u64)> {
         let v = self.volume(source)?;
         if v.kind != Kind::Source {
             return Err(CatalogError::NotASource(v.name.clone()));
         }
-        Ok((v.root, v.size_bytes))
+        Ok((v.staging.as_ref().map_or(v.root, |s| s.root), v.size_bytes))
+    }
+
+    /// Grow a source to `new_size` bytes (a multiple of 4096, at most 1 PiB), for an image
+    /// that grew. Its snapshots keep their own sizes; the new blocks read as zeros (the head's
+    /// tree gains levels on its next write). Refused for clones, while an ingest runs or
+    /// waits to be resumed, and for a smaller size; the same size changes nothing. Returns the
+    /// previous size.
+    pub fn resize(&mut self, source: &str, new_size: u64) -> Result<u64> {
+        let mut v = self.volume(source)?.clone();
+        if v.kind != Kind::Source {
+            return Err(CatalogError::NotASource(v.name));
+        }
+        if v.staging.is_some() {
+            return Err(CatalogError::IngestRunning(v.name));
+        }
+        check_size(new_size)?;
+        let old = v.size_bytes;
+        if new_size < old {
+            return Err(CatalogError::InvalidSize {
+                size: new_size.to_string(),
+                why: format!("`{}` is {old} bytes and a source can only grow", v.name),
+            });
+        }
+        if new_size == old {
+            return Ok(old);
+        }
+        v.size_bytes = new_size;
+        self.commit_with(|_| Ok((vec![v], vec![], old)))
     }
 }
 

@@ -66,18 +66,77 @@ fn lineage_rewind_refresh_delete() {
 }
 
 #[test]
-fn interrupted_ingest_is_abandoned_on_open() {
+fn interrupted_ingest_waits_to_be_resumed_or_aborted() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut cat = open(dir.path());
         cat.create_source("db", 1 << 20).unwrap();
-        cat.begin_ingest("db").unwrap();
+        assert!(!cat.begin_ingest("db").unwrap());
         put(&mut cat, "db", 3, 1, true);
         cat.map_mut().flush_store().unwrap();
     }
     let mut cat = open(dir.path());
     let v = cat.volume("db").unwrap();
-    assert!(v.staging.is_none() && v.snapshots.is_empty());
+    assert!(v.staging.is_some() && v.snapshots.is_empty(), "no snapshot, the staging tree is kept");
+    assert_eq!(crc(&cat, "db", 3), None, "the source shows its latest snapshot");
+    let (base, _) = cat.ingest_base("db").unwrap();
+    assert_eq!(cat.map().lookup(base, 3, 1).unwrap()[0].map(|e| e.crc), Some(1), "a resume compares with what was staged");
+    assert!(cat.begin_ingest("db").unwrap(), "begin resumes");
+    cat.abort_ingest("db").unwrap();
     let t = cat.map_mut().begin_flush();
-    assert_eq!(cat.map_mut().take_released(t), vec![1], "the staged block is free again");
+    assert_eq!(cat.map_mut().take_released(t), vec![1], "aborting frees the staged block");
+}
+
+#[test]
+fn resize_grows_a_source_and_keeps_snapshot_sizes() {
+    const KIB: u64 = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut cat = open(dir.path());
+        // 64 blocks: a one-leaf tree; 256 blocks need a level more.
+        cat.create_source("db", 256 * KIB).unwrap();
+        cat.begin_ingest("db").unwrap();
+        put(&mut cat, "db", 0, 1, true);
+        put(&mut cat, "db", 63, 2, true);
+        cat.finish_ingest("db", IngestSummary::default()).unwrap();
+        // refusals change nothing
+        assert!(matches!(cat.resize("db", 128 * KIB), Err(CatalogError::InvalidSize { .. })), "shrink");
+        let err = cat.resize("db", 128 * KIB).unwrap_err().to_string();
+        assert!(err.contains("only grow"), "{err}");
+        assert!(matches!(cat.resize("db", 1024 * KIB + 512), Err(CatalogError::InvalidSize { .. })));
+        assert!(matches!(cat.resize("db", (1 << 50) + 4096), Err(CatalogError::InvalidSize { .. })));
+        assert!(matches!(cat.resize("nope", 1 << 20), Err(CatalogError::UnknownVolume(_))));
+        cat.clone_volume("db@1", "dev").unwrap();
+        assert!(matches!(cat.resize("dev", 1 << 20), Err(CatalogError::NotASource(_))));
+        cat.begin_ingest("db").unwrap();
+        assert!(matches!(cat.resize("db", 1 << 20), Err(CatalogError::IngestRunning(_))));
+        cat.abort_ingest("db").unwrap();
+        assert_eq!(cat.volume("db").unwrap().size_bytes, 256 * KIB);
+        // same size: nothing to do; larger: the head grows, db@1 keeps its size
+        assert_eq!(cat.resize("db", 256 * KIB).unwrap(), 256 * KIB);
+        assert_eq!(cat.resize("db", 1024 * KIB).unwrap(), 256 * KIB);
+        assert_eq!(cat.volume("db").unwrap().size_bytes, 1024 * KIB);
+        assert_eq!(cat.target("db").unwrap().size_bytes, 1024 * KIB);
+        assert_eq!(cat.target("db@1").unwrap().size_bytes, 256 * KIB);
+        assert_eq!(crc(&cat, "db", 0), Some(1));
+        assert_eq!(crc(&cat, "db", 200), None, "new blocks read as zeros");
+        // the next ingest writes past the old end: the tree gains a level
+        cat.begin_ingest("db").unwrap();
+        put(&mut cat, "db", 200, 3, true);
+        put(&mut cat, "db", 0, 4, true);
+        let s2 = cat.finish_ingest("db", IngestSummary::default()).unwrap();
+        assert_eq!(s2.to_string(), "db@2");
+        assert_eq!((crc(&cat, "db@2", 0), crc(&cat, "db@2", 63), crc(&cat, "db@2", 200)), (Some(4), Some(2), Some(3)));
+        assert_eq!((crc(&cat, "db@1", 0), crc(&cat, "db@1", 63)), (Some(1), Some(2)), "db@1 unchanged");
+        assert_eq!(cat.target("db@2").unwrap().size_bytes, 1024 * KIB);
+        // a clone of the old snapshot refreshes to the new size
+        cat.refresh("dev", None).unwrap();
+        assert_eq!(cat.volume("dev").unwrap().size_bytes, 1024 * KIB);
+        assert_eq!(crc(&cat, "dev", 200), Some(3));
+    }
+    // restart: sizes are durable
+    let cat = open(dir.path());
+    assert_eq!(cat.volume("db").unwrap().size_bytes, 1024 * KIB);
+    assert_eq!(cat.target("db@1").unwrap().size_bytes, 256 * KIB);
+    assert_eq!(crc(&cat, "db@2", 200), Some(3));
 }

@@ -92,9 +92,10 @@ async fn blocking<T: Send + 'static>(
     Ok(r?)
 }
 
-/// Build the router.
-pub fn router(store: Shared) -> Router {
-    Router::new()
+/// Build the router. With `auth`, every request (`/metrics` and unknown paths included) must
+/// carry that bearer token (see [`crate::auth`]).
+pub fn router(store: Shared, auth: Option<Arc<crate::auth::Token>>) -> Router {
+    let router = Router::new()
         .route("/v1/volumes", get(list))
         .route("/v1/volumes/:name", get(show).delete(remove))
         .route("/v1/sources", post(create_source))
@@ -115,8 +116,13 @@ pub fn router(store: Shared) -> Router {
         .route("/v1/sources/:name/ingest", post(ingest).layer(DefaultBodyLimit::disable()))
         .route("/v1/sources/:name/ingest", delete(abort_ingest))
         .route("/metrics", get(metrics))
+        .merge(crate::api_resize::routes())
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint (see docs/api.md)".into()) })
-        .with_state(store)
+        .with_state(store);
+    match auth {
+        Some(token) => router.layer(axum::middleware::from_fn_with_state(token, crate::auth::require_token)),
+        None => router,
+    }
 }
 
 /// JSON for a volume, with space accounting and, if asked, its snapshots.
@@ -132,6 +138,7 @@ pub fn volume_json(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool) -> 
         "unique_bytes": cat.unique_bytes(&v.roots())?,
         "exports": { "nbd": v.name, "iscsi": format!("iqn.2026-11.dev.forkd:{}", v.name) },
         "ingest_running": v.staging.is_some(),
+        "ingest_pending_bytes": v.staging.as_ref().map(|st| st.allocated_blocks * catalog::BLOCK_SIZE),
     });
     if with_snapshots {
         let mut snaps = Vec::new();
@@ -387,6 +394,17 @@ async fn ingest(State(s): State<Shared>, Path(name): Path<String>, body: Body) -
 }
 
 async fn abort_ingest(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    // An agent that was just killed leaves a stream the daemon sees break a moment later.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while s.ingests.is_active(&name) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if s.ingests.is_active(&name) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("an ingest into `{name}` is arriving right now: stop its agent first"),
+        ));
+    }
     blocking(&s, move |st| st.op(|cat| cat.abort_ingest(&name))).await?;
     Ok(Json(json!({})))
 }

@@ -139,8 +139,16 @@ fn bad(msg: String) -> ApiError {
 /// Receive an ingest stream into source `name`; returns the new snapshot and its summary.
 pub(crate) async fn receive(store: Shared, name: String, body: Body) -> Result<(String, IngestSummary), ApiError> {
     let started = std::time::Instant::now();
+    // One stream per source at a time; a stream that breaks leaves its staging tree for the
+    // next one to resume.
+    let Some(_active) = store.ingests.claim(&name) else {
+        return Err(ApiError(StatusCode::CONFLICT, format!("an ingest into `{name}` is already running")));
+    };
     let n = name.clone();
-    run_blocking(&store, move |st| st.op(|cat| cat.begin_ingest(&n))).await?;
+    let resumed = run_blocking(&store, move |st| st.op(|cat| cat.begin_ingest(&n))).await?;
+    if resumed {
+        tracing::info!(source = %name, "resuming an interrupted ingest");
+    }
     let result = receive_frames(&store, &name, body).await;
     match result {
         Ok((scanned, changed, sent)) => {
@@ -152,14 +160,15 @@ pub(crate) async fn receive(store: Shared, name: String, body: Body) -> Result<(
             };
             let (n, s) = (name.clone(), summary.clone());
             let id = run_blocking(&store, move |st| st.op(|cat| cat.finish_ingest(&n, s))).await?;
-            tracing::info!(source = %name, snapshot = %id, scanned, changed, sent, "ingest complete");
+            tracing::info!(source = %name, snapshot = %id, scanned, changed, sent, resumed, "ingest complete");
             Ok((id.to_string(), summary))
         }
         Err(e) => {
-            tracing::warn!(source = %name, error = %e.1, "ingest abandoned");
-            let n = name.clone();
-            if let Err(abort) = run_blocking(&store, move |st| st.op(|cat| cat.abort_ingest(&n))).await {
-                tracing::error!(source = %name, error = %abort.1, "could not abandon the ingest");
+            // Keep what arrived (made durable here): a re-run resumes it, `forkd ingest --abort`
+            // frees it. No snapshot appears either way until an ingest completes.
+            tracing::warn!(source = %name, error = %e.1, "ingest interrupted; re-run it to resume, or abort it");
+            if let Err(flush) = run_blocking(&store, |st| st.flush()).await {
+                tracing::error!(source = %name, error = %flush.1, "could not flush the interrupted ingest");
             }
             Err(e)
         }

@@ -88,6 +88,8 @@ pub struct Store {
     pub metrics: Metrics,
     /// Live protocol connections per export, for rewind/refresh/delete.
     pub exports: crate::exports::ExportRegistry,
+    /// Sources with an ingest stream arriving right now.
+    pub ingests: ActiveIngests,
     /// Writes waiting for the next group commit.
     queue: Mutex<Vec<Arc<Pending>>>,
     /// Held by the writer committing the queue.
@@ -100,6 +102,33 @@ impl Drop for Store {
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "final flush failed");
         }
+    }
+}
+
+/// Sources with an ingest stream arriving right now (at most one each).
+#[derive(Debug, Default)]
+pub struct ActiveIngests(Mutex<HashSet<String>>);
+
+/// Held while a stream is received; dropping it frees the source for the next stream.
+#[derive(Debug)]
+pub struct IngestClaim<'a>(&'a ActiveIngests, String);
+
+impl ActiveIngests {
+    /// Claim `source`, unless a stream into it is already arriving.
+    pub fn claim(&self, source: &str) -> Option<IngestClaim<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(source.to_string()).then(|| IngestClaim(self, source.to_string()))
+    }
+
+    /// True while a stream into `source` is arriving.
+    pub fn is_active(&self, source: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(source)
+    }
+}
+
+impl Drop for IngestClaim<'_> {
+    fn drop(&mut self) {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
     }
 }
 
@@ -222,6 +251,7 @@ impl Store {
             low_space: AtomicBool::new(false),
             metrics: Metrics::new(),
             exports: Default::default(),
+            ingests: Default::default(),
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
         };
