@@ -453,9 +453,8 @@ fn fresh_dir(p: &Path) -> Result<()> {
 /// memory goes back to the host and is slow to touch again.
 fn free_page_reporting() -> bool {
     let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon") else { return false };
-    dir.flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("features")).is_ok_and(|f| f.as_bytes().get(5) == Some(&b'1'))
-    })
+    dir.flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("features")).is_ok_and(|f| f.as_bytes().get(5) == Some(&b'1')))
 }
 
 fn free_port() -> Result<u16> {
@@ -478,7 +477,14 @@ fn hsize(b: u64) -> String {
 
 /// Ingest `data_bytes` of random data into a new source through the library, in runs of
 /// `run_blocks` blocks spread evenly over the volume (or front to back when it is full).
-fn library_source(store: &Store, name: &str, size: u64, data_bytes: u64, run_blocks: u64, rng: &mut Rng) -> Result<String> {
+fn library_source(
+    store: &Store,
+    name: &str,
+    size: u64,
+    data_bytes: u64,
+    run_blocks: u64,
+    rng: &mut Rng,
+) -> Result<String> {
     store.op(|c| c.create_source(name, size))?;
     store.op(|c| c.begin_ingest(name))?;
     let nblocks = size / BS;
@@ -584,12 +590,7 @@ impl Daemon {
             .output()
             .with_context(|| format!("running forkd {}", args.join(" ")))?;
         if !out.status.success() {
-            bail!(
-                "forkd {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("forkd {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -608,11 +609,7 @@ impl Daemon {
             .lines()
             .find(|l| l.starts_with(&format!("{field}:")))
             .ok_or_else(|| anyhow!("{field} missing from /proc/PID/status"))?;
-        let kb: u64 = line
-            .split_whitespace()
-            .nth(1)
-            .ok_or_else(|| anyhow!("malformed {field} line"))?
-            .parse()?;
+        let kb: u64 = line.split_whitespace().nth(1).ok_or_else(|| anyhow!("malformed {field} line"))?.parse()?;
         Ok(kb * 1024)
     }
 
@@ -959,7 +956,15 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
     rep.info(B, "cp + sync", mib / cp_sync.as_secs_f64(), "MiB/s");
     rep.info(B, "full forkd ingest (wall, includes its final fsync)", mib / full.as_secs_f64(), "MiB/s");
     rep.info(B, "full ingest: daemon-side duration_ms", get(&s1, "duration_ms"), "ms");
-    rep.goal(B, "full ingest throughput / cp (best of 2)", cp.as_secs_f64() / full.as_secs_f64(), "x", Cmp::Ge, 0.8, ">= 0.8x");
+    rep.goal(
+        B,
+        "full ingest throughput / cp (best of 2)",
+        cp.as_secs_f64() / full.as_secs_f64(),
+        "x",
+        Cmp::Ge,
+        0.8,
+        ">= 0.8x",
+    );
     rep.info(B, "full ingest throughput / slower cp run", cp1.max(cp2).as_secs_f64() / full.as_secs_f64(), "x");
     rep.info(B, "full ingest throughput / (cp + sync)", cp_sync.as_secs_f64() / full.as_secs_f64(), "x");
     let gib4 = size as f64 / GIB as f64;
@@ -1076,7 +1081,12 @@ fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     );
     let gib = |b: u64| b as f64 / GIB as f64;
     rep.info(B, "data written (source + clone rewrites)", gib(written), "GiB");
-    rep.info(B, "clone rewrites: store.write throughput", (written - size) as f64 / MIB as f64 / wt.as_secs_f64(), "MiB/s");
+    rep.info(
+        B,
+        "clone rewrites: store.write throughput",
+        (written - size) as f64 / MIB as f64 / wt.as_secs_f64(),
+        "MiB/s",
+    );
     rep.info(B, "clone rewrites: writes per second", writes as f64 / wt.as_secs_f64(), "/s");
     rep.info(B, "du of data dir, source only", gib(after_source), "GiB");
     rep.info(B, "du of data dir with clones", gib(used), "GiB");

@@ -80,7 +80,11 @@ fn interrupted_ingest_waits_to_be_resumed_or_aborted() {
     assert!(v.staging.is_some() && v.snapshots.is_empty(), "no snapshot, the staging tree is kept");
     assert_eq!(crc(&cat, "db", 3), None, "the source shows its latest snapshot");
     let (base, _) = cat.ingest_base("db").unwrap();
-    assert_eq!(cat.map().lookup(base, 3, 1).unwrap()[0].map(|e| e.crc), Some(1), "a resume compares with what was staged");
+    assert_eq!(
+        cat.map().lookup(base, 3, 1).unwrap()[0].map(|e| e.crc),
+        Some(1),
+        "a resume compares with what was staged"
+    );
     assert!(cat.begin_ingest("db").unwrap(), "begin resumes");
     cat.abort_ingest("db").unwrap();
     let t = cat.map_mut().begin_flush();

@@ -10,6 +10,10 @@
 //! flag is the address to listen on: [`ServeArgs::listen_api`] is `Some` only when `--api` was
 //! given on the command line (before or after `serve`), never from `FORKD_API` or the default,
 //! so the daemon's config file and defaults still apply when it is absent.
+//!
+//! The `--token-file FILE` flag works the same way: global, and for `serve` the token the API
+//! requires ([`ServeArgs::token_file`]); for client commands the token they send, with the
+//! `FORKD_TOKEN` environment variable (the token itself) as the fallback ([`client`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -41,6 +45,11 @@ pub struct Cli {
     /// Print the daemon's JSON answer instead of human-readable output
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// File holding the API token: sent by client commands (else FORKD_TOKEN, the token
+    /// itself), required by `serve` on every request
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// The command to run
     #[command(subcommand)]
@@ -175,6 +184,8 @@ pub struct ServeArgs {
     pub nbd: Option<String>,
     /// Address for the iSCSI target (`--iscsi ADDR`).
     pub iscsi: Option<String>,
+    /// File holding the API token (the global `--token-file FILE`).
+    pub token_file: Option<PathBuf>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -212,8 +223,16 @@ impl FromArgMatches for ServeArgs {
 
     fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
         let listen_api = listen_api_from(matches);
+        let token_file = matches.try_get_one::<PathBuf>("token_file").ok().flatten().cloned();
         let flags = ServeFlags::from_arg_matches_mut(matches)?;
-        Ok(ServeArgs { config: flags.config, data_dir: flags.data_dir, listen_api, nbd: flags.nbd, iscsi: flags.iscsi })
+        Ok(ServeArgs {
+            config: flags.config,
+            data_dir: flags.data_dir,
+            listen_api,
+            nbd: flags.nbd,
+            iscsi: flags.iscsi,
+            token_file,
+        })
     }
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
@@ -245,7 +264,8 @@ pub struct IngestArgs {
     /// Block device or image file to read (required unless --abort)
     #[arg(long, value_name = "PATH", required_unless_present = "abort")]
     pub from: Option<PathBuf>,
-    /// File listing the changed blocks since the last ingest (skips the full scan)
+    /// File of the ranges changed since the last ingest, read instead of the whole image:
+    /// thin_delta XML, or `OFFSET LENGTH` lines in bytes
     #[arg(long, value_name = "FILE")]
     pub changed_blocks: Option<PathBuf>,
     /// LVM logical volume to snapshot and read from
@@ -257,12 +277,21 @@ pub struct IngestArgs {
     /// Abandon the ingest running for NAME instead of starting one
     #[arg(long, conflicts_with_all = ["from", "changed_blocks", "lvm", "freeze"])]
     pub abort: bool,
+    /// Grow the source to the image's size first when the image is larger (never shrinks)
+    #[arg(long, conflicts_with = "abort")]
+    pub resize: bool,
+}
+
+/// The API client for `cli.api`, sending the token from `--token-file` or `FORKD_TOKEN`.
+pub fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let token = crate::auth::client_token(cli.token_file.as_deref())?;
+    Ok(Client::with_token(&cli.api, token))
 }
 
 /// Run a client command (everything except `serve`, `ingest` and `dump`) against the daemon
 /// at `cli.api`, printing its result on stdout.
 pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.api);
+    let client = client(cli)?;
     match &cli.command {
         Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } => Err(anyhow!("internal: not a client command")),
         Command::Source { cmd: SourceCmd::Create { name, size } } => {
@@ -773,6 +802,32 @@ other  source  4.0 KiB
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn token_file_flag() {
+        for args in [&["forkd", "serve", "--token-file", "/t"][..], &["forkd", "--token-file", "/t", "serve"][..]] {
+            let cli = Cli::try_parse_from(args).expect("parse");
+            match cli.command {
+                Command::Serve(s) => assert_eq!(s.token_file, Some(PathBuf::from("/t")), "{args:?}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let cli = Cli::try_parse_from(["forkd", "serve"]).expect("parse");
+        assert!(matches!(cli.command, Command::Serve(ServeArgs { token_file: None, .. })));
+        let cli = Cli::try_parse_from(["forkd", "list", "--token-file", "/t"]).expect("parse");
+        assert_eq!(cli.token_file, Some(PathBuf::from("/t")));
+        let cli = Cli::try_parse_from(["forkd", "--token-file", "/t", "list"]).expect("parse");
+        assert_eq!(cli.token_file, Some(PathBuf::from("/t")));
+    }
+
+    #[test]
+    fn ingest_resize_flag() {
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/x", "--resize"]).expect("parse");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { resize: true, .. })));
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/x"]).expect("parse");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { resize: false, .. })));
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--abort", "--resize"]).is_err());
     }
 
     #[test]

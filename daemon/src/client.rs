@@ -5,6 +5,9 @@
 //! `{"error": "..."}` body, the returned [`anyhow::Error`] displays exactly that text (it is an
 //! [`ApiError`], so callers can downcast to look at the status); when the daemon cannot be
 //! reached at all, the error says so and tells how to point the CLI elsewhere.
+//!
+//! With a token ([`Client::with_token`]) every request carries `Authorization: Bearer TOKEN`;
+//! a `401` answer becomes `the daemon refused the token: ...`.
 
 use std::io::Read;
 use std::time::Duration;
@@ -30,20 +33,36 @@ pub struct ApiError {
 }
 
 /// A blocking client for one forkd daemon.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     /// `http://HOST:PORT`, without a trailing '/'.
     base: String,
     agent: ureq::Agent,
+    /// `Bearer TOKEN`, sent as `Authorization` with every request.
+    authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
     /// A client for the daemon at `api`: `http://HOST:PORT` or bare `HOST:PORT`.
     pub fn new(api: &str) -> Client {
+        Client::with_token(api, None)
+    }
+
+    /// A client for the daemon at `api` that sends `token` (if any) as a bearer token.
+    pub fn with_token(api: &str, token: Option<String>) -> Client {
         let trimmed = api.trim().trim_end_matches('/');
         let base = if trimmed.contains("://") { trimmed.to_string() } else { format!("http://{trimmed}") };
         let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).build();
-        Client { base, agent }
+        Client { base, agent, authorization: token.map(|t| format!("Bearer {}", t.trim())) }
     }
 
     /// The daemon's base URL, e.g. `http://127.0.0.1:7480`.
@@ -101,13 +120,26 @@ impl Client {
     fn request(&self, method: &str, path: &str) -> ureq::Request {
         let url =
             if path.starts_with('/') { format!("{}{}", self.base, path) } else { format!("{}/{}", self.base, path) };
-        self.agent.request(method, &url)
+        let req = self.agent.request(method, &url);
+        match &self.authorization {
+            Some(a) => req.set("Authorization", a),
+            None => req,
+        }
     }
 
     /// Turn a ureq result into a response or a human-readable error.
     fn call(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<ureq::Response> {
         match result {
             Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(401, resp)) => {
+                let mut e = status_error(401, resp);
+                e.message = match &self.authorization {
+                    Some(_) => format!("the daemon refused the token: {}", e.message),
+                    None => "the daemon refused the token: none was given (use --token-file FILE or set FORKD_TOKEN)"
+                        .to_string(),
+                };
+                Err(e.into())
+            }
             Err(ureq::Error::Status(status, resp)) => Err(status_error(status, resp).into()),
             Err(ureq::Error::Transport(t)) => Err(self.transport_error(&t)),
         }
@@ -252,6 +284,57 @@ mod tests {
         let addr = one_shot_server("502 Bad Gateway", "upstream gone\n");
         let err = Client::new(&addr).get_json("/x").expect_err("502");
         assert_eq!(err.to_string(), "HTTP 502 Bad Gateway: upstream gone");
+    }
+
+    /// Serve one canned answer and hand back the request head it received.
+    fn recording_server(status_line: &'static str, body: &'static str) -> (String, std::sync::mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok((stream, _)) = listener.accept() {
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok() {
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    head.push_str(&line);
+                    line.clear();
+                }
+                let _ = tx.send(head);
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status_line}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn token_is_sent_and_refusal_explained() {
+        let (addr, head) = recording_server("200 OK", r#"{"volumes":[]}"#);
+        Client::with_token(&addr, Some("s3cret-token-0123456789".into())).get_json("/v1/volumes").expect("ok");
+        let head = head.recv().expect("head").to_ascii_lowercase();
+        assert!(head.contains("authorization: bearer s3cret-token-0123456789\r\n"), "{head}");
+
+        let (addr, head) = recording_server("200 OK", "{}");
+        Client::new(&addr).get_json("/v1/volumes").expect("ok");
+        assert!(!head.recv().expect("head").to_ascii_lowercase().contains("authorization"));
+
+        let (addr, _) = recording_server("401 Unauthorized", r#"{"error":"wrong token"}"#);
+        let err = Client::with_token(&addr, Some("x".repeat(20))).get_json("/v1/volumes").expect_err("401");
+        assert_eq!(err.to_string(), "the daemon refused the token: wrong token");
+        assert_eq!(err.downcast_ref::<ApiError>().expect("ApiError").status, 401);
+
+        let (addr, _) = recording_server("401 Unauthorized", r#"{"error":"this API needs a token"}"#);
+        let err = Client::new(&addr).get_json("/v1/volumes").expect_err("401");
+        assert!(err.to_string().starts_with("the daemon refused the token: none was given"), "{err}");
+        assert!(!format!("{:?}", Client::with_token(&addr, Some("hidden-token-value".into()))).contains("hidden"));
     }
 
     #[test]

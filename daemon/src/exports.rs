@@ -155,7 +155,11 @@ impl ExportRegistry {
             c.expired.cancel();
         }
         if !late.is_empty() {
-            tracing::warn!(export = reference, connections = late.len(), "switching while connections still close: their remaining requests are refused");
+            tracing::warn!(
+                export = reference,
+                connections = late.len(),
+                "switching while connections still close: their remaining requests are refused"
+            );
         }
         fence
     }

@@ -6,6 +6,10 @@
 //! hashing run on their own thread, sending on the caller's: the two overlap through a small
 //! bounded queue of encoded frames. Zero blocks are never sent; a block that became zero is
 //! sent as a zero frame without payload.
+//!
+//! With `--changed-blocks FILE` (see [`crate::changed_blocks`]) only the listed ranges are read,
+//! still compared block by block with the daemon's digests, so a listed block that did not
+//! change is not sent either.
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
@@ -19,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
+use crate::changed_blocks;
 use crate::cli::{humanize, IngestArgs};
 use crate::client::{enc, Client};
 use crate::ingest_proto::{encode_data, encode_end, encode_zero, MAX_FRAME_BLOCKS};
@@ -76,8 +81,8 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         println!("abandoned the running ingest into {name}");
         return Ok(());
     }
-    if args.changed_blocks.is_some() || args.lvm.is_some() || args.freeze.is_some() {
-        bail!("--changed-blocks, --lvm and --freeze are not supported yet: ingest from a consistent image with --from");
+    if args.lvm.is_some() || args.freeze.is_some() {
+        bail!("--lvm and --freeze are not supported yet: ingest from a consistent image with --from");
     }
     let path = args.from.as_deref().ok_or_else(|| anyhow!("ingest needs --from PATH"))?;
     if path.is_dir() {
@@ -85,13 +90,38 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     }
     let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let size = image_size(&file, path)?;
+    // The byte ranges to read: those --changed-blocks lists, else the whole image.
+    let ranges = match &args.changed_blocks {
+        Some(list) => read_changed_blocks(list, size)?,
+        None => vec![(0, size)],
+    };
     let vol = client.get_json(&format!("/v1/volumes/{}", enc(name)))?;
     if vol["kind"] != "source" {
         bail!("`{name}` is a clone; only sources are fed by ingest");
     }
+    if args.changed_blocks.is_some() && vol["snapshots"].as_array().is_some_and(Vec::is_empty) {
+        bail!("--changed-blocks lists changes since an earlier ingest, but `{name}` has none: ingest the whole image first");
+    }
     let vol_size = vol["size_bytes"].as_u64().unwrap_or(0);
     if size != vol_size {
-        bail!("{} is {size} bytes but source `{name}` is {vol_size} bytes: sizes must match", path.display());
+        let img = path.display();
+        if !size.is_multiple_of(BS as u64) {
+            bail!("{img} is {size} bytes, not a multiple of 4096: forkd volumes are whole 4 KiB blocks");
+        }
+        if size < vol_size {
+            bail!("{img} is {size} bytes but source `{name}` is {vol_size} bytes: sizes must match (sources never shrink)");
+        }
+        if !args.resize {
+            bail!(
+                "{img} is {size} bytes but source `{name}` is {vol_size} bytes: give --resize to grow the source first"
+            );
+        }
+        client.post_json(&format!("/v1/sources/{}/resize", enc(name)), &json!({ "size": size }))?;
+        if json_out {
+            println!("{}", json!({"event": "resized", "previous_size_bytes": vol_size, "size_bytes": size}));
+        } else {
+            println!("grew source {name} from {} to {}", humanize(vol_size), humanize(size));
+        }
     }
     // The digests of the latest snapshot, (block, digest) in block order.
     let raw = client.get_bytes(&format!("/v1/sources/{}/digests", enc(name)))?;
@@ -108,8 +138,9 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     let progress = Arc::new(Progress::default());
     let (tx, rx) = sync_channel::<anyhow::Result<Vec<u8>>>(8);
     let p = progress.clone();
+    let (to_scan, nranges) = (ranges.iter().map(|r| r.1).sum::<u64>(), ranges.len());
     let reader = std::thread::spawn(move || {
-        if let Err(e) = scan(&file, size, &old, &p, &tx) {
+        if let Err(e) = scan(&file, &ranges, &old, &p, &tx) {
             let _ = tx.send(Err(e));
         }
     });
@@ -117,7 +148,7 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reporter = {
         let (p, done) = (progress.clone(), done.clone());
-        std::thread::spawn(move || report(&p, size, started, &done, json_out))
+        std::thread::spawn(move || report(&p, size, to_scan, started, &done, json_out))
     };
     let result =
         client.post_stream(&format!("/v1/sources/{}/ingest", enc(name)), FrameReader { rx, cur: Vec::new(), pos: 0 });
@@ -127,10 +158,18 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     let resp = result?;
     let s = &resp["summary"];
     if json_out {
-        println!("{}", json!({"event": "done", "snapshot": resp["snapshot"], "summary": s}));
+        let mut done = json!({"event": "done", "snapshot": resp["snapshot"], "summary": s});
+        if args.changed_blocks.is_some() {
+            done["ranges"] = json!(nranges);
+        }
+        println!("{done}");
     } else {
+        let read = match &args.changed_blocks {
+            Some(list) => format!(" ({nranges} range{} from {})", if nranges == 1 { "" } else { "s" }, list.display()),
+            None => String::new(),
+        };
         println!(
-            "ingested {} into {}: scanned {}, changed {}, sent {} in {:.1}s",
+            "ingested {} into {}: scanned {}{read}, changed {}, sent {} in {:.1}s",
             path.display(),
             resp["snapshot"].as_str().unwrap_or("?"),
             humanize(s["scanned_bytes"].as_u64().unwrap_or(0)),
@@ -142,10 +181,18 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     Ok(())
 }
 
-/// Read the image, find changed blocks, queue frames. Runs on its own thread.
+/// Read and parse a `--changed-blocks` file; errors are `FILE:LINE: what is wrong`.
+fn read_changed_blocks(list: &Path, size: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+    let bytes = std::fs::read(list).with_context(|| format!("cannot read {}", list.display()))?;
+    changed_blocks::parse(&String::from_utf8_lossy(&bytes), size)
+        .map_err(|e| anyhow!("{}:{}: {}", list.display(), e.line, e.kind))
+}
+
+/// Read the image's `ranges` ((offset, length) in bytes, whole blocks, sorted, disjoint), find
+/// changed blocks, queue frames. Runs on its own thread.
 fn scan(
     file: &File,
-    size: u64,
+    ranges: &[(u64, u64)],
     old: &[(u64, u64)],
     p: &Progress,
     tx: &std::sync::mpsc::SyncSender<anyhow::Result<Vec<u8>>>,
@@ -154,66 +201,73 @@ fn scan(
     let mut oi = 0usize; // cursor into `old`
     let mut out = Vec::with_capacity(CHUNK + CHUNK / 256);
     let mut changed = 0u64;
-    let mut off = 0u64;
-    while off < size {
-        let want = usize::try_from((size - off).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let chunk = &mut buf[..want];
-        file.read_exact_at(chunk, off).with_context(|| format!("reading the image at offset {off}"))?;
-        let first = off / BS as u64;
-        // Runs of changed data blocks become data frames, blocks that became zero zero frames.
-        let mut run_start: Option<usize> = None;
-        let mut zero_start: Option<usize> = None;
-        let nblocks = want / BS;
-        for i in 0..=nblocks {
-            let kind = if i == nblocks {
-                0 // flush runs
-            } else {
-                let b = first + i as u64;
-                let block = &chunk[i * BS..(i + 1) * BS];
-                while oi < old.len() && old[oi].0 < b {
-                    oi += 1;
-                }
-                let prev = (oi < old.len() && old[oi].0 == b).then(|| old[oi].1);
-                if block.iter().all(|&x| x == 0) {
-                    if prev.is_some() {
-                        2
-                    } else {
-                        0
-                    }
-                } else if prev == Some(catalog::blockmap::block_digest(block)) {
-                    0
+    let mut scanned = 0u64;
+    for &(start, len) in ranges {
+        // Skip the digests of the blocks before this range.
+        oi += old[oi..].partition_point(|d| d.0 < start / BS as u64);
+        let end = start.saturating_add(len);
+        let mut off = start;
+        while off < end {
+            let want = usize::try_from((end - off).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let chunk = &mut buf[..want];
+            file.read_exact_at(chunk, off).with_context(|| format!("reading the image at offset {off}"))?;
+            let first = off / BS as u64;
+            // Runs of changed data blocks become data frames, blocks that became zero zero frames.
+            let mut run_start: Option<usize> = None;
+            let mut zero_start: Option<usize> = None;
+            let nblocks = want / BS;
+            for i in 0..=nblocks {
+                let kind = if i == nblocks {
+                    0 // flush runs
                 } else {
-                    1
+                    let b = first + i as u64;
+                    let block = &chunk[i * BS..(i + 1) * BS];
+                    while oi < old.len() && old[oi].0 < b {
+                        oi += 1;
+                    }
+                    let prev = (oi < old.len() && old[oi].0 == b).then(|| old[oi].1);
+                    if block.iter().all(|&x| x == 0) {
+                        if prev.is_some() {
+                            2
+                        } else {
+                            0
+                        }
+                    } else if prev == Some(catalog::blockmap::block_digest(block)) {
+                        0
+                    } else {
+                        1
+                    }
+                };
+                let full = |s: usize| i - s >= MAX_FRAME_BLOCKS as usize;
+                if let Some(s) = run_start.filter(|&s| kind != 1 || full(s)) {
+                    encode_data(first + s as u64, &chunk[s * BS..i * BS], &mut out);
+                    changed += ((i - s) * BS) as u64;
+                    run_start = None;
                 }
-            };
-            let full = |s: usize| i - s >= MAX_FRAME_BLOCKS as usize;
-            if let Some(s) = run_start.filter(|&s| kind != 1 || full(s)) {
-                encode_data(first + s as u64, &chunk[s * BS..i * BS], &mut out);
-                changed += ((i - s) * BS) as u64;
-                run_start = None;
+                if let Some(s) = zero_start.filter(|&s| kind != 2 || full(s)) {
+                    encode_zero(first + s as u64, u32::try_from(i - s).unwrap_or(u32::MAX), &mut out);
+                    changed += ((i - s) * BS) as u64;
+                    zero_start = None;
+                }
+                match kind {
+                    1 if run_start.is_none() => run_start = Some(i),
+                    2 if zero_start.is_none() => zero_start = Some(i),
+                    _ => {}
+                }
             }
-            if let Some(s) = zero_start.filter(|&s| kind != 2 || full(s)) {
-                encode_zero(first + s as u64, u32::try_from(i - s).unwrap_or(u32::MAX), &mut out);
-                changed += ((i - s) * BS) as u64;
-                zero_start = None;
-            }
-            match kind {
-                1 if run_start.is_none() => run_start = Some(i),
-                2 if zero_start.is_none() => zero_start = Some(i),
-                _ => {}
-            }
-        }
-        off += want as u64;
-        p.scanned.store(off, Ordering::Relaxed);
-        p.changed.store(changed, Ordering::Relaxed);
-        if !out.is_empty() {
-            let full = std::mem::replace(&mut out, Vec::with_capacity(CHUNK + CHUNK / 256));
-            if tx.send(Ok(full)).is_err() {
-                return Ok(()); // the sender stopped; its error is reported there
+            off += want as u64;
+            scanned += want as u64;
+            p.scanned.store(scanned, Ordering::Relaxed);
+            p.changed.store(changed, Ordering::Relaxed);
+            if !out.is_empty() {
+                let full = std::mem::replace(&mut out, Vec::with_capacity(CHUNK + CHUNK / 256));
+                if tx.send(Ok(full)).is_err() {
+                    return Ok(()); // the sender stopped; its error is reported there
+                }
             }
         }
     }
-    encode_end(size, changed, &mut out);
+    encode_end(scanned, changed, &mut out);
     let _ = tx.send(Ok(out));
     Ok(())
 }
@@ -231,7 +285,15 @@ fn whole(x: f64) -> u64 {
 }
 
 /// Show progress: a status line on a terminal, JSON lines with `--json`, nothing otherwise.
-fn report(p: &Progress, size: u64, started: Instant, done: &std::sync::atomic::AtomicBool, json_out: bool) {
+/// `to_scan` is what this run reads: `size`, the image's, unless `--changed-blocks` was given.
+fn report(
+    p: &Progress,
+    size: u64,
+    to_scan: u64,
+    started: Instant,
+    done: &std::sync::atomic::AtomicBool,
+    json_out: bool,
+) {
     let tty = std::io::stderr().is_terminal();
     if !tty && !json_out {
         return;
@@ -246,20 +308,20 @@ fn report(p: &Progress, size: u64, started: Instant, done: &std::sync::atomic::A
         let (scanned, changed) = (p.scanned.load(Ordering::Relaxed), p.changed.load(Ordering::Relaxed));
         let secs = started.elapsed().as_secs_f64().max(0.001);
         let rate = scanned as f64 / secs;
-        let eta = if rate > 0.0 { (size.saturating_sub(scanned)) as f64 / rate } else { 0.0 };
+        let eta = if rate > 0.0 { (to_scan.saturating_sub(scanned)) as f64 / rate } else { 0.0 };
         if json_out {
             println!(
                 "{}",
-                json!({"event": "progress", "scanned_bytes": scanned, "size_bytes": size, "changed_bytes": changed, "bytes_per_second": whole(rate), "eta_seconds": whole(eta)})
+                json!({"event": "progress", "scanned_bytes": scanned, "size_bytes": size, "scan_bytes": to_scan, "changed_bytes": changed, "bytes_per_second": whole(rate), "eta_seconds": whole(eta)})
             );
         } else {
-            let pct = (scanned * 100).checked_div(size).unwrap_or(100);
+            let pct = (scanned * 100).checked_div(to_scan).unwrap_or(100);
             let mut e = std::io::stderr();
             let _ = write!(
                 e,
                 "\r{pct:3}%  scanned {} of {}  changed {}  {}/s  ETA {:.0}s   ",
                 humanize(scanned),
-                humanize(size),
+                humanize(to_scan),
                 humanize(changed),
                 humanize(whole(rate)),
                 eta

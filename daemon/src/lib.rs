@@ -3,14 +3,19 @@
 //!
 //! - [`store`]: catalog + extent map + data engine, the one place data and metadata meet;
 //! - [`engine`]: io_uring data I/O on the extent file (pread/pwrite fallback);
-//! - [`api`], [`ingest_proto`]: the HTTP API and the ingest stream it receives;
+//! - [`api`], [`api_resize`], [`ingest_proto`]: the HTTP API and the ingest stream it receives;
+//! - [`auth`]: the API's bearer token;
 //! - [`serve`]: configuration and the daemon's life cycle;
 //! - [`cli`], [`client`], [`ingest`], [`dump`]: the command line, a client of the API;
+//! - [`changed_blocks`]: `ingest --changed-blocks FILE`, `thin_delta` XML or `OFFSET LENGTH` lines;
 //! - [`nbd_server`]: the NBD listener, driving the `nbd` protocol crate over tokio;
 //! - [`exports`]: live connections per export, closed before rewind/refresh/delete;
 //! - [`metrics`]: Prometheus counters.
 
 pub mod api;
+pub mod api_resize;
+pub mod auth;
+pub mod changed_blocks;
 pub mod cli;
 pub mod client;
 pub mod dump;

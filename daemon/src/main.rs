@@ -2,8 +2,7 @@
 //! turns any error into one line on stderr and a non-zero exit.
 
 use clap::Parser;
-use forkd::cli::{Cli, Command};
-use forkd::client::Client;
+use forkd::cli::{client, Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
@@ -16,8 +15,8 @@ fn main() {
         .init();
     let result = match &cli.command {
         Command::Serve(args) => forkd::serve::run(args),
-        Command::Ingest(args) => forkd::ingest::run(&Client::new(&cli.api), args, cli.json),
-        Command::Dump { reference, file } => forkd::dump::run(&Client::new(&cli.api), reference, file, cli.json),
+        Command::Ingest(args) => client(&cli).and_then(|c| forkd::ingest::run(&c, args, cli.json)),
+        Command::Dump { reference, file } => client(&cli).and_then(|c| forkd::dump::run(&c, reference, file, cli.json)),
         _ => forkd::cli::run_client(&cli),
     };
     if let Err(e) = result {

@@ -241,7 +241,8 @@ async fn connection(
     let mut batch: Vec<(Request, bytes::Bytes)> = Vec::new();
     let mut batch_bytes = 0usize;
     let dispatch = |permit: tokio::sync::OwnedSemaphorePermit, jobs: Vec<(Request, bytes::Bytes)>| {
-        let (store, session, writer, send, expired) = (store.clone(), session.clone(), writer, send.clone(), expired.clone());
+        let (store, session, writer, send, expired) =
+            (store.clone(), session.clone(), writer, send.clone(), expired.clone());
         tokio::task::spawn_blocking(move || {
             let reply = execute_batch(&store, &session, &writer, &expired, jobs);
             send(reply);

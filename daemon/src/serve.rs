@@ -3,6 +3,10 @@
 //! Settings come from built-in defaults, then the TOML file given with `--config`, then the
 //! command line. On SIGINT or SIGTERM the API stops accepting requests, running ones finish,
 //! and the store is flushed before exit.
+//!
+//! The API token (`token_file`, see [`crate::auth`]): required whenever the API listens on
+//! anything but a loopback address (the daemon refuses to start without one), optional on
+//! loopback, and enforced on every request whenever it is configured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,8 @@ pub struct Config {
     pub nbd: String,
     /// Address of the iSCSI listener.
     pub iscsi: String,
+    /// File holding the API token (required unless the API listens on loopback).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -35,6 +41,7 @@ impl Default for Config {
             api: "127.0.0.1:7480".into(),
             nbd: "0.0.0.0:10809".into(),
             iscsi: "0.0.0.0:3260".into(),
+            token_file: None,
         }
     }
 }
@@ -58,6 +65,9 @@ impl Config {
         if let Some(a) = &args.iscsi {
             c.iscsi = a.clone();
         }
+        if let Some(t) = &args.token_file {
+            c.token_file = Some(t.clone());
+        }
         Ok(c)
     }
 
@@ -74,15 +84,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .api
         .parse()
         .map_err(|_| anyhow::anyhow!("--api {}: not an address such as 127.0.0.1:7480", config.api))?;
+    let token = api_token(&config, api)?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot listen on {api} for the API"))?;
-        if !api.ip().is_loopback() {
-            tracing::warn!(%api, "the API is reachable from other hosts and has no authentication yet");
-        }
         let nbd_addr: SocketAddr = config
             .nbd
             .parse()
@@ -94,6 +102,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             api = %listener.local_addr()?,
             nbd = %nbd_listener.local_addr()?,
             data_dir = %config.data_dir.display(),
+            token = token.is_some(),
             "forkd serving (iSCSI {} is not served by this build yet)",
             config.iscsi
         );
@@ -105,7 +114,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         let signal = shutdown.clone();
-        let api_result = axum::serve(listener, crate::api::router(store.clone()))
+        let app = crate::api::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
+        let api_result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
                 signal.cancel();
@@ -119,6 +129,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     store.flush().context("final flush")?;
     tracing::info!("forkd stopped cleanly");
     Ok(())
+}
+
+/// The API token from `config.token_file`; refuses to go on without one when `api` is not a
+/// loopback address.
+fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<crate::auth::Token>>> {
+    match &config.token_file {
+        Some(p) => Ok(Some(Arc::new(crate::auth::Token::from_file(p)?))),
+        None if api.ip().is_loopback() => Ok(None),
+        None => Err(anyhow::anyhow!(
+            "the API address {api} is reachable from other hosts, so it needs a token: give --token-file FILE \
+             (or token_file in the config), or listen on 127.0.0.1"
+        )),
+    }
 }
 
 async fn shutdown_signal() {
@@ -136,4 +159,50 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn token_required_off_loopback() {
+        let c = Config::default();
+        assert!(api_token(&c, addr("127.0.0.1:7480")).expect("loopback").is_none());
+        assert!(api_token(&c, addr("[::1]:7480")).expect("loopback v6").is_none());
+        for a in ["0.0.0.0:7480", "[::]:7480", "192.0.2.1:7480"] {
+            let err = api_token(&c, addr(a)).expect_err(a).to_string();
+            assert!(err.contains("needs a token") && err.contains("--token-file"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+
+    #[test]
+    fn token_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("token");
+        std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").expect("write");
+        let c = Config { token_file: Some(p.clone()), ..Config::default() };
+        let t = api_token(&c, addr("0.0.0.0:7480")).expect("remote with token").expect("token");
+        assert!(t.matches(b"0123456789abcdef0123456789abcdef"));
+        assert!(api_token(&c, addr("127.0.0.1:7480")).expect("loopback with token").is_some());
+        std::fs::write(&p, "tooshort\n").expect("write");
+        let err = api_token(&c, addr("127.0.0.1:7480")).expect_err("short").to_string();
+        assert!(err.contains("at least 16"), "{err}");
+    }
+
+    #[test]
+    fn token_file_from_config_and_command_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("forkd.toml");
+        std::fs::write(&cfg, "token_file = \"/etc/forkd/token\"\n").expect("write");
+        let args = ServeArgs { config: Some(cfg), ..ServeArgs::default() };
+        assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/etc/forkd/token")));
+        let args = ServeArgs { token_file: Some(PathBuf::from("/x")), ..args };
+        assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/x")));
+    }
 }

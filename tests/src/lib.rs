@@ -1090,3 +1090,136 @@ pub mod rawnbd {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Daemons started with more `serve` flags (an API token, the API on every address), CLI runs
+// with a chosen environment, and HTTP requests with extra headers.
+// ---------------------------------------------------------------------------------------------
+
+impl Daemon {
+    /// Start a daemon in `root` (data in `root/data`, log in `root/daemon.log`) whose API
+    /// listens on `api_host:PORT` with a free PORT (always reached on 127.0.0.1), with `extra`
+    /// flags after `serve` (e.g. `--token-file FILE`). It counts as ready when its API answers
+    /// at all, `401` included. [`Daemon::restart`] would start it without `extra`, on loopback.
+    pub fn start_with(root: &Path, api_host: &str, extra: &[&str]) -> Daemon {
+        let bin = forkd_bin();
+        let (data_dir, log) = (root.join("data"), root.join("daemon.log"));
+        let mut last_err = String::new();
+        for _attempt in 0..8 {
+            let port = free_port();
+            let mut d = Daemon {
+                bin: bin.clone(),
+                data_dir: data_dir.clone(),
+                log: log.clone(),
+                port,
+                child: None,
+                api: Api::new(port),
+            };
+            match d.try_spawn_with(api_host, extra) {
+                Ok(()) => return d,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("could not start forkd: {last_err}\n--- daemon log ---\n{}", read_log(&log));
+    }
+
+    fn try_spawn_with(&mut self, api_host: &str, extra: &[&str]) -> Result<(), String> {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("open log {}: {e}", self.log.display()));
+        let log2 = log.try_clone().expect("clone log fd");
+        let child = Command::new(&self.bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--api")
+            .arg(format!("{api_host}:{}", self.port))
+            .args(["--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("FORKD_API")
+            .env_remove("FORKD_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < READY_TIMEOUT {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(format!("forkd serve exited early with {st}"));
+            }
+            if self.api.request("GET", "/v1/volumes", None).is_ok() {
+                // Make sure it is our daemon that answered, not one that took the port.
+                std::thread::sleep(Duration::from_millis(20));
+                if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    self.child = None;
+                    return Err(format!("forkd serve exited early with {st}"));
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        Err(format!("forkd serve did not answer within {READY_TIMEOUT:?}"))
+    }
+
+    /// Run `forkd --api URL ARGS...` (bounded in time) with `FORKD_API` and `FORKD_TOKEN`
+    /// removed from its environment, then `env` set.
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--api").arg(self.url()).args(args).env_remove("FORKD_API").env_remove("FORKD_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_bounded(&mut cmd, CLI_TIMEOUT)
+    }
+}
+
+/// Run `forkd ARGS...` with `FORKD_API` and `FORKD_TOKEN` removed from its environment. `Err`
+/// carries what it printed when it was still running after `timeout` (and was killed), e.g. a
+/// `forkd serve` that did start.
+pub fn run_forkd(args: &[&str], timeout: Duration) -> Result<Output, Output> {
+    let mut cmd = Command::new(forkd_bin());
+    cmd.args(args).env_remove("FORKD_API").env_remove("FORKD_TOKEN");
+    run_with_deadline(&mut cmd, timeout)
+}
+
+impl Api {
+    /// Send a request with extra headers (e.g. `Authorization`); like [`Api::request`], `Err`
+    /// only for transport errors.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+    ) -> Result<Http, String> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let result = match body {
+            Some((ctype, bytes)) => req.set("Content-Type", ctype).send_bytes(bytes),
+            None => req.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
+        };
+        let status = resp.status();
+        let mut buf = Vec::new();
+        resp.into_reader().take(256 << 20).read_to_end(&mut buf).map_err(|e| format!("reading the body: {e}"))?;
+        Ok(Http { status, body: buf })
+    }
+
+    /// `GET path` with extra headers, panicking on transport errors.
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Http {
+        self.request_with("GET", path, headers, None).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+}

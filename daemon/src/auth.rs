@@ -1,0 +1,277 @@
+//! Bearer-token authentication of the HTTP API (docs/api.md, "Authentication").
+//!
+//! The daemon reads one shared token from a file (`--token-file` or `token_file` in the
+//! config): its content with surrounding whitespace trimmed, at least [`MIN_TOKEN_LEN`]
+//! printable ASCII characters. A token is required whenever the API listens on anything but
+//! a loopback address, and enforced whenever one is configured. Every request, `/metrics` and
+//! unknown paths included, must then carry `Authorization: Bearer TOKEN`; anything else gets
+//! `401` with `{"error": "..."}` and a warning in the log naming the peer (never the token).
+//!
+//! The presented token is compared in constant time ([`constant_time_eq`]), so the time a
+//! refusal takes says nothing about how much of a guess was right. The token itself never
+//! appears in logs or `Debug` output.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// Fewest characters a token may have.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The API token the daemon requires. Never printed: `Debug` shows `Token(<redacted>)`.
+pub struct Token(Vec<u8>);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// A token from its text (already trimmed): at least [`MIN_TOKEN_LEN`] printable ASCII
+    /// characters without spaces. The error says what is wrong, without the token.
+    pub fn new(text: &str) -> Result<Token, String> {
+        check_token_text(text)?;
+        if text.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "it has {} characters; a token needs at least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 32`)",
+                text.len()
+            ));
+        }
+        Ok(Token(text.as_bytes().to_vec()))
+    }
+
+    /// Read the token the daemon requires from `path` (see [`read_token_file`]).
+    pub fn from_file(path: &Path) -> anyhow::Result<Token> {
+        let text = read_token_file(path)?;
+        let token = Token::new(&text).map_err(|why| anyhow!("token file {}: {why}", path.display()))?;
+        warn_if_readable_by_others(path);
+        Ok(token)
+    }
+
+    /// Whether `presented` is this token, in time that depends only on the lengths.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        constant_time_eq(&self.0, presented)
+    }
+}
+
+/// A token's characters: printable ASCII, no spaces (it travels in an HTTP header).
+fn check_token_text(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("it is empty".into());
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a token may only hold printable ASCII characters, without spaces".into());
+    }
+    Ok(())
+}
+
+/// Read a token file: its content with surrounding whitespace (a final newline) trimmed,
+/// which must be non-empty printable ASCII without spaces. Used by the daemon and the CLI.
+pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let raw = std::fs::read(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| anyhow!("token file {}: a token may only hold printable ASCII characters", path.display()))?;
+    let text = text.trim();
+    check_token_text(text).map_err(|why| anyhow!("token file {}: {why}", path.display()))?;
+    Ok(text.to_string())
+}
+
+/// The token for `forkd` client commands: the trimmed content of `token_file` when given,
+/// else `FORKD_TOKEN` (the token itself; empty means unset), else none.
+pub fn client_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    if let Some(path) = token_file {
+        return read_token_file(path).map(Some);
+    }
+    match std::env::var("FORKD_TOKEN") {
+        Ok(t) if t.trim().is_empty() => Ok(None),
+        Ok(t) => {
+            let t = t.trim();
+            check_token_text(t).map_err(|why| anyhow!("FORKD_TOKEN: {why}"))?;
+            Ok(Some(t.to_string()))
+        }
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("FORKD_TOKEN: a token may only hold printable ASCII characters")
+        }
+    }
+}
+
+/// A token file others can read is worth a warning, not a refusal.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = std::fs::metadata(path) {
+        if md.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "the token file is readable by other users: chmod 600 it");
+        }
+    }
+}
+
+/// Compare two byte strings in time that depends only on their lengths, never on where they
+/// first differ: every byte is looked at and the differences are OR-ed together.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    // Keep the optimiser from turning the loop into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// Why a request was refused. The text goes to the client and into the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization` header.
+    Missing,
+    /// An `Authorization` header that is not `Bearer TOKEN`.
+    Malformed,
+    /// A bearer token that is not the daemon's.
+    Wrong,
+}
+
+impl Refusal {
+    /// The one-line explanation.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Missing => "this API needs a token: send `Authorization: Bearer TOKEN`",
+            Refusal::Malformed => "the Authorization header must be `Bearer TOKEN`",
+            Refusal::Wrong => "wrong token",
+        }
+    }
+}
+
+/// Check a request's headers against `token`.
+pub fn check(token: &Token, headers: &HeaderMap) -> Result<(), Refusal> {
+    let value = headers.get(header::AUTHORIZATION).ok_or(Refusal::Missing)?.as_bytes();
+    let (scheme, rest) = value.split_at(value.iter().position(|&b| b == b' ').ok_or(Refusal::Malformed)?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(Refusal::Malformed);
+    }
+    let presented = rest.trim_ascii();
+    if presented.is_empty() {
+        return Err(Refusal::Malformed);
+    }
+    if token.matches(presented) {
+        Ok(())
+    } else {
+        Err(Refusal::Wrong)
+    }
+}
+
+/// The `401` answer: `{"error": "..."}` and `WWW-Authenticate: Bearer realm="forkd"`.
+pub fn unauthorized(why: Refusal) -> Response {
+    let mut r = (StatusCode::UNAUTHORIZED, Json(json!({ "error": why.message() }))).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"forkd\""));
+    r
+}
+
+/// Axum middleware (`axum::middleware::from_fn_with_state(token, require_token)`): pass
+/// requests with the right bearer token on, answer everything else with `401`.
+pub async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
+    match check(&token, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(why) => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+            tracing::warn!(
+                %peer,
+                method = %req.method(),
+                path = %req.uri().path(),
+                "refused an API request: {}",
+                why.message()
+            );
+            unauthorized(why)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "0123456789abcdef0123456789abcdef";
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(a).expect("header"));
+        }
+        h
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert!(!constant_time_eq(b"abc\0", b"abc"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+
+    #[test]
+    fn token_rules() {
+        assert!(Token::new(GOOD).is_ok());
+        assert!(Token::new("0123456789abcdef").is_ok(), "16 characters are enough");
+        let short = Token::new("0123456789abcde").expect_err("15 characters");
+        assert!(short.contains("at least 16"), "{short}");
+        assert!(Token::new("").is_err());
+        assert!(Token::new("0123456789 abcdef").is_err(), "no spaces");
+        assert!(Token::new("0123456789abcdéf").is_err(), "ASCII only");
+        assert_eq!(format!("{:?}", Token::new(GOOD).expect("token")), "Token(<redacted>)");
+    }
+
+    #[test]
+    fn token_file_is_trimmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("token");
+        std::fs::write(&p, format!("  {GOOD}\n")).expect("write");
+        assert_eq!(read_token_file(&p).expect("read"), GOOD);
+        assert!(Token::from_file(&p).expect("token").matches(GOOD.as_bytes()));
+        std::fs::write(&p, "short\n").expect("write");
+        let err = Token::from_file(&p).expect_err("short").to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        std::fs::write(&p, "\n\n").expect("write");
+        assert!(read_token_file(&p).expect_err("empty").to_string().contains("empty"));
+        let missing = dir.path().join("nope");
+        assert!(Token::from_file(&missing).expect_err("missing").to_string().contains("cannot read token file"));
+    }
+
+    #[test]
+    fn header_checks() {
+        let t = Token::new(GOOD).expect("token");
+        assert_eq!(check(&t, &headers(None)), Err(Refusal::Missing));
+        assert_eq!(check(&t, &headers(Some(&format!("Bearer {GOOD}")))), Ok(()));
+        assert_eq!(check(&t, &headers(Some(&format!("bearer  {GOOD} ")))), Ok(()));
+        assert_eq!(check(&t, &headers(Some(&format!("Bearer {GOOD}x")))), Err(Refusal::Wrong));
+        assert_eq!(check(&t, &headers(Some("Bearer 0123456789abcdef0123456789abcdeF"))), Err(Refusal::Wrong));
+        assert_eq!(check(&t, &headers(Some(&format!("Basic {GOOD}")))), Err(Refusal::Malformed));
+        assert_eq!(check(&t, &headers(Some("Bearer"))), Err(Refusal::Malformed));
+        assert_eq!(check(&t, &headers(Some("Bearer   "))), Err(Refusal::Malformed));
+        assert_eq!(check(&t, &headers(Some(GOOD))), Err(Refusal::Malformed));
+    }
+
+    #[test]
+    fn refusal_is_json_401() {
+        let r = unauthorized(Refusal::Wrong);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers().get(header::WWW_AUTHENTICATE).map(HeaderValue::as_bytes),
+            Some(&b"Bearer realm=\"forkd\""[..])
+        );
+    }
+}
