@@ -261,8 +261,8 @@ pub struct IngestArgs {
     /// Source volume to feed
     #[arg(value_name = "NAME")]
     pub name: String,
-    /// Block device or image file to read (required unless --abort)
-    #[arg(long, value_name = "PATH", required_unless_present = "abort")]
+    /// Block device or image file to read (required unless --abort or --lvm)
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["abort", "lvm"], conflicts_with = "lvm")]
     pub from: Option<PathBuf>,
     /// File of the ranges changed since the last ingest, read instead of the whole image:
     /// thin_delta XML, or `OFFSET LENGTH` lines in bytes
@@ -271,9 +271,20 @@ pub struct IngestArgs {
     /// LVM logical volume to snapshot and read from
     #[arg(long, value_name = "VG/LV")]
     pub lvm: Option<String>,
-    /// Mount point to freeze (fsfreeze) while the snapshot is taken
+    /// Mount point to freeze (fsfreeze): for the instant of lvcreate with --lvm, else for the
+    /// whole read of --from
     #[arg(long, value_name = "MOUNTPOINT")]
     pub freeze: Option<PathBuf>,
+    /// Size of the LVM snapshot (an `lvcreate -L` value): room for writes during the ingest
+    #[arg(long, value_name = "SIZE", default_value = "1G", requires = "lvm")]
+    pub lvm_snapshot_size: String,
+    /// Name prefix of the LVM snapshot (PREFIX-YYYYMMDDTHHMMSS)
+    #[arg(long, value_name = "PREFIX", default_value = "forkd-ingest", requires = "lvm")]
+    pub lvm_prefix: String,
+    /// With `--from nbd://HOST:PORT/EXPORT`: read only the ranges qemu dirty bitmap NAME marks
+    /// (NBD block status on the `qemu:dirty-bitmap:NAME` context)
+    #[arg(long, value_name = "NAME", conflicts_with = "changed_blocks")]
+    pub dirty_bitmap: Option<String>,
     /// Abandon the ingest running for NAME instead of starting one
     #[arg(long, conflicts_with_all = ["from", "changed_blocks", "lvm", "freeze"])]
     pub abort: bool,
@@ -844,15 +855,21 @@ other  source  4.0 KiB
         assert!(Cli::try_parse_from(["forkd", "ingest", "prod"]).is_err());
         let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--abort"]).expect("abort");
         assert!(matches!(cli.command, Command::Ingest(IngestArgs { abort: true, .. })));
-        let cli =
-            Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/dev/sdb", "--lvm", "vg/lv"]).expect("from");
+        // --lvm replaces --from (the snapshot is what is read).
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/dev/sdb", "--lvm", "vg/lv"]).is_err());
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--lvm", "vg/lv", "--freeze", "/mnt"]).expect("lvm");
         match cli.command {
             Command::Ingest(i) => {
-                assert_eq!(i.from, Some(PathBuf::from("/dev/sdb")));
+                assert_eq!(i.from, None);
                 assert_eq!(i.lvm.as_deref(), Some("vg/lv"));
+                assert_eq!(i.freeze, Some(PathBuf::from("/mnt")));
+                assert_eq!((i.lvm_snapshot_size.as_str(), i.lvm_prefix.as_str()), ("1G", "forkd-ingest"));
             }
             other => panic!("unexpected {other:?}"),
         }
+        let cli =
+            Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/dev/sdb", "--freeze", "/mnt"]).expect("freeze");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { lvm: None, freeze: Some(_), .. })));
         assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--abort", "--from", "/x"]).is_err());
     }
 

@@ -10,6 +10,10 @@
 //! With `--changed-blocks FILE` (see [`crate::changed_blocks`]) only the listed ranges are read,
 //! still compared block by block with the daemon's digests, so a listed block that did not
 //! change is not sent either.
+//!
+//! With `--from nbd://HOST:PORT/EXPORT` the image is read through [`crate::nbd_client`]; adding
+//! `--dirty-bitmap NAME` reads only the ranges qemu's dirty bitmap NAME marks (NBD block status),
+//! fed to the same ranges-only scan as `--changed-blocks`. The scan reads through [`ReadAt`].
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
@@ -73,6 +77,24 @@ fn image_size(f: &File, path: &Path) -> anyhow::Result<u64> {
     f.seek(SeekFrom::End(0)).with_context(|| format!("cannot find the size of {}", path.display()))
 }
 
+/// Where the scan reads the image from: a file or block device, or an NBD export.
+pub trait ReadAt: Send {
+    /// Fill `buf` from byte `off` of the image.
+    fn read_at_exact(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_at_exact(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+}
+
+impl ReadAt for crate::nbd_client::NbdClient {
+    fn read_at_exact(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_at(buf, off).map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+}
+
 /// Run `forkd ingest`.
 pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result<()> {
     let name = &args.name;
@@ -81,19 +103,45 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         println!("abandoned the running ingest into {name}");
         return Ok(());
     }
-    if args.lvm.is_some() || args.freeze.is_some() {
-        bail!("--lvm and --freeze are not supported yet: ingest from a consistent image with --from");
+    // --lvm/--freeze: the guards undo the snapshot/freeze when `consistent` is dropped.
+    let consistent = crate::consistent::prepare(
+        args.from.as_deref(),
+        args.lvm.as_deref(),
+        args.freeze.as_deref(),
+        &args.lvm_snapshot_size,
+        &args.lvm_prefix,
+    )?;
+    let path = consistent.path.clone();
+    let path = path.as_path();
+    // --from nbd://HOST:PORT/EXPORT reads an NBD export, with --dirty-bitmap only where it changed.
+    let nbd_url = path.to_str().filter(|s| s.starts_with("nbd://"));
+    if args.dirty_bitmap.is_some() && nbd_url.is_none() {
+        bail!(
+            "--dirty-bitmap needs --from nbd://HOST:PORT/EXPORT (qemu dirty bitmaps are read over NBD), not {}",
+            path.display()
+        );
     }
-    let path = args.from.as_deref().ok_or_else(|| anyhow!("ingest needs --from PATH"))?;
-    if path.is_dir() {
-        bail!("cannot read {}: it is a directory", path.display());
-    }
-    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let size = image_size(&file, path)?;
-    // The byte ranges to read: those --changed-blocks lists, else the whole image.
-    let ranges = match &args.changed_blocks {
-        Some(list) => read_changed_blocks(list, size)?,
-        None => vec![(0, size)],
+    let (file, size, dirty): (Box<dyn ReadAt>, u64, _) = if let Some(url) = nbd_url {
+        let nbd = crate::nbd_client::NbdClient::connect(url, args.dirty_bitmap.as_deref())?;
+        let size = nbd.size();
+        let dirty = match &args.dirty_bitmap {
+            Some(b) => Some(nbd.dirty_ranges(BS as u64).with_context(|| format!("reading dirty bitmap {b} of {url}"))?),
+            None => None,
+        };
+        (Box::new(nbd), size, dirty)
+    } else {
+        if path.is_dir() {
+            bail!("cannot read {}: it is a directory", path.display());
+        }
+        let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let size = image_size(&file, path)?;
+        (Box::new(file), size, None)
+    };
+    // The byte ranges to read: those --changed-blocks lists or the dirty bitmap marks, else all.
+    let ranges = match (&args.changed_blocks, dirty) {
+        (Some(list), _) => read_changed_blocks(list, size)?,
+        (None, Some(dirty)) => dirty,
+        (None, None) => vec![(0, size)],
     };
     let vol = client.get_json(&format!("/v1/volumes/{}", enc(name)))?;
     if vol["kind"] != "source" {
@@ -101,6 +149,9 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     }
     if args.changed_blocks.is_some() && vol["snapshots"].as_array().is_some_and(Vec::is_empty) {
         bail!("--changed-blocks lists changes since an earlier ingest, but `{name}` has none: ingest the whole image first");
+    }
+    if args.dirty_bitmap.is_some() && vol["snapshots"].as_array().is_some_and(Vec::is_empty) {
+        bail!("--dirty-bitmap marks changes since an earlier ingest, but `{name}` has none: ingest the whole export first");
     }
     let vol_size = vol["size_bytes"].as_u64().unwrap_or(0);
     if size != vol_size {
@@ -140,7 +191,7 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     let p = progress.clone();
     let (to_scan, nranges) = (ranges.iter().map(|r| r.1).sum::<u64>(), ranges.len());
     let reader = std::thread::spawn(move || {
-        if let Err(e) = scan(&file, &ranges, &old, &p, &tx) {
+        if let Err(e) = scan(&*file, &ranges, &old, &p, &tx) {
             let _ = tx.send(Err(e));
         }
     });
@@ -155,18 +206,21 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
     done.store(true, Ordering::Relaxed);
     let _ = reporter.join();
     let _ = reader.join();
+    drop(consistent);
     let resp = result?;
     let s = &resp["summary"];
     if json_out {
         let mut done = json!({"event": "done", "snapshot": resp["snapshot"], "summary": s});
-        if args.changed_blocks.is_some() {
+        if args.changed_blocks.is_some() || args.dirty_bitmap.is_some() {
             done["ranges"] = json!(nranges);
         }
         println!("{done}");
     } else {
-        let read = match &args.changed_blocks {
-            Some(list) => format!(" ({nranges} range{} from {})", if nranges == 1 { "" } else { "s" }, list.display()),
-            None => String::new(),
+        let plural = if nranges == 1 { "" } else { "s" };
+        let read = match (&args.changed_blocks, &args.dirty_bitmap) {
+            (Some(list), _) => format!(" ({nranges} range{plural} from {})", list.display()),
+            (None, Some(b)) => format!(" ({nranges} range{plural} from dirty bitmap {b})"),
+            (None, None) => String::new(),
         };
         println!(
             "ingested {} into {}: scanned {}{read}, changed {}, sent {} in {:.1}s",
@@ -190,8 +244,8 @@ fn read_changed_blocks(list: &Path, size: u64) -> anyhow::Result<Vec<(u64, u64)>
 
 /// Read the image's `ranges` ((offset, length) in bytes, whole blocks, sorted, disjoint), find
 /// changed blocks, queue frames. Runs on its own thread.
-fn scan(
-    file: &File,
+fn scan<R: ReadAt + ?Sized>(
+    file: &R,
     ranges: &[(u64, u64)],
     old: &[(u64, u64)],
     p: &Progress,
@@ -210,7 +264,7 @@ fn scan(
         while off < end {
             let want = usize::try_from((end - off).min(CHUNK as u64)).unwrap_or(CHUNK);
             let chunk = &mut buf[..want];
-            file.read_exact_at(chunk, off).with_context(|| format!("reading the image at offset {off}"))?;
+            file.read_at_exact(chunk, off).with_context(|| format!("reading the image at offset {off}"))?;
             let first = off / BS as u64;
             // Runs of changed data blocks become data frames, blocks that became zero zero frames.
             let mut run_start: Option<usize> = None;

@@ -18,6 +18,9 @@ use serde::Deserialize;
 use crate::cli::ServeArgs;
 use crate::store::Store;
 
+/// How often the daemon flushes on its own when something was written.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Daemon settings (the `--config` file uses the same keys).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -113,6 +116,26 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             crate::nbd_server::NbdConfig::default(),
             shutdown.clone(),
         ));
+        // Like a filesystem's commit interval: writes of clients that never flush become
+        // durable within FLUSH_INTERVAL, and the slots they freed become reusable.
+        let periodic = {
+            let (store, stop) = (store.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let s = store.clone();
+                    match tokio::task::spawn_blocking(move || s.flush_if_needed()).await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "periodic flush failed"),
+                        Err(e) => tracing::warn!(error = %e, "periodic flush task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            })
+        };
         let signal = shutdown.clone();
         let app = crate::api::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
         let api_result = axum::serve(listener, app)
@@ -124,6 +147,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .context("API server failed");
         shutdown.cancel();
         let _ = nbd.await;
+        let _ = periodic.await;
         api_result
     })?;
     store.flush().context("final flush")?;

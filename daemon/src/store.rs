@@ -94,6 +94,9 @@ pub struct Store {
     queue: Mutex<Vec<Arc<Pending>>>,
     /// Held by the writer committing the queue.
     committer: Mutex<()>,
+    /// Set by every committed write, cleared by a flush: tells the periodic flush whether
+    /// there is anything to make durable.
+    unflushed: AtomicBool,
 }
 
 impl Drop for Store {
@@ -254,6 +257,7 @@ impl Store {
             ingests: Default::default(),
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
+            unflushed: AtomicBool::new(false),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
@@ -302,7 +306,16 @@ impl Store {
         self.note_enospc(self.flush_inner())
     }
 
+    /// Flush if anything was written since the last flush (the daemon's periodic flush).
+    pub fn flush_if_needed(&self) -> Result<bool> {
+        if !self.unflushed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.flush().map(|()| true)
+    }
+
     fn flush_inner(&self) -> Result<()> {
+        self.unflushed.store(false, Ordering::SeqCst);
         let ticket = self.catalog_mut().map_mut().begin_flush();
         // Data first, then the pointers to it: fsync the extents, hand the map's write-back
         // layer to sled, fsync sled.
@@ -622,6 +635,7 @@ impl Store {
             fail(&segment, &StoreError::Catalog(e));
             return;
         }
+        self.unflushed.store(true, Ordering::SeqCst);
         for prep in &segment {
             self.metrics.written_bytes.inc_by(prep.pending.data.len() as u64);
             prep.pending.set(Ok(()));
@@ -650,6 +664,7 @@ impl Store {
         }
         let r = cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE).map_err(StoreError::from);
         drop(cat);
+        self.unflushed.store(true, Ordering::SeqCst);
         self.note_enospc(r)
     }
 
