@@ -157,8 +157,11 @@ pub struct IngestSummary {
     pub scanned_bytes: u64,
     /// Bytes found different from the previous snapshot.
     pub changed_bytes: u64,
-    /// Payload bytes received.
+    /// Payload bytes received (block data).
     pub sent_bytes: u64,
+    /// Every byte of the ingest stream received: payload, crc32s and frame headers.
+    #[serde(default)]
+    pub wire_bytes: u64,
     /// Wall time of the ingest.
     pub duration_ms: u64,
 }

@@ -151,11 +151,12 @@ pub(crate) async fn receive(store: Shared, name: String, body: Body) -> Result<(
     }
     let result = receive_frames(&store, &name, body).await;
     match result {
-        Ok((scanned, changed, sent)) => {
+        Ok((scanned, changed, sent, wire)) => {
             let summary = IngestSummary {
                 scanned_bytes: scanned,
                 changed_bytes: changed,
                 sent_bytes: sent,
+                wire_bytes: wire,
                 duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             };
             let (n, s) = (name.clone(), summary.clone());
@@ -175,8 +176,8 @@ pub(crate) async fn receive(store: Shared, name: String, body: Body) -> Result<(
     }
 }
 
-/// Parse and apply frames until `E`; returns (scanned, changed, payload bytes received).
-async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, u64, u64), ApiError> {
+/// Parse and apply frames until `E`; returns (scanned, changed, payload bytes, stream bytes).
+async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, u64, u64, u64), ApiError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(16);
     let (st, n) = (store.clone(), name.to_string());
     let writer = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
@@ -216,11 +217,15 @@ async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, 
     });
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
+    let mut wire = 0u64;
     let mut end = None;
     let mut failure = None;
     'recv: while end.is_none() {
         match stream.next().await {
-            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Ok(chunk)) => {
+                wire += chunk.len() as u64;
+                buf.extend_from_slice(&chunk);
+            }
             Some(Err(e)) => {
                 failure = Some(bad(format!("the ingest stream broke off: {e}")));
                 break;
@@ -260,7 +265,7 @@ async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<(u64, 
         return Err(f);
     }
     let (scanned, changed) = end.ok_or_else(|| bad("the ingest stream ended before its end frame".into()))?;
-    Ok((scanned, changed, sent))
+    Ok((scanned, changed, sent, wire))
 }
 
 #[cfg(test)]

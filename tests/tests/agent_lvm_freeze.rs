@@ -385,3 +385,52 @@ fn freeze_real_ext4_is_always_thawed() {
     assert!(err.contains(&format!("froze {m}")) && err.contains(&format!("thawed {m}")), "{err}");
     assert!(fs.write_within("after3.txt", b"and again\n", Duration::from_secs(10)), "still frozen after SIGTERM");
 }
+
+/// The daemon goes away in the middle of a `--freeze` ingest: the agent fails with one clear
+/// error line, the filesystem is thawed, and after a restart the store shows no snapshot of
+/// the broken attempt (it waits to be resumed) while the earlier snapshot is intact.
+#[test]
+fn daemon_gone_mid_ingest_leaves_the_source_host_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let size = 256 * MIB;
+    let Some(fs) = Ext4::new(root, size) else { return };
+    // Enough data that the ingest takes a while.
+    let data: Vec<u8> = (0..200 * MIB).map(|i| u8::try_from((i * 7 + i / 4096) % 251).unwrap_or(0) | 1).collect();
+    std::fs::write(fs.mnt.join("big.bin"), &data).expect("write big file");
+    let sync = Command::new("sync").status().expect("sync");
+    assert!(sync.success());
+    let mut d = Daemon::start_in(root);
+    d.cli_ok(&["source", "create", "prod", "--size", &size.to_string()]);
+    let written = |d: &Daemon| forkd_tests::metric_value(&d.metrics(), "forkd_written_bytes_total");
+    let child = Command::new(d.bin())
+        .arg("--api")
+        .arg(d.url())
+        .args(["ingest", "prod", "--from", &fs.dev, "--freeze", utf8(&fs.mnt)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    while written(&d) < (16 * MIB) as f64 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d.kill9();
+    let out = wait_bounded(child, Duration::from_secs(60));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("forkd: error:")).collect();
+    assert_eq!(errors.len(), 1, "one clear error line: {err}");
+    let m = fs.mnt.display();
+    assert!(err.contains(&format!("thawed {m}")), "{err}");
+    assert!(fs.write_within("after.txt", b"the source host is as it was\n", Duration::from_secs(10)), "still frozen");
+    d.restart();
+    let show = d.cli_json(&["show", "prod"]);
+    assert_eq!(show["snapshots"].as_array().map_or(0, Vec::len), 0, "no snapshot of the broken ingest: {show}");
+    // The interrupted ingest resumes to completion.
+    let out = d.cli(&["ingest", "prod", "--from", &fs.dev, "--freeze", utf8(&fs.mnt)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let show = d.cli_json(&["show", "prod"]);
+    assert_eq!(show["snapshots"].as_array().map_or(0, Vec::len), 1);
+}

@@ -439,6 +439,17 @@ fn postgres_source_ingested_with_freeze_clones_hold_each_state() {
         ingest(n);
     }
     println!("source states at each ingest: {states:?}");
+    // Bytes on the wire for each incremental ingest: at most 1.05x the changed bytes + 1 MiB.
+    let show = d.cli_json(&["show", "pgsrc"]);
+    let snaps = show["snapshots"].as_array().expect("snapshots");
+    for s in snaps.iter().skip(1) {
+        let changed = s["ingest"]["changed_bytes"].as_u64().expect("changed_bytes");
+        let wire = s["ingest"]["wire_bytes"].as_u64().expect("wire_bytes");
+        let limit = 1.05 * changed as f64 + 1048576.0;
+        println!("{}: changed {changed} bytes, {wire} bytes on the wire", s["name"]);
+        assert!(wire as f64 <= limit, "{}: {wire} bytes on the wire for {changed} changed (limit {limit})", s["name"]);
+        assert!(changed < 64 << 20, "{}: an incremental ingest found {changed} changed bytes", s["name"]);
+    }
     assert_eq!(states[0].history, "0");
     assert_eq!(states[1].history, "200");
     assert_eq!(states[2].history, "300");

@@ -149,6 +149,12 @@ fn cli_end_to_end_on_a_real_daemon() {
         .unwrap_or_else(|| panic!("prod@2 has no ingest.sent_bytes: {show:#}"));
     let limit = 1.05 * changed_bytes as f64 + MIB as f64;
     assert!(sent as f64 <= limit, "second ingest sent {sent} bytes for {changed_bytes} changed bytes (limit {limit})");
+    // Bytes on the wire: the whole stream (frame headers and crc32s included).
+    let wire = snaps[1]["ingest"]["wire_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("prod@2 has no ingest.wire_bytes: {show:#}"));
+    assert!(wire >= sent, "the stream carries at least the payload ({wire} < {sent})");
+    assert!(wire as f64 <= limit, "second ingest put {wire} bytes on the wire for {changed_bytes} changed (limit {limit})");
     assert_eq!(
         snaps[1]["ingest"]["changed_bytes"].as_u64(),
         Some(changed_bytes),
