@@ -154,7 +154,10 @@ fn cli_end_to_end_on_a_real_daemon() {
         .as_u64()
         .unwrap_or_else(|| panic!("prod@2 has no ingest.wire_bytes: {show:#}"));
     assert!(wire >= sent, "the stream carries at least the payload ({wire} < {sent})");
-    assert!(wire as f64 <= limit, "second ingest put {wire} bytes on the wire for {changed_bytes} changed (limit {limit})");
+    assert!(
+        wire as f64 <= limit,
+        "second ingest put {wire} bytes on the wire for {changed_bytes} changed (limit {limit})"
+    );
     assert_eq!(
         snaps[1]["ingest"]["changed_bytes"].as_u64(),
         Some(changed_bytes),
