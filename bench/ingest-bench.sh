@@ -94,17 +94,36 @@ load1() { cut -d' ' -f1 /proc/loadavg; }
 calc() { python3 -c "print($1)"; }
 fmt() { python3 -c "print(f'{$1:$2}')"; } # expr format
 
-declare -A WALL=() LOADB=() LOADA=()
-timed() { # key cmd...: runs cmd, records wall seconds and load1 before/after
-    local key=$1 t0 t1
+declare -A WALL=() LOADB=() LOADA=() CCPU=() DCPU=()
+children_cpu() { # file: user+sys seconds of this shell's waited-for children, from `times >file`
+    # (`times` must run in this shell itself: inside $(...) it would count the subshell's children)
+    tail -1 "$1" | python3 -c '
+import re, sys
+print(sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", sys.stdin.read())))'
+}
+daemon_cpu() { # user+sys seconds of forkd serve so far (0 when it is not running)
+    if [[ -n $DAEMON_PID && -r /proc/$DAEMON_PID/stat ]]; then
+        awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$DAEMON_PID/stat"
+    else echo 0; fi
+}
+timed() { # key cmd...: runs cmd, records wall seconds, CPU seconds and load1 before/after
+    local key=$1 t0 t1 c0 c1 d0 d1
     shift
     LOADB[$key]=$(load1)
+    d0=$(daemon_cpu)
+    times >"$SCRATCH/times.0"
     t0=$(now)
     "$@"
     t1=$(now)
+    times >"$SCRATCH/times.1"
+    d1=$(daemon_cpu)
+    c0=$(children_cpu "$SCRATCH/times.0")
+    c1=$(children_cpu "$SCRATCH/times.1")
     LOADA[$key]=$(load1)
     WALL[$key]=$(calc "$t1 - $t0")
-    log "$key: $(fmt "${WALL[$key]}" .2f) s (load1 ${LOADB[$key]} -> ${LOADA[$key]})"
+    CCPU[$key]=$(calc "$c1 - $c0")
+    DCPU[$key]=$(calc "$d1 - $d0")
+    log "$key: $(fmt "${WALL[$key]}" .2f) s, CPU s: command $(fmt "${CCPU[$key]}" .2f), daemon $(fmt "${DCPU[$key]}" .2f) (load1 ${LOADB[$key]} -> ${LOADA[$key]})"
 }
 
 # ---------------------------------------------------------------- 1. image
@@ -223,7 +242,7 @@ DAEMON_PID=""
 # ---------------------------------------------------------------- 6. report
 export SIZE_MIB QUICK VERIFY
 {
-    for k in "${!WALL[@]}"; do printf 'W %s %s %s %s\n' "$k" "${WALL[$k]}" "${LOADB[$k]}" "${LOADA[$k]}"; done
+    for k in "${!WALL[@]}"; do printf 'W %s %s %s %s %s %s\n' "$k" "${WALL[$k]}" "${LOADB[$k]}" "${LOADA[$k]}" "${CCPU[$k]}" "${DCPU[$k]}"; done
     for k in "${!INGEST[@]}"; do printf 'I %s %s\n' "$k" "${INGEST[$k]}"; done
     for k in "${!CHANGED[@]}"; do printf 'C %s %s\n' "$k" "${CHANGED[$k]}"; done
 } >"$SCRATCH/raw.txt"
@@ -232,11 +251,11 @@ python3 - "$SCRATCH/raw.txt" "$(nproc)" "$(uname -r)" "$(date -u '+%Y-%m-%d %H:%
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" <<'EOF' | tee "$OUT"
 import json, os, sys
 raw, ncpu, kernel, date, disk, rev, cpu = sys.argv[1:8]
-W, I, C = {}, {}, {}
+W, I, C, CPU = {}, {}, {}, {}
 for line in open(raw):
     t, k, rest = line.rstrip("\n").split(" ", 2)
     if t == "W":
-        w, lb, la = rest.split(); W[k] = (float(w), lb, la)
+        w, lb, la, cc, dc = rest.split(); W[k] = (float(w), lb, la); CPU[k] = (float(cc), float(dc))
     elif t == "I": I[k] = json.loads(rest)
     else: C[k] = int(rest)
 size_mib = int(os.environ["SIZE_MIB"]); MIB = 1 << 20
@@ -246,12 +265,13 @@ best_after = max(rate("cp3"), rate("cp4"))
 best_all = max(best_before, best_after)
 print(f"# forkd ingest benchmark ({size_mib} MiB image{', --quick' if os.environ['QUICK'] == '1' else ''})\n")
 print(f"- date {date}; forkd at {rev}; {ncpu} CPUs ({cpu}); kernel {kernel}; scratch on {disk}")
+print(f"- load1 at the end: {open('/proc/loadavg').read().split()[0]}")
 print(f"- image: {size_mib} MiB from /dev/urandom, written in {W['image'][0]:.2f} s "
       f"({size_mib / W['image'][0]:.0f} MiB/s, load1 {W['image'][1]} -> {W['image'][2]})")
 print(f"- {os.environ['VERIFY']}\n")
 print("## Full copy\n")
-print("| step | wall s | MiB/s | ratio to best cp before ingest | ratio to best cp after ingest | goal | load1 before -> after |")
-print("|---|---:|---:|---:|---:|---|---|")
+print("| step | wall s | MiB/s | ratio to best cp before ingest | ratio to best cp after ingest | goal | CPU s: command / forkd serve | load1 before -> after |")
+print("|---|---:|---:|---:|---:|---|---:|---|")
 rows = [("cp1", "cp run 1 (before ingest), no sync"), ("cp2", "cp run 2 (before ingest), no sync"),
         ("cpsync", "cp + sync (before ingest)"), ("full", "full `forkd ingest`"),
         ("cp3", "cp run 3 (after ingest), no sync"), ("cp4", "cp run 4 (after ingest), no sync")]
@@ -261,14 +281,14 @@ for k, name in rows:
     mark = ""
     if k == "full":
         mark = " (" + ("PASS" if r / best_before >= 0.8 else "MISS") + " / " + ("PASS" if r / best_after >= 0.8 else "MISS") + ")"
-    print(f"| {name} | {w:.2f} | {r:.0f} | {r / best_before:.2f}x | {r / best_after:.2f}x | {goal}{mark} | {lb} -> {la} |")
+    print(f"| {name} | {w:.2f} | {r:.0f} | {r / best_before:.2f}x | {r / best_after:.2f}x | {goal}{mark} | {CPU[k][0]:.2f} / {CPU[k][1]:.2f} | {lb} -> {la} |")
 f = I["full"]
 print(f"\nfull ingest, daemon stats: {json.dumps(f)}\n")
 print("## Incremental ingest\n")
 has_wire = any("wire_bytes" in I[k] for k in ("dig1", "dig10", "cb1", "cb10"))
 hdr = "| mode | % blocks changed | changed bytes | scanned bytes | sent bytes |"
 if has_wire: hdr += " wire bytes |"
-hdr += " sent / (1.05 x changed + 1 MiB) | goal | wall s | daemon duration_ms | wall s per changed MiB | load1 before -> after |"
+hdr += " sent / (1.05 x changed + 1 MiB) | goal | wall s | daemon duration_ms | wall s per changed MiB | CPU s: client / forkd serve | load1 before -> after |"
 print(hdr)
 ncol = hdr.count("|") - 1
 sep = ["---", "---:"] + ["---:"] * (ncol - 2)
@@ -281,7 +301,7 @@ for k, mode, pct in [("dig1", "digest", 1), ("dig10", "digest", 10), ("cb1", "--
     per[k] = w / (ch / MIB)
     row = f"| {mode} | {pct} | {ch} | {s.get('scanned_bytes', '?')} | {sent} |"
     if has_wire: row += f" {s.get('wire_bytes', '—')} |"
-    row += f" {ratio:.3f} | <= 1 ({'PASS' if ratio <= 1 else 'MISS'}) | {w:.2f} | {s.get('duration_ms', '?')} | {per[k]:.4f} | {lb} -> {la} |"
+    row += f" {ratio:.3f} | <= 1 ({'PASS' if ratio <= 1 else 'MISS'}) | {w:.2f} | {s.get('duration_ms', '?')} | {per[k]:.4f} | {CPU[k][0]:.2f} / {CPU[k][1]:.2f} | {lb} -> {la} |"
     print(row)
 print("\n## Does the time scale with the changed bytes?\n")
 print("| mode | wall 1 % | wall 10 % | wall 10 % / 1 % | s per changed MiB, 1 % / 10 % | daemon ms 1 % / 10 % | daemon 10 % / 1 % | daemon ms per changed MiB, 1 % / 10 % |")

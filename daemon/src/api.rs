@@ -112,7 +112,7 @@ pub fn router(store: Shared, auth: Option<Arc<crate::auth::Token>>) -> Router {
         .route("/v1/volumes/:name/zero", post(zero))
         .route("/v1/volumes/:name/flush", post(flush))
         .route("/v1/volumes/:name/extents", get(extents))
-        .route("/v1/sources/:name/digests", get(digests))
+        .route("/v1/sources/:name/digests", get(digests).post(digests_in).layer(DefaultBodyLimit::max(64 << 20)))
         .route("/v1/sources/:name/ingest", post(ingest).layer(DefaultBodyLimit::disable()))
         .route("/v1/sources/:name/ingest", delete(abort_ingest))
         .route("/metrics", get(metrics))
@@ -126,7 +126,17 @@ pub fn router(store: Shared, auth: Option<Arc<crate::auth::Token>>) -> Router {
 }
 
 /// JSON for a volume, with space accounting and, if asked, its snapshots.
+/// JSON for a volume. Without `space`, `unique_bytes` is null: computing it walks whatever the
+/// volume holds alone, which callers such as the ingest agent do not need.
 pub fn volume_json(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool) -> Result<Value, StoreError> {
+    volume_json_with(cat, v, with_snapshots, true)
+}
+
+/// [`volume_json`], choosing whether to compute unique bytes.
+pub fn volume_json_with(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool, space: bool) -> Result<Value, StoreError> {
+    let unique = |roots: &[catalog::NodeId]| -> Result<Value, StoreError> {
+        Ok(if space { json!(cat.unique_bytes(roots)?) } else { Value::Null })
+    };
     let mut o = json!({
         "name": v.name,
         "kind": v.kind,
@@ -135,7 +145,7 @@ pub fn volume_json(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool) -> 
         "created_at": format_time(v.created_at),
         "timeflow": v.timeflow,
         "allocated_bytes": v.allocated_blocks * catalog::BLOCK_SIZE,
-        "unique_bytes": cat.unique_bytes(&v.roots())?,
+        "unique_bytes": unique(&v.roots())?,
         "exports": { "nbd": v.name, "iscsi": format!("iqn.2026-11.dev.forkd:{}", v.name) },
         "ingest_running": v.staging.is_some(),
         "ingest_pending_bytes": v.staging.as_ref().map(|st| st.allocated_blocks * catalog::BLOCK_SIZE),
@@ -152,7 +162,7 @@ pub fn volume_json(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool) -> 
                 "reason": s.reason,
                 "size_bytes": s.size_bytes,
                 "allocated_bytes": s.allocated_blocks * catalog::BLOCK_SIZE,
-                "unique_bytes": cat.unique_bytes(&[s.root])?,
+                "unique_bytes": unique(&[s.root])?,
                 "ingest": s.ingest,
             }));
         }
@@ -172,11 +182,16 @@ async fn list(State(s): State<Shared>) -> ApiResult<Json<Value>> {
     .await
 }
 
-async fn show(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+struct ShowQuery {
+    space: Option<bool>,
+}
+
+async fn show(State(s): State<Shared>, Path(name): Path<String>, Query(q): Query<ShowQuery>) -> ApiResult<Json<Value>> {
     blocking(&s, move |st| {
         let cat = st.catalog();
         let v = cat.volume(&name)?;
-        Ok(Json(volume_json(&cat, v, true)?))
+        Ok(Json(volume_json_with(&cat, v, true, q.space != Some(false))?))
     })
     .await
 }
@@ -380,12 +395,36 @@ async fn extents(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult
 
 async fn digests(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<Response> {
     let d = blocking(&s, move |st| st.digests(&name)).await?;
+    Ok(digest_response(d))
+}
+
+/// Digests of only the block ranges in the body: pairs of (first block, count), u64 LE.
+async fn digests_in(State(s): State<Shared>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult<Response> {
+    if body.len() % 16 != 0 {
+        return Err(bad("the body must be pairs of (first block, count), u64 little-endian"));
+    }
+    let mut ranges: Vec<(u64, u64)> = body
+        .chunks_exact(16)
+        .map(|c| {
+            let (a, b) = c.split_at(8);
+            (u64::from_le_bytes(a.try_into().unwrap_or_default()), u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        })
+        .collect();
+    ranges.sort_unstable();
+    if ranges.windows(2).any(|w| w[0].0.saturating_add(w[0].1) > w[1].0) {
+        return Err(bad("block ranges overlap"));
+    }
+    let d = blocking(&s, move |st| st.digests_in(&name, &ranges)).await?;
+    Ok(digest_response(d))
+}
+
+fn digest_response(d: Vec<(u64, u64)>) -> Response {
     let mut out = Vec::with_capacity(d.len() * 16);
     for (b, h) in d {
         out.extend_from_slice(&b.to_le_bytes());
         out.extend_from_slice(&h.to_le_bytes());
     }
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+    ([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response()
 }
 
 async fn ingest(State(s): State<Shared>, Path(name): Path<String>, body: Body) -> ApiResult<Json<Value>> {

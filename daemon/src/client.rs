@@ -110,6 +110,15 @@ impl Client {
         self.json_body(resp)
     }
 
+    /// `POST path` with a raw `application/octet-stream` body and return the raw answer.
+    pub fn post_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let req = self.request("POST", path).set("Content-Type", "application/octet-stream");
+        let resp = self.call(req.send_bytes(body))?;
+        let mut buf = Vec::new();
+        resp.into_reader().read_to_end(&mut buf).map_err(|e| self.io_error(&e))?;
+        Ok(buf)
+    }
+
     /// `PUT path` with a raw `application/octet-stream` body and parse the JSON answer.
     pub fn put_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Value> {
         let req = self.request("PUT", path).set("Content-Type", "application/octet-stream");

@@ -143,7 +143,8 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         (None, Some(dirty)) => dirty,
         (None, None) => vec![(0, size)],
     };
-    let vol = client.get_json(&format!("/v1/volumes/{}", enc(name)))?;
+    // `space=false`: the agent needs no space accounting, which walks the whole tree.
+    let vol = client.get_json(&format!("/v1/volumes/{}?space=false", enc(name)))?;
     if vol["kind"] != "source" {
         bail!("`{name}` is a clone; only sources are fed by ingest");
     }
@@ -174,8 +175,19 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
             println!("grew source {name} from {} to {}", humanize(vol_size), humanize(size));
         }
     }
-    // The digests of the latest snapshot, (block, digest) in block order.
-    let raw = client.get_bytes(&format!("/v1/sources/{}/digests", enc(name)))?;
+    // The digests of the latest snapshot, (block, digest) in block order: all of them for a
+    // full scan, only those of the ranges to read otherwise (the cost then follows the ranges,
+    // not the volume).
+    let raw = if ranges.len() == 1 && ranges[0] == (0, size) {
+        client.get_bytes(&format!("/v1/sources/{}/digests", enc(name)))?
+    } else {
+        let body: Vec<u8> = ranges
+            .iter()
+            .flat_map(|&(off, len)| [off / BS as u64, len / BS as u64])
+            .flat_map(u64::to_le_bytes)
+            .collect();
+        client.post_bytes(&format!("/v1/sources/{}/digests", enc(name)), &body)?
+    };
     if raw.len() % 16 != 0 {
         bail!("the daemon sent a malformed digest list");
     }

@@ -766,6 +766,23 @@ impl Store {
         }
     }
 
+    /// `(block, digest)` of the data blocks of a source's latest contents within the block
+    /// ranges `(first, count)` (sorted, disjoint), in block order.
+    pub fn digests_in(&self, source: &str, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>> {
+        let cat = self.catalog();
+        let (root, size) = cat.ingest_base(source)?;
+        let mut out = Vec::new();
+        for &(first, count) in ranges {
+            check_range(source, size, first.saturating_mul(BLOCK_SIZE), count.saturating_mul(BLOCK_SIZE))?;
+            for (i, e) in cat.map().lookup(root, first, count)?.into_iter().enumerate() {
+                if let Some(e) = e.filter(Entry::has_data) {
+                    out.push((first + i as u64, e.digest));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// `(block, digest)` of every data block of a source's latest contents, in block order.
     pub fn digests(&self, source: &str) -> Result<Vec<(u64, u64)>> {
         let cat = self.catalog();
