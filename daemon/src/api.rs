@@ -133,7 +133,12 @@ pub fn volume_json(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool) -> 
 }
 
 /// [`volume_json`], choosing whether to compute unique bytes.
-pub fn volume_json_with(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool, space: bool) -> Result<Value, StoreError> {
+pub fn volume_json_with(
+    cat: &catalog::Catalog,
+    v: &Volume,
+    with_snapshots: bool,
+    space: bool,
+) -> Result<Value, StoreError> {
     let unique = |roots: &[catalog::NodeId]| -> Result<Value, StoreError> {
         Ok(if space { json!(cat.unique_bytes(roots)?) } else { Value::Null })
     };
