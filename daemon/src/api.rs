@@ -405,7 +405,7 @@ async fn digests(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult
 
 /// Digests of only the block ranges in the body: pairs of (first block, count), u64 LE.
 async fn digests_in(State(s): State<Shared>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult<Response> {
-    if body.len() % 16 != 0 {
+    if !body.len().is_multiple_of(16) {
         return Err(bad("the body must be pairs of (first block, count), u64 little-endian"));
     }
     let mut ranges: Vec<(u64, u64)> = body
