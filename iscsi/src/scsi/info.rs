@@ -1,0 +1,483 @@
+//! The commands that describe the LUN rather than touch its data: INQUIRY and the VPD pages,
+//! READ CAPACITY, MODE SENSE / MODE SELECT, REPORT LUNS, REPORT SUPPORTED OPERATION CODES and
+//! REQUEST SENSE. The identity (serial, designators) is derived once from the volume id.
+//!
+//! The mode pages are fixed: write-back caching on (WCE = 1, forkd acknowledges writes before
+//! a flush), no changeable parameters and no saved page set. MODE SELECT therefore accepts a
+//! page only when it equals the current one.
+
+use super::{
+    len16, len32, op, truncate, Backend, Cdb, CmdResult, Sense, LOGICAL_BLOCK_SIZE, MAX_COMPARE_AND_WRITE_BLOCKS,
+    MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS, OPTIMAL_GRANULARITY_BLOCKS,
+    PHYSICAL_BLOCK_EXPONENT,
+};
+
+const VENDOR: &[u8; 8] = b"FORKD   ";
+const PRODUCT: &[u8; 16] = b"forkd volume    ";
+const REVISION: &[u8; 4] = b"0001";
+
+/// What INQUIRY reports about the volume, derived from its id.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    /// Unit serial number: 16 hex digits of a hash of the volume id.
+    pub(crate) serial: String,
+    /// NAA 3 (locally assigned) designator: the hash with the NAA nibble on top.
+    pub(crate) naa: [u8; 8],
+    /// The volume id as printable ASCII, for the T10 vendor ID designator.
+    pub(crate) vendor_specific: Vec<u8>,
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl Identity {
+    pub(crate) fn new(volume_id: &str) -> Identity {
+        let h = fnv1a(volume_id.as_bytes());
+        let naa = ((h & 0x0FFF_FFFF_FFFF_FFFF) | 0x3000_0000_0000_0000).to_be_bytes();
+        let mut vendor_specific: Vec<u8> =
+            volume_id.bytes().map(|b| if (0x21..0x7F).contains(&b) { b } else { b'_' }).take(200).collect();
+        if vendor_specific.is_empty() {
+            vendor_specific = format!("{h:016x}").into_bytes();
+        }
+        Identity { serial: format!("{h:016x}"), naa, vendor_specific }
+    }
+}
+
+/// Every operation code the model knows (service actions aside).
+pub(super) fn is_known_opcode(o: u8) -> bool {
+    COMMANDS.iter().any(|cmd| cmd.opcode == o)
+}
+
+/// INQUIRY addressed to a LUN that does not exist: peripheral qualifier 011b, type 1Fh.
+pub(super) fn inquiry_absent_lun(c: &Cdb) -> CmdResult {
+    if c.b(1) & 0x03 != 0 || c.b(2) != 0 {
+        return Err(Sense::LUN_NOT_SUPPORTED.into());
+    }
+    let mut d = standard_inquiry();
+    d[0] = 0x7F;
+    Ok(truncate(d, u32::from(c.u16(3))))
+}
+
+fn standard_inquiry() -> Vec<u8> {
+    let mut d = vec![0u8; 74];
+    d[0] = 0x00; // connected, direct access block device
+    d[2] = 0x06; // SPC-4
+    d[3] = 0x12; // HISUP, response data format 2
+    d[4] = 74 - 5;
+    d[7] = 0x02; // CMDQUE
+    d[8..16].copy_from_slice(VENDOR);
+    d[16..32].copy_from_slice(PRODUCT);
+    d[32..36].copy_from_slice(REVISION);
+    // Version descriptors: SAM-5, iSCSI, SPC-4, SBC-3.
+    for (i, v) in [0x00A0u16, 0x0960, 0x0460, 0x04C0].iter().enumerate() {
+        d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+    }
+    d
+}
+
+pub(super) fn inquiry(c: &Cdb, state: &super::LunState) -> CmdResult {
+    let evpd = c.b(1) & 0x01 != 0;
+    let alloc = u32::from(c.u16(3));
+    if c.b(1) & 0x02 != 0 || (!evpd && c.b(2) != 0) {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    if !evpd {
+        return Ok(truncate(standard_inquiry(), alloc));
+    }
+    let page = vpd_page(c.b(2), &state.ident).ok_or(Sense::INVALID_FIELD_IN_CDB)?;
+    let mut d = vec![0x00, c.b(2)];
+    d.extend_from_slice(&len16(page.len()));
+    d.extend_from_slice(&page);
+    Ok(truncate(d, alloc))
+}
+
+const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+
+/// The payload (after the 4-byte header) of a VPD page.
+fn vpd_page(code: u8, id: &Identity) -> Option<Vec<u8>> {
+    let page = match code {
+        0x00 => VPD_PAGES.to_vec(),
+        0x80 => id.serial.as_bytes().to_vec(),
+        0x83 => {
+            let mut p = Vec::new();
+            // NAA, binary, associated with the logical unit.
+            p.extend_from_slice(&[0x01, 0x03, 0x00, 8]);
+            p.extend_from_slice(&id.naa);
+            // T10 vendor ID, ASCII, logical unit: vendor then the volume id.
+            let len = VENDOR.len() + id.vendor_specific.len();
+            p.extend_from_slice(&[0x02, 0x01, 0x00, u8::try_from(len).unwrap_or(u8::MAX)]);
+            p.extend_from_slice(VENDOR);
+            p.extend_from_slice(&id.vendor_specific);
+            // Relative target port identifier 1, associated with the target port.
+            p.extend_from_slice(&[0x01, 0x14, 0x00, 4, 0, 0, 0, 1]);
+            p
+        }
+        0xB0 => {
+            let mut p = vec![0u8; 60];
+            p[0] = 0x01; // WSNZ: WRITE SAME with zero blocks is refused
+            p[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
+            p[2..4].copy_from_slice(&OPTIMAL_GRANULARITY_BLOCKS.to_be_bytes());
+            p[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
+            p[8..12].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
+            p[12..16].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
+            p[16..20].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes());
+            p[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+            p[24..28].copy_from_slice(&u32::from(OPTIMAL_GRANULARITY_BLOCKS).to_be_bytes());
+            p[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
+            p[32..40].copy_from_slice(&u64::from(MAX_WRITE_SAME_BLOCKS).to_be_bytes());
+            p
+        }
+        0xB1 => {
+            let mut p = vec![0u8; 60];
+            p[1] = 0x01; // MEDIUM ROTATION RATE 1: non-rotating
+            p
+        }
+        // LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type 2: thin.
+        0xB2 => vec![0x00, 0xE4, 0x02, 0x00],
+        _ => return None,
+    };
+    Some(page)
+}
+
+pub(super) fn read_capacity_10(c: &Cdb, dev: &dyn Backend) -> CmdResult {
+    // PMI = 0 requires a zero LBA field.
+    if c.b(8) & 0x01 == 0 && c.u32(2) != 0 {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    let last = dev.capacity_blocks().saturating_sub(1);
+    let last32 = u32::try_from(last).unwrap_or(u32::MAX);
+    let mut d = last32.to_be_bytes().to_vec();
+    d.extend_from_slice(&LOGICAL_BLOCK_SIZE.to_be_bytes());
+    Ok(d)
+}
+
+pub(super) fn read_capacity_16(c: &Cdb, dev: &dyn Backend) -> CmdResult {
+    let mut d = vec![0u8; 32];
+    d[0..8].copy_from_slice(&dev.capacity_blocks().saturating_sub(1).to_be_bytes());
+    d[8..12].copy_from_slice(&LOGICAL_BLOCK_SIZE.to_be_bytes());
+    d[13] = PHYSICAL_BLOCK_EXPONENT;
+    d[14] = 0xC0; // LBPME, LBPRZ; lowest aligned LBA 0
+    Ok(truncate(d, c.u32(10)))
+}
+
+/// A mode page's bytes for page control `pc` (0 current, 1 changeable, 2 default).
+fn mode_page(code: u8, pc: u8) -> Option<Vec<u8>> {
+    let changeable = pc == 1;
+    let page = match code {
+        0x08 => {
+            let mut p = vec![0u8; 20];
+            p[0] = 0x08;
+            p[1] = 0x12;
+            if !changeable {
+                p[2] = 0x04; // WCE
+            }
+            p
+        }
+        0x0A => {
+            let mut p = vec![0u8; 12];
+            p[0] = 0x0A;
+            p[1] = 0x0A;
+            if !changeable {
+                p[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+                p[8] = 0xFF; // BUSY TIMEOUT PERIOD: unlimited
+                p[9] = 0xFF;
+            }
+            p
+        }
+        _ => return None,
+    };
+    Some(page)
+}
+
+pub(super) fn mode_sense(c: &Cdb, dev: &dyn Backend) -> CmdResult {
+    let ten = c.opcode() == op::MODE_SENSE_10;
+    let dbd = c.b(1) & 0x08 != 0;
+    let llbaa = ten && c.b(1) & 0x10 != 0;
+    let pc = c.b(2) >> 6;
+    let code = c.b(2) & 0x3F;
+    let subpage = c.b(3);
+    let alloc = if ten { u32::from(c.u16(7)) } else { u32::from(c.b(4)) };
+    if pc == 3 {
+        return Err(Sense::SAVING_PARAMETERS_NOT_SUPPORTED.into());
+    }
+    let pages = match (code, subpage) {
+        (0x3F, 0x00 | 0xFF) => {
+            let mut all = mode_page(0x08, pc).unwrap_or_default();
+            all.extend(mode_page(0x0A, pc).unwrap_or_default());
+            all
+        }
+        (_, 0x00) => mode_page(code, pc).ok_or(Sense::INVALID_FIELD_IN_CDB)?,
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+    };
+    let cap = dev.capacity_blocks();
+    let bd: Vec<u8> = if dbd {
+        Vec::new()
+    } else if llbaa {
+        let mut b = cap.to_be_bytes().to_vec();
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&LOGICAL_BLOCK_SIZE.to_be_bytes());
+        b
+    } else {
+        let mut b = u32::try_from(cap).unwrap_or(u32::MAX).to_be_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(&LOGICAL_BLOCK_SIZE.to_be_bytes()[1..]);
+        b
+    };
+    // Device-specific parameter: WP for read-only exports, DPOFUA (DPO and FUA honoured).
+    let dsp = if dev.read_only() { 0x90 } else { 0x10 };
+    let mut d = Vec::new();
+    if ten {
+        d.extend_from_slice(&len16(6 + bd.len() + pages.len()));
+        d.extend_from_slice(&[0, dsp, u8::from(llbaa && !dbd), 0]);
+        d.extend_from_slice(&len16(bd.len()));
+    } else {
+        d.push(u8::try_from(3 + bd.len() + pages.len()).unwrap_or(u8::MAX));
+        d.extend_from_slice(&[0, dsp, u8::try_from(bd.len()).unwrap_or(u8::MAX)]);
+    }
+    d.extend_from_slice(&bd);
+    d.extend_from_slice(&pages);
+    Ok(truncate(d, alloc))
+}
+
+/// MODE SELECT (6/10): a header, optional block descriptors that must describe the current
+/// geometry, then pages, each of which must equal the current page (nothing is changeable).
+pub(super) fn mode_select(c: &Cdb, data_out: &[u8]) -> CmdResult {
+    let ten = c.opcode() == op::MODE_SELECT_10;
+    if c.b(1) & 0x01 != 0 {
+        // SP: saving pages is not supported.
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    let plen = if ten { usize::from(c.u16(7)) } else { usize::from(c.b(4)) };
+    if plen == 0 {
+        return Ok(Vec::new());
+    }
+    let list = data_out.get(..plen).ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+    let header = if ten { 8 } else { 4 };
+    if list.len() < header {
+        return Err(Sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    let (bd_len, long) = if ten {
+        (usize::from(u16::from_be_bytes([list[6], list[7]])), list[4] & 0x01 != 0)
+    } else {
+        (usize::from(list[3]), false)
+    };
+    let desc_len = if long { 16 } else { 8 };
+    let bds = list.get(header..header + bd_len).ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+    if bd_len % desc_len != 0 {
+        return Err(Sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    for bd in bds.chunks_exact(desc_len) {
+        let block_len = u32::from_be_bytes([0, bd[desc_len - 3], bd[desc_len - 2], bd[desc_len - 1]]);
+        if block_len != LOGICAL_BLOCK_SIZE {
+            return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
+        }
+    }
+    let mut rest = &list[header + bd_len..];
+    while !rest.is_empty() {
+        if rest.len() < 2 {
+            return Err(Sense::PARAMETER_LIST_LENGTH_ERROR.into());
+        }
+        if rest[0] & 0x40 != 0 {
+            // SPF: no subpages exist.
+            return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
+        }
+        let len = 2 + usize::from(rest[1]);
+        let page = rest.get(..len).ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+        let current = mode_page(page[0] & 0x3F, 0).ok_or(Sense::INVALID_FIELD_IN_PARAMETER_LIST)?;
+        // The PS bit is reserved in MODE SELECT; compare everything else.
+        if page.len() != current.len() || page[0] & 0x3F != current[0] || page[1..] != current[1..] {
+            return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
+        }
+        rest = &rest[len..];
+    }
+    Ok(Vec::new())
+}
+
+pub(super) fn report_luns(c: &Cdb) -> CmdResult {
+    let alloc = c.u32(6);
+    if alloc < 16 {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    let luns: &[u8] = match c.b(2) {
+        0x00 | 0x02 => &[0; 8],
+        0x01 => &[],
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+    };
+    let mut d = len32(luns.len()).to_vec();
+    d.extend_from_slice(&[0; 4]);
+    d.extend_from_slice(luns);
+    Ok(truncate(d, alloc))
+}
+
+/// REQUEST SENSE: sense is always delivered with the failing command (autosense), so there is
+/// never a pending condition to report.
+pub(super) fn request_sense(c: &Cdb) -> CmdResult {
+    if c.b(1) & 0x01 != 0 {
+        // DESC: descriptor-format sense is not supported.
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    Ok(truncate(Sense::NO_SENSE.to_fixed().to_vec(), u32::from(c.b(4))))
+}
+
+/// One row of REPORT SUPPORTED OPERATION CODES: the CDB usage data (its length is the CDB
+/// length, its first byte the opcode, then the bits the model looks at).
+#[derive(Debug)]
+struct Command {
+    opcode: u8,
+    sa: Option<u8>,
+    usage: &'static [u8],
+}
+
+const fn cmd(opcode: u8, sa: Option<u8>, usage: &'static [u8]) -> Command {
+    Command { opcode, sa, usage }
+}
+
+const COMMANDS: &[Command] = &[
+    cmd(op::TEST_UNIT_READY, None, &[0x00, 0, 0, 0, 0, 0]),
+    cmd(op::REQUEST_SENSE, None, &[0x03, 0x01, 0, 0, 0xFF, 0]),
+    cmd(op::READ_6, None, &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::WRITE_6, None, &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::INQUIRY, None, &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::MODE_SELECT_6, None, &[0x15, 0x11, 0, 0, 0xFF, 0]),
+    cmd(op::MODE_SENSE_6, None, &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::START_STOP_UNIT, None, &[0x1B, 0x01, 0, 0x0F, 0xF7, 0]),
+    cmd(op::PREVENT_ALLOW, None, &[0x1E, 0, 0, 0, 0x03, 0]),
+    cmd(op::READ_CAPACITY_10, None, &[0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0]),
+    cmd(op::READ_10, None, &[0x28, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::WRITE_10, None, &[0x2A, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::WRITE_AND_VERIFY_10, None, &[0x2E, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::VERIFY_10, None, &[0x2F, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::PRE_FETCH_10, None, &[0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::SYNCHRONIZE_CACHE_10, None, &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::WRITE_SAME_10, None, &[0x41, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::UNMAP, None, &[0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::MODE_SELECT_10, None, &[0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::MODE_SENSE_10, None, &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_IN, Some(0x00), &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_IN, Some(0x01), &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_IN, Some(0x02), &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_IN, Some(0x03), &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x00), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x01), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x02), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x03), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x04), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x05), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::PERSISTENT_RESERVE_OUT, Some(0x06), &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(
+        op::READ_16,
+        None,
+        &[0x88, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::COMPARE_AND_WRITE,
+        None,
+        &[0x89, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::WRITE_16,
+        None,
+        &[0x8A, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::WRITE_AND_VERIFY_16,
+        None,
+        &[0x8E, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::VERIFY_16,
+        None,
+        &[0x8F, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::PRE_FETCH_16,
+        None,
+        &[0x90, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::SYNCHRONIZE_CACHE_16,
+        None,
+        &[0x91, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::WRITE_SAME_16,
+        None,
+        &[0x93, 0xF9, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
+        op::SERVICE_ACTION_IN_16,
+        Some(op::SA_READ_CAPACITY_16),
+        &[0x9E, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+    ),
+    cmd(
+        op::SERVICE_ACTION_IN_16,
+        Some(op::SA_GET_LBA_STATUS),
+        &[0x9E, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+    ),
+    cmd(op::REPORT_LUNS, None, &[0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
+    cmd(
+        op::MAINTENANCE_IN,
+        Some(op::SA_REPORT_SUPPORTED_OPCODES),
+        &[0xA3, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+    ),
+    cmd(op::READ_12, None, &[0xA8, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+    cmd(op::WRITE_12, None, &[0xAA, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+    cmd(op::WRITE_AND_VERIFY_12, None, &[0xAE, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+    cmd(op::VERIFY_12, None, &[0xAF, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+];
+
+/// The 12-byte command timeouts descriptor (no timeouts are advertised).
+const TIMEOUTS: [u8; 12] = [0x00, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// REPORT SUPPORTED OPERATION CODES, reporting options 0 (all), 1 (by opcode), 2 (by opcode
+/// and service action) and 3 (either).
+pub(super) fn report_supported_opcodes(c: &Cdb) -> CmdResult {
+    let rctd = c.b(2) & 0x80 != 0;
+    let options = c.b(2) & 0x07;
+    let opcode = c.b(3);
+    let sa = c.u16(4);
+    let alloc = c.u32(6);
+    let has_sa = COMMANDS.iter().any(|k| k.opcode == opcode && k.sa.is_some());
+    let found = match options {
+        0 => {
+            let mut list = Vec::new();
+            for k in COMMANDS {
+                list.push(k.opcode);
+                list.push(0);
+                list.extend_from_slice(&u16::from(k.sa.unwrap_or(0)).to_be_bytes());
+                list.push(0);
+                list.push(u8::from(k.sa.is_some()) | if rctd { 0x02 } else { 0 });
+                list.extend_from_slice(&len16(k.usage.len()));
+                if rctd {
+                    list.extend_from_slice(&TIMEOUTS);
+                }
+            }
+            let mut d = len32(list.len()).to_vec();
+            d.extend_from_slice(&list);
+            return Ok(truncate(d, alloc));
+        }
+        1 if has_sa => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+        1 => COMMANDS.iter().find(|k| k.opcode == opcode && k.sa.is_none()),
+        2 if !has_sa && is_known_opcode(opcode) => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+        2 | 3 if has_sa => COMMANDS.iter().find(|k| k.opcode == opcode && k.sa.map(u16::from) == Some(sa)),
+        3 => COMMANDS.iter().find(|k| k.opcode == opcode && k.sa.is_none()),
+        2 => None,
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+    };
+    let d = match found {
+        Some(k) => {
+            let mut d = vec![0, if rctd { 0x83 } else { 0x03 }];
+            d.extend_from_slice(&len16(k.usage.len()));
+            d.extend_from_slice(k.usage);
+            if rctd {
+                d.extend_from_slice(&TIMEOUTS);
+            }
+            d
+        }
+        // SUPPORT 001b: not supported.
+        None => vec![0, 0x01, 0, 0],
+    };
+    Ok(truncate(d, alloc))
+}
