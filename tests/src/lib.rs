@@ -646,6 +646,9 @@ impl Daemon {
 }
 
 /// A minimal raw NBD client (fixed newstyle, no TLS) for tests that send exact bytes.
+/// Filesystems and PostgreSQL on forkd volumes (FUSE + loop attach, mounts, postgres).
+pub mod fsdb;
+
 pub mod rawnbd {
     use std::io::{ErrorKind, Read, Write};
     use std::net::{Shutdown, TcpStream};
