@@ -807,14 +807,19 @@ impl Catalog {
     }
 
     /// Turn every block of `first..first+count` that is mapped into a known-zero block
-    /// (holes stay holes, so trimming never copies shared nodes for nothing).
-    pub fn zero(&mut self, volume: &str, first: u64, count: u64) -> Result<()> {
+    /// (holes stay holes, so trimming never copies shared nodes for nothing): in a clone's head,
+    /// or, with `staging`, in a source's running ingest (blocks that became zero).
+    pub fn zero(&mut self, volume: &str, first: u64, count: u64, staging: bool) -> Result<()> {
         let v = self.volume(volume)?;
-        if v.kind != Kind::Clone {
-            return Err(CatalogError::ReadOnly(v.name.clone()));
-        }
+        let root = match (staging, v.kind, &v.staging) {
+            (false, Kind::Clone, _) => v.root,
+            (false, Kind::Source, _) => return Err(CatalogError::ReadOnly(v.name.clone())),
+            (true, Kind::Source, Some(s)) => s.root,
+            (true, Kind::Source, None) => return Err(CatalogError::NoIngest(v.name.clone())),
+            (true, Kind::Clone, _) => return Err(CatalogError::NotASource(v.name.clone())),
+        };
         Self::check_range(v, first, count)?;
-        let entries = self.map.lookup(v.root, first, count)?;
+        let entries = self.map.lookup(root, first, count)?;
         let mut writes: Vec<(u64, Option<Entry>)> = Vec::new();
         for (i, e) in entries.into_iter().enumerate() {
             if e.is_some_and(|e| e.has_data()) {
@@ -823,7 +828,7 @@ impl Catalog {
         }
         for run in writes.chunk_by(|a, b| a.0 + 1 == b.0) {
             let es: Vec<Option<Entry>> = run.iter().map(|w| w.1).collect();
-            self.write(volume, run[0].0, &es, false)?;
+            self.write(volume, run[0].0, &es, staging)?;
         }
         Ok(())
     }

@@ -662,7 +662,7 @@ impl Store {
             }
             .into());
         }
-        let r = cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE).map_err(StoreError::from);
+        let r = cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE, false).map_err(StoreError::from);
         drop(cat);
         self.unflushed.store(true, Ordering::SeqCst);
         self.note_enospc(r)
@@ -745,24 +745,7 @@ impl Store {
                 let p = Pending::new(source, first * BLOCK_SIZE, bytes::Bytes::copy_from_slice(d), true);
                 self.note_enospc(self.submit(p))
             }
-            None => {
-                let mut cat = self.catalog_mut();
-                let v = cat.volume(source)?;
-                let root = v.staging.as_ref().map(|s| s.root).ok_or_else(|| CatalogError::NoIngest(source.into()))?;
-                check_range(source, v.size_bytes, first * BLOCK_SIZE, count * BLOCK_SIZE)?;
-                let cur = cat.map().lookup(root, first, count)?;
-                let writes: Vec<(u64, Option<Entry>)> = cur
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.is_some_and(|e| e.has_data()))
-                    .map(|(i, _)| (first + i as u64, Some(Entry::ZERO)))
-                    .collect();
-                for run in writes.chunk_by(|a, b| a.0 + 1 == b.0) {
-                    let es: Vec<Option<Entry>> = run.iter().map(|w| w.1).collect();
-                    cat.write(source, run[0].0, &es, true)?;
-                }
-                Ok(())
-            }
+            None => Ok(self.catalog_mut().zero(source, first, count, true)?),
         }
     }
 

@@ -185,20 +185,7 @@ impl Api {
     /// Send a request; `Err` (a description) only for transport errors: daemon unreachable,
     /// connection reset, body cut short. Any HTTP status is an `Ok`.
     pub fn request(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Result<Http, String> {
-        let req = self.agent.request(method, &format!("{}{path}", self.base));
-        let result = match body {
-            Some((ctype, bytes)) => req.set("Content-Type", ctype).send_bytes(bytes),
-            None => req.call(),
-        };
-        let resp = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
-        };
-        let status = resp.status();
-        let mut buf = Vec::new();
-        resp.into_reader().take(256 << 20).read_to_end(&mut buf).map_err(|e| format!("reading the body: {e}"))?;
-        Ok(Http { status, body: buf })
+        self.request_with(method, path, &[], body)
     }
 
     /// `GET path`, panicking on transport errors.
