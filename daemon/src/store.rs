@@ -798,20 +798,6 @@ impl Store {
         Ok((t.size_bytes, out))
     }
 
-    /// Bytes the data directory takes on disk (what `du` would say).
-    pub fn disk_usage(&self) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            use std::os::unix::fs::MetadataExt;
-            let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
-            let own = md.blocks() * 512;
-            if md.is_dir() {
-                std::fs::read_dir(p).map(|d| d.flatten().map(|e| walk(&e.path())).sum::<u64>()).unwrap_or(0) + own
-            } else {
-                own
-            }
-        }
-        walk(&self.dir)
-    }
 }
 
 /// What a range of a volume holds, for block status.
