@@ -797,7 +797,6 @@ impl Store {
         })?;
         Ok((t.size_bytes, out))
     }
-
 }
 
 /// What a range of a volume holds, for block status.
