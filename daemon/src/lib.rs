@@ -26,6 +26,8 @@ pub mod engine;
 pub mod exports;
 pub mod ingest;
 pub mod ingest_proto;
+pub mod iscsi_access;
+pub mod iscsi_server;
 pub mod metrics;
 pub mod nbd_client;
 pub mod nbd_server;

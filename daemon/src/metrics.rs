@@ -33,6 +33,12 @@ pub struct Metrics {
     pub nbd_requests: IntCounterVec,
     /// NBD error replies by errno.
     pub nbd_errors: IntCounterVec,
+    /// Open iSCSI connections.
+    pub iscsi_active: IntGauge,
+    /// Closed iSCSI connections by reason.
+    pub iscsi_closed: IntCounterVec,
+    /// SCSI commands over iSCSI answered with CHECK CONDITION, by sense key.
+    pub iscsi_check_conditions: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -86,6 +92,19 @@ impl Metrics {
             ),
             nbd_requests: counter_vec(&r, "forkd_nbd_requests_total", "NBD requests by command", "command"),
             nbd_errors: counter_vec(&r, "forkd_nbd_errors_total", "NBD error replies by errno", "errno"),
+            iscsi_active: gauge(&r, "forkd_iscsi_connections", "Open iSCSI connections"),
+            iscsi_closed: counter_vec(
+                &r,
+                "forkd_iscsi_connections_closed_total",
+                "Closed iSCSI connections by reason",
+                "reason",
+            ),
+            iscsi_check_conditions: counter_vec(
+                &r,
+                "forkd_iscsi_check_conditions_total",
+                "SCSI commands answered with CHECK CONDITION, by sense key",
+                "sense_key",
+            ),
             extent_slots: gauge(&r, "forkd_extent_slots", "4 KiB slots handed out in the extent file"),
             registry: r,
         }

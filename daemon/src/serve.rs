@@ -35,6 +35,8 @@ pub struct Config {
     pub iscsi: String,
     /// File holding the API token (required unless the API listens on loopback).
     pub token_file: Option<PathBuf>,
+    /// Who may log in to which iSCSI target ([`crate::iscsi_access`]).
+    pub iscsi_access: crate::iscsi_access::IscsiAccess,
 }
 
 impl Default for Config {
@@ -45,6 +47,7 @@ impl Default for Config {
             nbd: "0.0.0.0:10809".into(),
             iscsi: "0.0.0.0:3260".into(),
             token_file: None,
+            iscsi_access: Default::default(),
         }
     }
 }
@@ -88,6 +91,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("--api {}: not an address such as 127.0.0.1:7480", config.api))?;
     let token = api_token(&config, api)?;
+    let iscsi_rules =
+        crate::iscsi_access::AccessRules::new(&config.iscsi_access).map_err(|e| anyhow::anyhow!("config: {e:#}"))?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
@@ -101,13 +106,27 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let nbd_listener = tokio::net::TcpListener::bind(nbd_addr)
             .await
             .with_context(|| format!("cannot listen on {nbd_addr} for NBD"))?;
+        let iscsi_addr: SocketAddr = config
+            .iscsi
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--iscsi {}: not an address such as 0.0.0.0:3260", config.iscsi))?;
+        let iscsi_listener = tokio::net::TcpListener::bind(iscsi_addr)
+            .await
+            .with_context(|| format!("cannot listen on {iscsi_addr} for iSCSI"))?;
+        if iscsi_rules.is_open() && !iscsi_addr.ip().is_loopback() {
+            tracing::warn!(
+                iscsi = %iscsi_addr,
+                "iSCSI targets are open to every initiator on the network (no CHAP, no allow-list): \
+                 see [iscsi_access] in docs/iscsi.md"
+            );
+        }
         tracing::info!(
             api = %listener.local_addr()?,
             nbd = %nbd_listener.local_addr()?,
+            iscsi = %iscsi_listener.local_addr()?,
             data_dir = %config.data_dir.display(),
             token = token.is_some(),
-            "forkd serving (iSCSI {} is not served by this build yet)",
-            config.iscsi
+            "forkd serving"
         );
         let shutdown = tokio_util::sync::CancellationToken::new();
         let nbd = tokio::spawn(crate::nbd_server::serve(
@@ -116,6 +135,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             crate::nbd_server::NbdConfig::default(),
             shutdown.clone(),
         ));
+        let iscsi =
+            tokio::spawn(crate::iscsi_server::serve(iscsi_listener, store.clone(), iscsi_rules, shutdown.clone()));
         // Like a filesystem's commit interval: writes of clients that never flush become
         // durable within FLUSH_INTERVAL, and the slots they freed become reusable.
         let periodic = {
@@ -147,6 +168,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .context("API server failed");
         shutdown.cancel();
         let _ = nbd.await;
+        let _ = iscsi.await;
         let _ = periodic.await;
         api_result
     })?;

@@ -36,6 +36,7 @@ pub mod keys;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
+pub mod session;
 
 pub use digest::Digests;
 pub use keys::SessionParams;

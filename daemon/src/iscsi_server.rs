@@ -1,0 +1,492 @@
+//! The iSCSI listener: accepts connections, runs the login and the full feature phase of the
+//! `forkd-iscsi` crate over them, and serves every SCSI command from the [`Store`].
+//!
+//! One OS thread per connection, blocking socket I/O: each read is decoded into as many PDUs
+//! as it holds, the session turns them into commands, the commands run in order against the
+//! volume, and every answer produced by that read goes out in one write. Targets are
+//! `iqn.2026-11.dev.forkd:VOLUME` for each clone (LUN 0, read-write) and, when
+//! `iscsi_access.snapshots` is set, `…:VOLUME:snap-N` for each snapshot (read-only); who may
+//! log in is [`crate::iscsi_access`]'s business.
+//!
+//! Rewind, refresh and delete follow the rule of every export (see [`crate::exports`]): the
+//! connection answers what it already received, then closes; logins to a fenced target fail
+//! with "target not found" for the moment of the switch.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iscsi::keys::{send_targets, SessionType, TargetEntry};
+use iscsi::login::{ChapNonce, Login, LoginConfig, LoginStep, TargetInfo, Targets};
+use iscsi::pdu::decode;
+use iscsi::scsi::{self, Backend, BackendError, LunState};
+use iscsi::session::{Event, Session};
+use iscsi::{Digests, Disposition, Pdu};
+use tokio_util::sync::CancellationToken;
+
+use crate::iscsi_access::{reference_of, target_name, AccessRules};
+use crate::store::{BlockState, Store, StoreError};
+
+/// Commands an initiator may have outstanding (the CmdSN window).
+const WINDOW: u32 = 128;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 256;
+/// Time an initiator has to complete its login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a blocked read wakes up to look for a close request.
+const POLL: Duration = Duration::from_millis(200);
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Shared {
+    store: Arc<Store>,
+    rules: AccessRules,
+    /// Persistent reservations and identity of each exported LUN, by reference.
+    luns: Mutex<HashMap<String, Arc<Mutex<LunState>>>>,
+    next_tsih: AtomicU16,
+    connections: AtomicUsize,
+}
+
+impl Shared {
+    fn lun(&self, reference: &str, identity: &str) -> Arc<Mutex<LunState>> {
+        let mut luns = self.luns.lock().unwrap_or_else(|p| p.into_inner());
+        luns.entry(reference.to_string()).or_insert_with(|| Arc::new(Mutex::new(LunState::new(identity)))).clone()
+    }
+
+    fn tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
+    /// Whether `reference` is an exported target right now, and the identity of its LUN.
+    fn exported(&self, reference: &str) -> Option<String> {
+        if self.store.exports.is_fenced(reference) {
+            return None;
+        }
+        let cat = self.store.catalog();
+        match reference.split_once('@') {
+            None => {
+                let v = cat.volume(reference).ok()?;
+                (v.kind == catalog::Kind::Clone).then(|| format!("{}:{}", v.name, v.created_at))
+            }
+            Some(_) if self.rules.snapshots => {
+                let t = cat.target(reference).ok()?;
+                let v = cat.volume(reference.split('@').next().unwrap_or(reference)).ok()?;
+                Some(format!("{}:{}", t.name, v.created_at))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Every exported reference, for SendTargets.
+    fn all_exports(&self) -> Vec<String> {
+        let cat = self.store.catalog();
+        let mut out = Vec::new();
+        for v in cat.volumes().values() {
+            if v.kind == catalog::Kind::Clone {
+                out.push(v.name.clone());
+            }
+            if self.rules.snapshots {
+                out.extend(v.snapshots.iter().map(|s| format!("{}@{}", v.name, s.id)));
+            }
+        }
+        out.retain(|r| !self.store.exports.is_fenced(r));
+        out
+    }
+}
+
+struct LoginTargets<'a> {
+    shared: &'a Shared,
+    peer: IpAddr,
+}
+
+impl Targets for LoginTargets<'_> {
+    fn lookup(&self, name: &str) -> Option<TargetInfo> {
+        let reference = reference_of(name)?;
+        self.shared.exported(&reference)?;
+        Some(self.shared.rules.target_info(&reference, self.peer))
+    }
+}
+
+/// Accept iSCSI connections until `shutdown` is cancelled. Each connection runs on its own
+/// thread and closes within [`POLL`] of the shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<Store>,
+    rules: AccessRules,
+    shutdown: CancellationToken,
+) {
+    let shared = Arc::new(Shared {
+        store,
+        rules,
+        luns: Mutex::new(HashMap::new()),
+        next_tsih: AtomicU16::new(1),
+        connections: AtomicUsize::new(0),
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "iSCSI accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if shared.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            tracing::warn!(%peer, "iSCSI connection refused: {MAX_CONNECTIONS} connections already");
+            continue;
+        }
+        let sock = match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "iSCSI connection setup failed");
+                continue;
+            }
+        };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        shared.store.metrics.iscsi_active.inc();
+        let (shared, stop) = (shared.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new().name("forkd-iscsi".into()).spawn(move || {
+            let why = connection(&shared, sock, peer, &stop);
+            tracing::info!(%peer, why, "iSCSI connection closed");
+            shared.store.metrics.iscsi_closed.with_label_values(&[why]).inc();
+            shared.store.metrics.iscsi_active.dec();
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(%peer, error = %e, "cannot start an iSCSI connection thread");
+        }
+    }
+}
+
+/// The socket and its input buffer.
+struct Conn {
+    sock: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Conn {
+    /// Reads more input; `Ok(false)` on a timeout (nothing arrived within [`POLL`]).
+    fn fill(&mut self) -> std::io::Result<bool> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > (1 << 20) {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + (256 << 10), 0);
+        let r = self.sock.read(&mut self.buf[len..]);
+        match r {
+            Ok(0) => {
+                self.buf.truncate(len);
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            }
+            Ok(n) => {
+                self.buf.truncate(len + n);
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                self.buf.truncate(len);
+                Ok(false)
+            }
+            Err(e) => {
+                self.buf.truncate(len);
+                Err(e)
+            }
+        }
+    }
+
+    fn input(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn nonce() -> ChapNonce {
+    let mut bytes = [0u8; 33];
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok();
+    if !filled {
+        // No /dev/urandom: fall back to the clock and the address of a local (still
+        // unpredictable enough to stop replaying an old response, which is what CHAP needs).
+        let seed = Instant::now().elapsed().as_nanos() ^ (std::ptr::addr_of!(bytes) as usize as u128);
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (seed >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+        }
+    }
+    let mut challenge = [0u8; 32];
+    challenge.copy_from_slice(&bytes[1..]);
+    ChapNonce { identifier: bytes[0], challenge }
+}
+
+/// One connection, from login to close; returns why it closed.
+fn connection(shared: &Shared, sock: TcpStream, peer: SocketAddr, shutdown: &CancellationToken) -> &'static str {
+    let _ = sock.set_nodelay(true);
+    if sock.set_read_timeout(Some(POLL)).is_err() {
+        return "socket setup failed";
+    }
+    let local = sock.local_addr().ok();
+    let mut conn = Conn { sock, buf: Vec::new(), start: 0 };
+    let config =
+        LoginConfig { cmd_window: WINDOW, discovery_chap: shared.rules.discovery_chap.clone(), ..Default::default() };
+    let mut login = Login::new(config, shared.tsih(), nonce());
+    let targets = LoginTargets { shared, peer: peer.ip() };
+    let deadline = Instant::now() + LOGIN_TIMEOUT;
+    let params = loop {
+        let pdu = match decode(conn.input(), Digests::NONE, Login::login_max_data()) {
+            Ok(Some((pdu, n))) => {
+                conn.start += n;
+                pdu
+            }
+            Ok(None) => {
+                if Instant::now() > deadline {
+                    return "login timed out";
+                }
+                if shutdown.is_cancelled() {
+                    return "daemon shutting down";
+                }
+                match conn.fill() {
+                    Ok(_) => continue,
+                    Err(_) => return "initiator closed during login",
+                }
+            }
+            Err(_) => return "malformed PDU during login",
+        };
+        let step = match login.handle(&pdu, &targets) {
+            Ok(s) => s,
+            Err(_) => return "login already finished",
+        };
+        let (reply, done) = match step {
+            LoginStep::Continue(r) => (r, None),
+            LoginStep::Done(r, p) => (r, Some(p)),
+            LoginStep::Fail(r) => {
+                let _ = send(&mut conn.sock, &[r], Digests::NONE);
+                return "login refused";
+            }
+        };
+        if send(&mut conn.sock, &[reply], Digests::NONE).is_err() {
+            return "initiator closed during login";
+        }
+        if let Some(p) = done {
+            break *p;
+        }
+    };
+    let portal = local.map(|a| format!("{a},1")).unwrap_or_default();
+    match params.session_type {
+        SessionType::Discovery => {
+            full_feature(shared, conn, Session::new(params, WINDOW), None, peer, &portal, shutdown)
+        }
+        SessionType::Normal => {
+            let Some(reference) = params.target_name.as_deref().and_then(reference_of) else {
+                return "login without a target";
+            };
+            let Some(identity) = shared.exported(&reference) else { return "target went away during login" };
+            let Some(guard) = shared.store.exports.register(&reference) else { return "target fenced" };
+            let lun = shared.lun(&reference, &identity);
+            let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
+            let why = full_feature(shared, conn, Session::new(params, WINDOW), Some(export), peer, &portal, shutdown);
+            drop(guard);
+            why
+        }
+    }
+}
+
+/// A normal session's target.
+struct Export {
+    reference: String,
+    lun: Arc<Mutex<LunState>>,
+    close: CancellationToken,
+    expired: CancellationToken,
+}
+
+fn send(sock: &mut TcpStream, pdus: &[Pdu], digests: Digests) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    for p in pdus {
+        out.extend_from_slice(&p.encode(digests).map_err(std::io::Error::other)?);
+    }
+    sock.write_all(&out)
+}
+
+fn full_feature(
+    shared: &Shared,
+    mut conn: Conn,
+    mut session: Session,
+    export: Option<Export>,
+    peer: SocketAddr,
+    portal: &str,
+    shutdown: &CancellationToken,
+) -> &'static str {
+    let digests = session.params().digests();
+    let max_recv = session.params().max_recv_data_segment_length;
+    let nexus = session.nexus();
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let mut closing: Option<&'static str> = None;
+        loop {
+            let (pdu, n) = match decode(conn.input(), digests, max_recv) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => match e.disposition() {
+                    Disposition::Reject { reason, header, skip } => {
+                        conn.start += skip;
+                        let r = session.reject_header(reason, &header);
+                        push(&mut out, &r, digests);
+                        continue;
+                    }
+                    Disposition::Close => {
+                        closing = Some("malformed PDU");
+                        break;
+                    }
+                },
+            };
+            conn.start += n;
+            for ev in session.handle(pdu) {
+                match ev {
+                    Event::Send(p) => push(&mut out, &p, digests),
+                    Event::Run(cmd) => {
+                        let outcome = match (&export, cmd.fail) {
+                            (Some(x), None) => {
+                                if x.expired.is_cancelled() {
+                                    closing = Some("export switched");
+                                    break;
+                                }
+                                let dev = VolumeLun::new(&shared.store, &x.reference);
+                                let mut state = x.lun.lock().unwrap_or_else(|p| p.into_inner());
+                                Some(scsi::execute(&cmd.cdb, &cmd.data_out, cmd.lun, &nexus, &dev, &mut state))
+                            }
+                            _ => None,
+                        };
+                        for p in session.complete(cmd, outcome) {
+                            push(&mut out, &p, digests);
+                        }
+                    }
+                    Event::SendTargets { itt, query } => {
+                        let visible: Vec<TargetEntry> = shared
+                            .all_exports()
+                            .into_iter()
+                            .filter(|r| shared.rules.visible(r, &session.params().initiator_name, peer.ip()))
+                            .map(|r| TargetEntry { name: target_name(&r), addresses: vec![portal.to_string()] })
+                            .collect();
+                        let current = export.as_ref().map(|x| target_name(&x.reference));
+                        let text = send_targets(&query, &visible, session.params().session_type, current.as_deref());
+                        let p = session.send_targets(itt, text);
+                        push(&mut out, &p, digests);
+                    }
+                    Event::Close(why) => {
+                        closing = Some(why);
+                        break;
+                    }
+                }
+            }
+            if closing.is_some() {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            if conn.sock.write_all(&out).is_err() {
+                return "initiator went away";
+            }
+            out.clear();
+        }
+        if let Some(why) = closing {
+            return why;
+        }
+        if export.as_ref().is_some_and(|x| x.close.is_cancelled()) {
+            return "export switched (rewind, refresh or delete)";
+        }
+        if shutdown.is_cancelled() {
+            return "daemon shutting down";
+        }
+        match conn.fill() {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return "initiator closed",
+            Err(_) => return "read failed",
+        }
+    }
+}
+
+fn push(out: &mut Vec<u8>, p: &Pdu, digests: Digests) {
+    match p.encode(digests) {
+        Ok(b) => out.extend_from_slice(&b),
+        Err(e) => tracing::error!(error = %e, "cannot encode an iSCSI PDU"),
+    }
+}
+
+/// A volume or snapshot as the SCSI model's [`Backend`].
+struct VolumeLun<'a> {
+    store: &'a Store,
+    reference: &'a str,
+    blocks: u64,
+    read_only: bool,
+}
+
+impl<'a> VolumeLun<'a> {
+    fn new(store: &'a Store, reference: &'a str) -> VolumeLun<'a> {
+        let (blocks, read_only) = match store.catalog().target(reference) {
+            Ok(t) => (t.size_bytes / u64::from(scsi::LOGICAL_BLOCK_SIZE), t.read_only),
+            Err(_) => (0, true),
+        };
+        VolumeLun { store, reference, blocks, read_only }
+    }
+}
+
+fn backend_error(e: &StoreError) -> BackendError {
+    match e {
+        e if crate::store::is_enospc(e) => BackendError::NoSpace,
+        StoreError::Catalog(catalog::CatalogError::ReadOnly(_)) => BackendError::ReadOnly,
+        _ => {
+            tracing::warn!(error = %e, "iSCSI I/O failed");
+            BackendError::Io
+        }
+    }
+}
+
+const LB: u64 = scsi::LOGICAL_BLOCK_SIZE as u64;
+
+impl Backend for VolumeLun<'_> {
+    fn read(&self, lba: u64, _blocks: u32, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.store.read(self.reference, lba * LB, buf).map_err(|e| backend_error(&e))
+    }
+
+    fn write(&self, lba: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.store.write(self.reference, lba * LB, data).map_err(|e| backend_error(&e))
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        self.store.flush().map_err(|e| backend_error(&e))
+    }
+
+    fn unmap(&self, ranges: &[(u64, u32)]) -> Result<(), BackendError> {
+        for &(lba, blocks) in ranges {
+            self.store.zero_range(self.reference, lba * LB, u64::from(blocks) * LB).map_err(|e| backend_error(&e))?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, lba: u64) -> Result<(bool, u64), BackendError> {
+        let off = lba * LB;
+        let len = (self.blocks - lba.min(self.blocks)) * LB;
+        let runs = self.store.block_status(self.reference, off, len, 1 << 30).map_err(|e| backend_error(&e))?;
+        let Some(&(run, state)) = runs.first() else { return Ok((false, 1)) };
+        Ok((state == BlockState::Data, (run / LB).max(1)))
+    }
+
+    fn capacity_blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
