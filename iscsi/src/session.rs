@@ -10,11 +10,12 @@
 //! - **Write data**: immediate data, unsolicited Data-Out up to FirstBurstLength (when
 //!   InitialR2T=No), then one R2T at a time for MaxBurstLength-sized bursts. Data must arrive
 //!   in order (DataPDUInOrder and DataSequenceInOrder are always Yes): a wrong DataSN, a
-//!   wrong offset or data past a burst is a protocol error and closes the connection
-//!   (ErrorRecoveryLevel 0 has no other recovery).
+//!   wrong offset or data past a burst fails the command with ABORTED COMMAND / DATA PHASE
+//!   ERROR once its sequence ends, and the connection carries on.
 //! - **Residuals**: a write whose CDB asks for more than the Expected Data Transfer Length
-//!   fails with INVALID FIELD IN INFORMATION UNIT and an overflow residual; one asking for
-//!   less takes the bytes it asked for and reports an underflow. Reads send at most the EDTL
+//!   writes the whole blocks the initiator sends and reports an overflow (other commands fail
+//!   with INVALID FIELD IN INFORMATION UNIT); one asking for less takes the bytes it asked
+//!   for and reports an underflow. Reads send at most the EDTL
 //!   and report the difference either way.
 //! - **Data-In**: split at the initiator's MaxRecvDataSegmentLength, sequences closed (F bit)
 //!   every MaxBurstLength, status folded into the last Data-In when it is GOOD.
@@ -134,6 +135,8 @@ struct Transfer {
     data_sn: u32,
     /// The outstanding R2T: its TTT and the end offset of its burst.
     r2t: Option<(u32, u32)>,
+    /// A Data-Out was out of sequence: the rest is drained and the command fails.
+    broken: bool,
 }
 
 /// One connection's full feature phase.
@@ -348,16 +351,20 @@ impl Session {
             }
         };
         let edtl = if c.write { c.expected_length } else { 0 };
-        if cmd.fail.is_none() && takes > 0 {
-            if takes > edtl {
-                cmd.write_residual = Some((true, takes - edtl));
+        let mut limit = takes;
+        if cmd.fail.is_none() && takes > edtl {
+            // The command asks for more than the initiator will send: write only what comes
+            // (whole blocks), report the overflow.
+            cmd.write_residual = Some((true, takes - edtl));
+            let blocks = edtl / scsi::LOGICAL_BLOCK_SIZE;
+            if scsi::set_write_length(&mut cmd.cdb, blocks) {
+                limit = blocks * scsi::LOGICAL_BLOCK_SIZE;
+            } else {
                 cmd.fail = Some(Sense::INVALID_FIELD_IN_INFORMATION_UNIT);
-            } else if takes < edtl {
-                cmd.write_residual = Some((false, edtl - takes));
             }
-        } else if cmd.fail.is_none() && edtl > 0 {
-            // Data offered to a command that takes none (SPC: the device ignores it).
-            cmd.write_residual = Some((false, edtl));
+        } else if cmd.fail.is_none() && takes < edtl {
+            // More data offered than the command takes: it takes what it asked for.
+            cmd.write_residual = Some((false, edtl - takes));
         }
         let first_burst = self.params.first_burst_length.min(edtl);
         if !c.write || edtl == 0 {
@@ -368,7 +375,7 @@ impl Session {
             out.push(Event::Run(cmd));
             return;
         }
-        let limit = if cmd.fail.is_some() { 0 } else { takes.min(edtl) };
+        let limit = if cmd.fail.is_some() { 0 } else { limit.min(edtl) };
         if immediate.len() > usize::try_from(first_burst).unwrap_or(usize::MAX)
             || (!self.params.immediate_data && !immediate.is_empty())
         {
@@ -385,7 +392,7 @@ impl Session {
             return;
         }
         self.buffered += immediate.len();
-        let t = Transfer { cmd, buf: immediate.to_vec(), limit, unsolicited, data_sn: 0, r2t: None };
+        let t = Transfer { cmd, buf: immediate.to_vec(), limit, unsolicited, data_sn: 0, r2t: None, broken: false };
         self.transfers.insert(c.itt, t);
         self.advance(c.itt, out);
     }
@@ -435,48 +442,50 @@ impl Session {
         };
         let solicited = d.ttt != NO_TAG;
         let end = match (solicited, t.r2t) {
-            (true, Some((ttt, end))) if ttt == d.ttt => end,
-            (false, _) if t.unsolicited => first_burst.min(t.cmd.edtl),
-            _ => {
-                out.push(Event::Close("Data-Out with a wrong target transfer tag"));
-                return;
-            }
+            (true, Some((ttt, end))) if ttt == d.ttt => Some(end),
+            (false, _) if t.unsolicited => Some(first_burst.min(t.cmd.edtl)),
+            _ => None,
         };
         let received = u32::try_from(t.buf.len()).unwrap_or(u32::MAX);
-        if d.data_sn != t.data_sn {
-            out.push(Event::Close("Data-Out with a wrong DataSN"));
-            return;
-        }
-        if d.buffer_offset != received {
-            out.push(Event::Close("Data-Out out of order"));
-            return;
-        }
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        if received.checked_add(len).is_none_or(|e| e > end) || (solicited && len > max_burst) {
-            out.push(Event::Close("Data-Out beyond the burst"));
-            return;
+        // A sequence error fails the command (ABORTED COMMAND, DATA PHASE ERROR) but keeps
+        // the connection: the rest of the sequence is drained until its F bit.
+        let in_sequence = end.is_some_and(|end| {
+            d.data_sn == t.data_sn
+                && d.buffer_offset == received
+                && received.checked_add(len).is_some_and(|e| e <= end)
+                && (!solicited || len <= max_burst)
+        });
+        if !in_sequence {
+            t.broken = true;
         }
-        self.buffered += data.len();
-        if self.buffered > MAX_BUFFERED {
-            out.push(Event::Close("too much write data outstanding"));
-            return;
-        }
-        t.buf.extend_from_slice(&data);
-        t.data_sn = t.data_sn.wrapping_add(1);
-        if d.final_pdu {
-            let now = received + len;
-            if solicited {
-                if now != end {
-                    out.push(Event::Close("R2T sequence ended short"));
-                    return;
-                }
-                t.r2t = None;
-            } else {
-                t.unsolicited = false;
+        if !t.broken {
+            if self.buffered + data.len() > MAX_BUFFERED {
+                out.push(Event::Close("too much write data outstanding"));
+                return;
             }
-            t.data_sn = 0;
-            self.advance(d.itt, out);
+            self.buffered += data.len();
+            t.buf.extend_from_slice(&data);
         }
+        t.data_sn = t.data_sn.wrapping_add(1);
+        if !d.final_pdu {
+            return;
+        }
+        let short = solicited && end.is_some_and(|end| received + len != end);
+        if t.broken || short {
+            let Some(mut t) = self.transfers.remove(&d.itt) else { return };
+            self.buffered = self.buffered.saturating_sub(t.buf.len());
+            t.cmd.fail = Some(Sense::DATA_PHASE_ERROR);
+            out.push(Event::Run(t.cmd));
+            return;
+        }
+        if solicited {
+            t.r2t = None;
+        } else {
+            t.unsolicited = false;
+        }
+        t.data_sn = 0;
+        self.advance(d.itt, out);
     }
 
     /// The PDUs answering a command the caller ran (`outcome` from [`scsi::execute`]; ignored

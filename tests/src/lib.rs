@@ -544,9 +544,16 @@ pub fn strip_ansi(s: &str) -> String {
 
 /// The NBD port in the last `forkd serving ... nbd=HOST:PORT` line of a daemon log.
 pub fn nbd_port_in_log(log: &str) -> Option<u16> {
+    port_in_log(log, "nbd")
+}
+
+/// The port of listener `key` (`nbd`, `iscsi`) in the last `forkd serving ... KEY=HOST:PORT`
+/// line of a daemon log.
+pub fn port_in_log(log: &str, key: &str) -> Option<u16> {
     let log = strip_ansi(log);
-    let line = log.lines().rev().find(|l| l.contains("forkd serving") && l.contains(" nbd="))?;
-    let value = line.split(" nbd=").nth(1)?.split_whitespace().next()?;
+    let pat = format!(" {key}=");
+    let line = log.lines().rev().find(|l| l.contains("forkd serving") && l.contains(&pat))?;
+    let value = line.split(&pat).nth(1)?.split_whitespace().next()?;
     value.rsplit(':').next()?.parse().ok()
 }
 
@@ -582,6 +589,27 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The port the daemon's iSCSI listener is bound to (started with `--iscsi 127.0.0.1:0`).
+    pub fn iscsi_port(&self) -> u16 {
+        let started = Instant::now();
+        loop {
+            if let Some(p) = port_in_log(&self.log(), "iscsi") {
+                return p;
+            }
+            assert!(
+                started.elapsed() < NBD_PORT_TIMEOUT,
+                "the daemon did not log its iSCSI address\n--- daemon log ---\n{}",
+                tail(&self.log(), 50)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `iscsi://127.0.0.1:PORT/iqn.2026-11.dev.forkd:VOLUME/0` (libiscsi and qemu URL form).
+    pub fn iscsi_url(&self, volume: &str) -> String {
+        format!("iscsi://127.0.0.1:{}/iqn.2026-11.dev.forkd:{volume}/0", self.iscsi_port())
     }
 
     /// `127.0.0.1:NBD_PORT`.

@@ -314,6 +314,32 @@ pub fn data_out_len(cdb: &[u8]) -> Result<u32, Sense> {
     }
 }
 
+/// Rewrites the transfer length of a write command (WRITE 6/10/12/16, WRITE AND VERIFY
+/// 10/12/16) to `blocks`, so that it writes only what the initiator sends: iSCSI's rule when a
+/// command asks for more data than the Expected Data Transfer Length (the data beyond it is
+/// neither requested nor written, the response reports the overflow). `false` for other
+/// commands, and for WRITE (6) with 0 blocks (its 0 means 256).
+pub fn set_write_length(cdb: &mut [u8], blocks: u32) -> bool {
+    let Some(&opcode) = cdb.first() else { return false };
+    let (at, width) = match opcode {
+        op::WRITE_6 if (1..=255).contains(&blocks) && cdb.len() > 4 => {
+            cdb[4] = u8::try_from(blocks).unwrap_or(0);
+            return true;
+        }
+        op::WRITE_10 | op::WRITE_AND_VERIFY_10 => (7, 2),
+        op::WRITE_12 | op::WRITE_AND_VERIFY_12 => (6, 4),
+        op::WRITE_16 | op::WRITE_AND_VERIFY_16 => (10, 4),
+        _ => return false,
+    };
+    let Some(field) = cdb.get_mut(at..at + width) else { return false };
+    let bytes = blocks.to_be_bytes();
+    if width == 2 && blocks > u32::from(u16::MAX) {
+        return false;
+    }
+    field.copy_from_slice(&bytes[4 - width..]);
+    true
+}
+
 /// Runs one SCSI command against `dev` for the I_T nexus `initiator` (any string that is
 /// unique per I_T nexus, such as the initiator name, the ISID and the target portal group
 /// tag; persistent reservations are keyed by it). `lun` is the LUN number decoded from the

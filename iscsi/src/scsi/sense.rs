@@ -27,6 +27,8 @@ pub mod key {
     pub const DATA_PROTECT: u8 = 0x07;
     /// The data compared differ (VERIFY, COMPARE AND WRITE).
     pub const MISCOMPARE: u8 = 0x0E;
+    /// ABORTED COMMAND.
+    pub const ABORTED_COMMAND: u8 = 0x0B;
 }
 
 /// Sense data for a CHECK CONDITION. `information`, when set, fills the INFORMATION field and
@@ -80,6 +82,8 @@ impl Sense {
     pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00);
     /// NO SENSE, NO ADDITIONAL SENSE INFORMATION (what REQUEST SENSE returns).
     pub const NO_SENSE: Sense = Sense::new(key::NO_SENSE, 0x00, 0x00);
+    /// ABORTED COMMAND / DATA PHASE ERROR: the command's Data-Out PDUs were out of sequence.
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4B, 0x00);
 
     /// Sense data with the given key, ASC and ASCQ and no INFORMATION.
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
