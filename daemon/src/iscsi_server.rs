@@ -363,7 +363,12 @@ fn full_feature(
                                 }
                                 let dev = VolumeLun::new(&shared.store, &x.reference);
                                 let mut state = x.lun.lock().unwrap_or_else(|p| p.into_inner());
-                                Some(scsi::execute(&cmd.cdb, &cmd.data_out, cmd.lun, &nexus, &dev, &mut state))
+                                let o = scsi::execute(&cmd.cdb, &cmd.data_out, cmd.lun, &nexus, &dev, &mut state);
+                                if let Some(sense) = &o.sense {
+                                    let key = format!("{:#04x}", sense.to_fixed()[2] & 0x0f);
+                                    shared.store.metrics.iscsi_check_conditions.with_label_values(&[&key]).inc();
+                                }
+                                Some(o)
                             }
                             _ => None,
                         };

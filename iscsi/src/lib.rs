@@ -16,6 +16,8 @@
 //! - [`login`]: the target's login state machine: security negotiation (`AuthMethod=None`,
 //!   one-way and mutual CHAP with MD5 or SHA-256), operational negotiation, stage transitions
 //!   and the C bit, and the login status classes.
+//! - [`session`]: the full feature phase of one connection (CmdSN window, write data and R2T,
+//!   Data-In, task management, text, logout).
 //! - [`digest`]: CRC32C, MD5 and SHA-256.
 //! - [`scsi`]: the SCSI block device model (its own module documentation).
 //!
@@ -23,8 +25,9 @@
 //! [`Digests::NONE`] and the login data limit until a Login Request arrives; feed each one to
 //! [`login::Login::handle`] and send the Login Response it returns; stop on a failure status or
 //! continue into the full feature phase with the [`SessionParams`] the machine returned (and
-//! the digests they name). The full feature phase (CmdSN window, R2T and Data-Out sequencing,
-//! task management) is not in this crate yet; see the README.
+//! the digests they name): hand every PDU to [`session::Session::handle`], run the commands
+//! it returns with [`scsi::execute`] and send what [`session::Session::complete`] makes of
+//! their outcomes.
 //!
 //! Invariants kept by every decoder here: no input can make it panic or allocate more than the
 //! configured limits.
