@@ -12,6 +12,7 @@
 //! connection answers what it already received, then closes; logins to a fenced target fail
 //! with "target not found" for the moment of the switch.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -19,11 +20,12 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use iscsi::keys::{send_targets, SessionType, TargetEntry};
 use iscsi::login::{ChapNonce, Login, LoginConfig, LoginStep, TargetInfo, Targets};
 use iscsi::pdu::decode;
-use iscsi::scsi::{self, Backend, BackendError, LunState};
-use iscsi::session::{Event, Session};
+use iscsi::scsi::{self, Backend, BackendError, LunState, ScsiOutcome, Sense};
+use iscsi::session::{Command, Event, Session};
 use iscsi::{Digests, Disposition, Pdu};
 use tokio_util::sync::CancellationToken;
 
@@ -333,6 +335,7 @@ fn full_feature(
     let mut out: Vec<u8> = Vec::new();
     loop {
         let mut closing: Option<&'static str> = None;
+        let mut batch = Batch::new(&shared.store, export.as_ref());
         loop {
             let (pdu, n) = match decode(conn.input(), digests, max_recv) {
                 Ok(Some(x)) => x,
@@ -352,29 +355,19 @@ fn full_feature(
             };
             conn.start += n;
             for ev in session.handle(pdu) {
+                if !matches!(ev, Event::Run(_)) {
+                    batch.finish(&mut session, &mut out, digests);
+                }
                 match ev {
                     Event::Send(p) => push(&mut out, &p, digests),
                     Event::Run(cmd) => {
-                        let outcome = match (&export, cmd.fail) {
-                            (Some(x), None) => {
-                                if x.expired.is_cancelled() {
-                                    closing = Some("export switched");
-                                    break;
-                                }
-                                let dev = VolumeLun::new(&shared.store, &x.reference);
-                                let mut state = x.lun.lock().unwrap_or_else(|p| p.into_inner());
-                                let o = scsi::execute(&cmd.cdb, &cmd.data_out, cmd.lun, &nexus, &dev, &mut state);
-                                if let Some(sense) = &o.sense {
-                                    let key = format!("{:#04x}", sense.to_fixed()[2] & 0x0f);
-                                    shared.store.metrics.iscsi_check_conditions.with_label_values(&[&key]).inc();
-                                }
-                                Some(o)
+                        if let Some(x) = &export {
+                            if cmd.fail.is_none() && x.expired.is_cancelled() {
+                                closing = Some("export switched");
+                                break;
                             }
-                            _ => None,
-                        };
-                        for p in session.complete(cmd, outcome) {
-                            push(&mut out, &p, digests);
                         }
+                        batch.run(cmd, &nexus);
                     }
                     Event::SendTargets { itt, query } => {
                         let visible: Vec<TargetEntry> = shared
@@ -398,6 +391,8 @@ fn full_feature(
                 break;
             }
         }
+        batch.finish(&mut session, &mut out, digests);
+        drop(batch);
         if !out.is_empty() {
             if conn.sock.write_all(&out).is_err() {
                 return "initiator went away";
@@ -428,12 +423,77 @@ fn push(out: &mut Vec<u8>, p: &Pdu, digests: Digests) {
     }
 }
 
-/// A volume or snapshot as the SCSI model's [`Backend`].
+/// The commands of one read from the socket: they run in order under the LUN's lock, their
+/// writes are committed together (one group commit) before anything else touches the volume,
+/// and their answers are built once those writes are done, so a failed write still fails its
+/// command.
+struct Batch<'a> {
+    store: &'a Store,
+    export: Option<&'a Export>,
+    dev: Option<VolumeLun<'a>>,
+    state: Option<std::sync::MutexGuard<'a, LunState>>,
+    pending: Vec<(Command, Option<ScsiOutcome>, std::ops::Range<usize>)>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(store: &'a Store, export: Option<&'a Export>) -> Batch<'a> {
+        Batch { store, export, dev: None, state: None, pending: Vec::new() }
+    }
+
+    fn run(&mut self, cmd: Command, nexus: &str) {
+        let Some(x) = self.export.filter(|_| cmd.fail.is_none()) else {
+            self.pending.push((cmd, None, 0..0));
+            return;
+        };
+        let dev = self.dev.get_or_insert_with(|| VolumeLun::new(self.store, &x.reference));
+        let state = self.state.get_or_insert_with(|| x.lun.lock().unwrap_or_else(|p| p.into_inner()));
+        let start = dev.writes();
+        let o = scsi::execute(&cmd.cdb, &cmd.data_out, cmd.lun, nexus, dev, state);
+        let end = dev.writes();
+        self.pending.push((cmd, Some(o), start..end));
+    }
+
+    /// Commits the batch's writes and appends every pending command's answer to `out`.
+    fn finish(&mut self, session: &mut Session, out: &mut Vec<u8>, digests: Digests) {
+        if let Some(dev) = &self.dev {
+            let _ = dev.commit();
+        }
+        for (cmd, mut outcome, writes) in self.pending.drain(..) {
+            if let Some(e) = self.dev.as_ref().and_then(|d| d.failure(writes)) {
+                let sense = match e {
+                    BackendError::NoSpace => Sense::SPACE_ALLOCATION_FAILED,
+                    BackendError::ReadOnly => Sense::WRITE_PROTECTED,
+                    BackendError::Io => Sense::WRITE_ERROR,
+                };
+                outcome = Some(ScsiOutcome {
+                    status: scsi::status::CHECK_CONDITION,
+                    data_in: Vec::new(),
+                    sense: Some(sense),
+                });
+            }
+            if let Some(sense) = outcome.as_ref().and_then(|o| o.sense.as_ref()) {
+                let key = format!("{:#04x}", sense.to_fixed()[2] & 0x0f);
+                self.store.metrics.iscsi_check_conditions.with_label_values(&[&key]).inc();
+            }
+            for p in session.complete(cmd, outcome) {
+                push(out, &p, digests);
+            }
+        }
+        self.state = None;
+    }
+}
+
+/// A volume or snapshot as the SCSI model's [`Backend`]. Writes are queued and committed
+/// together ([`VolumeLun::commit`]) before any other operation, so the model always sees its
+/// own writes.
 struct VolumeLun<'a> {
     store: &'a Store,
     reference: &'a str,
     blocks: u64,
     read_only: bool,
+    queued: RefCell<Vec<(String, u64, Bytes)>>,
+    /// One entry per committed write: its error, if it failed.
+    results: RefCell<Vec<Option<BackendError>>>,
 }
 
 impl<'a> VolumeLun<'a> {
@@ -442,7 +502,33 @@ impl<'a> VolumeLun<'a> {
             Ok(t) => (t.size_bytes / u64::from(scsi::LOGICAL_BLOCK_SIZE), t.read_only),
             Err(_) => (0, true),
         };
-        VolumeLun { store, reference, blocks, read_only }
+        VolumeLun { store, reference, blocks, read_only, queued: RefCell::default(), results: RefCell::default() }
+    }
+
+    /// Writes queued or committed so far (indexes for [`VolumeLun::failure`]).
+    fn writes(&self) -> usize {
+        self.results.borrow().len() + self.queued.borrow().len()
+    }
+
+    /// Commits the queued writes as one group; `Err` if any of them failed.
+    fn commit(&self) -> Result<(), BackendError> {
+        let queued = std::mem::take(&mut *self.queued.borrow_mut());
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let mut first = None;
+        let mut results = self.results.borrow_mut();
+        for r in self.store.write_many(queued) {
+            let e = r.err().map(|e| backend_error(&e));
+            first = first.or(e);
+            results.push(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// The first failure among the writes with these indexes.
+    fn failure(&self, writes: std::ops::Range<usize>) -> Option<BackendError> {
+        self.results.borrow().get(writes).and_then(|r| r.iter().flatten().next().copied())
     }
 }
 
@@ -461,18 +547,26 @@ const LB: u64 = scsi::LOGICAL_BLOCK_SIZE as u64;
 
 impl Backend for VolumeLun<'_> {
     fn read(&self, lba: u64, _blocks: u32, buf: &mut [u8]) -> Result<(), BackendError> {
+        // A failed queued write fails its own command; the read goes on.
+        let _ = self.commit();
         self.store.read(self.reference, lba * LB, buf).map_err(|e| backend_error(&e))
     }
 
     fn write(&self, lba: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.store.write(self.reference, lba * LB, data).map_err(|e| backend_error(&e))
+        if self.read_only {
+            return Err(BackendError::ReadOnly);
+        }
+        self.queued.borrow_mut().push((self.reference.to_string(), lba * LB, Bytes::copy_from_slice(data)));
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), BackendError> {
+        self.commit()?;
         self.store.flush().map_err(|e| backend_error(&e))
     }
 
     fn unmap(&self, ranges: &[(u64, u32)]) -> Result<(), BackendError> {
+        let _ = self.commit();
         for &(lba, blocks) in ranges {
             self.store.zero_range(self.reference, lba * LB, u64::from(blocks) * LB).map_err(|e| backend_error(&e))?;
         }
@@ -480,6 +574,7 @@ impl Backend for VolumeLun<'_> {
     }
 
     fn block_status(&self, lba: u64) -> Result<(bool, u64), BackendError> {
+        let _ = self.commit();
         let off = lba * LB;
         let len = (self.blocks - lba.min(self.blocks)) * LB;
         let runs = self.store.block_status(self.reference, off, len, 1 << 30).map_err(|e| backend_error(&e))?;
