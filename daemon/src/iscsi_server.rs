@@ -157,16 +157,18 @@ pub async fn serve(
         };
         shared.connections.fetch_add(1, Ordering::SeqCst);
         shared.store.metrics.iscsi_active.inc();
-        let (shared, stop) = (shared.clone(), shutdown.clone());
+        let (counted, stop) = (shared.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new().name("forkd-iscsi".into()).spawn(move || {
-            let why = connection(&shared, sock, peer, &stop);
+            let why = connection(&counted, sock, peer, &stop);
             tracing::info!(%peer, why, "iSCSI connection closed");
-            shared.store.metrics.iscsi_closed.with_label_values(&[why]).inc();
-            shared.store.metrics.iscsi_active.dec();
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            counted.store.metrics.iscsi_closed.with_label_values(&[why]).inc();
+            counted.store.metrics.iscsi_active.dec();
+            counted.connections.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(e) = spawned {
             tracing::warn!(%peer, error = %e, "cannot start an iSCSI connection thread");
+            shared.store.metrics.iscsi_active.dec();
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -220,11 +222,16 @@ fn nonce() -> ChapNonce {
     let mut bytes = [0u8; 33];
     let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok();
     if !filled {
-        // No /dev/urandom: fall back to the clock and the address of a local (still
-        // unpredictable enough to stop replaying an old response, which is what CHAP needs).
-        let seed = Instant::now().elapsed().as_nanos() ^ (std::ptr::addr_of!(bytes) as usize as u128);
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = (seed >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+        // No /dev/urandom: std's per-process random hash keys (seeded by the OS) still make a
+        // challenge nobody can predict or replay.
+        use std::hash::{BuildHasher, Hasher};
+        let state = std::collections::hash_map::RandomState::new();
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut h = state.build_hasher();
+            h.write_usize(i);
+            h.write_u128(Instant::now().elapsed().as_nanos());
+            let v = h.finish().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
     let mut challenge = [0u8; 32];
