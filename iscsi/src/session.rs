@@ -27,8 +27,9 @@
 //!   longer than one PDU), logout, and Rejects for SNACK and stray PDUs.
 //!
 //! Invariants: no input can make it panic; buffered write data is bounded by
-//! [`MAX_BUFFERED`] per connection; every non-immediate request inside the window is answered
-//! exactly once (or dropped by a task management function, as SAM allows).
+//! [`MAX_BUFFERED`] and the writes collecting data by [`MAX_TRANSFERS`] per connection; every
+//! non-immediate request inside the window is answered exactly once (or dropped by a task
+//! management function, as SAM allows).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -46,6 +47,10 @@ pub const NO_TAG: u32 = 0xffff_ffff;
 /// Largest amount of write data one connection may hold while collecting (256 MiB); past it
 /// the connection is closed.
 pub const MAX_BUFFERED: usize = 256 << 20;
+
+/// Largest number of writes one connection may have collecting data at once; past it the
+/// connection is closed (the CmdSN window moves on when a command arrives, not when it ends).
+pub const MAX_TRANSFERS: usize = 1024;
 
 /// Task management function codes (RFC 7143 §11.5.1).
 pub mod tmf {
@@ -157,6 +162,16 @@ pub struct Session {
     text_in: Vec<u8>,
 }
 
+/// The BHS of `pdu` as it was on the wire, lengths included (a Reject returns it whole).
+fn wire_header(pdu: &Pdu) -> [u8; 48] {
+    let mut h = pdu.bhs.to_bytes();
+    let ahs: usize = pdu.ahs.iter().map(|a| (3 + a.data.len()).div_ceil(4)).sum();
+    h[4] = u8::try_from(ahs).unwrap_or(u8::MAX);
+    let len = u32::try_from(pdu.data.len()).unwrap_or(u32::MAX).min(0x00ff_ffff);
+    h[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
+    h
+}
+
 /// RFC 1982 serial number comparison: `a < b`.
 fn sn_lt(a: u32, b: u32) -> bool {
     a != b && b.wrapping_sub(a) < (1 << 31)
@@ -260,7 +275,9 @@ impl Session {
                         exp_cmd_sn: self.exp_cmd_sn,
                         max_cmd_sn: self.max_cmd_sn(),
                     };
-                    out.push(Event::Send(Pdu::with_data(nop, data.clone())));
+                    // Echo at most what the initiator declared it can receive (§11.19).
+                    let max = usize::try_from(self.params.max_xmit_data_segment_length).unwrap_or(usize::MAX);
+                    out.push(Event::Send(Pdu::with_data(nop, data.slice(..data.len().min(max)))));
                 }
                 // A NOP-Out with the reserved ITT answers a NOP-In ping of ours; nothing to do.
             }
@@ -311,7 +328,7 @@ impl Session {
             max_cmd_sn: self.max_cmd_sn(),
             data_sn: 0,
         };
-        Event::Send(Pdu::reject(r, &pdu.bhs.to_bytes()))
+        Event::Send(Pdu::reject(r, &wire_header(pdu)))
     }
 
     /// A Reject for a PDU the codec refused (`header` is its BHS), such as a data digest
@@ -389,6 +406,10 @@ impl Session {
         }
         if self.transfers.contains_key(&c.itt) {
             out.push(Event::Close("a task tag already in use"));
+            return;
+        }
+        if self.buffered + immediate.len() > MAX_BUFFERED || self.transfers.len() >= MAX_TRANSFERS {
+            out.push(Event::Close("too much write data outstanding"));
             return;
         }
         self.buffered += immediate.len();

@@ -663,6 +663,8 @@ impl Daemon {
 /// A minimal raw NBD client (fixed newstyle, no TLS) for tests that send exact bytes.
 /// Filesystems and PostgreSQL on forkd volumes (FUSE + loop attach, mounts, postgres).
 pub mod fsdb;
+/// A raw iSCSI initiator built on the `forkd-iscsi` codec, for tests that send exact PDUs.
+pub mod iscsi_raw;
 
 pub mod rawnbd {
     use std::io::{ErrorKind, Read, Write};
@@ -1239,5 +1241,60 @@ impl Api {
     /// `GET path` with extra headers, panicking on transport errors.
     pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Http {
         self.request_with("GET", path, headers, None).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// iSCSI helpers (used by iscsi_clients.rs and iscsi_fs_db.rs): target names, the iSCSI close
+// counters, and daemons started with a config file.
+// ---------------------------------------------------------------------------------------------
+
+/// The prefix of every forkd iSCSI target name.
+pub const IQN_PREFIX: &str = "iqn.2026-11.dev.forkd:";
+
+/// The iSCSI target name of a clone (`dev1`) or snapshot (`dev1@3` → `...:dev1:snap-3`).
+pub fn iscsi_target(reference: &str) -> String {
+    match reference.split_once('@') {
+        Some((v, n)) => format!("{IQN_PREFIX}{v}:snap-{n}"),
+        None => format!("{IQN_PREFIX}{reference}"),
+    }
+}
+
+impl Daemon {
+    /// Start a daemon in `root` with `--config FILE`, the file holding `config` (TOML).
+    pub fn start_with_config(root: &Path, config: &str) -> Daemon {
+        let file = root.join("forkd.toml");
+        std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        let file = file.to_str().expect("utf-8 path").to_string();
+        Daemon::start_with(root, "127.0.0.1", &["--config", &file])
+    }
+
+    /// `forkd_iscsi_connections_closed_total{reason="REASON"}` right now.
+    pub fn iscsi_closed(&self, reason: &str) -> u64 {
+        let v = metric_value(&self.metrics(), &format!("forkd_iscsi_connections_closed_total{{reason=\"{reason}\"}}"));
+        format!("{v}").parse::<u64>().unwrap_or_else(|_| panic!("counter value {v} is not an integer"))
+    }
+
+    /// Wait (bounded by `timeout`) until `forkd_iscsi_connections_closed_total{reason="REASON"}`
+    /// reaches `at_least`; panics with the iSCSI metrics and the log if it does not.
+    pub fn wait_iscsi_closed(&self, reason: &str, at_least: u64, timeout: Duration) -> u64 {
+        let started = Instant::now();
+        loop {
+            let v = self.iscsi_closed(reason);
+            if v >= at_least {
+                return v;
+            }
+            if started.elapsed() > timeout {
+                let m = self.metrics();
+                let lines: Vec<&str> = m.lines().filter(|l| l.starts_with("forkd_iscsi")).collect();
+                panic!(
+                    "forkd_iscsi_connections_closed_total{{reason=\"{reason}\"}} is {v}, expected at least {at_least} \
+                     within {timeout:?}\n--- iSCSI metrics ---\n{}\n--- daemon log ---\n{}",
+                    lines.join("\n"),
+                    tail(&self.log(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
