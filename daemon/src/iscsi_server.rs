@@ -173,48 +173,46 @@ pub async fn serve(
     }
 }
 
-/// The socket and its input buffer.
+/// The socket and its input buffer (`buf[start..end]` is unread input; the buffer is zeroed
+/// once and reused, growing only for a PDU larger than it).
 struct Conn {
     sock: TcpStream,
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl Conn {
+    fn new(sock: TcpStream) -> Conn {
+        Conn { sock, buf: vec![0; 1 << 20], start: 0, end: 0 }
+    }
+
     /// Reads more input; `Ok(false)` on a timeout (nothing arrived within [`POLL`]).
     fn fill(&mut self) -> std::io::Result<bool> {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > (1 << 20) {
-            self.buf.drain(..self.start);
-            self.start = 0;
+        const MIN_ROOM: usize = 64 << 10;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
         }
-        let len = self.buf.len();
-        self.buf.resize(len + (256 << 10), 0);
-        let r = self.sock.read(&mut self.buf[len..]);
-        match r {
-            Ok(0) => {
-                self.buf.truncate(len);
-                Err(std::io::ErrorKind::UnexpectedEof.into())
+        if self.buf.len() - self.end < MIN_ROOM {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            if self.buf.len() - self.end < MIN_ROOM {
+                self.buf.resize(self.buf.len() * 2, 0);
             }
+        }
+        match self.sock.read(&mut self.buf[self.end..]) {
+            Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
-                self.buf.truncate(len + n);
+                self.end += n;
                 Ok(true)
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                self.buf.truncate(len);
-                Ok(false)
-            }
-            Err(e) => {
-                self.buf.truncate(len);
-                Err(e)
-            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
     fn input(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 }
 
@@ -246,7 +244,7 @@ fn connection(shared: &Shared, sock: TcpStream, peer: SocketAddr, shutdown: &Can
         return "socket setup failed";
     }
     let local = sock.local_addr().ok();
-    let mut conn = Conn { sock, buf: Vec::new(), start: 0 };
+    let mut conn = Conn::new(sock);
     let config =
         LoginConfig { cmd_window: WINDOW, discovery_chap: shared.rules.discovery_chap.clone(), ..Default::default() };
     let mut login = Login::new(config, shared.tsih(), nonce());
@@ -339,7 +337,7 @@ fn full_feature(
     let digests = session.params().digests();
     let max_recv = session.params().max_recv_data_segment_length;
     let nexus = session.nexus();
-    let mut out: Vec<u8> = Vec::new();
+    let mut out = Out::default();
     loop {
         let mut closing: Option<&'static str> = None;
         let mut batch = Batch::new(&shared.store, export.as_ref());
@@ -351,7 +349,7 @@ fn full_feature(
                     Disposition::Reject { reason, header, skip } => {
                         conn.start += skip;
                         let r = session.reject_header(reason, &header);
-                        push(&mut out, &r, digests);
+                        out.push(&r, digests);
                         continue;
                     }
                     Disposition::Close => {
@@ -366,7 +364,7 @@ fn full_feature(
                     batch.finish(&mut session, &mut out, digests);
                 }
                 match ev {
-                    Event::Send(p) => push(&mut out, &p, digests),
+                    Event::Send(p) => out.push(&p, digests),
                     Event::Run(cmd) => {
                         if let Some(x) = &export {
                             if cmd.fail.is_none() && x.expired.is_cancelled() {
@@ -386,7 +384,7 @@ fn full_feature(
                         let current = export.as_ref().map(|x| target_name(&x.reference));
                         let text = send_targets(&query, &visible, session.params().session_type, current.as_deref());
                         let p = session.send_targets(itt, text);
-                        push(&mut out, &p, digests);
+                        out.push(&p, digests);
                     }
                     Event::Close(why) => {
                         closing = Some(why);
@@ -400,11 +398,8 @@ fn full_feature(
         }
         batch.finish(&mut session, &mut out, digests);
         drop(batch);
-        if !out.is_empty() {
-            if conn.sock.write_all(&out).is_err() {
-                return "initiator went away";
-            }
-            out.clear();
+        if !out.is_empty() && out.send(&mut conn.sock).is_err() {
+            return "initiator went away";
         }
         if let Some(why) = closing {
             return why;
@@ -423,10 +418,52 @@ fn full_feature(
     }
 }
 
-fn push(out: &mut Vec<u8>, p: &Pdu, digests: Digests) {
-    match p.encode(digests) {
-        Ok(b) => out.extend_from_slice(&b),
-        Err(e) => tracing::error!(error = %e, "cannot encode an iSCSI PDU"),
+/// PDUs waiting to be sent: headers and small data are copied together, large data segments
+/// (read data) are queued as they are and go out with one vectored write.
+#[derive(Default)]
+struct Out {
+    parts: Vec<Bytes>,
+    small: Vec<u8>,
+}
+
+impl Out {
+    fn push(&mut self, p: &Pdu, digests: Digests) {
+        match p.encode_parts(digests) {
+            Ok((head, data, tail)) => {
+                self.small.extend_from_slice(&head);
+                if data.len() >= 4096 {
+                    self.parts.push(Bytes::from(std::mem::take(&mut self.small)));
+                    self.parts.push(data);
+                } else {
+                    self.small.extend_from_slice(&data);
+                }
+                self.small.extend_from_slice(&tail);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode an iSCSI PDU"),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty() && self.small.is_empty()
+    }
+
+    /// Writes everything queued, then empties the queue.
+    fn send(&mut self, sock: &mut TcpStream) -> std::io::Result<()> {
+        if !self.small.is_empty() {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+        let mut slices: Vec<std::io::IoSlice<'_>> = self.parts.iter().map(|b| std::io::IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = sock.write_vectored(rest)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        drop(slices);
+        self.parts.clear();
+        Ok(())
     }
 }
 
@@ -461,7 +498,7 @@ impl<'a> Batch<'a> {
     }
 
     /// Commits the batch's writes and appends every pending command's answer to `out`.
-    fn finish(&mut self, session: &mut Session, out: &mut Vec<u8>, digests: Digests) {
+    fn finish(&mut self, session: &mut Session, out: &mut Out, digests: Digests) {
         if let Some(dev) = &self.dev {
             let _ = dev.commit();
         }
@@ -483,7 +520,7 @@ impl<'a> Batch<'a> {
                 self.store.metrics.iscsi_check_conditions.with_label_values(&[&key]).inc();
             }
             for p in session.complete(cmd, outcome) {
-                push(out, &p, digests);
+                out.push(&p, digests);
             }
         }
         self.state = None;

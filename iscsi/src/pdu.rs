@@ -1070,6 +1070,18 @@ impl Pdu {
 
     /// The bytes of this PDU on the wire, with padding and the requested digests.
     pub fn encode(&self, digests: Digests) -> Result<Vec<u8>, IscsiError> {
+        let (head, data, tail) = self.encode_parts(digests)?;
+        let mut out = Vec::with_capacity(head.len() + data.len() + tail.len());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&data);
+        out.extend_from_slice(&tail);
+        Ok(out)
+    }
+
+    /// [`Pdu::encode`] in three parts, so a sender can write the data segment without copying
+    /// it: the header (BHS, AHS, header digest), the data segment itself, and what follows it
+    /// (padding and data digest; empty when there is no data).
+    pub fn encode_parts(&self, digests: Digests) -> Result<(Vec<u8>, Bytes, Vec<u8>), IscsiError> {
         let mut h = self.bhs.to_bytes();
         let mut ahs = Vec::new();
         for a in &self.ahs {
@@ -1088,25 +1100,25 @@ impl Pdu {
             .ok_or(IscsiError::ValueTooLarge("DataSegmentLength"))?;
         h[5..8].copy_from_slice(&dlen.to_be_bytes()[1..]);
 
-        let mut out = Vec::with_capacity(BHS_LEN + ahs.len() + self.data.len() + 12);
-        out.extend_from_slice(&h);
-        out.extend_from_slice(&ahs);
+        let mut head = Vec::with_capacity(BHS_LEN + ahs.len() + 4);
+        head.extend_from_slice(&h);
+        head.extend_from_slice(&ahs);
         if digests.header {
-            let d = crc32c(&out);
-            out.extend_from_slice(&d.to_le_bytes());
+            let d = crc32c(&head);
+            head.extend_from_slice(&d.to_le_bytes());
         }
+        let mut tail = Vec::new();
         if !self.data.is_empty() {
-            let start = out.len();
-            out.extend_from_slice(&self.data);
-            while (out.len() - start) & 3 != 0 {
-                out.push(0);
-            }
+            let pad = (4 - self.data.len() % 4) % 4;
+            tail.resize(pad, 0);
             if digests.data {
-                let d = crc32c(&out[start..]);
-                out.extend_from_slice(&d.to_le_bytes());
+                let mut c = crate::digest::Crc32c::new();
+                c.update(&self.data);
+                c.update(&tail);
+                tail.extend_from_slice(&c.finish().to_le_bytes());
             }
         }
-        Ok(out)
+        Ok((head, self.data.clone(), tail))
     }
 }
 
