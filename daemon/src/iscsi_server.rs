@@ -302,7 +302,11 @@ fn connection(shared: &Shared, sock: TcpStream, peer: SocketAddr, shutdown: &Can
             let Some(guard) = shared.store.exports.register(&reference) else { return "target fenced" };
             let lun = shared.lun(&reference, &identity);
             let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
-            let why = full_feature(shared, conn, Session::new(params, WINDOW), Some(export), peer, &portal, shutdown);
+            let session = Session::new(params, WINDOW);
+            let nexus = session.nexus();
+            let lun = export.lun.clone();
+            let why = full_feature(shared, conn, session, Some(export), peer, &portal, shutdown);
+            lun.lock().unwrap_or_else(|p| p.into_inner()).nexus_lost(&nexus);
             drop(guard);
             why
         }
@@ -385,6 +389,11 @@ fn full_feature(
                         let text = send_targets(&query, &visible, session.params().session_type, current.as_deref());
                         let p = session.send_targets(itt, text);
                         out.push(&p, digests);
+                    }
+                    Event::Reset => {
+                        if let Some(x) = &export {
+                            x.lun.lock().unwrap_or_else(|p| p.into_inner()).reset();
+                        }
                     }
                     Event::Close(why) => {
                         closing = Some(why);

@@ -123,6 +123,8 @@ pub enum Event {
         /// The value of the key (`All`, a target name or empty).
         query: String,
     },
+    /// A LUN or target reset: SPC-2 reservations end.
+    Reset,
     /// Close the connection (after sending everything before this event).
     Close(&'static str),
 }
@@ -290,6 +292,13 @@ impl Session {
                     exp_cmd_sn: self.exp_cmd_sn,
                     max_cmd_sn: self.max_cmd_sn(),
                 };
+                if matches!(
+                    t.function & 0x7f,
+                    tmf::LOGICAL_UNIT_RESET | tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET
+                ) && response == tmf::COMPLETE
+                {
+                    out.push(Event::Reset);
+                }
                 out.push(Event::Send(Pdu::new(r)));
                 if t.function & 0x7f == tmf::TARGET_COLD_RESET && response == tmf::COMPLETE {
                     out.push(Event::Close("target cold reset"));
@@ -368,6 +377,11 @@ impl Session {
             }
         };
         let edtl = if c.write { c.expected_length } else { 0 };
+        if cmd.fail.is_none() {
+            if let Err(sense) = scsi::check_transfer_length(&cmd.cdb, edtl) {
+                cmd.fail = Some(sense);
+            }
+        }
         let mut limit = takes;
         if cmd.fail.is_none() && takes > edtl {
             // The command asks for more than the initiator will send: write only what comes

@@ -1,18 +1,22 @@
-//! The SBC-3 medium-access commands: READ, WRITE, WRITE AND VERIFY, VERIFY, COMPARE AND
-//! WRITE, WRITE SAME, UNMAP, SYNCHRONIZE CACHE, PRE-FETCH and GET LBA STATUS.
+//! The SBC-3/4 medium-access commands: READ, WRITE, WRITE AND VERIFY, VERIFY, COMPARE AND
+//! WRITE, ORWRITE, WRITE ATOMIC, WRITE SAME, UNMAP, SANITIZE, SYNCHRONIZE CACHE, PRE-FETCH and
+//! GET LBA STATUS.
 //!
 //! Every command checks its CDB fields, then write protection, then the LBA range, and only
 //! then calls the backend, so a backend never sees a range past the capacity and a failed
 //! check never leaves a partial write behind (UNMAP validates every descriptor first).
-//! Buffers are bounded by [`MAX_TRANSFER_BLOCKS`]; WRITE SAME writes in chunks.
+//! Buffers are bounded by [`MAX_TRANSFER_BLOCKS`]; WRITE SAME and SANITIZE write (and
+//! unmap) in chunks, so neither allocates in proportion to the range.
 
 use super::{
-    len32, op, truncate, Backend, Cdb, CmdResult, Failure, Sense, BLOCK, MAX_COMPARE_AND_WRITE_BLOCKS,
-    MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
+    len32, op, truncate, Backend, Cdb, CmdResult, Failure, Sense, BLOCK, MAX_ATOMIC_TRANSFER_BLOCKS,
+    MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
 };
 
 /// Blocks per backend write while WRITE SAME fills a range (1 MiB).
 const WRITE_SAME_CHUNK_BLOCKS: u32 = 2048;
+/// Blocks per backend unmap while SANITIZE BLOCK ERASE deallocates the medium (2 GiB).
+const ERASE_CHUNK_BLOCKS: u32 = 1 << 22;
 /// Most descriptors one GET LBA STATUS returns.
 const MAX_LBA_STATUS_DESCRIPTORS: usize = 512;
 
@@ -36,6 +40,7 @@ fn lba_len(c: &Cdb) -> (u64, u32) {
         | op::SYNCHRONIZE_CACHE_10
         | op::WRITE_SAME_10 => (u64::from(c.u32(2)), u32::from(c.u16(7))),
         op::READ_12 | op::WRITE_12 | op::WRITE_AND_VERIFY_12 | op::VERIFY_12 => (u64::from(c.u32(2)), c.u32(6)),
+        op::WRITE_ATOMIC_16 => (c.u64(2), u32::from(c.u16(12))),
         _ => (c.u64(2), c.u32(10)),
     }
 }
@@ -259,7 +264,7 @@ pub(super) fn unmap(c: &Cdb, data_out: &[u8], dev: &dyn Backend) -> CmdResult {
 /// WRITE SAME (10/16). With UNMAP set and an all-zero block (or NDOB) the range is
 /// deallocated, which reads back as zeros because of LBPRZ; otherwise the block is written to
 /// every LBA. A NUMBER OF LOGICAL BLOCKS of zero is refused (WSNZ = 1 in the block limits
-/// page).
+/// page); no length may exceed [`MAX_WRITE_SAME_BLOCKS`].
 pub(super) fn write_same(c: &Cdb, data_out: &[u8], dev: &dyn Backend) -> CmdResult {
     check_protect(c)?;
     let flags = c.b(1);
@@ -287,14 +292,106 @@ pub(super) fn write_same(c: &Cdb, data_out: &[u8], dev: &dyn Backend) -> CmdResu
         dev.unmap(&[(lba, blocks)]).map_err(Failure::Write)?;
         return Ok(Vec::new());
     }
-    let chunk_blocks = blocks.min(WRITE_SAME_CHUNK_BLOCKS);
-    let chunk = block.repeat(chunk_blocks as usize);
-    let mut done: u32 = 0;
+    fill(dev, &block, lba, u64::from(blocks))?;
+    Ok(Vec::new())
+}
+
+/// Writes `block` to the `blocks` LBAs from `lba`, a chunk at a time.
+fn fill(dev: &dyn Backend, block: &[u8], lba: u64, blocks: u64) -> Result<(), Failure> {
+    let chunk_blocks = blocks.min(u64::from(WRITE_SAME_CHUNK_BLOCKS));
+    let chunk = block.repeat(usize::try_from(chunk_blocks).unwrap_or(0));
+    let mut done: u64 = 0;
     while done < blocks {
         let n = (blocks - done).min(chunk_blocks);
-        dev.write(lba + u64::from(done), &chunk[..bytes(n)]).map_err(Failure::Write)?;
+        let len = usize::try_from(n).map_or(chunk.len(), |n| n * BLOCK);
+        dev.write(lba + done, &chunk[..len]).map_err(Failure::Write)?;
         done += n;
     }
+    Ok(())
+}
+
+/// ORWRITE (16): each block of the range becomes the bitwise OR of its current contents and
+/// the data-out (SBC-3 §5.9, the OR operation; BMOP and the generation fields exist only in
+/// ORWRITE (32), which is not supported). Atomic with respect to other commands because the
+/// daemon holds the LUN lock; FUA flushes afterwards.
+pub(super) fn orwrite(c: &Cdb, data_out: &[u8], dev: &dyn Backend) -> CmdResult {
+    check_protect(c)?;
+    let (lba, blocks) = lba_len(c);
+    if blocks > MAX_TRANSFER_BLOCKS {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    check_writable(dev)?;
+    check_range(dev, lba, u64::from(blocks))?;
+    if blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let mask = data(data_out, bytes(blocks))?;
+    let mut medium = read_blocks(dev, lba, blocks)?;
+    medium.iter_mut().zip(mask).for_each(|(m, d)| *m |= d);
+    dev.write(lba, &medium).map_err(Failure::Write)?;
+    if c.b(1) & 0x08 != 0 {
+        dev.flush().map_err(Failure::Write)?;
+    }
+    Ok(Vec::new())
+}
+
+/// WRITE ATOMIC (16): the range is written all or nothing. One backend write is one atomic
+/// commit of the daemon's map (docs/durability.md), so a write of up to
+/// [`MAX_ATOMIC_TRANSFER_BLOCKS`] in one call is atomic, at any alignment: the block limits
+/// page reports no alignment or granularity requirement and no atomic boundary support, so
+/// a non-zero ATOMIC BOUNDARY is refused.
+pub(super) fn write_atomic(c: &Cdb, data_out: &[u8], dev: &dyn Backend) -> CmdResult {
+    check_protect(c)?;
+    let (lba, blocks) = lba_len(c);
+    if c.u16(10) != 0 || blocks > MAX_ATOMIC_TRANSFER_BLOCKS {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    check_writable(dev)?;
+    check_range(dev, lba, u64::from(blocks))?;
+    if blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let payload = data(data_out, bytes(blocks))?;
+    dev.write(lba, payload).map_err(Failure::Write)?;
+    if c.b(1) & 0x08 != 0 {
+        dev.flush().map_err(Failure::Write)?;
+    }
+    Ok(Vec::new())
+}
+
+/// SANITIZE: BLOCK ERASE deallocates the whole medium (it then reads as zeros: WABEREQ = 1 in
+/// the block device characteristics page), EXIT FAILURE MODE completes at once (a sanitize that
+/// fails reports its error and leaves no failure mode behind). CRYPTO ERASE is not supported:
+/// there is no encryption key to change. BLOCK ERASE ends with a flush, so the old data is gone
+/// from the medium (its slots freed and punched) when the command completes; the command is
+/// synchronous, so IMMED changes nothing and no "sanitize in progress" state is ever seen.
+///
+/// OVERWRITE is not offered: forkd never writes in place (a write goes to fresh slots), so an
+/// overwrite could not reach the old data, and it would allocate the whole volume; BLOCK ERASE
+/// is the sanitize that fits a thin, copy-on-write LUN.
+pub(super) fn sanitize(c: &Cdb, dev: &dyn Backend) -> CmdResult {
+    let plen = usize::from(c.u16(7));
+    // Byte 1 bit 6 and bytes 2-6 are reserved.
+    if c.b(1) & 0x40 != 0 || (2..7).any(|i| c.b(i) != 0) {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    match c.sa() {
+        op::SA_SANITIZE_BLOCK_ERASE | op::SA_SANITIZE_EXIT_FAILURE_MODE if plen != 0 => {
+            return Err(Sense::INVALID_FIELD_IN_CDB.in_cdb(7, None).into());
+        }
+        op::SA_SANITIZE_BLOCK_ERASE => {}
+        op::SA_SANITIZE_EXIT_FAILURE_MODE => return Ok(Vec::new()),
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB.in_cdb(1, Some(4)).into()),
+    }
+    check_writable(dev)?;
+    let cap = dev.capacity_blocks();
+    let mut lba = 0;
+    while lba < cap {
+        let n = u32::try_from((cap - lba).min(u64::from(ERASE_CHUNK_BLOCKS))).unwrap_or(ERASE_CHUNK_BLOCKS);
+        dev.unmap(&[(lba, n)]).map_err(Failure::Write)?;
+        lba += u64::from(n);
+    }
+    dev.flush().map_err(Failure::Write)?;
     Ok(Vec::new())
 }
 

@@ -1,15 +1,15 @@
 //! The commands that describe the LUN rather than touch its data: INQUIRY and the VPD pages,
-//! READ CAPACITY, MODE SENSE / MODE SELECT, REPORT LUNS, REPORT SUPPORTED OPERATION CODES and
-//! REQUEST SENSE. The identity (serial, designators) is derived once from the volume id.
+//! READ CAPACITY, MODE SENSE / MODE SELECT, REPORT LUNS, REPORT SUPPORTED OPERATION CODES,
+//! READ DEFECT DATA and REQUEST SENSE. The identity (serial, designators) is derived once from the volume id.
 //!
 //! The mode pages are fixed: write-back caching on (WCE = 1, forkd acknowledges writes before
 //! a flush), no changeable parameters and no saved page set. MODE SELECT therefore accepts a
 //! page only when it equals the current one.
 
 use super::{
-    len16, len32, op, truncate, Backend, Cdb, CmdResult, Sense, LOGICAL_BLOCK_SIZE, MAX_COMPARE_AND_WRITE_BLOCKS,
-    MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS, OPTIMAL_GRANULARITY_BLOCKS,
-    PHYSICAL_BLOCK_EXPONENT,
+    len16, len32, op, truncate, Backend, Cdb, CmdResult, Sense, LOGICAL_BLOCK_SIZE, MAX_ATOMIC_TRANSFER_BLOCKS,
+    MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
+    OPTIMAL_GRANULARITY_BLOCKS, PHYSICAL_BLOCK_EXPONENT,
 };
 
 const VENDOR: &[u8; 8] = b"FORKD   ";
@@ -116,7 +116,10 @@ fn vpd_page(code: u8, id: &Identity) -> Option<Vec<u8>> {
         }
         0xB0 => {
             let mut p = vec![0u8; 60];
-            p[0] = 0x01; // WSNZ: WRITE SAME with zero blocks is refused
+            // WSNZ = 1: WRITE SAME needs a block count. (With 0 meaning "to the end of the
+            // medium", libiscsi's WriteSame10.UnmapUntilEnd expects a non-zero block sent with
+            // UNMAP to read back as zeros, which SBC does not allow.)
+            p[0] = 0x01;
             p[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
             p[2..4].copy_from_slice(&OPTIMAL_GRANULARITY_BLOCKS.to_be_bytes());
             p[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
@@ -127,11 +130,15 @@ fn vpd_page(code: u8, id: &Identity) -> Option<Vec<u8>> {
             p[24..28].copy_from_slice(&u32::from(OPTIMAL_GRANULARITY_BLOCKS).to_be_bytes());
             p[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
             p[32..40].copy_from_slice(&u64::from(MAX_WRITE_SAME_BLOCKS).to_be_bytes());
+            // MAXIMUM ATOMIC TRANSFER LENGTH; ATOMIC ALIGNMENT, ATOMIC TRANSFER LENGTH
+            // GRANULARITY and the atomic boundary limits stay 0 (none).
+            p[40..44].copy_from_slice(&MAX_ATOMIC_TRANSFER_BLOCKS.to_be_bytes());
             p
         }
         0xB1 => {
             let mut p = vec![0u8; 60];
             p[1] = 0x01; // MEDIUM ROTATION RATE 1: non-rotating
+            p[3] = 0x40; // WABEREQ 01b: reads after SANITIZE BLOCK ERASE succeed (zeros)
             p
         }
         // LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type 2: thin.
@@ -311,6 +318,23 @@ pub(super) fn report_luns(c: &Cdb) -> CmdResult {
     Ok(truncate(d, alloc))
 }
 
+/// READ DEFECT DATA (10/12): a volume has no defects, so the lists asked for (REQ_PLIST,
+/// REQ_GLIST) are reported valid and empty, in the requested format. The reserved formats
+/// (001b, 010b, 111b) are INVALID FIELD IN CDB; the 12-byte form's ADDRESS DESCRIPTOR INDEX
+/// has nothing to index and is ignored.
+pub(super) fn read_defect_data(c: &Cdb) -> CmdResult {
+    let ten = c.opcode() == op::READ_DEFECT_DATA_10;
+    let flags = if ten { c.b(2) } else { c.b(1) };
+    let format = flags & 0x07;
+    if matches!(format, 1 | 2 | 7) || flags & 0xE0 != 0 {
+        return Err(Sense::INVALID_FIELD_IN_CDB.in_cdb(if ten { 2 } else { 1 }, None).into());
+    }
+    // PLISTV / GLISTV mirror REQ_PLIST / REQ_GLIST; the list length is 0.
+    let d = if ten { vec![0, flags & 0x1F, 0, 0] } else { vec![0, flags & 0x1F, 0, 0, 0, 0, 0, 0] };
+    let alloc = if ten { u32::from(c.u16(7)) } else { c.u32(6) };
+    Ok(truncate(d, alloc))
+}
+
 /// REQUEST SENSE: sense is always delivered with the failing command (autosense), so there is
 /// never a pending condition to report.
 pub(super) fn request_sense(c: &Cdb) -> CmdResult {
@@ -342,6 +366,8 @@ const COMMANDS: &[Command] = &[
     cmd(op::INQUIRY, None, &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0]),
     cmd(op::MODE_SELECT_6, None, &[0x15, 0x11, 0, 0, 0xFF, 0]),
     cmd(op::MODE_SENSE_6, None, &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0]),
+    cmd(op::RESERVE_6, None, &[0x16, 0, 0, 0, 0, 0]),
+    cmd(op::RELEASE_6, None, &[0x17, 0, 0, 0, 0, 0]),
     cmd(op::START_STOP_UNIT, None, &[0x1B, 0x01, 0, 0x0F, 0xF7, 0]),
     cmd(op::PREVENT_ALLOW, None, &[0x1E, 0, 0, 0, 0x03, 0]),
     cmd(op::READ_CAPACITY_10, None, &[0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0]),
@@ -351,9 +377,14 @@ const COMMANDS: &[Command] = &[
     cmd(op::VERIFY_10, None, &[0x2F, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
     cmd(op::PRE_FETCH_10, None, &[0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
     cmd(op::SYNCHRONIZE_CACHE_10, None, &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::READ_DEFECT_DATA_10, None, &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
     cmd(op::WRITE_SAME_10, None, &[0x41, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
     cmd(op::UNMAP, None, &[0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0]),
+    cmd(op::SANITIZE, Some(op::SA_SANITIZE_BLOCK_ERASE), &[0x48, 0xBF, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::SANITIZE, Some(op::SA_SANITIZE_EXIT_FAILURE_MODE), &[0x48, 0xBF, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
     cmd(op::MODE_SELECT_10, None, &[0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::RESERVE_10, None, &[0x56, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
+    cmd(op::RELEASE_10, None, &[0x57, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
     cmd(op::MODE_SENSE_10, None, &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0]),
     cmd(op::PERSISTENT_RESERVE_IN, Some(0x00), &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
     cmd(op::PERSISTENT_RESERVE_IN, Some(0x01), &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
@@ -382,6 +413,11 @@ const COMMANDS: &[Command] = &[
         &[0x8A, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
     ),
     cmd(
+        op::ORWRITE_16,
+        None,
+        &[0x8B, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
         op::WRITE_AND_VERIFY_16,
         None,
         &[0x8E, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
@@ -407,6 +443,11 @@ const COMMANDS: &[Command] = &[
         &[0x93, 0xF9, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
     ),
     cmd(
+        op::WRITE_ATOMIC_16,
+        None,
+        &[0x9C, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+    ),
+    cmd(
         op::SERVICE_ACTION_IN_16,
         Some(op::SA_READ_CAPACITY_16),
         &[0x9E, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
@@ -426,6 +467,7 @@ const COMMANDS: &[Command] = &[
     cmd(op::WRITE_12, None, &[0xAA, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
     cmd(op::WRITE_AND_VERIFY_12, None, &[0xAE, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
     cmd(op::VERIFY_12, None, &[0xAF, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+    cmd(op::READ_DEFECT_DATA_12, None, &[0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
 ];
 
 /// The 12-byte command timeouts descriptor (no timeouts are advertised).
@@ -440,6 +482,9 @@ pub(super) fn report_supported_opcodes(c: &Cdb) -> CmdResult {
     let sa = c.u16(4);
     let alloc = c.u32(6);
     let has_sa = COMMANDS.iter().any(|k| k.opcode == opcode && k.sa.is_some());
+    // The field pointer names REPORTING OPTIONS: the request does not fit the opcode (or the
+    // option is reserved), which initiators must not mistake for RSOC being unsupported.
+    let bad_options = Sense::INVALID_FIELD_IN_CDB.in_cdb(2, Some(2));
     let found = match options {
         0 => {
             let mut list = Vec::new();
@@ -458,13 +503,13 @@ pub(super) fn report_supported_opcodes(c: &Cdb) -> CmdResult {
             d.extend_from_slice(&list);
             return Ok(truncate(d, alloc));
         }
-        1 if has_sa => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+        1 if has_sa => return Err(bad_options.into()),
         1 => COMMANDS.iter().find(|k| k.opcode == opcode && k.sa.is_none()),
-        2 if !has_sa && is_known_opcode(opcode) => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+        2 if !has_sa && is_known_opcode(opcode) => return Err(bad_options.into()),
         2 | 3 if has_sa => COMMANDS.iter().find(|k| k.opcode == opcode && k.sa.map(u16::from) == Some(sa)),
         3 => COMMANDS.iter().find(|k| k.opcode == opcode && k.sa.is_none()),
         2 => None,
-        _ => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
+        _ => return Err(bad_options.into()),
     };
     let d = match found {
         Some(k) => {

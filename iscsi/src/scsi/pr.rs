@@ -1,7 +1,18 @@
-//! Persistent reservations (SPC-4 §5.7): PERSISTENT RESERVE IN (READ KEYS, READ RESERVATION,
-//! REPORT CAPABILITIES, READ FULL STATUS) and OUT (REGISTER, REGISTER AND IGNORE EXISTING
-//! KEY, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT AND ABORT), and the conflict rule every
-//! other command goes through.
+//! Reservations: persistent reservations (SPC-4 §5.7): PERSISTENT RESERVE IN (READ KEYS, READ
+//! RESERVATION, REPORT CAPABILITIES, READ FULL STATUS) and OUT (REGISTER, REGISTER AND IGNORE
+//! EXISTING KEY, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT AND ABORT); the SPC-2 reservations
+//! of RESERVE / RELEASE (6) and (10); and the conflict rule every other command goes through.
+//!
+//! SPC-2 reservations are the whole logical unit held by one I_T nexus (no extents, no third
+//! party). While one is held, another nexus may only run INQUIRY, REQUEST SENSE, REPORT LUNS,
+//! PREVENT ALLOW MEDIUM REMOVAL with PREVENT 0 and RELEASE (which does nothing); everything
+//! else is RESERVATION CONFLICT, and so are PERSISTENT RESERVE IN/OUT from every nexus, the
+//! holder too (SPC-3 §5.6.1). The other way round, RESERVE and RELEASE while persistent
+//! registrations exist follow SPC-4 §5.13.3: from the persistent reservation holder (or a
+//! registrant, for the registrants-only and all-registrants types) they complete and do
+//! nothing, from anyone else they conflict. Unlike persistent reservations, an SPC-2
+//! reservation ends with its I_T nexus and with a logical unit reset: the transport reports
+//! those through [`super::LunState::nexus_lost`] and [`super::LunState::reset`].
 //!
 //! State: one registration per I_T nexus (the `initiator` string given to `execute`), in
 //! registration order, and at most one reservation with its type and holder. For the
@@ -10,7 +21,7 @@
 //! attentions to other nexuses after a preempt or release are not generated (the model has no
 //! unit attention queue); there are no tasks to abort for PREEMPT AND ABORT.
 
-use super::{len32, truncate, Access, Cdb, CmdResult, Failure, Sense};
+use super::{len32, op, truncate, Access, Cdb, CmdResult, Failure, Sense};
 
 const WRITE_EXCLUSIVE: u8 = 1;
 const EXCLUSIVE_ACCESS: u8 = 3;
@@ -38,6 +49,8 @@ pub(crate) struct PrState {
     /// `(I_T nexus, key)`, in registration order.
     registrations: Vec<(String, u64)>,
     reservation: Option<Reservation>,
+    /// The I_T nexus holding the SPC-2 reservation of the logical unit, if any.
+    spc2: Option<String>,
 }
 
 fn valid_type(t: u8) -> bool {
@@ -79,8 +92,15 @@ impl PrState {
         }
     }
 
-    /// Whether `access` from `nexus` is refused with RESERVATION CONFLICT.
-    pub(crate) fn conflicts(&self, nexus: &str, access: Access) -> bool {
+    /// Whether the command `c` of class `access` from `nexus` is refused with RESERVATION
+    /// CONFLICT.
+    pub(crate) fn conflicts(&self, nexus: &str, c: &Cdb, access: Access) -> bool {
+        if let Some(holder) = &self.spc2 {
+            let pr = matches!(c.opcode(), op::PERSISTENT_RESERVE_IN | op::PERSISTENT_RESERVE_OUT);
+            if pr || (holder != nexus && !spc2_allowed(c)) {
+                return true;
+            }
+        }
         let Some(r) = &self.reservation else { return false };
         if access == Access::Always || self.is_holder(nexus) {
             return false;
@@ -229,6 +249,59 @@ impl PrState {
         }
     }
 
+    /// Under persistent registrations, RESERVE and RELEASE do nothing for the holder (or a
+    /// registrant of a registrants-only or all-registrants type) and conflict for anyone
+    /// else; `None` when no registration exists and SPC-2 rules apply.
+    fn spc2_under_pr(&self, nexus: &str) -> Option<CmdResult> {
+        if self.registrations.is_empty() && self.reservation.is_none() {
+            return None;
+        }
+        let registered = self.key_of(nexus).is_some();
+        let shared = self.reservation.as_ref().is_some_and(|r| r.kind >= WRITE_EXCLUSIVE_RO);
+        if self.is_holder(nexus) || (registered && shared) {
+            return Some(Ok(Vec::new()));
+        }
+        Some(Err(Failure::Conflict))
+    }
+
+    /// RESERVE (6) / (10): the logical unit for `nexus`. Re-reserving is allowed; a holder
+    /// other than `nexus` was already refused by [`PrState::conflicts`].
+    pub(crate) fn reserve_spc2(&mut self, c: &Cdb, nexus: &str) -> CmdResult {
+        check_spc2_cdb(c)?;
+        if let Some(r) = self.spc2_under_pr(nexus) {
+            return r;
+        }
+        self.spc2 = Some(nexus.to_string());
+        Ok(Vec::new())
+    }
+
+    /// RELEASE (6) / (10): ends the SPC-2 reservation if `nexus` holds it; from anyone else it
+    /// completes and changes nothing.
+    pub(crate) fn release_spc2(&mut self, c: &Cdb, nexus: &str) -> CmdResult {
+        check_spc2_cdb(c)?;
+        if let Some(r) = self.spc2_under_pr(nexus) {
+            return r;
+        }
+        if self.spc2.as_deref() == Some(nexus) {
+            self.spc2 = None;
+        }
+        Ok(Vec::new())
+    }
+
+    /// The I_T nexus `nexus` is gone (logout, dropped connection, session reinstatement): its
+    /// SPC-2 reservation ends. Persistent reservations stay.
+    pub(crate) fn nexus_lost(&mut self, nexus: &str) {
+        if self.spc2.as_deref() == Some(nexus) {
+            self.spc2 = None;
+        }
+    }
+
+    /// A logical unit reset (LUN RESET, TARGET WARM/COLD RESET): the SPC-2 reservation ends.
+    /// Persistent reservations stay.
+    pub(crate) fn reset(&mut self) {
+        self.spc2 = None;
+    }
+
     fn bump(&mut self) {
         self.generation = self.generation.wrapping_add(1);
     }
@@ -298,4 +371,28 @@ impl PrState {
         self.bump();
         Ok(Vec::new())
     }
+}
+
+/// Commands another I_T nexus may run while an SPC-2 reservation is held (SPC-2 §5.5.1).
+fn spc2_allowed(c: &Cdb) -> bool {
+    match c.opcode() {
+        op::INQUIRY | op::REQUEST_SENSE | op::REPORT_LUNS | op::RELEASE_6 | op::RELEASE_10 => true,
+        op::PREVENT_ALLOW => c.b(4) & 0x03 == 0,
+        _ => false,
+    }
+}
+
+/// RESERVE / RELEASE reserve the whole logical unit for the sender only: the obsolete
+/// extent and SCSI-2 reservation-id fields and third-party reservations are refused. Bits 7-5
+/// of byte 1 (the SCSI-1 LUN) are ignored.
+fn check_spc2_cdb(c: &Cdb) -> Result<(), Failure> {
+    let bad = match c.opcode() {
+        op::RESERVE_6 | op::RELEASE_6 => c.b(1) & 0x1F != 0 || c.b(2) != 0 || c.u16(3) != 0,
+        // 3RDPTY, LONGID, EXTENT; the obsolete reservation id.
+        _ => c.b(1) & 0x13 != 0 || c.b(2) != 0,
+    };
+    if bad {
+        return Err(Sense::INVALID_FIELD_IN_CDB.into());
+    }
+    Ok(())
 }

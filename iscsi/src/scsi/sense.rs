@@ -33,7 +33,10 @@ pub mod key {
 
 /// Sense data for a CHECK CONDITION. `information`, when set, fills the INFORMATION field and
 /// sets the VALID bit (COMPARE AND WRITE and VERIFY put the offset of the first miscompare
-/// there).
+/// there). `field`, when set, is the sense-key specific field pointer: which CDB byte (and
+/// bit) is invalid, for the errors where an initiator must tell "this field is wrong" from
+/// "this command is not implemented" (libiscsi reads an INVALID FIELD IN CDB without a
+/// pointer, or pointing at the service action, on MAINTENANCE IN as "not implemented").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sense {
     /// The sense key.
@@ -44,6 +47,8 @@ pub struct Sense {
     pub ascq: u8,
     /// The INFORMATION field, if valid.
     pub information: Option<u32>,
+    /// The field pointer, if valid: the byte of the CDB and, if known, the bit in it.
+    pub field: Option<(u16, Option<u8>)>,
 }
 
 impl Sense {
@@ -87,7 +92,7 @@ impl Sense {
 
     /// Sense data with the given key, ASC and ASCQ and no INFORMATION.
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, information: None }
+        Sense { key, asc, ascq, information: None, field: None }
     }
 
     /// The same condition with the INFORMATION field set.
@@ -95,8 +100,14 @@ impl Sense {
         Sense { information: Some(information), ..self }
     }
 
+    /// The same condition pointing at byte `byte` (and bit `bit`, if given) of the CDB.
+    pub const fn in_cdb(self, byte: u16, bit: Option<u8>) -> Sense {
+        Sense { field: Some((byte, bit)), ..self }
+    }
+
     /// The 18 bytes of fixed-format sense data: response code 0x70 (current error), VALID when
-    /// INFORMATION is set, ADDITIONAL SENSE LENGTH 10.
+    /// INFORMATION is set, ADDITIONAL SENSE LENGTH 10, and the field pointer (SKSV, C/D = 1
+    /// for a CDB field, BPV when the bit is known) when `field` is set.
     pub fn to_fixed(&self) -> [u8; Self::FIXED_LEN] {
         let mut b = [0u8; Self::FIXED_LEN];
         b[0] = 0x70;
@@ -108,6 +119,10 @@ impl Sense {
         b[7] = 10;
         b[12] = self.asc;
         b[13] = self.ascq;
+        if let Some((byte, bit)) = self.field {
+            b[15] = 0x80 | 0x40 | bit.map_or(0, |bit| 0x08 | (bit & 0x07));
+            b[16..18].copy_from_slice(&byte.to_be_bytes());
+        }
         b
     }
 }
