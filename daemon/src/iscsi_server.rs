@@ -302,7 +302,8 @@ fn connection(shared: &Shared, sock: TcpStream, peer: SocketAddr, shutdown: &Can
             let Some(guard) = shared.store.exports.register(&reference) else { return "target fenced" };
             let lun = shared.lun(&reference, &identity);
             let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
-            let session = Session::new(params, WINDOW);
+            let mut session = Session::new(params, WINDOW);
+            session.set_read_only(shared.store.catalog().target(&export.reference).map_or(true, |t| t.read_only));
             let nexus = session.nexus();
             let lun = export.lun.clone();
             let why = full_feature(shared, conn, session, Some(export), peer, &portal, shutdown);

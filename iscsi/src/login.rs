@@ -160,7 +160,8 @@ pub struct TargetInfo {
     pub name: String,
     /// Sent as `TargetAlias` when set.
     pub alias: Option<String>,
-    /// Initiator names allowed to log in; empty allows every initiator. Address-based rules
+    /// Initiator names allowed to log in (compared case-insensitively, as iSCSI names are);
+    /// empty allows every initiator. Address-based rules
     /// are the daemon's: it knows the peer address when it answers [`Targets::lookup`].
     pub allowed_initiators: Vec<String>,
     /// CHAP is required when set.
@@ -463,7 +464,9 @@ impl Login {
             SessionType::Normal => {
                 let name = get("TargetName").filter(|v| !v.is_empty()).ok_or(Failure(status::MISSING_PARAMETER))?;
                 let target = targets.lookup(name).ok_or(Failure(status::NOT_FOUND))?;
-                if !target.allowed_initiators.is_empty() && !target.allowed_initiators.iter().any(|i| i == initiator) {
+                if !target.allowed_initiators.is_empty()
+                    && !target.allowed_initiators.iter().any(|i| i.eq_ignore_ascii_case(initiator))
+                {
                     return Err(Failure(status::AUTHORIZATION_FAILURE));
                 }
                 p.target_name = Some(target.name.clone());

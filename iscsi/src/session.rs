@@ -162,6 +162,8 @@ pub struct Session {
     text_rest: Option<(u32, u32, Bytes)>,
     /// Text of a request continued with the C bit.
     text_in: Vec<u8>,
+    /// The LUN behind the session cannot be written.
+    read_only: bool,
 }
 
 /// The BHS of `pdu` as it was on the wire, lengths included (a Reject returns it whole).
@@ -195,7 +197,14 @@ impl Session {
             next_ttt: 1,
             text_rest: None,
             text_in: Vec::new(),
+            read_only: false,
         }
+    }
+
+    /// Tells the session its LUN is read-only (a snapshot export): write commands then get
+    /// the model's WRITE PROTECTED before any check of their data length.
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
     }
 
     /// The negotiated parameters.
@@ -377,7 +386,8 @@ impl Session {
             }
         };
         let edtl = if c.write { c.expected_length } else { 0 };
-        if cmd.fail.is_none() {
+        // On a read-only LUN the model answers WRITE PROTECTED first, whatever the length.
+        if cmd.fail.is_none() && !self.read_only {
             if let Err(sense) = scsi::check_transfer_length(&cmd.cdb, edtl) {
                 cmd.fail = Some(sense);
             }
@@ -390,6 +400,9 @@ impl Session {
             let blocks = edtl / scsi::LOGICAL_BLOCK_SIZE;
             if scsi::set_write_length(&mut cmd.cdb, blocks) {
                 limit = blocks * scsi::LOGICAL_BLOCK_SIZE;
+            } else if self.read_only {
+                // The model refuses it as WRITE PROTECTED first.
+                limit = edtl;
             } else {
                 cmd.fail = Some(Sense::INVALID_FIELD_IN_INFORMATION_UNIT);
             }
