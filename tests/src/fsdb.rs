@@ -82,16 +82,43 @@ impl Qsd {
     /// Attach `export` of the NBD server on `port` at `file` (created here), writable or not;
     /// waits (bounded) until the FUSE file shows the volume's size.
     pub fn start(port: u16, export: &str, file: &Path, writable: bool, size: u64) -> Qsd {
+        let ro = if writable { "" } else { ",read-only=on" };
+        let blockdev = format!(
+            "driver=nbd,node-name=n0{ro},server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
+        );
+        Qsd::spawn(&blockdev, export, file, writable, size)
+    }
+
+    /// Attach iSCSI target `target` (LUN 0) of the portal `127.0.0.1:port` through qemu's
+    /// iSCSI driver (qemu-block-extra) at `file`, like [`Qsd::start`]. `options` are appended
+    /// to the blockdev (e.g. `,discard=unmap`). A read-only attach sets `read-only=on`, which
+    /// qemu needs for a write-protected LUN.
+    pub fn start_iscsi(port: u16, target: &str, file: &Path, writable: bool, size: u64, options: &str) -> Qsd {
+        let ro = if writable { "" } else { ",read-only=on" };
+        let blockdev = format!(
+            "driver=iscsi,node-name=n0{ro},transport=tcp,portal=127.0.0.1:{port},target={target},lun=0{options}"
+        );
+        Qsd::spawn(&blockdev, target, file, writable, size)
+    }
+
+    /// SIGKILL, then make sure the FUSE mount is gone: for a qemu-storage-daemon whose target
+    /// went away (it retries the login forever and does not stop on SIGTERM).
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.shutdown();
+    }
+
+    fn spawn(blockdev: &str, export: &str, file: &Path, writable: bool, size: u64) -> Qsd {
         std::fs::write(file, b"").unwrap_or_else(|e| panic!("create {}: {e}", file.display()));
         let log = file.with_extension("qsd.log");
         let out = OpenOptions::new().create(true).append(true).open(&log).expect("qsd log");
         let err = out.try_clone().expect("clone fd");
-        let ro = if writable { "" } else { ",read-only=on" };
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
-            .arg(format!(
-                "driver=nbd,node-name=n0{ro},server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
-            ))
+            .arg(blockdev)
             .arg("--export")
             .arg(format!(
                 "type=fuse,id=e0,node-name=n0,mountpoint={},writable={}",
