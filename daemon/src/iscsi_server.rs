@@ -24,7 +24,7 @@ use bytes::Bytes;
 use iscsi::keys::{send_targets, SessionType, TargetEntry};
 use iscsi::login::{ChapNonce, Login, LoginConfig, LoginStep, TargetInfo, Targets};
 use iscsi::pdu::decode;
-use iscsi::scsi::{self, Backend, BackendError, LunState, ScsiOutcome, Sense};
+use iscsi::scsi::{self, Backend, BackendError, LunState, ScsiOutcome};
 use iscsi::session::{Command, Event, Session};
 use iscsi::{Digests, Disposition, Pdu};
 use tokio_util::sync::CancellationToken;
@@ -278,11 +278,15 @@ fn connection(shared: &Shared, sock: TcpStream, peer: SocketAddr, shutdown: &Can
             LoginStep::Continue(r) => (r, None),
             LoginStep::Done(r, p) => (r, Some(p)),
             LoginStep::Fail(r) => {
-                let _ = send(&mut conn.sock, &[r], Digests::NONE);
+                let mut out = Out::default();
+                out.push(&r, Digests::NONE);
+                let _ = out.send(&mut conn.sock);
                 return "login refused";
             }
         };
-        if send(&mut conn.sock, &[reply], Digests::NONE).is_err() {
+        let mut out = Out::default();
+        out.push(&reply, Digests::NONE);
+        if out.send(&mut conn.sock).is_err() {
             return "initiator closed during login";
         }
         if let Some(p) = done {
@@ -320,14 +324,6 @@ struct Export {
     lun: Arc<Mutex<LunState>>,
     close: CancellationToken,
     expired: CancellationToken,
-}
-
-fn send(sock: &mut TcpStream, pdus: &[Pdu], digests: Digests) -> std::io::Result<()> {
-    let mut out = Vec::new();
-    for p in pdus {
-        out.extend_from_slice(&p.encode(digests).map_err(std::io::Error::other)?);
-    }
-    sock.write_all(&out)
 }
 
 fn full_feature(
@@ -514,19 +510,10 @@ impl<'a> Batch<'a> {
         }
         for (cmd, mut outcome, writes) in self.pending.drain(..) {
             if let Some(e) = self.dev.as_ref().and_then(|d| d.failure(writes)) {
-                let sense = match e {
-                    BackendError::NoSpace => Sense::SPACE_ALLOCATION_FAILED,
-                    BackendError::ReadOnly => Sense::WRITE_PROTECTED,
-                    BackendError::Io => Sense::WRITE_ERROR,
-                };
-                outcome = Some(ScsiOutcome {
-                    status: scsi::status::CHECK_CONDITION,
-                    data_in: Vec::new(),
-                    sense: Some(sense),
-                });
+                outcome = Some(scsi::failed_write(e));
             }
             if let Some(sense) = outcome.as_ref().and_then(|o| o.sense.as_ref()) {
-                let key = format!("{:#04x}", sense.to_fixed()[2] & 0x0f);
+                let key = format!("{:#04x}", sense.key);
                 self.store.metrics.iscsi_check_conditions.with_label_values(&[&key]).inc();
             }
             for p in session.complete(cmd, outcome) {

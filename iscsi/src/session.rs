@@ -339,14 +339,7 @@ impl Session {
 
     /// A Reject of `pdu` with `reason`; the connection carries on.
     fn reject(&mut self, reason: u8, pdu: &Pdu) -> Event {
-        let r = Reject {
-            reason,
-            stat_sn: self.next_stat(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_sn: 0,
-        };
-        Event::Send(Pdu::reject(r, &wire_header(pdu)))
+        Event::Send(self.reject_header(reason, &wire_header(pdu)))
     }
 
     /// A Reject for a PDU the codec refused (`header` is its BHS), such as a data digest

@@ -576,31 +576,25 @@ impl Daemon {
     /// The port the daemon's NBD listener is bound to (it is started with `--nbd 127.0.0.1:0`;
     /// the address is read from its `forkd serving` log line of the current run).
     pub fn nbd_port(&self) -> u16 {
-        let started = Instant::now();
-        loop {
-            if let Some(p) = nbd_port_in_log(&self.log()) {
-                return p;
-            }
-            assert!(
-                started.elapsed() < NBD_PORT_TIMEOUT,
-                "the daemon did not log its NBD address (a `forkd serving ... nbd=ADDR` line; is FORKD_LOG \
-                 hiding info lines?)\n--- daemon log ---\n{}",
-                tail(&self.log(), 50)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.listener_port("nbd")
     }
 
     /// The port the daemon's iSCSI listener is bound to (started with `--iscsi 127.0.0.1:0`).
     pub fn iscsi_port(&self) -> u16 {
+        self.listener_port("iscsi")
+    }
+
+    /// The port of listener `key` from the daemon's `forkd serving ... KEY=ADDR` log line.
+    fn listener_port(&self, key: &str) -> u16 {
         let started = Instant::now();
         loop {
-            if let Some(p) = port_in_log(&self.log(), "iscsi") {
+            if let Some(p) = port_in_log(&self.log(), key) {
                 return p;
             }
             assert!(
                 started.elapsed() < NBD_PORT_TIMEOUT,
-                "the daemon did not log its iSCSI address\n--- daemon log ---\n{}",
+                "the daemon did not log its {key} address (a `forkd serving ... {key}=ADDR` line; is FORKD_LOG \
+                 hiding info lines?)\n--- daemon log ---\n{}",
                 tail(&self.log(), 50)
             );
             std::thread::sleep(Duration::from_millis(20));

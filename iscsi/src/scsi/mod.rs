@@ -433,6 +433,13 @@ pub fn execute(
     finish(run(cdb, data_out, lun, initiator, dev, state))
 }
 
+/// The outcome of a command whose write failed after [`execute`] returned: for a transport
+/// that commits writes later (in groups) than the command ran. The same sense as a write that
+/// failed inside the command.
+pub fn failed_write(e: BackendError) -> ScsiOutcome {
+    finish(Err(Failure::Write(e)))
+}
+
 /// The one place where failures become a status and sense data.
 fn finish(result: CmdResult) -> ScsiOutcome {
     let check = |sense: Sense| ScsiOutcome { status: status::CHECK_CONDITION, data_in: Vec::new(), sense: Some(sense) };
