@@ -14,9 +14,11 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match &cli.command {
-        Command::Serve(args) => forkd::serve::run(args),
-        Command::Ingest(args) => client(&cli).and_then(|c| forkd::ingest::run(&c, args, cli.json)),
-        Command::Dump { reference, file } => client(&cli).and_then(|c| forkd::dump::run(&c, reference, file, cli.json)),
+        Command::Serve(args) => forkd::server::serve::run(args),
+        Command::Ingest(args) => client(&cli).and_then(|c| forkd::agent::ingest::run(&c, args, cli.json)),
+        Command::Dump { reference, file } => {
+            client(&cli).and_then(|c| forkd::cli::dump::run(&c, reference, file, cli.json))
+        }
         _ => forkd::cli::run_client(&cli),
     };
     if let Err(e) = result {

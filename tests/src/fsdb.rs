@@ -39,8 +39,7 @@ pub fn in_path(name: &str) -> bool {
 
 /// Everything this test needs, or a panic saying what is missing.
 pub fn preflight(test: &str) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(euid, 0, "{test} needs root (loop devices, mount, FUSE)");
     assert!(Path::new("/dev/fuse").exists(), "{test} needs FUSE: /dev/fuse is missing");
     assert!(Path::new("/dev/loop-control").exists(), "{test} needs loop devices: /dev/loop-control is missing");

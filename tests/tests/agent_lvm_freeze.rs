@@ -290,8 +290,7 @@ struct Ext4 {
 
 impl Ext4 {
     fn new(root: &Path, size: usize) -> Option<Ext4> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if nix::unistd::geteuid().as_raw() != 0 {
             println!("skipped: not root");
             return None;
         }

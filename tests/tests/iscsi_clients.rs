@@ -753,8 +753,7 @@ fn cunit_verdicts_are_read_from_the_log() {
 
 /// Root, /dev/fuse and qemu-storage-daemon, or a panic saying what is missing.
 fn fuse_preflight(test: &str) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(euid, 0, "{test} needs root (FUSE mounts)");
     assert!(Path::new("/dev/fuse").exists(), "{test} needs FUSE: /dev/fuse is missing");
     drop(tool("qemu-storage-daemon"));

@@ -743,15 +743,8 @@ fn rewind_answers_every_request_it_received_before_closing() {
 
 /// Shrink a socket's receive buffer (so replies back up in the server's send queue).
 fn set_rcvbuf(s: &std::net::TcpStream, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    let v: libc::c_int = bytes;
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("socklen");
-    // SAFETY: the fd is an open socket owned by `s`, and the option value points at a live
-    // c_int of the length given.
-    let r = unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, std::ptr::addr_of!(v).cast(), len)
-    };
-    assert_eq!(r, 0, "setsockopt SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let r = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBuf, &usize::try_from(bytes).expect("size"));
+    assert!(r.is_ok(), "setsockopt SO_RCVBUF: {r:?}");
 }
 
 /// A client that has sent requests and not yet read all its replies (its receive window is

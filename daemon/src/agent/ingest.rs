@@ -7,7 +7,7 @@
 //! bounded queue of encoded frames. Zero blocks are never sent; a block that became zero is
 //! sent as a zero frame without payload.
 //!
-//! With `--changed-blocks FILE` (see [`crate::changed_blocks`]) only the listed ranges are read,
+//! With `--changed-blocks FILE` (see [`crate::agent::changed_blocks`]) only the listed ranges are read,
 //! still compared block by block with the daemon's digests, so a listed block that did not
 //! change is not sent either.
 //!
@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
-use crate::changed_blocks;
-use crate::cli::{humanize, IngestArgs};
-use crate::client::{enc, Client};
-use crate::ingest_proto::{encode_data, encode_end, encode_zero, MAX_FRAME_BLOCKS};
+use super::IngestArgs;
+use crate::agent::changed_blocks;
+use crate::api::client::{enc, Client};
+use crate::api::frames::{encode_data, encode_end, encode_zero, MAX_FRAME_BLOCKS};
+use crate::units::humanize;
 
 const BS: usize = 4096;
 /// Bytes read from the image at a time.
@@ -89,7 +90,7 @@ impl ReadAt for File {
     }
 }
 
-impl ReadAt for crate::nbd_client::NbdClient {
+impl ReadAt for crate::agent::nbd_source::NbdClient {
     fn read_at_exact(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         self.read_at(buf, off).map_err(|e| std::io::Error::other(format!("{e:#}")))
     }
@@ -104,7 +105,7 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         return Ok(());
     }
     // --lvm/--freeze: the guards undo the snapshot/freeze when `consistent` is dropped.
-    let consistent = crate::consistent::prepare(
+    let consistent = crate::agent::consistent::prepare(
         args.from.as_deref(),
         args.lvm.as_deref(),
         args.freeze.as_deref(),
@@ -122,7 +123,7 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
         );
     }
     let (file, size, dirty): (Box<dyn ReadAt>, u64, _) = if let Some(url) = nbd_url {
-        let nbd = crate::nbd_client::NbdClient::connect(url, args.dirty_bitmap.as_deref())?;
+        let nbd = crate::agent::nbd_source::NbdClient::connect(url, args.dirty_bitmap.as_deref())?;
         let size = nbd.size();
         let dirty = match &args.dirty_bitmap {
             Some(b) => Some(nbd.dirty_ranges(BS as u64).with_context(|| format!("reading dirty bitmap {b} of {url}"))?),

@@ -1,87 +1,22 @@
-//! `forkd serve`: configuration, start-up and shutdown of the daemon.
+//! `forkd serve`: start-up and shutdown of the daemon (settings: [`super::config`]).
 //!
-//! Settings come from built-in defaults, then the TOML file given with `--config`, then the
-//! command line. On SIGINT or SIGTERM the API stops accepting requests, running ones finish,
+//! On SIGINT or SIGTERM the API stops accepting requests, running ones finish,
 //! and the store is flushed before exit.
 //!
-//! The API token (`token_file`, see [`crate::auth`]): required whenever the API listens on
+//! The API token (`token_file`, see [`crate::server::auth`]): required whenever the API listens on
 //! anything but a loopback address (the daemon refuses to start without one), optional on
 //! loopback, and enforced on every request whenever it is configured.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use serde::Deserialize;
 
-use crate::cli::ServeArgs;
+use super::config::{Config, ServeArgs};
 use crate::store::Store;
 
 /// How often the daemon flushes on its own when something was written.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Daemon settings (the `--config` file uses the same keys).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Where the catalog, map and extents live.
-    pub data_dir: PathBuf,
-    /// Address of the HTTP API.
-    pub api: String,
-    /// Address of the NBD listener.
-    pub nbd: String,
-    /// Address of the iSCSI listener.
-    pub iscsi: String,
-    /// File holding the API token (required unless the API listens on loopback).
-    pub token_file: Option<PathBuf>,
-    /// Who may log in to which iSCSI target ([`crate::iscsi_access`]).
-    pub iscsi_access: crate::iscsi_access::IscsiAccess,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data_dir: PathBuf::from("./forkd-data"),
-            api: "127.0.0.1:7480".into(),
-            nbd: "0.0.0.0:10809".into(),
-            iscsi: "0.0.0.0:3260".into(),
-            token_file: None,
-            iscsi_access: Default::default(),
-        }
-    }
-}
-
-impl Config {
-    /// Defaults, overlaid with the config file, overlaid with the command line.
-    pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
-        let mut c = match &args.config {
-            Some(p) => Self::from_file(p)?,
-            None => Config::default(),
-        };
-        if let Some(d) = &args.data_dir {
-            c.data_dir = d.clone();
-        }
-        if let Some(a) = &args.listen_api {
-            c.api = a.clone();
-        }
-        if let Some(a) = &args.nbd {
-            c.nbd = a.clone();
-        }
-        if let Some(a) = &args.iscsi {
-            c.iscsi = a.clone();
-        }
-        if let Some(t) = &args.token_file {
-            c.token_file = Some(t.clone());
-        }
-        Ok(c)
-    }
-
-    fn from_file(p: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))
-    }
-}
 
 /// Run the daemon until a shutdown signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
@@ -91,8 +26,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("--api {}: not an address such as 127.0.0.1:7480", config.api))?;
     let token = api_token(&config, api)?;
-    let iscsi_rules =
-        crate::iscsi_access::AccessRules::new(&config.iscsi_access).map_err(|e| anyhow::anyhow!("config: {e:#}"))?;
+    let iscsi_rules = crate::server::iscsi::access::AccessRules::new(&config.iscsi_access)
+        .map_err(|e| anyhow::anyhow!("config: {e:#}"))?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
@@ -129,14 +64,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             "forkd serving"
         );
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let nbd = tokio::spawn(crate::nbd_server::serve(
+        let nbd = tokio::spawn(crate::server::nbd::serve(
             nbd_listener,
             store.clone(),
-            crate::nbd_server::NbdConfig::default(),
+            crate::server::nbd::NbdConfig::default(),
             shutdown.clone(),
         ));
         let iscsi =
-            tokio::spawn(crate::iscsi_server::serve(iscsi_listener, store.clone(), iscsi_rules, shutdown.clone()));
+            tokio::spawn(crate::server::iscsi::serve(iscsi_listener, store.clone(), iscsi_rules, shutdown.clone()));
         // Like a filesystem's commit interval: writes of clients that never flush become
         // durable within FLUSH_INTERVAL, and the slots they freed become reusable.
         let periodic = {
@@ -158,7 +93,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             })
         };
         let signal = shutdown.clone();
-        let app = crate::api::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
+        let app = crate::server::http::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
         let api_result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
@@ -179,9 +114,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 
 /// The API token from `config.token_file`; refuses to go on without one when `api` is not a
 /// loopback address.
-fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<crate::auth::Token>>> {
+fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<crate::server::auth::Token>>> {
     match &config.token_file {
-        Some(p) => Ok(Some(Arc::new(crate::auth::Token::from_file(p)?))),
+        Some(p) => Ok(Some(Arc::new(crate::server::auth::Token::from_file(p)?))),
         None if api.ip().is_loopback() => Ok(None),
         None => Err(anyhow::anyhow!(
             "the API address {api} is reachable from other hosts, so it needs a token: give --token-file FILE \
@@ -239,16 +174,5 @@ mod tests {
         std::fs::write(&p, "tooshort\n").expect("write");
         let err = api_token(&c, addr("127.0.0.1:7480")).expect_err("short").to_string();
         assert!(err.contains("at least 16"), "{err}");
-    }
-
-    #[test]
-    fn token_file_from_config_and_command_line() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("forkd.toml");
-        std::fs::write(&cfg, "token_file = \"/etc/forkd/token\"\n").expect("write");
-        let args = ServeArgs { config: Some(cfg), ..ServeArgs::default() };
-        assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/etc/forkd/token")));
-        let args = ServeArgs { token_file: Some(PathBuf::from("/x")), ..args };
-        assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/x")));
     }
 }

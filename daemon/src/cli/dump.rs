@@ -8,8 +8,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::cli::humanize;
-use crate::client::{enc, Client};
+use crate::api::client::{enc, Client};
+use crate::units::humanize;
 
 /// Bytes fetched per request.
 const PIECE: u64 = 16 << 20;

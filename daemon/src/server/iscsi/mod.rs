@@ -6,9 +6,9 @@
 //! volume, and every answer produced by that read goes out in one write. Targets are
 //! `iqn.2026-11.dev.forkd:VOLUME` for each clone (LUN 0, read-write) and, when
 //! `iscsi_access.snapshots` is set, `…:VOLUME:snap-N` for each snapshot (read-only); who may
-//! log in is [`crate::iscsi_access`]'s business.
+//! log in is [`crate::server::iscsi::access`]'s business.
 //!
-//! Rewind, refresh and delete follow the rule of every export (see [`crate::exports`]): the
+//! Rewind, refresh and delete follow the rule of every export (see [`crate::server::exports`]): the
 //! connection answers what it already received, then closes; logins to a fenced target fail
 //! with "target not found" for the moment of the switch.
 
@@ -29,7 +29,9 @@ use iscsi::session::{Command, Event, Session};
 use iscsi::{Digests, Disposition, Pdu};
 use tokio_util::sync::CancellationToken;
 
-use crate::iscsi_access::{reference_of, target_name, AccessRules};
+use access::{reference_of, target_name, AccessRules};
+
+pub mod access;
 use crate::store::{BlockState, Store, StoreError};
 
 /// Commands an initiator may have outstanding (the CmdSN window).

@@ -21,8 +21,11 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
 
-use crate::engine::Engine;
 use crate::metrics::Metrics;
+use engine::Engine;
+
+#[allow(unsafe_code)] // the only unsafe code in the crate: io_uring buffers (see its SAFETY notes)
+pub mod engine;
 
 /// Largest single read or write the store accepts (bigger requests are split by callers).
 pub const MAX_IO: u64 = 64 << 20;
@@ -87,7 +90,7 @@ pub struct Store {
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// Live protocol connections per export, for rewind/refresh/delete.
-    pub exports: crate::exports::ExportRegistry,
+    pub exports: crate::server::exports::ExportRegistry,
     /// Sources with an ingest stream arriving right now.
     pub ingests: ActiveIngests,
     /// Writes waiting for the next group commit.

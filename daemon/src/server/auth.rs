@@ -16,13 +16,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::anyhow;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+
+use crate::api::token::{check_token_text, read_token_file};
 
 /// Fewest characters a token may have.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -61,48 +63,6 @@ impl Token {
     /// Whether `presented` is this token, in time that depends only on the lengths.
     pub fn matches(&self, presented: &[u8]) -> bool {
         constant_time_eq(&self.0, presented)
-    }
-}
-
-/// A token's characters: printable ASCII, no spaces (it travels in an HTTP header).
-fn check_token_text(text: &str) -> Result<(), String> {
-    if text.is_empty() {
-        return Err("it is empty".into());
-    }
-    if !text.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("a token may only hold printable ASCII characters, without spaces".into());
-    }
-    Ok(())
-}
-
-/// Read a token file: its content with surrounding whitespace (a final newline) trimmed,
-/// which must be non-empty printable ASCII without spaces. Used by the daemon and the CLI.
-pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
-    let raw = std::fs::read(path).with_context(|| format!("cannot read token file {}", path.display()))?;
-    let text = std::str::from_utf8(&raw)
-        .map_err(|_| anyhow!("token file {}: a token may only hold printable ASCII characters", path.display()))?;
-    let text = text.trim();
-    check_token_text(text).map_err(|why| anyhow!("token file {}: {why}", path.display()))?;
-    Ok(text.to_string())
-}
-
-/// The token for `forkd` client commands: the trimmed content of `token_file` when given,
-/// else `FORKD_TOKEN` (the token itself; empty means unset), else none.
-pub fn client_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
-    if let Some(path) = token_file {
-        return read_token_file(path).map(Some);
-    }
-    match std::env::var("FORKD_TOKEN") {
-        Ok(t) if t.trim().is_empty() => Ok(None),
-        Ok(t) => {
-            let t = t.trim();
-            check_token_text(t).map_err(|why| anyhow!("FORKD_TOKEN: {why}"))?;
-            Ok(Some(t.to_string()))
-        }
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            bail!("FORKD_TOKEN: a token may only hold printable ASCII characters")
-        }
     }
 }
 

@@ -13,11 +13,11 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{run_blocking, volume_json, ApiError, Shared};
+use super::{run_blocking, volume_json, ApiError, Shared};
 use crate::store::StoreError;
 
-/// The resize route, merged into [`crate::api::router`].
-pub fn routes() -> Router<Shared> {
+/// The resize route, merged into [`super::router`].
+pub(super) fn routes() -> Router<Shared> {
     Router::new().route("/v1/sources/:name/resize", post(resize))
 }
 

@@ -1,0 +1,290 @@
+//! The `forkd` command line: clap definitions for every command, and the implementations of
+//! the client commands that are plain calls to the daemon's HTTP API (`docs/api.md`).
+//!
+//! `serve` is the [`crate::server`], `ingest` the [`crate::agent`], `dump` is [`dump`];
+//! [`commands::run_client`] handles the rest, [`render`] draws their answers. Output is a human-readable table or line by default and the daemon's JSON
+//! answer, pretty-printed, with `--json`.
+//!
+//! The `--api` flag: it is one global flag (`forkd --api URL list` and `forkd list --api URL`
+//! both work, default from `FORKD_API`, then `http://127.0.0.1:7480`). For `serve`, the same
+//! flag is the address to listen on: [`ServeArgs::listen_api`] is `Some` only when `--api` was
+//! given on the command line (before or after `serve`), never from `FORKD_API` or the default,
+//! so the daemon's config file and defaults still apply when it is absent.
+//!
+//! The `--token-file FILE` flag works the same way: global, and for `serve` the token the API
+//! requires ([`ServeArgs::token_file`]); for client commands the token they send, with the
+//! `FORKD_TOKEN` environment variable (the token itself) as the fallback ([`client`]).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::agent::IngestArgs;
+use crate::api::client::Client;
+use crate::server::config::ServeArgs;
+
+pub mod commands;
+pub mod dump;
+pub mod render;
+
+pub use commands::run_client;
+
+/// Default address of the daemon's HTTP API, as a client URL.
+pub const DEFAULT_API: &str = "http://127.0.0.1:7480";
+
+/// forkd: instant, writable, space-sharing copies of block volumes, served over NBD and iSCSI.
+#[derive(Debug, Parser)]
+#[command(name = "forkd", version, long_about = None)]
+pub struct Cli {
+    /// URL of the forkd HTTP API (for `serve`, given here: the address to listen on)
+    #[arg(
+        long,
+        env = "FORKD_API",
+        default_value = DEFAULT_API,
+        global = true,
+        value_name = "URL"
+    )]
+    pub api: String,
+
+    /// Print the daemon's JSON answer instead of human-readable output
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// File holding the API token: sent by client commands (else FORKD_TOKEN, the token
+    /// itself), required by `serve` on every request
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The command to run
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every `forkd` command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: HTTP API, NBD and iSCSI servers
+    Serve(ServeArgs),
+
+    /// Manage source volumes
+    Source {
+        /// What to do with sources
+        #[command(subcommand)]
+        cmd: SourceCmd,
+    },
+
+    /// Feed a source volume from a device or image (only changed blocks after the first run)
+    Ingest(IngestArgs),
+
+    /// Record a snapshot of a volume
+    Snapshot {
+        /// Volume to snapshot
+        #[arg(value_name = "VOLUME")]
+        volume: String,
+        /// Bookmark name to attach to the new snapshot
+        #[arg(long, value_name = "NAME")]
+        bookmark: Option<String>,
+    },
+
+    /// Create a writable clone of a snapshot (a volume is snapshotted first)
+    Clone {
+        /// Snapshot (VOLUME@N, @latest, @BOOKMARK, @TIME) or volume to clone
+        #[arg(value_name = "SNAPSHOT_OR_VOLUME")]
+        from: String,
+        /// Name of the new clone
+        #[arg(value_name = "NEWNAME")]
+        name: String,
+    },
+
+    /// Make a clone's contents those of an earlier snapshot (the current state is kept)
+    Rewind {
+        /// Clone to rewind
+        #[arg(value_name = "CLONE")]
+        clone: String,
+        /// Snapshot (dev1@2, @2, 2, @BOOKMARK, an origin snapshot) or RFC 3339 time
+        #[arg(long, value_name = "SNAPSHOT_OR_TIME")]
+        to: String,
+    },
+
+    /// Re-point a clone at the newest snapshot of its source (the current state is kept)
+    Refresh {
+        /// Clone to refresh
+        #[arg(value_name = "CLONE")]
+        clone: String,
+        /// Snapshot to refresh to instead of the newest one
+        #[arg(long, value_name = "SNAPSHOT")]
+        to: Option<String>,
+    },
+
+    /// Add a bookmark name to an existing snapshot
+    Bookmark {
+        /// Snapshot to bookmark
+        #[arg(value_name = "SNAPSHOT")]
+        snapshot: String,
+        /// Bookmark name
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+
+    /// List volumes with their sizes and space use
+    List,
+
+    /// Show the lineage of sources, snapshots and clones
+    Tree,
+
+    /// Show one volume and its snapshots
+    Show {
+        /// Volume to show
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+
+    /// Copy a volume's or snapshot's contents into a file
+    Dump {
+        /// Volume or snapshot to read
+        #[arg(value_name = "VOLUME_OR_SNAPSHOT")]
+        reference: String,
+        /// File to write
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+
+    /// Delete a volume with its snapshots, or one snapshot
+    Delete {
+        /// Volume or snapshot to delete
+        #[arg(value_name = "NAME_OR_SNAPSHOT")]
+        reference: String,
+    },
+}
+
+/// `forkd source ...`
+#[derive(Debug, Subcommand)]
+pub enum SourceCmd {
+    /// Create an empty source volume
+    Create {
+        /// Name of the new source
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Size in bytes or with a K/M/G/T suffix, a multiple of 4096 (e.g. 10G)
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+    },
+}
+
+/// The API client for `cli.api`, sending the token from `--token-file` or `FORKD_TOKEN`.
+pub fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let token = crate::api::token::client_token(cli.token_file.as_deref())?;
+    Ok(Client::with_token(&cli.api, token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::path::PathBuf;
+
+    #[test]
+    fn clap_definitions_are_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_api_flag() {
+        let cli = Cli::try_parse_from(["forkd", "serve", "--api", "0.0.0.0:7480", "--nbd", "x:1"]).expect("parse");
+        match cli.command {
+            Command::Serve(s) => {
+                assert_eq!(s.listen_api.as_deref(), Some("0.0.0.0:7480"));
+                assert_eq!(s.nbd.as_deref(), Some("x:1"));
+                assert_eq!(s.config, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["forkd", "--api", "http://1.2.3.4:5/", "serve"]).expect("parse");
+        match cli.command {
+            Command::Serve(s) => assert_eq!(s.listen_api.as_deref(), Some("1.2.3.4:5")),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Not given: None, whatever FORKD_API or the client default say.
+        let cli = Cli::try_parse_from(["forkd", "serve", "--data-dir", "/d"]).expect("parse");
+        match cli.command {
+            Command::Serve(s) => {
+                assert_eq!(s.listen_api, None);
+                assert_eq!(s.data_dir, Some(PathBuf::from("/d")));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn token_file_flag() {
+        for args in [&["forkd", "serve", "--token-file", "/t"][..], &["forkd", "--token-file", "/t", "serve"][..]] {
+            let cli = Cli::try_parse_from(args).expect("parse");
+            match cli.command {
+                Command::Serve(s) => assert_eq!(s.token_file, Some(PathBuf::from("/t")), "{args:?}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let cli = Cli::try_parse_from(["forkd", "serve"]).expect("parse");
+        assert!(matches!(cli.command, Command::Serve(ServeArgs { token_file: None, .. })));
+        let cli = Cli::try_parse_from(["forkd", "list", "--token-file", "/t"]).expect("parse");
+        assert_eq!(cli.token_file, Some(PathBuf::from("/t")));
+        let cli = Cli::try_parse_from(["forkd", "--token-file", "/t", "list"]).expect("parse");
+        assert_eq!(cli.token_file, Some(PathBuf::from("/t")));
+    }
+
+    #[test]
+    fn ingest_resize_flag() {
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/x", "--resize"]).expect("parse");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { resize: true, .. })));
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/x"]).expect("parse");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { resize: false, .. })));
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--abort", "--resize"]).is_err());
+    }
+
+    #[test]
+    fn client_api_flag_before_or_after() {
+        let a = Cli::try_parse_from(["forkd", "--api", "h:1", "list"]).expect("parse");
+        assert_eq!(a.api, "h:1");
+        let b = Cli::try_parse_from(["forkd", "list", "--api", "h:2", "--json"]).expect("parse");
+        assert_eq!(b.api, "h:2");
+        assert!(b.json);
+    }
+
+    #[test]
+    fn ingest_from_required_unless_abort() {
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod"]).is_err());
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--abort"]).expect("abort");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { abort: true, .. })));
+        // --lvm replaces --from (the snapshot is what is read).
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/dev/sdb", "--lvm", "vg/lv"]).is_err());
+        let cli = Cli::try_parse_from(["forkd", "ingest", "prod", "--lvm", "vg/lv", "--freeze", "/mnt"]).expect("lvm");
+        match cli.command {
+            Command::Ingest(i) => {
+                assert_eq!(i.from, None);
+                assert_eq!(i.lvm.as_deref(), Some("vg/lv"));
+                assert_eq!(i.freeze, Some(PathBuf::from("/mnt")));
+                assert_eq!((i.lvm_snapshot_size.as_str(), i.lvm_prefix.as_str()), ("1G", "forkd-ingest"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli =
+            Cli::try_parse_from(["forkd", "ingest", "prod", "--from", "/dev/sdb", "--freeze", "/mnt"]).expect("freeze");
+        assert!(matches!(cli.command, Command::Ingest(IngestArgs { lvm: None, freeze: Some(_), .. })));
+        assert!(Cli::try_parse_from(["forkd", "ingest", "prod", "--abort", "--from", "/x"]).is_err());
+    }
+
+    #[test]
+    fn other_commands_parse() {
+        let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1"]).expect("clone");
+        assert!(matches!(cli.command, Command::Clone { ref from, ref name }
+            if from == "prod@3" && name == "dev1"));
+        let cli = Cli::try_parse_from(["forkd", "source", "create", "prod", "--size", "10G"]).expect("source");
+        assert!(matches!(cli.command,
+            Command::Source { cmd: SourceCmd::Create { ref size, .. } } if size == "10G"));
+        let cli = Cli::try_parse_from(["forkd", "rewind", "dev1", "--to", "@2"]).expect("rewind");
+        assert!(matches!(cli.command, Command::Rewind { ref to, .. } if to == "@2"));
+        assert!(Cli::try_parse_from(["forkd", "rewind", "dev1"]).is_err());
+        let cli = Cli::try_parse_from(["forkd", "dump", "prod@1", "/tmp/x"]).expect("dump");
+        assert!(matches!(cli.command, Command::Dump { .. }));
+    }
+}

@@ -1,0 +1,175 @@
+//! The daemon's settings: built-in defaults, then the TOML file given with `--config`, then
+//! the command line (`forkd serve` flags, [`ServeArgs`]).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, FromArgMatches};
+use serde::Deserialize;
+
+/// Daemon settings (the `--config` file uses the same keys).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the catalog, map and extents live.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API.
+    pub api: String,
+    /// Address of the NBD listener.
+    pub nbd: String,
+    /// Address of the iSCSI listener.
+    pub iscsi: String,
+    /// File holding the API token (required unless the API listens on loopback).
+    pub token_file: Option<PathBuf>,
+    /// Who may log in to which iSCSI target ([`crate::server::iscsi::access`]).
+    pub iscsi_access: crate::server::iscsi::access::IscsiAccess,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./forkd-data"),
+            api: "127.0.0.1:7480".into(),
+            nbd: "0.0.0.0:10809".into(),
+            iscsi: "0.0.0.0:3260".into(),
+            token_file: None,
+            iscsi_access: Default::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid with the config file, overlaid with the command line.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut c = match &args.config {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &args.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(a) = &args.listen_api {
+            c.api = a.clone();
+        }
+        if let Some(a) = &args.nbd {
+            c.nbd = a.clone();
+        }
+        if let Some(a) = &args.iscsi {
+            c.iscsi = a.clone();
+        }
+        if let Some(t) = &args.token_file {
+            c.token_file = Some(t.clone());
+        }
+        Ok(c)
+    }
+
+    fn from_file(p: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))
+    }
+}
+
+/// `forkd serve` options. Every field is `None` when not given on the command line.
+///
+/// `listen_api` is the global `--api` flag, taken only when it was given on the command line
+/// (not from `FORKD_API` nor the client default), with a leading `http://` and trailing `/`
+/// removed, so it is a bare `HOST:PORT`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeArgs {
+    /// Configuration file (`--config FILE`).
+    pub config: Option<PathBuf>,
+    /// Data directory (`--data-dir DIR`).
+    pub data_dir: Option<PathBuf>,
+    /// Address for the HTTP API (`--api ADDR`).
+    pub listen_api: Option<String>,
+    /// Address for the NBD server (`--nbd ADDR`).
+    pub nbd: Option<String>,
+    /// Address for the iSCSI target (`--iscsi ADDR`).
+    pub iscsi: Option<String>,
+    /// File holding the API token (the global `--token-file FILE`).
+    pub token_file: Option<PathBuf>,
+}
+
+/// The flags `serve` defines itself; `--api` comes from the global flag.
+#[derive(Debug, clap::Args)]
+struct ServeFlags {
+    /// Configuration file (TOML)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory holding the store and catalog [default: ./forkd-data]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for the NBD server [default: 0.0.0.0:10809]
+    #[arg(long, value_name = "ADDR")]
+    nbd: Option<String>,
+    /// Address for the iSCSI target [default: 0.0.0.0:3260]
+    #[arg(long, value_name = "ADDR")]
+    iscsi: Option<String>,
+}
+
+/// The global `--api` value, only when given on the command line, as `HOST:PORT`.
+fn listen_api_from(m: &ArgMatches) -> Option<String> {
+    let value = m.try_get_one::<String>("api").ok().flatten()?.clone();
+    if m.value_source("api") != Some(ValueSource::CommandLine) {
+        return None;
+    }
+    let bare = value.trim();
+    let bare = bare.strip_prefix("http://").unwrap_or(bare);
+    Some(bare.trim_end_matches('/').to_string())
+}
+
+impl FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        let listen_api = listen_api_from(matches);
+        let token_file = matches.try_get_one::<PathBuf>("token_file").ok().flatten().cloned();
+        let flags = ServeFlags::from_arg_matches_mut(matches)?;
+        Ok(ServeArgs {
+            config: flags.config,
+            data_dir: flags.data_dir,
+            listen_api,
+            nbd: flags.nbd,
+            iscsi: flags.iscsi,
+            token_file,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.update_from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn update_from_arg_matches_mut(&mut self, matches: &mut ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches_mut(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        ServeFlags::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        ServeFlags::augment_args_for_update(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_from_config_and_command_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("forkd.toml");
+        std::fs::write(&cfg, "token_file = \"/etc/forkd/token\"\n").expect("write");
+        let args = ServeArgs { config: Some(cfg), ..ServeArgs::default() };
+        assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/etc/forkd/token")));
+        let args = ServeArgs { token_file: Some(PathBuf::from("/x")), ..args };
+        assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/x")));
+    }
+}
