@@ -15,6 +15,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use serde_json::Value;
 
+use super::upload::UploadError;
+
 /// How long to wait for a TCP connection to the daemon. Reads and writes have no timeout:
 /// an ingest or a dump can legitimately take hours.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,11 +105,26 @@ impl Client {
     }
 
     /// `POST path` with a streamed `application/octet-stream` body (sent chunked) and parse
-    /// the JSON answer.
+    /// the JSON answer. The answer is read while the body is still going out, so a daemon
+    /// that refuses the stream part-way is heard (see [`super::upload`]).
     pub fn post_stream(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
-        let req = self.request("POST", path).set("Content-Type", "application/octet-stream");
-        let resp = self.call(req.send(reader))?;
-        self.json_body(resp)
+        let mut headers = vec![("Content-Type", "application/octet-stream")];
+        if let Some(a) = &self.authorization {
+            headers.push(("Authorization", a.as_str()));
+        }
+        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        match super::upload::post(&self.base, &path, &headers, reader) {
+            Ok(a) if (200..300).contains(&a.status) => self.parse_json(&String::from_utf8_lossy(&a.body)),
+            Ok(a) => Err(self.refused(error_from_body(a.status, &a.reason, &String::from_utf8_lossy(&a.body)))),
+            Err(UploadError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(self.unreachable())
+            }
+            Err(UploadError::Connect(e)) => Err(anyhow!("cannot reach the forkd daemon at {}: {e}", self.base)),
+            Err(UploadError::Lost(why)) => {
+                Err(anyhow!("lost the connection to the forkd daemon at {}: {why}", self.base))
+            }
+            Err(e) => Err(anyhow!("{e}")),
+        }
     }
 
     /// `POST path` with a raw `application/octet-stream` body and return the raw answer.
@@ -140,18 +157,21 @@ impl Client {
     fn call(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<ureq::Response> {
         match result {
             Ok(resp) => Ok(resp),
-            Err(ureq::Error::Status(401, resp)) => {
-                let mut e = status_error(401, resp);
-                e.message = match &self.authorization {
-                    Some(_) => format!("the daemon refused the token: {}", e.message),
-                    None => "the daemon refused the token: none was given (use --token-file FILE or set FORKD_TOKEN)"
-                        .to_string(),
-                };
-                Err(e.into())
-            }
-            Err(ureq::Error::Status(status, resp)) => Err(status_error(status, resp).into()),
+            Err(ureq::Error::Status(status, resp)) => Err(self.refused(status_error(status, resp))),
             Err(ureq::Error::Transport(t)) => Err(self.transport_error(&t)),
         }
+    }
+
+    /// A non-2xx answer as an error; a `401` says how the token failed.
+    fn refused(&self, mut e: ApiError) -> anyhow::Error {
+        if e.status == 401 {
+            e.message = match &self.authorization {
+                Some(_) => format!("the daemon refused the token: {}", e.message),
+                None => "the daemon refused the token: none was given (use --token-file FILE or set FORKD_TOKEN)"
+                    .to_string(),
+            };
+        }
+        e.into()
     }
 
     fn transport_error(&self, t: &ureq::Transport) -> anyhow::Error {
@@ -187,10 +207,14 @@ impl Client {
     fn json_body(&self, resp: ureq::Response) -> anyhow::Result<Value> {
         let mut text = String::new();
         resp.into_reader().read_to_string(&mut text).map_err(|e| self.io_error(&e))?;
+        self.parse_json(&text)
+    }
+
+    fn parse_json(&self, text: &str) -> anyhow::Result<Value> {
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text)
+        serde_json::from_str(text)
             .map_err(|e| anyhow!("the forkd daemon at {} sent an answer that is not valid JSON: {e}", self.base))
     }
 }
@@ -201,7 +225,12 @@ fn status_error(status: u16, resp: ureq::Response) -> ApiError {
     let mut body = String::new();
     // The body is best effort: if it cannot be read we still know the status.
     let _ = resp.into_reader().take(MAX_ERROR_BODY).read_to_string(&mut body);
-    let from_json = serde_json::from_str::<Value>(&body)
+    error_from_body(status, &status_text, &body)
+}
+
+/// The error for a non-2xx answer with this body.
+fn error_from_body(status: u16, status_text: &str, body: &str) -> ApiError {
+    let from_json = serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string));
     let message = match from_json {
