@@ -139,9 +139,9 @@ fn functions(text: &str) -> Vec<(usize, String, usize)> {
         let indent = &line[..line.len() - trimmed.len()];
         let Some(at) = trimmed.find("fn ") else { continue };
         let before = &trimmed[..at];
-        let is_fn = before.split_whitespace().all(|w| {
-            ["pub", "async", "const", "unsafe", "extern"].contains(&w) || w.starts_with("pub(")
-        });
+        let is_fn = before
+            .split_whitespace()
+            .all(|w| ["pub", "async", "const", "unsafe", "extern"].contains(&w) || w.starts_with("pub("));
         if !is_fn || trimmed.ends_with(';') {
             continue;
         }
