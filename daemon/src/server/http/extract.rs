@@ -5,15 +5,14 @@
 //! - [`JsonBody`]: a JSON body, whose `Content-Type` may be absent or JSON (`application/json`,
 //!   `application/*+json`); any other type is 415. Not JSON is 400, JSON of the wrong shape
 //!   422, more than [`JSON_LIMIT`] 413. [`OptionalJson`] also takes an empty body.
-//! - [`RawBody`]: raw bytes, at most `MAX` (413 past that, said before reading when the
-//!   `Content-Length` already tells).
+//! - [`RawBody`]: raw bytes, at most `MAX` (413 past that).
 //! - [`ApiQuery`], [`ApiPath`]: the query string and path parameters (400).
 //!
 //! Whatever else could still leave the router as plain text (a rejection not wrapped here, an
 //! empty 405) is caught by [`super::json_errors`].
 
 use axum::async_trait;
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -126,25 +125,39 @@ fn wrong_content_type() -> ApiError {
     )
 }
 
-/// Parse a JSON body: 400 when it is not JSON, 422 when it does not have this route's shape.
+/// Parse a JSON body: 400 when it is not JSON, 422 when it does not have this route's shape
+/// (naming the field at fault).
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("the JSON body does not fit this request: {e}"))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data if field == "." => {
+                ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("the JSON body does not fit this request: {inner}"))
+            }
+            serde_json::error::Category::Data => ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the JSON body does not fit this request: `{field}`: {inner}"),
+            ),
+            _ => not_json(&inner),
         }
-        _ => ApiError(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}")),
-    })
+    })?;
+    de.end().map_err(|e| not_json(&e))?;
+    Ok(value)
 }
 
-/// Read a whole body of at most `max` bytes: 413 beyond (before reading when the declared
-/// length already says so), 400 when the stream breaks.
+fn not_json(e: &serde_json::Error) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}"))
+}
+
+/// Read a whole body of at most `max` bytes: 413 as soon as more has come, 400 when the stream
+/// breaks. Memory is bounded by `max` whatever length the request declares.
 pub(super) async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than the {} this endpoint takes", humanize(max as u64)))
+        let limit = humanize(max as u64);
+        ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than the {limit} this endpoint takes"))
     };
-    if body.size_hint().lower() > max as u64 {
-        return Err(too_large());
-    }
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -202,5 +215,8 @@ mod tests {
         let e = parse_json::<Named>(b"{}").expect_err("shape");
         assert_eq!(e.0, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(e.1.contains("missing field `name`"), "{}", e.1);
+        let e = parse_json::<Named>(br#"{"name": 7}"#).expect_err("type");
+        assert!(e.1.contains("`name`: invalid type"), "{}", e.1);
+        assert_eq!(parse_json::<Named>(br#"{"name": "a"} x"#).expect_err("trailing").0, StatusCode::BAD_REQUEST);
     }
 }
