@@ -153,7 +153,12 @@ fn the_document_lists_exactly_the_routes_served_and_documented() {
                 continue;
             }
             let r = send(&d, method, &path, &[], None);
-            assert_eq!(r.status, 405, "{method} {path}: served but not documented? {}", String::from_utf8_lossy(&r.body));
+            assert_eq!(
+                r.status,
+                405,
+                "{method} {path}: served but not documented? {}",
+                String::from_utf8_lossy(&r.body)
+            );
             let e = r.error(&format!("{method} {path}"));
             let allow = r.allow.unwrap_or_else(|| panic!("{method} {path}: 405 without Allow"));
             assert!(e.contains(method), "{method} {path}: {e}");
@@ -172,6 +177,10 @@ fn the_document_lists_exactly_the_routes_served_and_documented() {
     assert_eq!(doc["components"]["schemas"]["Volume"]["properties"]["origin"]["type"], json!(["string", "null"]));
 }
 
+/// A request that must fail: (method, path, headers, body, status, a word the error must
+/// contain).
+type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Option<&'a [u8]>, u16, &'a str);
+
 #[test]
 fn every_error_is_one_json_line() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -182,15 +191,20 @@ fn every_error_is_one_json_line() {
     // A JSON body without a Content-Type is JSON; with a JSON type too.
     let r = send(&d, "POST", "/v1/sources", &[], Some(create));
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let r = send(&d, "POST", "/v1/volumes/prod/snapshots", &[("Content-Type", "application/json; charset=utf-8")], Some(b"{}"));
+    let r = send(
+        &d,
+        "POST",
+        "/v1/volumes/prod/snapshots",
+        &[("Content-Type", "application/json; charset=utf-8")],
+        Some(b"{}"),
+    );
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let r = send(&d, "POST", "/v1/volumes/prod/snapshots", &[], None);
     assert_eq!(r.status, 201, "a snapshot needs no body: {}", String::from_utf8_lossy(&r.body));
 
     let big = format!("{{\"name\": \"x\", \"size\": 4096{}}}", " ".repeat(2 << 20));
     let too_big = "x".repeat((64 << 20) + 1);
-    // (method, path, headers, body, status, a word the error must contain)
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Option<&[u8]>, u16, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("POST", "/v1/sources", json_type.to_vec(), Some(b"{\"name\": "), 400, "not valid JSON"),
         ("POST", "/v1/sources", json_type.to_vec(), Some(b"[1, 2]"), 422, "does not fit"),
         ("POST", "/v1/sources", json_type.to_vec(), Some(b"{\"name\": \"x\"}"), 422, "size"),

@@ -161,7 +161,9 @@ impl Client {
 
     /// `POST /v1/volumes/{name}/zero`: zero `length` bytes at `offset` (4096-aligned).
     pub fn zero(&self, name: &str, offset: u64, length: u64) -> anyhow::Result<Zeroed> {
-        let resp = self.call(self.request("POST", &format!("/v1/volumes/{}/zero?offset={offset}&length={length}", enc(name))).call())?;
+        let resp = self.call(
+            self.request("POST", &format!("/v1/volumes/{}/zero?offset={offset}&length={length}", enc(name))).call(),
+        )?;
         self.answer(resp)
     }
 

@@ -3,7 +3,25 @@
 //! (`application/octet-stream`). Field order and leniency follow [`crate::api::volumes`].
 
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+
+/// Raw bytes (`application/octet-stream`), as the document names the binary bodies: volume
+/// data, digest lists, block-range lists and the ingest stream. Not a wire type itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Binary;
+
+impl PartialSchema for Binary {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+
+impl ToSchema for Binary {}
 
 /// The query naming a byte range: `?offset=O&length=L`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]

@@ -35,7 +35,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         Command::Clone { from, name } => {
             let v = client.clone_volume(from, name)?;
             report(cli.json, &v, || {
-                let made_from = if v.made_from.is_empty() { v.volume.origin.as_deref().unwrap_or(from) } else { &v.made_from };
+                let made_from =
+                    if v.made_from.is_empty() { v.volume.origin.as_deref().unwrap_or(from) } else { &v.made_from };
                 format!("created clone {} from {made_from}", or(&v.volume.name, name))
             })
         }
@@ -66,7 +67,9 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Delete { reference } => {
             let v = client.delete(reference)?;
-            report(cli.json, &v, || format!("deleted {} (freed {})", or(&v.deleted, reference), humanize(v.freed_bytes)))
+            report(cli.json, &v, || {
+                format!("deleted {} (freed {})", or(&v.deleted, reference), humanize(v.freed_bytes))
+            })
         }
     }
 }

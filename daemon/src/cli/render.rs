@@ -196,9 +196,9 @@ impl<'a> TreeItem<'a> {
     fn children(self, clones_of: &HashMap<&str, Vec<&'a TreeVolume>>) -> Vec<TreeItem<'a>> {
         match self {
             TreeItem::Volume(v) => v.snapshots.iter().map(TreeItem::Snapshot).collect(),
-            TreeItem::Snapshot(s) => {
-                clones_of.get(s.name.as_str()).map_or_else(Vec::new, |c| c.iter().map(|v| TreeItem::Volume(v)).collect())
-            }
+            TreeItem::Snapshot(s) => clones_of
+                .get(s.name.as_str())
+                .map_or_else(Vec::new, |c| c.iter().map(|v| TreeItem::Volume(v)).collect()),
         }
     }
 }

@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::extract::{ApiPath, ApiQuery, RawBody};
 use super::{bad, blocking, ApiResult, Shared};
-use crate::api::data::{Empty, Extents, Range, Written, Zeroed};
+use crate::api::data::{Binary, Empty, Extents, Range, Written, Zeroed};
 use crate::api::error::ErrorBody;
 use crate::store::{StoreError, MAX_IO};
 
@@ -17,7 +17,7 @@ const _: () = assert!(MAX_BODY as u64 == MAX_IO);
 
 #[utoipa::path(get, path = "/v1/volumes/{name}/data", tag = "data",
     params(("name" = String, Path, description = "volume or snapshot reference"), Range),
-    responses((status = 200, description = "the raw bytes", content_type = "application/octet-stream", body = Vec<u8>),
+    responses((status = 200, description = "the raw bytes", content_type = "application/octet-stream", body = Binary),
         (status = 400, description = "no length, or beyond the end", body = ErrorBody),
         (status = 404, description = "no such volume or snapshot", body = ErrorBody),
         (status = 413, description = "more than 64 MiB", body = ErrorBody)))]
@@ -42,7 +42,7 @@ pub(super) async fn read_data(
 
 #[utoipa::path(put, path = "/v1/volumes/{name}/data", tag = "data",
     params(("name" = String, Path, description = "clone name"), Range),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the bytes to write, at most 64 MiB"),
+    request_body(content = Binary, content_type = "application/octet-stream", description = "the bytes to write, at most 64 MiB"),
     responses((status = 200, description = "bytes written", body = Written),
         (status = 400, description = "no offset, or beyond the end", body = ErrorBody),
         (status = 403, description = "a source or snapshot (read-only)", body = ErrorBody),

@@ -156,7 +156,10 @@ fn not_json(e: &serde_json::Error) -> ApiError {
 pub(super) async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         let limit = humanize(max as u64);
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than the {limit} this endpoint takes"))
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the {limit} this endpoint takes"),
+        )
     };
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
@@ -194,7 +197,8 @@ mod tests {
 
     #[test]
     fn content_types() {
-        for ok in [None, Some("application/json"), Some("Application/JSON; charset=utf-8"), Some("application/merge+json")]
+        for ok in
+            [None, Some("application/json"), Some("Application/JSON; charset=utf-8"), Some("application/merge+json")]
         {
             assert!(json_content_type(&with_type(ok)).is_ok(), "{ok:?}");
         }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::extract::{ApiPath, RawBody};
 use super::volumes::summary;
 use super::{bad, blocking, ApiError, ApiResult, Shared};
-use crate::api::data::Empty;
+use crate::api::data::{Binary, Empty};
 use crate::api::error::ErrorBody;
 use crate::api::frames::{take, Frame};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer};
@@ -34,7 +34,7 @@ const QUEUE: usize = 16;
 
 #[utoipa::path(get, path = "/v1/sources/{name}/digests", tag = "ingest",
     params(("name" = String, Path, description = "source name")),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
+    responses((status = 200, content_type = "application/octet-stream", body = Binary,
             description = "for every block of the latest contents that holds data: block index (u64 LE), xxh3-64 digest (u64 LE)"),
         (status = 404, description = "no such volume", body = ErrorBody)))]
 pub(super) async fn digests(State(s): State<Shared>, ApiPath(name): ApiPath<String>) -> ApiResult<Response> {
@@ -45,9 +45,9 @@ pub(super) async fn digests(State(s): State<Shared>, ApiPath(name): ApiPath<Stri
 /// Digests of only the block ranges in the body: pairs of (first block, count), u64 LE.
 #[utoipa::path(post, path = "/v1/sources/{name}/digests", tag = "ingest",
     params(("name" = String, Path, description = "source name")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+    request_body(content = Binary, content_type = "application/octet-stream",
         description = "pairs of (first block u64 LE, count u64 LE), not overlapping"),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
+    responses((status = 200, content_type = "application/octet-stream", body = Binary,
             description = "the same format as `GET`, restricted to those block ranges"),
         (status = 400, description = "not pairs of u64, or overlapping ranges", body = ErrorBody),
         (status = 404, description = "no such volume", body = ErrorBody)))]
@@ -72,7 +72,7 @@ fn digest_response(d: &[(u64, u64)]) -> Response {
 
 #[utoipa::path(post, path = "/v1/sources/{name}/ingest", tag = "ingest",
     params(("name" = String, Path, description = "source name")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+    request_body(content = Binary, content_type = "application/octet-stream",
         description = "the frame stream (docs/api.md, \"Ingest\"), sent chunked"),
     responses((status = 200, description = "the snapshot the stream became", body = IngestAnswer),
         (status = 400, description = "a malformed or damaged stream, or one that stopped early", body = ErrorBody),
@@ -178,8 +178,9 @@ async fn receive_frames(store: &Shared, name: &str, body: Body) -> Result<Receiv
     let end = receiver.run().await;
     let wire = receiver.wire;
     drop(receiver); // closes the channel: the writer finishes what is queued
-    let sent =
-        writer.await.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("ingest writer failed: {e}")))??;
+    let sent = writer
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("ingest writer failed: {e}")))??;
     let (scanned, changed) = end?.ok_or_else(|| bad("the ingest stream ended before its end frame"))?;
     Ok(Received { scanned, changed, sent, wire })
 }

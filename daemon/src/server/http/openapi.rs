@@ -56,7 +56,8 @@ impl Modify for BearerToken {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         // Without a token (loopback only) nothing is asked; with one, every request needs it.
-        doc.security = Some(vec![SecurityRequirement::default(), SecurityRequirement::new("token", Vec::<String>::new())]);
+        doc.security =
+            Some(vec![SecurityRequirement::default(), SecurityRequirement::new("token", Vec::<String>::new())]);
     }
 }
 
@@ -88,29 +89,41 @@ fn answers() -> [Cow<'static, str>; 17] {
 /// The fields of an answer that are absent by rule: a volume carries exactly one of them.
 const SOMETIMES_ABSENT: [&str; 2] = ["snapshots", "snapshot_count"];
 
-/// Complete the generated document: every field of an answer is required.
+/// Complete the generated document: every field of an answer is required, and has no
+/// default (the defaults are what a client assumes when a field is missing, not values the
+/// daemon sends).
 pub(super) fn finish(doc: &mut utoipa::openapi::OpenApi) {
     let Some(components) = doc.components.as_mut() else { return };
     for name in answers() {
         if let Some(RefOr::T(schema)) = components.schemas.get_mut(name.as_ref()) {
-            require_all(schema);
+            make_whole(schema);
         }
     }
 }
 
-fn require_all(schema: &mut Schema) {
+fn make_whole(schema: &mut Schema) {
     match schema {
         Schema::Object(o) => {
-            o.required =
-                o.properties.keys().filter(|k| !SOMETIMES_ABSENT.contains(&k.as_str())).cloned().collect();
+            o.required = o.properties.keys().filter(|k| !SOMETIMES_ABSENT.contains(&k.as_str())).cloned().collect();
+            o.properties.values_mut().for_each(drop_default);
         }
         Schema::AllOf(all) => {
             for item in &mut all.items {
                 if let RefOr::T(s) = item {
-                    require_all(s);
+                    make_whole(s);
                 }
             }
         }
+        _ => {}
+    }
+}
+
+fn drop_default(property: &mut RefOr<Schema>) {
+    match property {
+        RefOr::T(Schema::Object(o)) => o.default = None,
+        RefOr::T(Schema::OneOf(o)) => o.default = None,
+        RefOr::T(Schema::AllOf(o)) => o.default = None,
+        RefOr::T(Schema::Array(a)) => a.default = None,
         _ => {}
     }
 }
@@ -148,6 +161,8 @@ mod tests {
         let Some(RefOr::T(Schema::Object(volume))) = schemas.get("Volume") else { panic!("no Volume object") };
         assert!(volume.required.iter().any(|f| f == "origin"), "{:?}", volume.required);
         assert!(!volume.required.iter().any(|f| f == "snapshots"), "{:?}", volume.required);
+        let text = serde_json::to_string(&volume).expect("json");
+        assert!(!text.contains("\"default\""), "answers carry no defaults: {text}");
         let Some(RefOr::T(Schema::Object(req))) = schemas.get("SnapshotRequest") else { panic!("no SnapshotRequest") };
         assert!(req.required.is_empty(), "requests keep their own rules: {:?}", req.required);
     }

@@ -21,7 +21,12 @@ use crate::store::StoreError;
 /// The API's view of a catalog volume: with its snapshots or only their count, and with space
 /// accounting (`unique_bytes`) or null there. Computing unique bytes walks whatever the volume
 /// holds alone, which callers such as the ingest agent do not need.
-pub(super) fn volume(cat: &Catalog, v: &catalog::Volume, with_snapshots: bool, space: bool) -> Result<Volume, StoreError> {
+pub(super) fn volume(
+    cat: &Catalog,
+    v: &catalog::Volume,
+    with_snapshots: bool,
+    space: bool,
+) -> Result<Volume, StoreError> {
     let unique = |roots: &[catalog::NodeId]| -> Result<Option<u64>, StoreError> {
         Ok(if space { Some(cat.unique_bytes(roots)?) } else { None })
     };
