@@ -100,8 +100,15 @@ impl Reference {
     }
 }
 
+/// The largest volume: 1 PiB.
+const MAX_SIZE: u64 = 1 << 50;
+
+/// Why a size is refused: the limit is named when it is the problem.
+const OVER_LIMIT: &str = "larger than the limit: a volume is at most 1P (1 PiB)";
+const NOT_BLOCKS: &str = "must be a positive multiple of 4096 bytes, at most 1P";
+
 /// Parse a size such as `10G`, `512M`, `4096`, `1T` (binary units), which must be a positive
-/// multiple of 4096 bytes.
+/// multiple of 4096 bytes and at most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, CatalogError> {
     let bad = |why: &str| CatalogError::InvalidSize { size: s.to_string(), why: why.to_string() };
     let t = s.trim();
@@ -120,20 +127,26 @@ pub fn parse_size(s: &str) -> Result<u64, CatalogError> {
         _ => (t, 1),
     };
     let n: u64 = num.parse().map_err(|_| bad("not a whole number with an optional K/M/G/T suffix"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| bad("too large"))?;
-    check_size(bytes).map_err(|_| bad("must be a positive multiple of 4096 bytes"))?;
-    Ok(bytes)
+    let bytes = n.checked_mul(mult).ok_or_else(|| bad(OVER_LIMIT))?;
+    size_problem(bytes).map_or(Ok(bytes), |why| Err(bad(why)))
 }
 
 /// A volume size must be a positive multiple of 4096 bytes and at most 1 PiB.
 pub fn check_size(bytes: u64) -> Result<(), CatalogError> {
-    if bytes == 0 || !bytes.is_multiple_of(4096) || bytes > 1 << 50 {
-        return Err(CatalogError::InvalidSize {
-            size: bytes.to_string(),
-            why: "must be a positive multiple of 4096 bytes, at most 1P".into(),
-        });
+    match size_problem(bytes) {
+        Some(why) => Err(CatalogError::InvalidSize { size: bytes.to_string(), why: why.into() }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+fn size_problem(bytes: u64) -> Option<&'static str> {
+    if bytes > MAX_SIZE {
+        Some(OVER_LIMIT)
+    } else if bytes == 0 || !bytes.is_multiple_of(4096) {
+        Some(NOT_BLOCKS)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +174,13 @@ mod tests {
         for bad in ["", "0", "4095", "1K", "10X", "G", "-4096", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+        // Too large names the limit, not the alignment.
+        for big in ["2048T", "2P", "99999999999T", "1125899906846720K"] {
+            let e = parse_size(big).expect_err(big).to_string();
+            assert!(e.contains("at most 1P (1 PiB)") && !e.contains("multiple"), "{big}: {e}");
+        }
+        assert_eq!(parse_size("1P").unwrap(), MAX_SIZE);
+        assert!(check_size(MAX_SIZE + 4096).unwrap_err().to_string().contains("limit"));
     }
 
     #[test]

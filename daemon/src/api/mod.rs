@@ -1,8 +1,14 @@
 //! The typed contract between `forkd serve` and its clients (the CLI and the ingest agent):
+//! every route's request and answer bodies and the error body (the server builds its answers
+//! from these types, the client returns them, and the OpenAPI document is derived from them),
 //! the ingest stream's frame codec, the API token file, the blocking HTTP client and its
 //! streamed upload.
 
 pub mod client;
+pub mod data;
+pub mod error;
 pub mod frames;
+pub mod ingest;
 pub mod token;
 mod upload;
+pub mod volumes;

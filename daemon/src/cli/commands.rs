@@ -5,11 +5,11 @@
 use std::io::Write;
 
 use anyhow::anyhow;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use super::render::{render_list, render_show, render_tree, str_or, u64_of};
+use super::render::{render_list, render_show, render_tree};
 use super::{client, Cli, Command, SourceCmd};
-use crate::api::client::enc;
+use crate::api::volumes::{Moved, Size};
 use crate::units::humanize;
 
 /// Run a client command (everything except `serve`, `ingest` and `dump`) against the daemon
@@ -19,23 +19,13 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } => Err(anyhow!("internal: not a client command")),
         Command::Source { cmd: SourceCmd::Create { name, size } } => {
-            let size_value = match size.trim().parse::<u64>() {
-                Ok(n) => json!(n),
-                Err(_) => json!(size),
-            };
-            let v = client.post_json("/v1/sources", &json!({"name": name, "size": size_value}))?;
-            report(cli.json, &v, || {
-                format!("created source {} ({})", str_or(&v, "name", name), humanize(u64_of(&v, "size_bytes")))
-            })
+            let v = client.create_source(name, Size::from_text(size))?;
+            report(cli.json, &v, || format!("created source {} ({})", or(&v.name, name), humanize(v.size_bytes)))
         }
         Command::Snapshot { volume, bookmark } => {
-            let body = match bookmark {
-                Some(b) => json!({ "bookmark": b }),
-                None => json!({}),
-            };
-            let v = client.post_json(&format!("/v1/volumes/{}/snapshots", enc(volume)), &body)?;
+            let v = client.snapshot(volume, bookmark.as_deref())?;
             report(cli.json, &v, || {
-                let snap = str_or(&v, "snapshot", volume);
+                let snap = or(&v.snapshot, volume);
                 match bookmark {
                     Some(b) => format!("created snapshot {snap} (bookmark {b})"),
                     None => format!("created snapshot {snap}"),
@@ -43,57 +33,58 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             })
         }
         Command::Clone { from, name } => {
-            let v = client.post_json("/v1/clones", &json!({"from": from, "name": name}))?;
+            let v = client.clone_volume(from, name)?;
             report(cli.json, &v, || {
-                let made_from = v
-                    .get("made_from")
-                    .and_then(Value::as_str)
-                    .or_else(|| v.get("origin").and_then(Value::as_str))
-                    .unwrap_or(from);
-                format!("created clone {} from {made_from}", str_or(&v, "name", name))
+                let made_from =
+                    if v.made_from.is_empty() { v.volume.origin.as_deref().unwrap_or(from) } else { &v.made_from };
+                format!("created clone {} from {made_from}", or(&v.volume.name, name))
             })
         }
         Command::Rewind { clone, to } => {
-            let v = client.post_json(&format!("/v1/volumes/{}/rewind", enc(clone)), &json!({ "to": to }))?;
+            let v = client.rewind(clone, to)?;
             report(cli.json, &v, || moved_line("rewound", &v, clone, to))
         }
         Command::Refresh { clone, to } => {
-            let body = match to {
-                Some(t) => json!({ "to": t }),
-                None => json!({}),
-            };
-            let v = client.post_json(&format!("/v1/volumes/{}/refresh", enc(clone)), &body)?;
+            let v = client.refresh(clone, to.as_deref())?;
             let fallback = to.as_deref().unwrap_or("the newest snapshot");
             report(cli.json, &v, || moved_line("refreshed", &v, clone, fallback))
         }
         Command::Bookmark { snapshot, name } => {
-            let v =
-                client.post_json(&format!("/v1/snapshots/{}/bookmarks", enc(snapshot)), &json!({ "name": name }))?;
-            report(cli.json, &v, || format!("bookmarked {} as {name}", str_or(&v, "snapshot", snapshot)))
+            let v = client.bookmark(snapshot, name)?;
+            report(cli.json, &v, || format!("bookmarked {} as {name}", or(&v.snapshot, snapshot)))
         }
         Command::List => {
-            let v = client.get_json("/v1/volumes")?;
+            let v = client.list()?;
             report(cli.json, &v, || render_list(&v))
         }
         Command::Tree => {
-            let v = client.get_json("/v1/tree")?;
+            let v = client.tree()?;
             report(cli.json, &v, || render_tree(&v))
         }
         Command::Show { name } => {
-            let v = client.get_json(&format!("/v1/volumes/{}", enc(name)))?;
+            let v = client.volume(name)?;
             report(cli.json, &v, || render_show(&v))
         }
         Command::Delete { reference } => {
-            let v = client.delete_json(&format!("/v1/volumes/{}", enc(reference)))?;
+            let v = client.delete(reference)?;
             report(cli.json, &v, || {
-                format!("deleted {} (freed {})", str_or(&v, "deleted", reference), humanize(u64_of(&v, "freed_bytes")))
+                format!("deleted {} (freed {})", or(&v.deleted, reference), humanize(v.freed_bytes))
             })
         }
     }
 }
 
-/// Print `v` as pretty JSON, or the human text `human` builds.
-fn report(json: bool, v: &Value, human: impl FnOnce() -> String) -> anyhow::Result<()> {
+/// `text`, or `default` when the daemon left it empty.
+fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
+    if text.is_empty() {
+        default
+    } else {
+        text
+    }
+}
+
+/// Print the daemon's answer `v` as pretty JSON, or the human text `human` builds.
+fn report<T: Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
     let text = if json { serde_json::to_string_pretty(v)? } else { human() };
     emit(&text)
 }
@@ -111,12 +102,12 @@ fn emit(text: &str) -> anyhow::Result<()> {
 }
 
 /// `rewound dev1 to dev1@2 (previous state kept as dev1@4)`.
-fn moved_line(verb: &str, v: &Value, clone: &str, to: &str) -> String {
-    let volume = str_or(v, "volume", clone);
-    let target = str_or(v, "target", to);
-    match v.get("kept").and_then(Value::as_str) {
-        Some(kept) => format!("{verb} {volume} to {target} (previous state kept as {kept})"),
-        None => format!("{verb} {volume} to {target}"),
+fn moved_line(verb: &str, v: &Moved, clone: &str, to: &str) -> String {
+    let (volume, target) = (or(&v.volume, clone), or(&v.target, to));
+    if v.kept.is_empty() {
+        format!("{verb} {volume} to {target}")
+    } else {
+        format!("{verb} {volume} to {target} (previous state kept as {})", v.kept)
     }
 }
 

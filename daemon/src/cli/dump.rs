@@ -7,23 +7,29 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::Context;
+use serde::Serialize;
 
-use crate::api::client::{enc, Client};
+use crate::api::client::Client;
+use crate::api::data::Extents;
 use crate::units::humanize;
 
 /// Bytes fetched per request.
 const PIECE: u64 = 16 << 20;
 
+/// The `--json` line of `forkd dump`.
+#[derive(Debug, Serialize)]
+struct Dumped<'a> {
+    /// Bytes of data written (the rest of the file is holes).
+    data_bytes: u64,
+    /// The file written.
+    file: &'a Path,
+    /// The image's size.
+    size_bytes: u64,
+}
+
 /// Run `forkd dump`.
 pub fn run(client: &Client, reference: &str, file: &Path, json_out: bool) -> anyhow::Result<()> {
-    let ext = client.get_json(&format!("/v1/volumes/{}/extents", enc(reference)))?;
-    let size = ext["size_bytes"].as_u64().context("the daemon sent no size")?;
-    let ranges: Vec<(u64, u64)> = ext["extents"]
-        .as_array()
-        .context("the daemon sent no extent list")?
-        .iter()
-        .filter_map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
-        .collect();
+    let Extents { extents: ranges, size_bytes: size } = client.extents(reference)?;
     let out = OpenOptions::new()
         .write(true)
         .create(true)
@@ -36,7 +42,7 @@ pub fn run(client: &Client, reference: &str, file: &Path, json_out: bool) -> any
         let mut off = start;
         while off < start + len {
             let n = PIECE.min(start + len - off);
-            let data = client.get_bytes(&format!("/v1/volumes/{}/data?offset={off}&length={n}", enc(reference)))?;
+            let data = client.read(reference, off, n)?;
             if data.len() as u64 != n {
                 anyhow::bail!("the daemon returned {} bytes for a {n}-byte read at {off}", data.len());
             }
@@ -52,7 +58,8 @@ pub fn run(client: &Client, reference: &str, file: &Path, json_out: bool) -> any
     }
     out.sync_all().with_context(|| format!("syncing {}", file.display()))?;
     if json_out {
-        println!("{}", serde_json::json!({"file": file, "size_bytes": size, "data_bytes": written}));
+        let done = Dumped { data_bytes: written, file, size_bytes: size };
+        println!("{}", serde_json::to_string(&done)?);
     } else {
         println!("dumped {reference} to {} ({}, {} of data)", file.display(), humanize(size), humanize(written));
     }

@@ -1,50 +1,40 @@
 //! How the CLI shows the daemon's answers to people: tables, the `show` text and the lineage
-//! tree. `--json` bypasses all of this and prints the answer as it came.
+//! tree, from the typed answers of [`crate::api`]. `--json` bypasses all of this and prints
+//! the answer as it came.
 
-use serde_json::Value;
+use std::collections::HashMap;
 
+use crate::api::volumes::{IngestSummary, Snapshot, Tree, TreeSnapshot, TreeVolume, Volume, VolumeList};
 use crate::units::{human_duration_ms, humanize};
 
-/// The string field `key` of `v`, or `default`.
-pub(super) fn str_or<'a>(v: &'a Value, key: &str, default: &'a str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or(default)
-}
-
-/// The unsigned field `key` of `v`, or 0.
-pub(super) fn u64_of(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-/// A field shown in a table: strings as-is, numbers printed, null or missing as `-`.
-fn cell(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(Value::Bool(b)) => b.to_string(),
-        _ => "-".to_string(),
+/// A text shown in a table: as-is, or `-` when empty.
+fn cell(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_string()
+    } else {
+        text.to_string()
     }
 }
 
-/// The elements of the array field `key`, or none.
-fn items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
+/// A value that may be null, shown in a table (`-` when null or empty).
+fn cell_opt(text: Option<&str>) -> String {
+    cell(text.unwrap_or(""))
 }
 
-/// The bookmark names of a snapshot, comma-separated (empty when none).
-fn bookmarks(snap: &Value) -> String {
-    items(snap, "bookmarks").iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+/// Bookmark names, comma-separated (empty when none).
+fn bookmarks(marks: &[String]) -> String {
+    marks.join(", ")
 }
 
-/// The short ingest summary of a snapshot, if it was made by ingest.
-fn ingest_summary(snap: &Value) -> Option<String> {
-    let ingest = snap.get("ingest").filter(|i| i.is_object())?;
-    Some(format!(
+/// The short ingest summary of a snapshot made by ingest.
+fn ingest_summary(ingest: &IngestSummary) -> String {
+    format!(
         "scanned {}, changed {}, sent {} in {}",
-        humanize(u64_of(ingest, "scanned_bytes")),
-        humanize(u64_of(ingest, "changed_bytes")),
-        humanize(u64_of(ingest, "sent_bytes")),
-        human_duration_ms(u64_of(ingest, "duration_ms")),
-    ))
+        humanize(ingest.scanned_bytes),
+        humanize(ingest.changed_bytes),
+        humanize(ingest.sent_bytes),
+        human_duration_ms(ingest.duration_ms),
+    )
 }
 
 /// How a table column is aligned.
@@ -86,26 +76,24 @@ fn render_table(headers: &[&str], align: &[Align], rows: &[Vec<String>]) -> Stri
     out
 }
 
-/// The `forkd list` table from `{"volumes":[...]}`.
-pub(super) fn render_list(v: &Value) -> String {
-    let volumes = items(v, "volumes");
-    if volumes.is_empty() {
+/// The `forkd list` table.
+pub(super) fn render_list(list: &VolumeList) -> String {
+    if list.volumes.is_empty() {
         return "no volumes".to_string();
     }
     use Align::{Left, Right};
-    let rows: Vec<Vec<String>> = volumes
+    let rows: Vec<Vec<String>> = list
+        .volumes
         .iter()
         .map(|vol| {
-            let snapshots =
-                vol.get("snapshot_count").and_then(Value::as_u64).unwrap_or(items(vol, "snapshots").len() as u64);
             vec![
-                cell(vol, "name"),
-                cell(vol, "kind"),
-                humanize(u64_of(vol, "size_bytes")),
-                humanize(u64_of(vol, "allocated_bytes")),
-                humanize(u64_of(vol, "unique_bytes")),
-                cell(vol, "origin"),
-                snapshots.to_string(),
+                cell(&vol.name),
+                cell(vol.kind.as_str()),
+                humanize(vol.size_bytes),
+                humanize(vol.allocated_bytes),
+                humanize(vol.unique_bytes.unwrap_or(0)),
+                cell_opt(vol.origin.as_deref()),
+                vol.snapshot_total().to_string(),
             ]
         })
         .collect();
@@ -116,23 +104,22 @@ pub(super) fn render_list(v: &Value) -> String {
     )
 }
 
-/// The `forkd show` text from a `Volume` object.
-pub(super) fn render_show(v: &Value) -> String {
-    let exports = v.get("exports").cloned().unwrap_or(Value::Null);
-    let size = u64_of(v, "size_bytes");
+/// The `forkd show` text of a volume.
+pub(super) fn render_show(v: &Volume) -> String {
+    let size = v.size_bytes;
     let mut fields: Vec<(&str, String)> = vec![
-        ("name", cell(v, "name")),
-        ("kind", cell(v, "kind")),
+        ("name", cell(&v.name)),
+        ("kind", cell(v.kind.as_str())),
         ("size", format!("{} ({size} bytes)", humanize(size))),
-        ("origin", cell(v, "origin")),
-        ("timeflow", cell(v, "timeflow")),
-        ("created", cell(v, "created_at")),
-        ("allocated", humanize(u64_of(v, "allocated_bytes"))),
-        ("unique", humanize(u64_of(v, "unique_bytes"))),
-        ("nbd export", cell(&exports, "nbd")),
-        ("iscsi target", cell(&exports, "iscsi")),
+        ("origin", cell_opt(v.origin.as_deref())),
+        ("timeflow", v.timeflow.to_string()),
+        ("created", cell(&v.created_at)),
+        ("allocated", humanize(v.allocated_bytes)),
+        ("unique", humanize(v.unique_bytes.unwrap_or(0))),
+        ("nbd export", cell(&v.exports.nbd)),
+        ("iscsi target", cell(&v.exports.iscsi)),
     ];
-    if v.get("ingest_running").and_then(Value::as_bool) == Some(true) {
+    if v.ingest_running {
         fields.push(("ingest", "running".to_string()));
     }
     let key_width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
@@ -140,15 +127,20 @@ pub(super) fn render_show(v: &Value) -> String {
     for (key, value) in &fields {
         out.push_str(&format!("{:<key_width$}  {value}\n", format!("{key}:")));
     }
-
-    let snapshots = items(v, "snapshots");
     out.push('\n');
+    let snapshots = v.snapshots.as_deref().unwrap_or(&[]);
     if snapshots.is_empty() {
         out.push_str("no snapshots\n");
         return out;
     }
+    out.push_str(&snapshot_table(snapshots));
+    out
+}
+
+/// The snapshots of `forkd show`, with an INGEST column when any was made by ingest.
+fn snapshot_table(snapshots: &[Snapshot]) -> String {
     use Align::{Left, Right};
-    let with_ingest = snapshots.iter().any(|s| ingest_summary(s).is_some());
+    let with_ingest = snapshots.iter().any(|s| s.ingest.is_some());
     let mut headers = vec!["ID", "NAME", "CREATED", "TIMEFLOW", "BOOKMARKS", "REASON", "ALLOCATED", "UNIQUE"];
     let mut align = vec![Right, Left, Left, Right, Left, Left, Right, Right];
     if with_ingest {
@@ -158,44 +150,40 @@ pub(super) fn render_show(v: &Value) -> String {
     let rows: Vec<Vec<String>> = snapshots
         .iter()
         .map(|s| {
-            let marks = bookmarks(s);
             let mut row = vec![
-                cell(s, "id"),
-                cell(s, "name"),
-                cell(s, "created_at"),
-                cell(s, "timeflow"),
-                if marks.is_empty() { "-".to_string() } else { marks },
-                cell(s, "reason"),
-                humanize(u64_of(s, "allocated_bytes")),
-                humanize(u64_of(s, "unique_bytes")),
+                s.id.to_string(),
+                cell(&s.name),
+                cell(&s.created_at),
+                s.timeflow.to_string(),
+                cell(&bookmarks(&s.bookmarks)),
+                cell(&s.reason),
+                humanize(s.allocated_bytes),
+                humanize(s.unique_bytes.unwrap_or(0)),
             ];
             if with_ingest {
-                row.push(ingest_summary(s).unwrap_or_else(|| "-".to_string()));
+                row.push(s.ingest.as_ref().map_or_else(|| "-".to_string(), ingest_summary));
             }
             row
         })
         .collect();
-    out.push_str(&render_table(&headers, &align, &rows));
-    out
+    render_table(&headers, &align, &rows)
 }
 
 /// A node of the lineage tree: a volume (children: its snapshots) or a snapshot (children:
 /// the clones whose origin it is).
 #[derive(Debug, Clone, Copy)]
 enum TreeItem<'a> {
-    Volume(&'a Value),
-    Snapshot(&'a Value),
+    Volume(&'a TreeVolume),
+    Snapshot(&'a TreeSnapshot),
 }
 
-impl TreeItem<'_> {
+impl<'a> TreeItem<'a> {
     fn label(self) -> String {
         match self {
-            TreeItem::Volume(v) => {
-                format!("{}  {}  {}", cell(v, "name"), cell(v, "kind"), humanize(u64_of(v, "size_bytes")))
-            }
+            TreeItem::Volume(v) => format!("{}  {}  {}", cell(&v.name), cell(v.kind.as_str()), humanize(v.size_bytes)),
             TreeItem::Snapshot(s) => {
-                let mut label = format!("{}  {}", cell(s, "name"), cell(s, "created_at"));
-                let marks = bookmarks(s);
+                let mut label = format!("{}  {}", cell(&s.name), cell(&s.created_at));
+                let marks = bookmarks(&s.bookmarks);
                 if !marks.is_empty() {
                     label.push_str(&format!("  [{marks}]"));
                 }
@@ -203,27 +191,30 @@ impl TreeItem<'_> {
             }
         }
     }
-}
 
-/// Draw the flat `{"volumes":[...]}` of `GET /v1/tree` (see `docs/api.md`) as a lineage tree
-/// with box-drawing characters. Iterative, so any number of clone generations draws.
-pub(super) fn render_tree(tree: &Value) -> String {
-    let vols = items(tree, "volumes");
-    if vols.is_empty() {
-        return "no volumes\n".to_string();
-    }
-    let mut clones_of: std::collections::HashMap<&str, Vec<&Value>> = std::collections::HashMap::new();
-    let mut roots = Vec::new();
-    for v in vols {
-        match v.get("origin").and_then(Value::as_str) {
-            Some(o) => clones_of.entry(o).or_default().push(v),
-            None => roots.push(v),
+    /// Its children, in drawing order.
+    fn children(self, clones_of: &HashMap<&str, Vec<&'a TreeVolume>>) -> Vec<TreeItem<'a>> {
+        match self {
+            TreeItem::Volume(v) => v.snapshots.iter().map(TreeItem::Snapshot).collect(),
+            TreeItem::Snapshot(s) => clones_of
+                .get(s.name.as_str())
+                .map_or_else(Vec::new, |c| c.iter().map(|v| TreeItem::Volume(v)).collect()),
         }
     }
-    fn children<'a>(item: TreeItem<'a>, clones_of: &std::collections::HashMap<&str, Vec<&'a Value>>) -> Vec<&'a Value> {
-        match item {
-            TreeItem::Volume(v) => items(v, "snapshots").iter().collect(),
-            TreeItem::Snapshot(s) => clones_of.get(str_or(s, "name", "")).cloned().unwrap_or_default(),
+}
+
+/// Draw the flat answer of `GET /v1/tree` (see `docs/api.md`) as a lineage tree with
+/// box-drawing characters. Iterative, so any number of clone generations draws.
+pub(super) fn render_tree(tree: &Tree) -> String {
+    if tree.volumes.is_empty() {
+        return "no volumes\n".to_string();
+    }
+    let mut clones_of: HashMap<&str, Vec<&TreeVolume>> = HashMap::new();
+    let mut roots = Vec::new();
+    for v in &tree.volumes {
+        match &v.origin {
+            Some(o) => clones_of.entry(o.as_str()).or_default().push(v),
+            None => roots.push(v),
         }
     }
     let mut out = String::new();
@@ -235,16 +226,12 @@ pub(super) fn render_tree(tree: &Value) -> String {
         out.push_str(connector);
         out.push_str(&item.label());
         out.push('\n');
-        let kids = children(item, &clones_of);
+        let kids = item.children(&clones_of);
         let n = kids.len();
         for (i, kid) in kids.into_iter().enumerate().rev() {
             let last = i + 1 == n;
-            let kid_item = match item {
-                TreeItem::Volume(_) => TreeItem::Snapshot(kid),
-                TreeItem::Snapshot(_) => TreeItem::Volume(kid),
-            };
             let next = format!("{child_prefix}{}", if last { "    " } else { "│   " });
-            stack.push((kid_item, child_prefix.clone(), if last { "└── " } else { "├── " }, next));
+            stack.push((kid, child_prefix.clone(), if last { "└── " } else { "├── " }, next));
         }
     }
     out
@@ -254,6 +241,11 @@ pub(super) fn render_tree(tree: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The answer type a JSON literal reads as, as the CLI reads the daemon's answers.
+    fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("the literal reads as the answer type")
+    }
 
     #[test]
     fn table_alignment() {
@@ -295,10 +287,10 @@ prod  source  10.0 GiB
 └── prod@2  T3  [a, b]
 other  source  4.0 KiB
 ";
-        assert_eq!(render_tree(&tree), expected);
-        assert_eq!(render_tree(&json!({"volumes": []})), "no volumes\n");
+        assert_eq!(render_tree(&typed(tree)), expected);
+        assert_eq!(render_tree(&typed(json!({"volumes": []}))), "no volumes\n");
         // Missing fields do not panic.
-        assert_eq!(render_tree(&json!({"volumes": [{}]})), "-  -  0 B\n");
+        assert_eq!(render_tree(&typed(json!({"volumes": [{}]}))), "-  -  0 B\n");
     }
 
     #[test]
@@ -307,7 +299,7 @@ other  source  4.0 KiB
             {"name": "prod", "kind": "source", "size_bytes": 1u64 << 30, "origin": null,
              "allocated_bytes": 8192, "unique_bytes": 4096, "snapshot_count": 2},
         ]});
-        let text = render_list(&list);
+        let text = render_list(&typed(list));
         assert!(text.starts_with("NAME  KIND    "), "{text}");
         assert!(text.contains("prod  source  1.0 GiB"), "{text}");
 
@@ -319,7 +311,7 @@ other  source  4.0 KiB
                 "bookmarks": [], "reason": "ingest", "allocated_bytes": 4096,
                 "unique_bytes": 0, "ingest": {"scanned_bytes": 8192, "changed_bytes": 4096,
                 "sent_bytes": 4096, "duration_ms": 1500}}]});
-        let text = render_show(&vol);
+        let text = render_show(&typed(vol));
         assert!(text.contains("iscsi target:  iqn.2026-11.dev.forkd:prod\n"), "{text}");
         assert!(text.contains("origin:        -\n"), "{text}");
         assert!(text.contains("scanned 8.0 KiB, changed 4.0 KiB, sent 4.0 KiB in 1.5s"), "{text}");

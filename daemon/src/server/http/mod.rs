@@ -1,30 +1,33 @@
-//! The HTTP JSON API (docs/api.md): catalog operations, data access, ingest and metrics.
+//! The HTTP JSON API (docs/api.md): catalog operations, data access, ingest, metrics and the
+//! API's own OpenAPI document.
 //!
-//! Handlers run store calls on tokio's blocking pool (the store does synchronous I/O and
-//! fsyncs). Every error leaves through [`ApiError`], the one place that maps store errors to
-//! HTTP statuses and counts them.
+//! [`routes`] is the one list of routes: the router and the OpenAPI document
+//! ([`openapi`]) are both built from it. Request and answer bodies are the types in
+//! [`crate::api`]. Handlers run store calls on tokio's blocking pool (the store does
+//! synchronous I/O and fsyncs). Every error leaves as `{"error": "..."}`: handlers and the
+//! request extractors ([`extract`]) through [`ApiError`], the one place that maps store errors
+//! to HTTP statuses, and anything else the router answers through [`json_errors`].
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use catalog::CatalogError;
-use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::store::{Store, StoreError, MAX_IO};
-use data::{extents, flush, read_data, write_data, zero};
-use ingest::{abort_ingest, digests, digests_in, ingest};
-use volumes::{bookmark, clone_volume, create_source, list, refresh, remove, rewind, show, snapshot, tree};
+use crate::api::error::ErrorBody;
+use crate::store::{Store, StoreError};
 
 mod data;
+mod extract;
 mod ingest;
+mod openapi;
 mod resize;
 mod volumes;
-
-pub use volumes::{volume_json, volume_json_with};
 
 /// How long a rewind, refresh or delete waits for connected clients to be closed.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -73,7 +76,7 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = %self.0, error = %self.1, "request refused");
         }
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -98,47 +101,88 @@ pub(super) async fn blocking<T: Send + 'static>(
     Ok(r?)
 }
 
-/// Build the router. With `auth`, every request (`/metrics` and unknown paths included) must
-/// carry that bearer token (see [`crate::server::auth`]).
+/// Every route of the API, each with its OpenAPI description (`#[utoipa::path]` on its
+/// handler): the one list both the router and the document come from.
+fn routes() -> OpenApiRouter<Shared> {
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(volumes::list))
+        .routes(routes!(volumes::show, volumes::remove))
+        .routes(routes!(volumes::create_source))
+        .routes(routes!(volumes::snapshot_volume))
+        .routes(routes!(volumes::clone_volume))
+        .routes(routes!(volumes::rewind))
+        .routes(routes!(volumes::refresh))
+        .routes(routes!(volumes::bookmark))
+        .routes(routes!(volumes::tree))
+        .routes(routes!(data::read_data, data::write_data))
+        .routes(routes!(data::zero))
+        .routes(routes!(data::flush))
+        .routes(routes!(data::extents))
+        .routes(routes!(ingest::digests, ingest::digests_in))
+        .routes(routes!(ingest::ingest, ingest::abort_ingest))
+        .routes(routes!(resize::resize))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::document))
+}
+
+/// The API's OpenAPI 3 document, as `GET /v1/openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let (_, mut doc) = routes().split_for_parts();
+    openapi::finish(&mut doc);
+    doc
+}
+
+/// Build the router. With `auth`, every request (`/metrics`, the document and unknown paths
+/// included) must carry that bearer token (see [`crate::server::auth`]).
 pub fn router(store: Shared, auth: Option<Arc<crate::server::auth::Token>>) -> Router {
-    let router = Router::new()
-        .route("/v1/volumes", get(list))
-        .route("/v1/volumes/:name", get(show).delete(remove))
-        .route("/v1/sources", post(create_source))
-        .route("/v1/volumes/:name/snapshots", post(snapshot))
-        .route("/v1/clones", post(clone_volume))
-        .route("/v1/volumes/:name/rewind", post(rewind))
-        .route("/v1/volumes/:name/refresh", post(refresh))
-        .route("/v1/snapshots/:reference/bookmarks", post(bookmark))
-        .route("/v1/tree", get(tree))
-        .route(
-            "/v1/volumes/:name/data",
-            get(read_data).put(write_data).layer(DefaultBodyLimit::max(usize::try_from(MAX_IO).unwrap_or(usize::MAX))),
-        )
-        .route("/v1/volumes/:name/zero", post(zero))
-        .route("/v1/volumes/:name/flush", post(flush))
-        .route("/v1/volumes/:name/extents", get(extents))
-        .route("/v1/sources/:name/digests", get(digests).post(digests_in).layer(DefaultBodyLimit::max(64 << 20)))
-        .route("/v1/sources/:name/ingest", post(ingest).layer(DefaultBodyLimit::disable()))
-        .route("/v1/sources/:name/ingest", delete(abort_ingest))
-        .route("/metrics", get(metrics))
-        .merge(resize::routes())
+    let (router, mut doc) = routes().split_for_parts();
+    openapi::finish(&mut doc);
+    let routed = router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint (see docs/api.md)".into()) })
+        .layer(Extension(openapi::Document::render(&doc)))
         .with_state(store);
+    // Around the whole router, not each route: a 405 gets its `Allow` header only on the way
+    // out of the route's method router.
+    let router = Router::new().fallback_service(routed).layer(axum::middleware::from_fn(json_errors));
     match auth {
         Some(token) => router.layer(axum::middleware::from_fn_with_state(token, crate::server::auth::require_token)),
         None => router,
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "Prometheus text format (`forkd_*` counters and gauges)",
+        content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 
-/// Exposed for the ingest receiver and resize.
-pub(crate) async fn run_blocking<T: Send + 'static>(
-    store: &Shared,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> ApiResult<T> {
-    blocking(store, f).await
+/// The last guard of the one error shape: an error the router itself answered in plain text
+/// or with no body (405 for a method a path does not take, a rejection no extractor in
+/// [`extract`] wraps) leaves as `{"error": "..."}`, with its status and headers (`Allow`).
+async fn json_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let message = if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allowed = parts.headers.get(header::ALLOW).and_then(|v| v.to_str().ok()).unwrap_or("");
+        format!("{path} does not take {method}; it takes {}", allowed.replace(',', ", "))
+    } else {
+        let text = axum::body::to_bytes(body, 64 << 10).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let line = text.lines().map(str::trim).find(|l| !l.is_empty());
+        line.map_or_else(|| status.canonical_reason().unwrap_or("request failed").to_string(), str::to_string)
+    };
+    let json = ApiError(status, message).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, json.into_body())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with("application/json"))
 }

@@ -5,51 +5,43 @@
 //! at most 1 PiB and not smaller than the current size. Snapshots keep their own sizes; the
 //! new blocks read as zeros until an ingest fills them. Refused while an ingest runs.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use axum::Json;
 
-use super::{run_blocking, volume_json, ApiError, Shared};
-use crate::store::StoreError;
-
-/// The resize route, merged into [`super::router`].
-pub(super) fn routes() -> Router<Shared> {
-    Router::new().route("/v1/sources/:name/resize", post(resize))
-}
-
-#[derive(Deserialize)]
-struct ResizeBody {
-    size: Value,
-}
+use super::extract::{ApiPath, JsonBody};
+use super::volumes::{size_bytes, volume};
+use super::{blocking, ApiError, Shared};
+use crate::api::error::ErrorBody;
+use crate::api::ingest::{ResizeAnswer, ResizeRequest};
 
 /// Answers the source as `Volume` JSON plus `"previous_size_bytes"`.
-async fn resize(
+#[utoipa::path(post, path = "/v1/sources/{name}/resize", tag = "ingest",
+    params(("name" = String, Path, description = "source name")), request_body = ResizeRequest,
+    responses((status = 200, description = "the source, plus its size before", body = ResizeAnswer),
+        (status = 400, description = "a clone, or a size that is invalid or smaller", body = ErrorBody),
+        (status = 404, description = "no such volume", body = ErrorBody),
+        (status = 409, description = "an ingest runs or waits to be resumed", body = ErrorBody)))]
+pub(super) async fn resize(
     State(s): State<Shared>,
-    Path(name): Path<String>,
-    body: Result<Json<ResizeBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let bad = |msg: String| ApiError(StatusCode::BAD_REQUEST, msg);
-    let Json(body) =
-        body.map_err(|e| bad(format!("resize needs a JSON body such as {{\"size\": \"20G\"}}: {}", e.body_text())))?;
-    let size = match &body.size {
-        Value::Number(n) => n.as_u64().ok_or_else(|| bad("size must be a positive whole number of bytes".into()))?,
-        Value::String(t) => catalog::parse_size(t).map_err(StoreError::from)?,
-        _ => return Err(bad("size must be a number of bytes or a string such as \"20G\"".into())),
-    };
-    let v = run_blocking(&s, move |st| {
+    ApiPath(name): ApiPath<String>,
+    body: Result<JsonBody<ResizeRequest>, ApiError>,
+) -> Result<Json<ResizeAnswer>, ApiError> {
+    let JsonBody(body) = body.map_err(|e| {
+        // A body of the wrong type or size keeps its status; anything else is a bad request.
+        let keep = [StatusCode::UNSUPPORTED_MEDIA_TYPE, StatusCode::PAYLOAD_TOO_LARGE];
+        let why = if keep.contains(&e.0) { e.0 } else { StatusCode::BAD_REQUEST };
+        ApiError(why, format!("resize needs a JSON body such as {{\"size\": \"20G\"}}: {}", e.1))
+    })?;
+    let size = size_bytes(&body.size, "20G")?;
+    let answer = blocking(&s, move |st| {
         let previous = st.op(|cat| cat.resize(&name, size))?;
         if previous != size {
             tracing::info!(source = %name, previous, size, "resized source");
         }
         let cat = st.catalog();
-        let mut v = volume_json(&cat, cat.volume(&name)?, true)?;
-        v["previous_size_bytes"] = json!(previous);
-        Ok(v)
+        Ok(ResizeAnswer { volume: volume(&cat, cat.volume(&name)?, true, true)?, previous_size_bytes: previous })
     })
     .await?;
-    Ok(Json(v))
+    Ok(Json(answer))
 }

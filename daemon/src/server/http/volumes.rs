@@ -1,247 +1,285 @@
 //! The volume routes: list, show, create a source, snapshot, clone, rewind, refresh,
-//! bookmark, delete, and the lineage tree; and the one place a volume becomes JSON.
+//! bookmark, delete, and the lineage tree; and the one place a catalog volume becomes the
+//! API's [`Volume`].
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use catalog::{format_time, Volume};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use catalog::{format_time, Catalog};
 
+use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, ApiResult, Shared, DRAIN};
+use crate::api::error::ErrorBody;
+use crate::api::volumes::{
+    BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MoveRequest, Moved,
+    ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume, VolumeKind,
+    VolumeList,
+};
 use crate::server::exports::Scope;
 use crate::store::StoreError;
 
-/// JSON for a volume, with space accounting and, if asked, its snapshots.
-/// JSON for a volume. Without `space`, `unique_bytes` is null: computing it walks whatever the
-/// volume holds alone, which callers such as the ingest agent do not need.
-pub fn volume_json(cat: &catalog::Catalog, v: &Volume, with_snapshots: bool) -> Result<Value, StoreError> {
-    volume_json_with(cat, v, with_snapshots, true)
-}
-
-/// [`volume_json`], choosing whether to compute unique bytes.
-pub fn volume_json_with(
-    cat: &catalog::Catalog,
-    v: &Volume,
+/// The API's view of a catalog volume: with its snapshots or only their count, and with space
+/// accounting (`unique_bytes`) or null there. Computing unique bytes walks whatever the volume
+/// holds alone, which callers such as the ingest agent do not need.
+pub(super) fn volume(
+    cat: &Catalog,
+    v: &catalog::Volume,
     with_snapshots: bool,
     space: bool,
-) -> Result<Value, StoreError> {
-    let unique = |roots: &[catalog::NodeId]| -> Result<Value, StoreError> {
-        Ok(if space { json!(cat.unique_bytes(roots)?) } else { Value::Null })
+) -> Result<Volume, StoreError> {
+    let unique = |roots: &[catalog::NodeId]| -> Result<Option<u64>, StoreError> {
+        Ok(if space { Some(cat.unique_bytes(roots)?) } else { None })
     };
-    let mut o = json!({
-        "name": v.name,
-        "kind": v.kind,
-        "size_bytes": v.size_bytes,
-        "origin": v.origin.as_ref().map(|o| o.to_string()),
-        "created_at": format_time(v.created_at),
-        "timeflow": v.timeflow,
-        "allocated_bytes": v.allocated_blocks * catalog::BLOCK_SIZE,
-        "unique_bytes": unique(&v.roots())?,
-        "exports": { "nbd": v.name, "iscsi": format!("iqn.2026-11.dev.forkd:{}", v.name) },
-        "ingest_running": v.staging.is_some(),
-        "ingest_pending_bytes": v.staging.as_ref().map(|st| st.allocated_blocks * catalog::BLOCK_SIZE),
-    });
-    if with_snapshots {
-        let mut snaps = Vec::new();
-        for s in &v.snapshots {
-            snaps.push(json!({
-                "id": s.id,
-                "name": format!("{}@{}", v.name, s.id),
-                "created_at": format_time(s.created_at),
-                "timeflow": s.timeflow,
-                "bookmarks": s.bookmarks,
-                "reason": s.reason,
-                "size_bytes": s.size_bytes,
-                "allocated_bytes": s.allocated_blocks * catalog::BLOCK_SIZE,
-                "unique_bytes": unique(&[s.root])?,
-                "ingest": s.ingest,
-            }));
-        }
-        o["snapshots"] = Value::Array(snaps);
+    let (snapshots, snapshot_count) = if with_snapshots {
+        let snaps: Result<Vec<Snapshot>, StoreError> =
+            v.snapshots.iter().map(|s| Ok(snapshot(&v.name, s, unique(&[s.root])?))).collect();
+        (Some(snaps?), None)
     } else {
-        o["snapshot_count"] = json!(v.snapshots.len());
-    }
-    Ok(o)
+        (None, Some(v.snapshots.len() as u64))
+    };
+    Ok(Volume {
+        allocated_bytes: v.allocated_blocks * catalog::BLOCK_SIZE,
+        created_at: format_time(v.created_at),
+        exports: Exports { iscsi: format!("iqn.2026-11.dev.forkd:{}", v.name), nbd: v.name.clone() },
+        ingest_pending_bytes: v.staging.as_ref().map(|st| st.allocated_blocks * catalog::BLOCK_SIZE),
+        ingest_running: v.staging.is_some(),
+        kind: kind(v.kind),
+        name: v.name.clone(),
+        origin: v.origin.as_ref().map(ToString::to_string),
+        size_bytes: v.size_bytes,
+        snapshot_count,
+        snapshots,
+        timeflow: v.timeflow,
+        unique_bytes: unique(&v.roots())?,
+    })
 }
 
-pub(super) async fn list(State(s): State<Shared>) -> ApiResult<Json<Value>> {
+fn snapshot(volume: &str, s: &catalog::Snapshot, unique_bytes: Option<u64>) -> Snapshot {
+    Snapshot {
+        allocated_bytes: s.allocated_blocks * catalog::BLOCK_SIZE,
+        bookmarks: s.bookmarks.clone(),
+        created_at: format_time(s.created_at),
+        id: s.id,
+        ingest: s.ingest.as_ref().map(summary),
+        name: format!("{volume}@{}", s.id),
+        reason: s.reason.clone(),
+        size_bytes: s.size_bytes,
+        timeflow: s.timeflow,
+        unique_bytes,
+    }
+}
+
+fn kind(k: catalog::Kind) -> VolumeKind {
+    match k {
+        catalog::Kind::Source => VolumeKind::Source,
+        catalog::Kind::Clone => VolumeKind::Clone,
+    }
+}
+
+/// The API's view of what an ingest did.
+pub(super) fn summary(s: &catalog::IngestSummary) -> IngestSummary {
+    IngestSummary {
+        changed_bytes: s.changed_bytes,
+        duration_ms: s.duration_ms,
+        scanned_bytes: s.scanned_bytes,
+        sent_bytes: s.sent_bytes,
+        wire_bytes: s.wire_bytes,
+    }
+}
+
+/// The bytes a request's [`Size`] names; `example` is shown when it is neither a number nor
+/// text.
+pub(super) fn size_bytes(size: &Size, example: &str) -> ApiResult<u64> {
+    match size {
+        Size::Bytes(n) => Ok(*n),
+        Size::Text(t) => Ok(catalog::parse_size(t).map_err(StoreError::from)?),
+        Size::Other(serde_json::Value::Number(_)) => Err(bad("size must be a positive whole number of bytes")),
+        Size::Other(_) => Err(bad(format!("size must be a number of bytes or a string such as \"{example}\""))),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes",
+    responses((status = 200, description = "every volume, with `snapshot_count`", body = VolumeList)))]
+pub(super) async fn list(State(s): State<Shared>) -> ApiResult<Json<VolumeList>> {
     blocking(&s, |st| {
         let cat = st.catalog();
-        let vols: Result<Vec<Value>, _> = cat.volumes().values().map(|v| volume_json(&cat, v, false)).collect();
-        Ok(Json(json!({ "volumes": vols? })))
+        let volumes: Result<Vec<Volume>, _> = cat.volumes().values().map(|v| volume(&cat, v, false, true)).collect();
+        Ok(Json(VolumeList { volumes: volumes? }))
     })
     .await
 }
 
-#[derive(Deserialize)]
-pub(super) struct ShowQuery {
-    space: Option<bool>,
-}
-
+#[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes",
+    params(("name" = String, Path, description = "volume name"), ShowQuery),
+    responses((status = 200, description = "the volume with its snapshots", body = Volume),
+        (status = 404, description = "no such volume", body = ErrorBody)))]
 pub(super) async fn show(
     State(s): State<Shared>,
-    Path(name): Path<String>,
-    Query(q): Query<ShowQuery>,
-) -> ApiResult<Json<Value>> {
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ShowQuery>,
+) -> ApiResult<Json<Volume>> {
     blocking(&s, move |st| {
         let cat = st.catalog();
-        let v = cat.volume(&name)?;
-        Ok(Json(volume_json_with(&cat, v, true, q.space != Some(false))?))
+        Ok(Json(volume(&cat, cat.volume(&name)?, true, q.space != Some(false))?))
     })
     .await
 }
 
-#[derive(Deserialize)]
-pub(super) struct CreateSource {
-    name: String,
-    size: Value,
-}
-
+#[utoipa::path(post, path = "/v1/sources", tag = "volumes", request_body = CreateSource,
+    responses((status = 201, description = "the new source", body = Volume),
+        (status = 400, description = "invalid name or size", body = ErrorBody),
+        (status = 409, description = "the name is taken", body = ErrorBody)))]
 pub(super) async fn create_source(
     State(s): State<Shared>,
-    body: Json<CreateSource>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let size = match &body.size {
-        Value::Number(n) => n.as_u64().ok_or_else(|| bad("size must be a positive whole number of bytes"))?,
-        Value::String(t) => catalog::parse_size(t).map_err(StoreError::from)?,
-        _ => return Err(bad("size must be a number of bytes or a string such as \"10G\"")),
-    };
-    let name = body.name.clone();
+    JsonBody(body): JsonBody<CreateSource>,
+) -> ApiResult<(StatusCode, Json<Volume>)> {
+    let size = size_bytes(&body.size, "10G")?;
+    let name = body.name;
     let v = blocking(&s, move |st| {
         st.op(|cat| cat.create_source(&name, size))?;
         let cat = st.catalog();
-        volume_json(&cat, cat.volume(&name)?, true)
+        volume(&cat, cat.volume(&name)?, true, true)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-#[derive(Deserialize, Default)]
-pub(super) struct SnapshotBody {
-    bookmark: Option<String>,
-}
-
-pub(super) async fn snapshot(
+#[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", tag = "volumes",
+    params(("name" = String, Path, description = "volume name")),
+    request_body(content = Option<SnapshotRequest>, description = "optional: `{\"bookmark\": NAME}`, `{}` or none"),
+    responses((status = 201, description = "the new snapshot", body = SnapshotTaken),
+        (status = 404, description = "no such volume", body = ErrorBody),
+        (status = 409, description = "the bookmark is taken", body = ErrorBody)))]
+pub(super) async fn snapshot_volume(
     State(s): State<Shared>,
-    Path(name): Path<String>,
-    body: Option<Json<SnapshotBody>>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let bookmark = body.and_then(|b| b.0.bookmark);
+    ApiPath(name): ApiPath<String>,
+    OptionalJson(body): OptionalJson<SnapshotRequest>,
+) -> ApiResult<(StatusCode, Json<SnapshotTaken>)> {
+    let bookmark = body.and_then(|b| b.bookmark);
     let id = blocking(&s, move |st| st.op(|cat| cat.snapshot(&name, bookmark.as_deref()))).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "snapshot": id.to_string() }))))
+    Ok((StatusCode::CREATED, Json(SnapshotTaken { snapshot: id.to_string() })))
 }
 
-#[derive(Deserialize)]
-pub(super) struct CloneBody {
-    from: String,
-    name: String,
-}
-
+#[utoipa::path(post, path = "/v1/clones", tag = "volumes", request_body = CloneRequest,
+    responses((status = 201, description = "the new clone, plus `made_from`", body = CloneAnswer),
+        (status = 400, description = "invalid name or reference", body = ErrorBody),
+        (status = 404, description = "no such volume or snapshot", body = ErrorBody),
+        (status = 409, description = "the name is taken", body = ErrorBody)))]
 pub(super) async fn clone_volume(
     State(s): State<Shared>,
-    body: Json<CloneBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let CloneBody { from, name } = body.0;
-    let v = blocking(&s, move |st| {
+    JsonBody(body): JsonBody<CloneRequest>,
+) -> ApiResult<(StatusCode, Json<CloneAnswer>)> {
+    let CloneRequest { from, name } = body;
+    let answer = blocking(&s, move |st| {
         let (_, made_from) = st.op(|cat| cat.clone_volume(&from, &name))?;
         let cat = st.catalog();
-        let mut v = volume_json(&cat, cat.volume(&name)?, true)?;
-        v["made_from"] = json!(made_from.to_string());
-        Ok(v)
+        Ok(CloneAnswer { volume: volume(&cat, cat.volume(&name)?, true, true)?, made_from: made_from.to_string() })
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(v)))
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
-#[derive(Deserialize, Default)]
-pub(super) struct MoveBody {
-    to: Option<String>,
-}
-
+#[utoipa::path(post, path = "/v1/volumes/{name}/rewind", tag = "volumes",
+    params(("name" = String, Path, description = "clone name")), request_body = MoveRequest,
+    responses((status = 200, description = "where the clone now is", body = Moved),
+        (status = 400, description = "no `to`, or not a snapshot of this lineage", body = ErrorBody),
+        (status = 404, description = "no such volume or snapshot", body = ErrorBody)))]
 pub(super) async fn rewind(
     State(s): State<Shared>,
-    Path(name): Path<String>,
-    body: Json<MoveBody>,
-) -> ApiResult<Json<Value>> {
-    let to = body.0.to.ok_or_else(|| bad("rewind needs \"to\": a snapshot or a time"))?;
+    ApiPath(name): ApiPath<String>,
+    JsonBody(body): JsonBody<MoveRequest>,
+) -> ApiResult<Json<Moved>> {
+    let to = body.to.ok_or_else(|| bad("rewind needs \"to\": a snapshot or a time"))?;
     blocking(&s, move |st| {
         let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
         let (target, kept) = st.op(|cat| cat.rewind(&name, &to))?;
-        Ok(Json(json!({ "volume": name, "target": target.to_string(), "kept": kept.to_string() })))
+        Ok(Json(Moved { kept: kept.to_string(), target: target.to_string(), volume: name }))
     })
     .await
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/refresh", tag = "volumes",
+    params(("name" = String, Path, description = "clone name")),
+    request_body(content = Option<MoveRequest>, description = "optional: `{\"to\": SNAPSHOT}`, `{}` or none (the newest snapshot of the origin volume)"),
+    responses((status = 200, description = "where the clone now is", body = Moved),
+        (status = 400, description = "not a clone, or not a snapshot of its origin", body = ErrorBody),
+        (status = 404, description = "no such volume or snapshot", body = ErrorBody)))]
 pub(super) async fn refresh(
     State(s): State<Shared>,
-    Path(name): Path<String>,
-    body: Option<Json<MoveBody>>,
-) -> ApiResult<Json<Value>> {
-    let to = body.and_then(|b| b.0.to);
+    ApiPath(name): ApiPath<String>,
+    OptionalJson(body): OptionalJson<MoveRequest>,
+) -> ApiResult<Json<Moved>> {
+    let to = body.and_then(|b| b.to);
     blocking(&s, move |st| {
         let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
         let (target, kept) = st.op(|cat| cat.refresh(&name, to.as_deref()))?;
-        Ok(Json(json!({ "volume": name, "target": target.to_string(), "kept": kept.to_string() })))
+        Ok(Json(Moved { kept: kept.to_string(), target: target.to_string(), volume: name }))
     })
     .await
 }
 
-#[derive(Deserialize)]
-pub(super) struct BookmarkBody {
-    name: String,
-}
-
+#[utoipa::path(post, path = "/v1/snapshots/{reference}/bookmarks", tag = "volumes",
+    params(("reference" = String, Path, description = "snapshot reference")), request_body = BookmarkRequest,
+    responses((status = 200, description = "the snapshot bookmarked", body = SnapshotTaken),
+        (status = 404, description = "no such snapshot", body = ErrorBody),
+        (status = 409, description = "the bookmark is taken", body = ErrorBody)))]
 pub(super) async fn bookmark(
     State(s): State<Shared>,
-    Path(reference): Path<String>,
-    body: Json<BookmarkBody>,
-) -> ApiResult<Json<Value>> {
-    let name = body.0.name;
+    ApiPath(reference): ApiPath<String>,
+    JsonBody(body): JsonBody<BookmarkRequest>,
+) -> ApiResult<Json<SnapshotTaken>> {
+    let name = body.name;
     blocking(&s, move |st| {
         let id = st.op(|cat| cat.bookmark(&reference, &name))?;
-        Ok(Json(json!({ "snapshot": id.to_string() })))
+        Ok(Json(SnapshotTaken { snapshot: id.to_string() }))
     })
     .await
 }
 
-pub(super) async fn remove(State(s): State<Shared>, Path(reference): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes",
+    params(("name" = String, Path, description = "a volume (with its snapshots) or one snapshot reference")),
+    responses((status = 200, description = "what was deleted and the space it gave back", body = Deleted),
+        (status = 404, description = "no such volume or snapshot", body = ErrorBody),
+        (status = 409, description = "clones depend on it", body = ErrorBody)))]
+pub(super) async fn remove(State(s): State<Shared>, ApiPath(reference): ApiPath<String>) -> ApiResult<Json<Deleted>> {
     blocking(&s, move |st| {
         let before = st.metrics.freed_bytes.get();
         let _fence = st.exports.fence_and_drain(&reference, Scope::Volume, DRAIN);
         // `op` flushes: the slots the delete freed are punched and counted by then.
         st.op(|cat| cat.delete(&reference))?;
-        Ok(Json(json!({ "deleted": reference, "freed_bytes": st.metrics.freed_bytes.get() - before })))
+        Ok(Json(Deleted { deleted: reference, freed_bytes: st.metrics.freed_bytes.get() - before }))
     })
     .await
 }
 
-pub(super) async fn tree(State(s): State<Shared>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/tree", tag = "volumes",
+    responses((status = 200, description = "every volume with its snapshots, flat", body = Tree)))]
+pub(super) async fn tree(State(s): State<Shared>) -> ApiResult<Json<Tree>> {
     blocking(&s, |st| {
         let cat = st.catalog();
-        let vols: Vec<Value> = cat
-            .volumes()
-            .values()
-            .map(|v| {
-                let snaps: Vec<Value> = v
-                    .snapshots
-                    .iter()
-                    .map(|s| {
-                        json!({
-                            "name": format!("{}@{}", v.name, s.id),
-                            "created_at": format_time(s.created_at),
-                            "bookmarks": s.bookmarks,
-                            "timeflow": s.timeflow,
-                        })
-                    })
-                    .collect();
-                json!({
-                    "name": v.name, "kind": v.kind, "size_bytes": v.size_bytes, "timeflow": v.timeflow,
-                    "origin": v.origin.as_ref().map(|o| o.to_string()), "snapshots": snaps,
-                })
-            })
-            .collect();
-        Ok(Json(json!({ "volumes": vols })))
+        let volumes = cat.volumes().values().map(tree_volume).collect();
+        Ok(Json(Tree { volumes }))
     })
     .await
+}
+
+fn tree_volume(v: &catalog::Volume) -> TreeVolume {
+    let snapshots = v
+        .snapshots
+        .iter()
+        .map(|s| TreeSnapshot {
+            bookmarks: s.bookmarks.clone(),
+            created_at: format_time(s.created_at),
+            name: format!("{}@{}", v.name, s.id),
+            timeflow: s.timeflow,
+        })
+        .collect();
+    TreeVolume {
+        kind: kind(v.kind),
+        name: v.name.clone(),
+        origin: v.origin.as_ref().map(ToString::to_string),
+        size_bytes: v.size_bytes,
+        snapshots,
+        timeflow: v.timeflow,
+    }
 }

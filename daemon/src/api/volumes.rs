@@ -1,0 +1,331 @@
+//! The catalog routes' bodies (docs/api.md, "Objects" and "Catalog operations"): the `Volume`
+//! object, the lineage tree, and the requests and answers of create, snapshot, clone, rewind,
+//! refresh, bookmark and delete.
+//!
+//! Both sides use these types: `server::http` builds its answers from them and the CLI reads
+//! them, so renaming a field breaks the build, not a user. Two habits keep the wire exactly
+//! what it has always been:
+//! - fields are declared in alphabetical order, the order the daemon has always sent keys in
+//!   (`serde_json` maps sort them), so `--json` output stays byte-for-byte the same;
+//! - answers read leniently (`#[serde(default)]`: a field a daemon of another version did not
+//!   send reads as empty, a volume kind it invented as [`VolumeKind::Unknown`]); requests read
+//!   strictly, and a missing required field is refused with 422.
+//!
+//! An `Option` field of an answer is always present, as `null` when empty, unless it says
+//! otherwise (`snapshots` and `snapshot_count`, of which a volume carries exactly one).
+
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+
+/// Whether a volume is fed by ingest (`source`) or written by hosts (`clone`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    /// Fed only by ingest; read-only to hosts.
+    Source,
+    /// A writable copy of a snapshot.
+    Clone,
+    /// A kind this client does not know (sent by a newer daemon); the daemon never sends it.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl VolumeKind {
+    /// The wire name, `-` for [`VolumeKind::Unknown`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeKind::Source => "source",
+            VolumeKind::Clone => "clone",
+            VolumeKind::Unknown => "-",
+        }
+    }
+}
+
+impl PartialSchema for VolumeKind {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .enum_values(Some(["source", "clone"]))
+            .description(Some("`source` (fed by ingest, read-only to hosts) or `clone` (writable)"))
+            .into()
+    }
+}
+
+impl ToSchema for VolumeKind {}
+
+/// Where a volume is served: its NBD export name and its iSCSI target name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Exports {
+    /// iSCSI target name, `iqn.2026-11.dev.forkd:NAME`.
+    pub iscsi: String,
+    /// NBD export name (the volume's name).
+    pub nbd: String,
+}
+
+/// What an ingest did, kept on the snapshot it produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct IngestSummary {
+    /// Bytes found different from the previous snapshot.
+    pub changed_bytes: u64,
+    /// Wall time of the ingest, in milliseconds.
+    pub duration_ms: u64,
+    /// Bytes of the source image read.
+    pub scanned_bytes: u64,
+    /// Payload bytes received (block data).
+    pub sent_bytes: u64,
+    /// Every byte of the ingest stream received: payload, crc32s and frame headers.
+    pub wire_bytes: u64,
+}
+
+/// A snapshot as `GET /v1/volumes/{name}` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Snapshot {
+    /// Bytes holding data in it.
+    pub allocated_bytes: u64,
+    /// Its bookmark names.
+    pub bookmarks: Vec<String>,
+    /// When it was taken (RFC 3339, milliseconds, UTC).
+    pub created_at: String,
+    /// Its number on its volume, counting up from 1.
+    pub id: u64,
+    /// Set (else null) when an ingest produced it.
+    pub ingest: Option<IngestSummary>,
+    /// `VOLUME@ID`.
+    pub name: String,
+    /// Why it was taken: `ingest`, `snapshot`, `clone`, `rewind` or `refresh`.
+    pub reason: String,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+    /// The volume's timeflow when it was taken.
+    pub timeflow: u32,
+    /// Bytes only it holds; null when space was not computed (`?space=false`).
+    pub unique_bytes: Option<u64>,
+}
+
+/// A volume (docs/api.md, "Objects").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Volume {
+    /// Bytes holding data in its head.
+    pub allocated_bytes: u64,
+    /// When it was created (RFC 3339, milliseconds, UTC).
+    pub created_at: String,
+    /// Where it is served.
+    pub exports: Exports,
+    /// Bytes a running or interrupted ingest has staged; null when there is none.
+    pub ingest_pending_bytes: Option<u64>,
+    /// Whether an ingest is running or waits to be resumed.
+    pub ingest_running: bool,
+    /// Source or clone.
+    pub kind: VolumeKind,
+    /// Its name.
+    pub name: String,
+    /// The snapshot a clone derives from (`VOLUME@ID`); null for a source.
+    pub origin: Option<String>,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+    /// How many snapshots it has: present (instead of `snapshots`) in `GET /v1/volumes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_count: Option<u64>,
+    /// Its snapshots, oldest first: present (instead of `snapshot_count`) everywhere else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<Snapshot>>,
+    /// Its current timeflow; a rewind or refresh starts the next.
+    pub timeflow: u32,
+    /// Bytes only it holds; null when space was not computed (`?space=false`).
+    pub unique_bytes: Option<u64>,
+}
+
+impl Volume {
+    /// How many snapshots it has, whichever way it was shown.
+    pub fn snapshot_total(&self) -> u64 {
+        self.snapshot_count.unwrap_or_else(|| self.snapshots.as_ref().map_or(0, |s| s.len() as u64))
+    }
+}
+
+/// `GET /v1/volumes`: every volume, with `snapshot_count` instead of `snapshots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct VolumeList {
+    /// The volumes, by name.
+    pub volumes: Vec<Volume>,
+}
+
+/// The query of `GET /v1/volumes/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ShowQuery {
+    /// `false` skips computing `unique_bytes` (null then), which walks what the volume holds
+    /// alone.
+    pub space: Option<bool>,
+}
+
+/// A volume size as a request gives it: bytes as a number, or a string with a K/M/G/T/P
+/// suffix. It must be a multiple of 4096, at most 1 PiB.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// A number of bytes.
+    Bytes(u64),
+    /// Text such as `10G`, parsed by the daemon.
+    Text(String),
+    /// Anything else (a negative or fractional number, `true`...): refused with a 400 that
+    /// says what a size is.
+    Other(serde_json::Value),
+}
+
+impl Size {
+    /// A size typed by a person: a plain number is sent as bytes, anything else as text for
+    /// the daemon to parse (and explain, if it is wrong).
+    pub fn from_text(text: &str) -> Size {
+        match text.trim().parse::<u64>() {
+            Ok(n) => Size::Bytes(n),
+            Err(_) => Size::Text(text.to_string()),
+        }
+    }
+}
+
+impl PartialSchema for Size {
+    fn schema() -> RefOr<Schema> {
+        let bytes = ObjectBuilder::new().schema_type(SchemaType::Type(Type::Integer)).minimum(Some(4096));
+        let text = ObjectBuilder::new().schema_type(SchemaType::Type(Type::String)).examples(["10G"]);
+        OneOfBuilder::new()
+            .item(bytes)
+            .item(text)
+            .description(Some(
+                "bytes as a number, or a string with a K/M/G/T/P suffix; a multiple of 4096, at most 1 PiB",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Size {}
+
+/// `POST /v1/sources`: create an empty source volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateSource {
+    /// The new source's name.
+    pub name: String,
+    /// Its size.
+    pub size: Size,
+}
+
+/// `POST /v1/volumes/{name}/snapshots`: the body is optional (`{}` or none at all).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotRequest {
+    /// A bookmark name to attach to the new snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bookmark: Option<String>,
+}
+
+/// The answer of snapshot and bookmark: the snapshot made or bookmarked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct SnapshotTaken {
+    /// `VOLUME@ID`.
+    pub snapshot: String,
+}
+
+/// `POST /v1/clones`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloneRequest {
+    /// A snapshot reference, or a volume (snapshotted first).
+    pub from: String,
+    /// The new clone's name.
+    pub name: String,
+}
+
+/// The answer of `POST /v1/clones`: the new clone, plus the snapshot it was made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloneAnswer {
+    /// The new clone.
+    #[serde(flatten)]
+    pub volume: Volume,
+    /// The snapshot it was made from (`VOLUME@ID`).
+    #[serde(default)]
+    pub made_from: String,
+}
+
+/// `POST /v1/volumes/{name}/rewind` (`to` required) and `.../refresh` (`to` optional, body
+/// optional: the newest snapshot of the origin volume).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MoveRequest {
+    /// A snapshot (`dev1@2`, `@2`, `2`, `@BOOKMARK`, an origin snapshot) or an RFC 3339 time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// The answer of rewind and refresh.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Moved {
+    /// The snapshot that keeps the state the volume had before (`VOLUME@ID`).
+    pub kept: String,
+    /// The snapshot the volume now shows.
+    pub target: String,
+    /// The volume moved.
+    pub volume: String,
+}
+
+/// `POST /v1/snapshots/{ref}/bookmarks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BookmarkRequest {
+    /// The bookmark name.
+    pub name: String,
+}
+
+/// The answer of `DELETE /v1/volumes/{ref}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Deleted {
+    /// What was deleted, as given.
+    pub deleted: String,
+    /// Bytes given back to the file system.
+    pub freed_bytes: u64,
+}
+
+/// A snapshot in the lineage tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct TreeSnapshot {
+    /// Its bookmark names.
+    pub bookmarks: Vec<String>,
+    /// When it was taken.
+    pub created_at: String,
+    /// `VOLUME@ID`: the clones whose `origin` this is hang below it.
+    pub name: String,
+    /// The volume's timeflow when it was taken.
+    pub timeflow: u32,
+}
+
+/// A volume in the lineage tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct TreeVolume {
+    /// Source or clone.
+    pub kind: VolumeKind,
+    /// Its name.
+    pub name: String,
+    /// The snapshot it derives from; null for the roots.
+    pub origin: Option<String>,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<TreeSnapshot>,
+    /// Its current timeflow.
+    pub timeflow: u32,
+}
+
+/// `GET /v1/tree`: flat, so any number of clone generations fits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Tree {
+    /// Every volume.
+    pub volumes: Vec<TreeVolume>,
+}
