@@ -824,7 +824,6 @@ fn last_ingest(d: &Daemon, name: &str) -> Result<Value> {
 }
 
 fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> Result<()> {
-    const B: &str = "ingest";
     let dir = scratch.join("ingest");
     fresh_dir(&dir)?;
     let size = p.ingest_size;
@@ -835,91 +834,164 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
     make_image(&img, size, &mut rng)?;
     sync_all()?;
     eprintln!("[ingest] {} image generated and synced in {:.1}s", hsize(size), t.elapsed().as_secs_f64());
-    let mib = size as f64 / MIB as f64;
-
-    // cp, twice (the better one counts), without sync; then once with sync.
-    let cp1 = time_cp(&img, &copy, false)?;
-    let cp2 = time_cp(&img, &copy, false)?;
-    let cp = cp1.min(cp2);
-    let cp_sync = time_cp(&img, &copy, true)?;
-    eprintln!(
-        "[ingest] cp: {:.2}s / {:.2}s, cp + sync: {:.2}s",
-        cp1.as_secs_f64(),
-        cp2.as_secs_f64(),
-        cp_sync.as_secs_f64()
-    );
-
-    // A full ingest into a fresh daemon, through the real CLI and HTTP API.
-    let data = dir.join("data");
-    let mut d = Daemon::start(forkd, &data)?;
-    d.cli(&["source", "create", "src", "--size", &size.to_string()])?;
-    let img_s = img.to_str().ok_or_else(|| anyhow!("non-UTF-8 scratch path"))?;
-    let daemon_cpu0 = proc_cpu(&d.pid().to_string())?.0;
-    let cli_cpu0 = proc_cpu("self")?.1;
-    let t = Instant::now();
-    d.cli(&["ingest", "src", "--from", img_s])?;
-    let full = t.elapsed();
-    let daemon_cpu = proc_cpu(&d.pid().to_string())?.0 - daemon_cpu0;
-    let cli_cpu = proc_cpu("self")?.1 - cli_cpu0;
-    let s1 = last_ingest(&d, "src")?;
-    eprintln!("[ingest] full ingest: {:.2}s, summary {s1}", full.as_secs_f64());
-
-    // Change a percentage of the 4 KiB blocks at random, then ingest again.
-    let nblocks = size / BS;
-    let k = ((nblocks as f64 * p.ingest_change_pct / 100.0).round() as u64).max(1);
-    let changed_blocks = rng.sample(nblocks, k);
-    {
-        let f = OpenOptions::new().write(true).open(&img)?;
-        let mut block = vec![0u8; BS as usize];
-        for &b in &changed_blocks {
-            rng.fill(&mut block);
-            f.write_all_at(&block, b * BS)?;
-        }
-    }
-    let changed = k * BS;
-    // What the CLI asks before streaming (GET /v1/volumes/src, which computes unique bytes
-    // for the volume and its snapshots), timed on its own.
-    let t = Instant::now();
-    d.cli(&["show", "src", "--json"])?;
-    let show_t = t.elapsed();
-    let t = Instant::now();
-    d.cli(&["ingest", "src", "--from", img_s])?;
-    let incr = t.elapsed();
-    let s2 = last_ingest(&d, "src")?;
-    eprintln!("[ingest] incremental ingest: {:.2}s, summary {s2}", incr.as_secs_f64());
-    let data_usage = disk_usage(&data);
-    d.stop();
-    drop(d);
-    std::fs::remove_dir_all(&data)?;
-
+    let cp = CpRuns::time(&img, &copy)?;
+    let daemon = DaemonIngests::run(p, forkd, &dir, &img, &mut rng)?;
     // Breakdown of the full ingest: the same image (now 1% changed, same size) written
     // (a) with plain pread/pwrite into a new file, no sync: the buffered-write floor;
     // (b) through the library into a fresh store (Store::ingest_blocks, 4 MiB at a time, then
     //     finish_ingest with its durable flush): the store's cost without HTTP and the CLI.
-    let floor = {
-        let src = File::open(&img)?;
-        let dst = File::create(&copy)?;
-        let mut buf = vec![0u8; (4 * MIB) as usize];
-        let t = Instant::now();
-        let mut off = 0;
-        while off < size {
-            let n = (size - off).min(4 * MIB) as usize;
-            src.read_exact_at(&mut buf[..n], off)?;
-            dst.write_all_at(&buf[..n], off)?;
-            off += n as u64;
-        }
-        let d = t.elapsed();
-        drop(dst);
-        std::fs::remove_file(&copy)?;
-        d
-    };
+    let floor = copy_floor(&img, &copy, size)?;
     sync_all()?;
-    let lib_cpu0 = proc_cpu("self")?.0;
-    let (lib_total, lib_finish, lib_in_store) = {
+    let lib = LibraryIngest::run(&dir, &img, size)?;
+    eprintln!(
+        "[ingest] breakdown: pread/pwrite {:.2}s; library ingest {:.2}s ({:.2}s in ingest_blocks, {:.2}s final flush)",
+        floor.as_secs_f64(),
+        lib.total.as_secs_f64(),
+        lib.in_store.as_secs_f64(),
+        lib.finish.as_secs_f64()
+    );
+    report_ingest(rep, p, &cp, &daemon, floor, &lib);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// `cp` of the image: twice without sync (the better one counts), then once with sync.
+#[derive(Debug)]
+struct CpRuns {
+    first: Duration,
+    second: Duration,
+    synced: Duration,
+}
+
+impl CpRuns {
+    fn time(img: &Path, copy: &Path) -> Result<CpRuns> {
+        let first = time_cp(img, copy, false)?;
+        let second = time_cp(img, copy, false)?;
+        let synced = time_cp(img, copy, true)?;
+        eprintln!(
+            "[ingest] cp: {:.2}s / {:.2}s, cp + sync: {:.2}s",
+            first.as_secs_f64(),
+            second.as_secs_f64(),
+            synced.as_secs_f64()
+        );
+        Ok(CpRuns { first, second, synced })
+    }
+
+    fn best(&self) -> Duration {
+        self.first.min(self.second)
+    }
+}
+
+/// A full ingest into a fresh daemon, through the real CLI and HTTP API, then an incremental
+/// one after changing a percentage of the image's blocks.
+#[derive(Debug)]
+struct DaemonIngests {
+    full: Duration,
+    /// CPU seconds of `forkd serve` during the full ingest.
+    daemon_cpu: f64,
+    /// CPU seconds of the `forkd ingest` client during the full ingest.
+    cli_cpu: f64,
+    /// The full ingest's summary (`show --json`).
+    s1: Value,
+    /// Bytes the benchmark changed before the incremental ingest.
+    changed: u64,
+    /// `show --json` of the source, the CLI's first request.
+    show: Duration,
+    incr: Duration,
+    /// The incremental ingest's summary.
+    s2: Value,
+    /// The data directory's disk usage after both.
+    data_usage: u64,
+}
+
+impl DaemonIngests {
+    fn run(p: &Params, forkd: &Path, dir: &Path, img: &Path, rng: &mut Rng) -> Result<DaemonIngests> {
+        let size = p.ingest_size;
+        let data = dir.join("data");
+        let mut d = Daemon::start(forkd, &data)?;
+        d.cli(&["source", "create", "src", "--size", &size.to_string()])?;
+        let img_s = img.to_str().ok_or_else(|| anyhow!("non-UTF-8 scratch path"))?;
+        let daemon_cpu0 = proc_cpu(&d.pid().to_string())?.0;
+        let cli_cpu0 = proc_cpu("self")?.1;
+        let t = Instant::now();
+        d.cli(&["ingest", "src", "--from", img_s])?;
+        let full = t.elapsed();
+        let daemon_cpu = proc_cpu(&d.pid().to_string())?.0 - daemon_cpu0;
+        let cli_cpu = proc_cpu("self")?.1 - cli_cpu0;
+        let s1 = last_ingest(&d, "src")?;
+        eprintln!("[ingest] full ingest: {:.2}s, summary {s1}", full.as_secs_f64());
+
+        let changed = change_blocks(img, size, p.ingest_change_pct, rng)?;
+        // What the CLI asks before streaming (GET /v1/volumes/src, which computes unique bytes
+        // for the volume and its snapshots), timed on its own.
+        let t = Instant::now();
+        d.cli(&["show", "src", "--json"])?;
+        let show = t.elapsed();
+        let t = Instant::now();
+        d.cli(&["ingest", "src", "--from", img_s])?;
+        let incr = t.elapsed();
+        let s2 = last_ingest(&d, "src")?;
+        eprintln!("[ingest] incremental ingest: {:.2}s, summary {s2}", incr.as_secs_f64());
+        let data_usage = disk_usage(&data);
+        d.stop();
+        drop(d);
+        std::fs::remove_dir_all(&data)?;
+        Ok(DaemonIngests { full, daemon_cpu, cli_cpu, s1, changed, show, incr, s2, data_usage })
+    }
+}
+
+/// Change `pct` percent of the image's 4 KiB blocks (at least one) at random; the bytes changed.
+fn change_blocks(img: &Path, size: u64, pct: f64, rng: &mut Rng) -> Result<u64> {
+    let nblocks = size / BS;
+    let k = ((nblocks as f64 * pct / 100.0).round() as u64).max(1);
+    let changed_blocks = rng.sample(nblocks, k);
+    let f = OpenOptions::new().write(true).open(img)?;
+    let mut block = vec![0u8; BS as usize];
+    for &b in &changed_blocks {
+        rng.fill(&mut block);
+        f.write_all_at(&block, b * BS)?;
+    }
+    Ok(k * BS)
+}
+
+/// The image copied with plain pread/pwrite into a new file, no sync: the buffered-write floor.
+fn copy_floor(img: &Path, copy: &Path, size: u64) -> Result<Duration> {
+    let src = File::open(img)?;
+    let dst = File::create(copy)?;
+    let mut buf = vec![0u8; (4 * MIB) as usize];
+    let t = Instant::now();
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(4 * MIB) as usize;
+        src.read_exact_at(&mut buf[..n], off)?;
+        dst.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    let d = t.elapsed();
+    drop(dst);
+    std::fs::remove_file(copy)?;
+    Ok(d)
+}
+
+/// The image ingested through the library into a fresh store, 4 MiB at a time.
+#[derive(Debug)]
+struct LibraryIngest {
+    total: Duration,
+    /// `finish_ingest`, with its durable flush.
+    finish: Duration,
+    /// Time spent in `Store::ingest_blocks`.
+    in_store: Duration,
+    /// CPU seconds of this process meanwhile.
+    cpu: f64,
+}
+
+impl LibraryIngest {
+    fn run(dir: &Path, img: &Path, size: u64) -> Result<LibraryIngest> {
+        let cpu0 = proc_cpu("self")?.0;
         let sdir = dir.join("lib");
         let store = Store::open(&sdir)?;
         store.op(|c| c.create_source("src", size))?;
-        let src = File::open(&img)?;
+        let src = File::open(img)?;
         let mut buf = vec![0u8; (4 * MIB) as usize];
         let t = Instant::now();
         store.op(|c| c.begin_ingest("src"))?;
@@ -939,50 +1011,54 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
         let total = t.elapsed();
         drop(store);
         std::fs::remove_dir_all(&sdir)?;
-        (total, finish, in_store)
-    };
-    let lib_cpu = proc_cpu("self")?.0 - lib_cpu0;
-    eprintln!(
-        "[ingest] breakdown: pread/pwrite {:.2}s; library ingest {:.2}s ({:.2}s in ingest_blocks, {:.2}s final flush)",
-        floor.as_secs_f64(),
-        lib_total.as_secs_f64(),
-        lib_in_store.as_secs_f64(),
-        lib_finish.as_secs_f64()
-    );
+        let cpu = proc_cpu("self")?.0 - cpu0;
+        Ok(LibraryIngest { total, finish, in_store, cpu })
+    }
+}
 
+fn report_ingest(rep: &mut Report, p: &Params, cp: &CpRuns, d: &DaemonIngests, floor: Duration, lib: &LibraryIngest) {
+    const B: &str = "ingest";
+    let size = p.ingest_size;
+    let mib = size as f64 / MIB as f64;
+    let full = d.full;
     let get = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0) as f64;
-    rep.info(B, &format!("cp {}, run 1, no sync", hsize(size)), mib / cp1.as_secs_f64(), "MiB/s");
-    rep.info(B, "cp, run 2, no sync", mib / cp2.as_secs_f64(), "MiB/s");
-    rep.info(B, "cp + sync", mib / cp_sync.as_secs_f64(), "MiB/s");
+    rep.info(B, &format!("cp {}, run 1, no sync", hsize(size)), mib / cp.first.as_secs_f64(), "MiB/s");
+    rep.info(B, "cp, run 2, no sync", mib / cp.second.as_secs_f64(), "MiB/s");
+    rep.info(B, "cp + sync", mib / cp.synced.as_secs_f64(), "MiB/s");
     rep.info(B, "full forkd ingest (wall, includes its final fsync)", mib / full.as_secs_f64(), "MiB/s");
-    rep.info(B, "full ingest: daemon-side duration_ms", get(&s1, "duration_ms"), "ms");
+    rep.info(B, "full ingest: daemon-side duration_ms", get(&d.s1, "duration_ms"), "ms");
     rep.goal(
         B,
         "full ingest throughput / cp (best of 2)",
-        cp.as_secs_f64() / full.as_secs_f64(),
+        cp.best().as_secs_f64() / full.as_secs_f64(),
         "x",
         Cmp::Ge,
         0.8,
         ">= 0.8x",
     );
-    rep.info(B, "full ingest throughput / slower cp run", cp1.max(cp2).as_secs_f64() / full.as_secs_f64(), "x");
-    rep.info(B, "full ingest throughput / (cp + sync)", cp_sync.as_secs_f64() / full.as_secs_f64(), "x");
+    rep.info(
+        B,
+        "full ingest throughput / slower cp run",
+        cp.first.max(cp.second).as_secs_f64() / full.as_secs_f64(),
+        "x",
+    );
+    rep.info(B, "full ingest throughput / (cp + sync)", cp.synced.as_secs_f64() / full.as_secs_f64(), "x");
     let gib4 = size as f64 / GIB as f64;
-    rep.info(B, "full ingest: CPU of forkd serve per GiB", daemon_cpu / gib4, "s/GiB");
-    rep.info(B, "full ingest: CPU of the forkd ingest client per GiB", cli_cpu / gib4, "s/GiB");
-    rep.info(B, "breakdown: library ingest CPU per GiB", lib_cpu / gib4, "s/GiB");
+    rep.info(B, "full ingest: CPU of forkd serve per GiB", d.daemon_cpu / gib4, "s/GiB");
+    rep.info(B, "full ingest: CPU of the forkd ingest client per GiB", d.cli_cpu / gib4, "s/GiB");
+    rep.info(B, "breakdown: library ingest CPU per GiB", lib.cpu / gib4, "s/GiB");
     rep.info(B, "breakdown: pread + pwrite into a new file, no sync", mib / floor.as_secs_f64(), "MiB/s");
-    rep.info(B, "breakdown: library ingest (Store::ingest_blocks + finish)", mib / lib_total.as_secs_f64(), "MiB/s");
-    rep.info(B, "breakdown: library ingest, time in ingest_blocks", ms(lib_in_store), "ms");
-    rep.info(B, "breakdown: library ingest, finish_ingest (durable flush)", ms(lib_finish), "ms");
-    rep.info(B, "data dir after full + incremental ingest", data_usage as f64 / MIB as f64, "MiB");
-    rep.info(B, &format!("incremental ingest ({}% of blocks changed), wall", p.ingest_change_pct), ms(incr), "ms");
-    rep.info(B, "incremental: daemon-side duration_ms", get(&s2, "duration_ms"), "ms");
-    rep.info(B, "show --json of the source (the CLI's first request)", ms(show_t), "ms");
-    rep.info(B, "incremental: bytes changed (by the benchmark)", changed as f64 / MIB as f64, "MiB");
-    rep.info(B, "incremental: changed_bytes (reported)", get(&s2, "changed_bytes") / MIB as f64, "MiB");
-    let sent = get(&s2, "sent_bytes");
-    let limit = 1.05 * changed as f64 + MIB as f64;
+    rep.info(B, "breakdown: library ingest (Store::ingest_blocks + finish)", mib / lib.total.as_secs_f64(), "MiB/s");
+    rep.info(B, "breakdown: library ingest, time in ingest_blocks", ms(lib.in_store), "ms");
+    rep.info(B, "breakdown: library ingest, finish_ingest (durable flush)", ms(lib.finish), "ms");
+    rep.info(B, "data dir after full + incremental ingest", d.data_usage as f64 / MIB as f64, "MiB");
+    rep.info(B, &format!("incremental ingest ({}% of blocks changed), wall", p.ingest_change_pct), ms(d.incr), "ms");
+    rep.info(B, "incremental: daemon-side duration_ms", get(&d.s2, "duration_ms"), "ms");
+    rep.info(B, "show --json of the source (the CLI's first request)", ms(d.show), "ms");
+    rep.info(B, "incremental: bytes changed (by the benchmark)", d.changed as f64 / MIB as f64, "MiB");
+    rep.info(B, "incremental: changed_bytes (reported)", get(&d.s2, "changed_bytes") / MIB as f64, "MiB");
+    let sent = get(&d.s2, "sent_bytes");
+    let limit = 1.05 * d.changed as f64 + MIB as f64;
     rep.goal(
         B,
         "incremental: sent_bytes",
@@ -1005,8 +1081,6 @@ fn bench_ingest(p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) -> R
          forkd ingest ends with a durable flush (fdatasync of the extent file + sled flush); \
          'cp + sync' is shown for comparison",
     );
-    std::fs::remove_dir_all(&dir)?;
-    Ok(())
 }
 
 /// Live bytes (keys + values) in the store's sled tree, by key prefix. The store must be
@@ -1051,21 +1125,7 @@ fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     let after_source = disk_usage(&dir);
 
     let per_clone = (nblocks as f64 * p.space_pct / 100.0).round() as u64;
-    let mut buf = vec![0u8; MIB as usize * 64];
-    let t = Instant::now();
-    let mut writes = 0u64;
-    for i in 0..p.space_clones {
-        let name = format!("c{i}");
-        store.op(|c| c.clone_volume(&snap, &name))?;
-        for (first, n) in runs(&rng.sample(nblocks, per_clone), 16384) {
-            let chunk = &mut buf[..(n * BS) as usize];
-            rng.fill(chunk);
-            store.write(&name, first * BS, chunk)?;
-            writes += 1;
-        }
-    }
-    store.flush()?;
-    let wt = t.elapsed();
+    let (writes, wt) = rewrite_in_clones(&store, &snap, p, per_clone, &mut rng)?;
     let written = size + p.space_clones as u64 * per_clone * BS;
     let used = disk_usage(&dir);
     let meta = disk_usage(&dir.join("meta"));
@@ -1096,8 +1156,39 @@ fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     drop(store);
     let live = meta_live(&dir)?;
     report_meta_live(rep, "with clones", &live, meta);
-    let store = Store::open(&dir)?;
+    space_after_delete(p, &dir, rep)?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
 
+/// Clone `snap` `p.space_clones` times and rewrite `per_clone` random blocks of each, in runs
+/// of up to 64 MiB; then flush. The number of writes, and the time it all took.
+fn rewrite_in_clones(store: &Store, snap: &str, p: &Params, per_clone: u64, rng: &mut Rng) -> Result<(u64, Duration)> {
+    let nblocks = p.space_size / BS;
+    let mut buf = vec![0u8; MIB as usize * 64];
+    let t = Instant::now();
+    let mut writes = 0u64;
+    for i in 0..p.space_clones {
+        let name = format!("c{i}");
+        store.op(|c| c.clone_volume(snap, &name))?;
+        for (first, n) in runs(&rng.sample(nblocks, per_clone), 16384) {
+            let chunk = &mut buf[..(n * BS) as usize];
+            rng.fill(chunk);
+            store.write(&name, first * BS, chunk)?;
+            writes += 1;
+        }
+    }
+    store.flush()?;
+    Ok((writes, t.elapsed()))
+}
+
+/// Delete the clones of the space benchmark (the store in `dir` closed) and report what space
+/// comes back, then what a restart leaves.
+fn space_after_delete(p: &Params, dir: &Path, rep: &mut Report) -> Result<()> {
+    const B: &str = "space";
+    let size = p.space_size;
+    let gib = |b: u64| b as f64 / GIB as f64;
+    let store = Store::open(dir)?;
     let t = Instant::now();
     for i in 0..p.space_clones {
         store.op(|c| c.delete(&format!("c{i}")))?;
@@ -1105,7 +1196,7 @@ fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     store.flush()?;
     store.flush()?;
     let dt = t.elapsed();
-    let used2 = disk_usage(&dir);
+    let used2 = disk_usage(dir);
     let meta2 = disk_usage(&dir.join("meta"));
     let extents2 = disk_usage(&dir.join("extents.0"));
     eprintln!(
@@ -1121,15 +1212,14 @@ fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     rep.info(B, "extents.0 on disk after delete / source size", extents2 as f64 / size as f64, "x");
     rep.info(B, "meta/ after delete", meta2 as f64 / MIB as f64, "MiB");
     drop(store);
-    let live = meta_live(&dir)?;
+    let live = meta_live(dir)?;
     report_meta_live(rep, "after delete", &live, meta2);
     // sled may reclaim on reopen: show what a restart leaves.
-    let store = Store::open(&dir)?;
+    let store = Store::open(dir)?;
     store.flush()?;
     drop(store);
     let meta3 = disk_usage(&dir.join("meta"));
     rep.info(B, "meta/ after delete and reopen", meta3 as f64 / MIB as f64, "MiB");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -1206,15 +1296,7 @@ fn main() {
 fn run() -> Result<()> {
     let args = Args::parse();
     let p = Params::from(&args)?;
-    let mut selected: Vec<&str> = Vec::new();
-    for b in &args.benches {
-        match b.as_str() {
-            "all" => selected.extend(ALL),
-            x if ALL.contains(&x) => selected.push(ALL[ALL.iter().position(|a| *a == x).unwrap_or(0)]),
-            x => bail!("unknown benchmark `{x}`: use all, {}", ALL.join(", ")),
-        }
-    }
-    selected.dedup();
+    let selected = select(&args.benches)?;
     let needs_daemon = selected.iter().any(|b| *b == "ingest" || *b == "memory");
     let forkd = match &args.forkd {
         Some(f) => f.clone(),
@@ -1226,38 +1308,9 @@ fn run() -> Result<()> {
             forkd.display()
         );
     }
-    let mut stale_note = None;
-    if needs_daemon {
-        // `cargo run -p forkd-bench` rebuilds the library but not the `forkd` binary: warn
-        // when a source file of the crates it is built from is newer than it.
-        let bin = std::fs::metadata(&forkd).and_then(|m| m.modified()).ok();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let newest = ["daemon", "catalog", "blockmap", "nbd"]
-            .iter()
-            .filter_map(|c| newest_mtime(&root.join(c).join("src")))
-            .max();
-        if let (Some(bin), Some(src)) = (bin, newest) {
-            if bin < src {
-                let text = format!(
-                    "{} is older than the daemon's sources: it may not match the library measured \
-                     here; rebuild it with cargo build --release -p forkd-daemon",
-                    forkd.display()
-                );
-                eprintln!("warning: {text}");
-                stale_note = Some(text);
-            }
-        }
-    }
+    let stale_note = if needs_daemon { stale_binary(&forkd) } else { None };
     let scratch = args.dir.clone();
-    if scratch.exists() {
-        let empty = std::fs::read_dir(&scratch)?.next().is_none();
-        if !empty && !scratch.join(".forkd-bench").exists() {
-            bail!("{} exists and is not a forkd-bench scratch directory; choose another --dir", scratch.display());
-        }
-        std::fs::remove_dir_all(&scratch)?;
-    }
-    std::fs::create_dir_all(&scratch)?;
-    File::create(scratch.join(".forkd-bench"))?;
+    prepare_scratch(&scratch)?;
 
     let started = Instant::now();
     let mut rep = Report::default();
@@ -1265,66 +1318,18 @@ fn run() -> Result<()> {
         rep.note("setup", n);
     }
     for b in &selected {
-        eprintln!("[{b}] running");
-        let t = Instant::now();
-        let (busy0, steal0, total0) = machine_cpu();
-        let (own0, kids0) = proc_cpu("self").unwrap_or_default();
-        let r = match *b {
-            "create" => bench_create(&p, &scratch, &mut rep),
-            "read" => bench_read(&p, &scratch, &mut rep),
-            "ingest" => bench_ingest(&p, &scratch, &forkd, &mut rep),
-            "space" => bench_space(&p, &scratch, &mut rep),
-            "memory" => bench_memory(&p, &scratch, &forkd, &mut rep),
-            _ => unreachable!(),
-        };
-        let (busy1, steal1, total1) = machine_cpu();
-        let (own1, kids1) = proc_cpu("self").unwrap_or_default();
-        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-        let wall_ticks = (total1 - total0).max(1.0) / cores;
-        let tck = clk_tck();
-        let ours = (own1 - own0 + kids1 - kids0) * tck;
-        let others = ((busy1 - busy0) - ours).max(0.0) / wall_ticks;
-        rep.info(b, &format!("machine: CPU cores busy with other processes meanwhile (of {cores})"), others, "");
-        if steal1 > steal0 {
-            rep.info(b, "machine: CPU stolen by the hypervisor (cores)", (steal1 - steal0) / wall_ticks, "");
-        }
-        match r {
-            Ok(()) => eprintln!("[{b}] done in {:.1}s", t.elapsed().as_secs_f64()),
-            Err(e) => {
-                eprintln!("[{b}] FAILED: {e:#}");
-                rep.failures.push(format!("{b}: {e:#}"));
-            }
-        }
+        run_bench(b, &p, &scratch, &forkd, &mut rep);
     }
     if !args.keep {
         let _ = std::fs::remove_dir_all(&scratch);
     }
 
     let table = markdown(&rep.rows);
-    println!("{table}");
-    for n in &rep.notes {
-        println!("- {n}");
-    }
-    for f in &rep.failures {
-        println!("- FAILED {f}");
-    }
-    let misses = rep.rows.iter().filter(|r| r.pass == Some(false)).count();
-    let passes = rep.rows.iter().filter(|r| r.pass == Some(true)).count();
-    println!(
-        "\n{passes} goals met, {misses} missed, {} benchmarks failed; {:.0}s",
-        rep.failures.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let host = json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "balloon_free_page_reporting": free_page_reporting(),
-        "git": git_describe(),
-    });
+    let misses = print_results(&rep, &table, started);
     let doc = json!({
         "params": p,
         "benches": selected,
-        "host": host,
+        "host": host_info(),
         "scratch": scratch,
         "elapsed_s": started.elapsed().as_secs_f64(),
         "rows": rep.rows,
@@ -1345,4 +1350,118 @@ fn run() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The benchmarks named on the command line, in order, each once (`all` is every one).
+fn select(benches: &[String]) -> Result<Vec<&'static str>> {
+    let mut selected: Vec<&'static str> = Vec::new();
+    for b in benches {
+        match b.as_str() {
+            "all" => selected.extend(ALL),
+            x if ALL.contains(&x) => selected.push(ALL[ALL.iter().position(|a| *a == x).unwrap_or(0)]),
+            x => bail!("unknown benchmark `{x}`: use all, {}", ALL.join(", ")),
+        }
+    }
+    selected.dedup();
+    Ok(selected)
+}
+
+/// `cargo run -p forkd-bench` rebuilds the library but not the `forkd` binary: a warning
+/// (printed, and returned for the report) when a source file of the crates it is built from is
+/// newer than it.
+fn stale_binary(forkd: &Path) -> Option<String> {
+    let bin = std::fs::metadata(forkd).and_then(|m| m.modified()).ok()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newest = ["daemon", "catalog", "blockmap", "nbd"]
+        .iter()
+        .filter_map(|c| newest_mtime(&root.join(c).join("src")))
+        .max()?;
+    if bin >= newest {
+        return None;
+    }
+    let text = format!(
+        "{} is older than the daemon's sources: it may not match the library measured \
+         here; rebuild it with cargo build --release -p forkd-daemon",
+        forkd.display()
+    );
+    eprintln!("warning: {text}");
+    Some(text)
+}
+
+/// Empty the scratch directory (refusing one this tool did not create) and mark it as ours.
+fn prepare_scratch(scratch: &Path) -> Result<()> {
+    if scratch.exists() {
+        let empty = std::fs::read_dir(scratch)?.next().is_none();
+        if !empty && !scratch.join(".forkd-bench").exists() {
+            bail!("{} exists and is not a forkd-bench scratch directory; choose another --dir", scratch.display());
+        }
+        std::fs::remove_dir_all(scratch)?;
+    }
+    std::fs::create_dir_all(scratch)?;
+    File::create(scratch.join(".forkd-bench"))?;
+    Ok(())
+}
+
+/// Run one benchmark, with how busy the rest of the machine was meanwhile; a failure is
+/// recorded in the report, not returned.
+fn run_bench(b: &str, p: &Params, scratch: &Path, forkd: &Path, rep: &mut Report) {
+    eprintln!("[{b}] running");
+    let t = Instant::now();
+    let (busy0, steal0, total0) = machine_cpu();
+    let (own0, kids0) = proc_cpu("self").unwrap_or_default();
+    let r = match b {
+        "create" => bench_create(p, scratch, rep),
+        "read" => bench_read(p, scratch, rep),
+        "ingest" => bench_ingest(p, scratch, forkd, rep),
+        "space" => bench_space(p, scratch, rep),
+        "memory" => bench_memory(p, scratch, forkd, rep),
+        _ => unreachable!(),
+    };
+    let (busy1, steal1, total1) = machine_cpu();
+    let (own1, kids1) = proc_cpu("self").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let wall_ticks = (total1 - total0).max(1.0) / cores;
+    let tck = clk_tck();
+    let ours = (own1 - own0 + kids1 - kids0) * tck;
+    let others = ((busy1 - busy0) - ours).max(0.0) / wall_ticks;
+    rep.info(b, &format!("machine: CPU cores busy with other processes meanwhile (of {cores})"), others, "");
+    if steal1 > steal0 {
+        rep.info(b, "machine: CPU stolen by the hypervisor (cores)", (steal1 - steal0) / wall_ticks, "");
+    }
+    match r {
+        Ok(()) => eprintln!("[{b}] done in {:.1}s", t.elapsed().as_secs_f64()),
+        Err(e) => {
+            eprintln!("[{b}] FAILED: {e:#}");
+            rep.failures.push(format!("{b}: {e:#}"));
+        }
+    }
+}
+
+/// Print the table, the notes, the failures and the tally; the number of goals missed.
+fn print_results(rep: &Report, table: &str, started: Instant) -> usize {
+    println!("{table}");
+    for n in &rep.notes {
+        println!("- {n}");
+    }
+    for f in &rep.failures {
+        println!("- FAILED {f}");
+    }
+    let misses = rep.rows.iter().filter(|r| r.pass == Some(false)).count();
+    let passes = rep.rows.iter().filter(|r| r.pass == Some(true)).count();
+    println!(
+        "\n{passes} goals met, {misses} missed, {} benchmarks failed; {:.0}s",
+        rep.failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    misses
+}
+
+/// The machine the results come from.
+fn host_info() -> Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "balloon_free_page_reporting": free_page_reporting(),
+        "git": git_describe(),
+    })
 }

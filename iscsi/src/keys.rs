@@ -413,27 +413,41 @@ impl Negotiation {
         if self.params.session_type == SessionType::Discovery && NORMAL_SESSION_ONLY.contains(&key) {
             return Some(IRRELEVANT.to_owned());
         }
+        if key == "MaxRecvDataSegmentLength" {
+            // Declarative: the initiator's receive limit is what this target may send.
+            let Some(v) = num_in(value, 512, MAX_LEN_24) else { return Some(REJECT.to_owned()) };
+            self.params.max_xmit_data_segment_length = v;
+            return None;
+        }
+        let reply = self
+            .answer_digest(key, value)
+            .or_else(|| self.answer_boolean(key, value))
+            .or_else(|| self.answer_number(key, value))
+            .unwrap_or_else(|| answer_other(key, value));
+        Some(reply)
+    }
+
+    /// HeaderDigest and DataDigest; `None` for any other key.
+    fn answer_digest(&mut self, key: &str, value: &str) -> Option<String> {
+        let (offered, chosen) = match key {
+            "HeaderDigest" => (self.limits.header_digest, &mut self.params.header_digest),
+            "DataDigest" => (self.limits.data_digest, &mut self.params.data_digest),
+            _ => return None,
+        };
+        Some(match pick_digest(value, offered) {
+            Some(on) => {
+                *chosen = on;
+                digest_name(on)
+            }
+            None => REJECT.to_owned(),
+        })
+    }
+
+    /// The Yes/No keys; `None` for any other key.
+    fn answer_boolean(&mut self, key: &str, value: &str) -> Option<String> {
         let l = &self.limits;
         let p = &mut self.params;
-        let reply = match key {
-            "HeaderDigest" => match pick_digest(value, l.header_digest) {
-                Some(on) => {
-                    p.header_digest = on;
-                    digest_name(on)
-                }
-                None => REJECT.to_owned(),
-            },
-            "DataDigest" => match pick_digest(value, l.data_digest) {
-                Some(on) => {
-                    p.data_digest = on;
-                    digest_name(on)
-                }
-                None => REJECT.to_owned(),
-            },
-            "MaxConnections" => num_in(value, 1, 65_535).map_or_else(reject, |v: u16| {
-                p.max_connections = v.min(l.max_connections);
-                p.max_connections.to_string()
-            }),
+        Some(match key {
             "InitialR2T" => parse_bool(value).map_or_else(reject, |v| {
                 p.initial_r2t = v || l.initial_r2t;
                 yes_no(p.initial_r2t)
@@ -442,13 +456,29 @@ impl Negotiation {
                 p.immediate_data = v && l.immediate_data;
                 yes_no(p.immediate_data)
             }),
-            "MaxRecvDataSegmentLength" => match num_in(value, 512, MAX_LEN_24) {
-                Some(v) => {
-                    p.max_xmit_data_segment_length = v;
-                    return None;
-                }
-                None => REJECT.to_owned(),
-            },
+            // The target delivers data in order whatever the initiator says, so its own value
+            // is Yes and the OR result is Yes.
+            "DataPDUInOrder" => parse_bool(value).map_or_else(reject, |_| {
+                p.data_pdu_in_order = true;
+                yes_no(true)
+            }),
+            "DataSequenceInOrder" => parse_bool(value).map_or_else(reject, |_| {
+                p.data_sequence_in_order = true;
+                yes_no(true)
+            }),
+            _ => return None,
+        })
+    }
+
+    /// The numeric keys, each clamped to this target's limit; `None` for any other key.
+    fn answer_number(&mut self, key: &str, value: &str) -> Option<String> {
+        let l = &self.limits;
+        let p = &mut self.params;
+        Some(match key {
+            "MaxConnections" => num_in(value, 1, 65_535).map_or_else(reject, |v: u16| {
+                p.max_connections = v.min(l.max_connections);
+                p.max_connections.to_string()
+            }),
             "MaxBurstLength" => num_in(value, 512, MAX_LEN_24).map_or_else(reject, |v: u32| {
                 p.max_burst_length = v.min(l.max_burst_length);
                 p.max_burst_length.to_string()
@@ -469,39 +499,12 @@ impl Negotiation {
                 p.max_outstanding_r2t = v.min(l.max_outstanding_r2t);
                 p.max_outstanding_r2t.to_string()
             }),
-            // The target delivers data in order whatever the initiator says, so its own value
-            // is Yes and the OR result is Yes.
-            "DataPDUInOrder" => parse_bool(value).map_or_else(reject, |_| {
-                p.data_pdu_in_order = true;
-                yes_no(true)
-            }),
-            "DataSequenceInOrder" => parse_bool(value).map_or_else(reject, |_| {
-                p.data_sequence_in_order = true;
-                yes_no(true)
-            }),
             "ErrorRecoveryLevel" => num_in(value, 0, 2).map_or_else(reject, |v: u8| {
                 p.error_recovery_level = v.min(l.error_recovery_level);
                 p.error_recovery_level.to_string()
             }),
-            // RFC 7143 "Obsoleted Keys": markers are obsolete; answer No (never NotUnderstood) to the
-            // switches and Reject to the intervals.
-            "IFMarker" | "OFMarker" => yes_no(false),
-            "IFMarkInt" | "OFMarkInt" => REJECT.to_owned(),
-            "TaskReporting" => {
-                if value.split(',').any(|v| v == "RFC3720") {
-                    "RFC3720".to_owned()
-                } else {
-                    REJECT.to_owned()
-                }
-            }
-            // Keys only a target declares, or only valid in a full-feature Text Request.
-            "SendTargets" | "TargetAddress" | "TargetPortalGroupTag" | "TargetAlias" => IRRELEVANT.to_owned(),
-            // Unknown keys, X- and X# extensions, and the iSER keys (RDMAExtensions,
-            // TargetRecvDataSegmentLength, InitiatorRecvDataSegmentLength,
-            // MaxOutstandingUnexpectedPDUs): this target does not implement them.
-            _ => NOT_UNDERSTOOD.to_owned(),
-        };
-        Some(reply)
+            _ => return None,
+        })
     }
 
     /// The final parameters. FirstBurstLength never exceeds MaxBurstLength (RFC 7143 §13.14).
@@ -509,6 +512,30 @@ impl Negotiation {
         let mut p = self.params.clone();
         p.first_burst_length = p.first_burst_length.min(p.max_burst_length);
         p
+    }
+}
+
+/// The keys this target does not negotiate: obsolete ones, ones it only declares, and the
+/// ones it does not know.
+fn answer_other(key: &str, value: &str) -> String {
+    match key {
+        // RFC 7143 "Obsoleted Keys": markers are obsolete; answer No (never NotUnderstood) to the
+        // switches and Reject to the intervals.
+        "IFMarker" | "OFMarker" => yes_no(false),
+        "IFMarkInt" | "OFMarkInt" => REJECT.to_owned(),
+        "TaskReporting" => {
+            if value.split(',').any(|v| v == "RFC3720") {
+                "RFC3720".to_owned()
+            } else {
+                REJECT.to_owned()
+            }
+        }
+        // Keys only a target declares, or only valid in a full-feature Text Request.
+        "SendTargets" | "TargetAddress" | "TargetPortalGroupTag" | "TargetAlias" => IRRELEVANT.to_owned(),
+        // Unknown keys, X- and X# extensions, and the iSER keys (RDMAExtensions,
+        // TargetRecvDataSegmentLength, InitiatorRecvDataSegmentLength,
+        // MaxOutstandingUnexpectedPDUs): this target does not implement them.
+        _ => NOT_UNDERSTOOD.to_owned(),
     }
 }
 

@@ -316,9 +316,39 @@ impl Login {
         }
     }
 
+    /// One Login Request: check where it stands in the sequence, gather its text, answer its
+    /// keys, then stay in the stage or move to the next (the full feature phase ends the login).
     fn step(&mut self, req: &LoginRequest, data: &[u8], targets: &dyn Targets) -> Result<LoginStep, Failure> {
-        let first = self.stage.is_none();
-        if first {
+        self.check_sequence(req)?;
+        let Some(pairs) = self.gather_text(req, data)? else {
+            // More text follows (C bit): acknowledge this part with an empty response.
+            let resp = self.response(req, false, req.csg, 0);
+            return Ok(LoginStep::Continue(Pdu::new(resp)));
+        };
+        let mut out: Vec<(String, String)> = Vec::new();
+        if !self.identified {
+            self.identified = true;
+            self.identify(&pairs, targets, &mut out)?;
+            if req.csg == stage::OPERATIONAL && self.chap.is_some() {
+                // Skipping the security stage is only allowed when nothing must be proven.
+                return Err(Failure(status::AUTH_FAILURE));
+            }
+            if req.csg == stage::OPERATIONAL {
+                self.auth = Auth::Done;
+            }
+        }
+        self.answer_keys(req, &pairs, &mut out)?;
+        if !req.transit {
+            let resp = self.response(req, false, req.csg, 0);
+            return Ok(LoginStep::Continue(Pdu::with_data(resp, encode_text(&out))));
+        }
+        self.transit(req, out)
+    }
+
+    /// The first request opens the login (version, a new session, a valid stage); every later
+    /// one must stay in the current stage with the same ISID and CID.
+    fn check_sequence(&mut self, req: &LoginRequest) -> Result<(), Failure> {
+        if self.stage.is_none() {
             if req.version_min > 0 {
                 return Err(Failure(status::UNSUPPORTED_VERSION));
             }
@@ -340,7 +370,12 @@ impl Login {
             }
         }
         self.negotiation.params_mut().exp_cmd_sn = req.cmd_sn;
+        Ok(())
+    }
 
+    /// Adds this request's data to the text gathered so far. `None` while more follows (C
+    /// bit); else the whole text's key=value pairs, each key new to this login.
+    fn gather_text(&mut self, req: &LoginRequest, data: &[u8]) -> Result<Option<Vec<(String, String)>>, Failure> {
         if self.pending.len().saturating_add(data.len()) > self.config.max_text_len {
             return Err(Failure(status::OUT_OF_RESOURCES));
         }
@@ -350,8 +385,7 @@ impl Login {
                 return Err(Failure(status::INITIATOR_ERROR));
             }
             self.stage = Some(req.csg);
-            let resp = self.response(req, false, req.csg, 0);
-            return Ok(LoginStep::Continue(Pdu::new(resp)));
+            return Ok(None);
         }
         let text = std::mem::take(&mut self.pending);
         let pairs = parse_text(&text).map_err(|_| Failure(status::INITIATOR_ERROR))?;
@@ -361,29 +395,25 @@ impl Login {
             }
         }
         self.stage = Some(req.csg);
+        Ok(Some(pairs))
+    }
 
-        let mut out: Vec<(String, String)> = Vec::new();
-        if !self.identified {
-            self.identified = true;
-            self.identify(&pairs, targets, &mut out)?;
-            if req.csg == stage::OPERATIONAL && self.chap.is_some() {
-                // Skipping the security stage is only allowed when nothing must be proven.
-                return Err(Failure(status::AUTH_FAILURE));
-            }
-            if req.csg == stage::OPERATIONAL {
-                self.auth = Auth::Done;
-            }
-        }
-
+    /// Answers the security keys (only in the security stage) and the negotiated ones.
+    fn answer_keys(
+        &mut self,
+        req: &LoginRequest,
+        pairs: &[(String, String)],
+        out: &mut Vec<(String, String)>,
+    ) -> Result<(), Failure> {
         let security: Vec<&(String, String)> =
             pairs.iter().filter(|(k, _)| k == "AuthMethod" || k.starts_with("CHAP_")).collect();
         if !security.is_empty() {
             if req.csg != stage::SECURITY {
                 return Err(Failure(status::INITIATOR_ERROR));
             }
-            self.authenticate(&security, &mut out)?;
+            self.authenticate(&security, out)?;
         }
-        for (k, v) in &pairs {
+        for (k, v) in pairs {
             match k.as_str() {
                 "InitiatorName" | "TargetName" | "SessionType" => {}
                 "AuthMethod" => {}
@@ -393,7 +423,7 @@ impl Login {
                     if let Some(answer) = self.negotiation.answer(k, v) {
                         out.push((k.to_owned(), answer));
                     } else {
-                        self.declare_mrdsl(&mut out);
+                        self.declare_mrdsl(out);
                     }
                 }
                 _ => {
@@ -403,11 +433,12 @@ impl Login {
                 }
             }
         }
+        Ok(())
+    }
 
-        if !req.transit {
-            let resp = self.response(req, false, req.csg, 0);
-            return Ok(LoginStep::Continue(Pdu::with_data(resp, encode_text(&out))));
-        }
+    /// The initiator asks to leave the current stage (T bit): check the next stage and that
+    /// authentication allows it, then move on, or finish the login at the full feature phase.
+    fn transit(&mut self, req: &LoginRequest, mut out: Vec<(String, String)>) -> Result<LoginStep, Failure> {
         let next_ok = match req.csg {
             stage::SECURITY => req.nsg == stage::OPERATIONAL || req.nsg == stage::FULL_FEATURE,
             _ => req.nsg == stage::FULL_FEATURE,

@@ -7,7 +7,9 @@
 //! and [`Pdu::encode`] from the AHS list and the data, so they can never disagree. Bits the
 //! RFC marks reserved, and bits an opcode fixes (the F bit of a NOP-Out, the I bit of a Login
 //! Request, the ITT of a Reject), are ignored when decoding and written as the RFC requires when
-//! encoding; so `decode(encode(decode(bytes)))` equals `decode(bytes)` for any input.
+//! encoding; so `decode(encode(decode(bytes)))` equals `decode(bytes)` for any input. Each
+//! header struct's byte layout is its `Layout` impl, right below its fields; [`Bhs::parse`] and
+//! [`Bhs::to_bytes`] only dispatch on the opcode.
 //!
 //! Both directions are decoded and encoded: the target decodes initiator PDUs and encodes its
 //! own, and the tests play the initiator with the same code.
@@ -130,6 +132,16 @@ fn flag(on: bool, mask: u8) -> u8 {
     }
 }
 
+/// One opcode's BHS layout: its fields to and from the 48 header bytes. `read` ignores the
+/// layout fields (bytes 4-7) and reserved bits; `write` expects byte 0 to hold the opcode
+/// already and leaves the layout fields zero.
+trait Layout {
+    /// The fields of a BHS whose opcode is this type's.
+    fn read(h: &[u8; BHS_LEN]) -> Self;
+    /// Writes the fields into `h`, setting the bits this opcode fixes.
+    fn write(&self, h: &mut [u8; BHS_LEN]);
+}
+
 /// NOP-Out (§11.18).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NopOut {
@@ -145,6 +157,30 @@ pub struct NopOut {
     pub cmd_sn: u32,
     /// ExpStatSN.
     pub exp_stat_sn: u32,
+}
+
+impl Layout for NopOut {
+    fn read(h: &[u8; BHS_LEN]) -> NopOut {
+        let imm = bit(h[0], I_BIT);
+        NopOut {
+            immediate: imm,
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            cmd_sn: get32(h, 24),
+            exp_stat_sn: get32(h, 28),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[0] |= flag(self.immediate, I_BIT);
+        h[1] = F_BIT;
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 24, self.cmd_sn);
+        put32(h, 28, self.exp_stat_sn);
+    }
 }
 
 /// SCSI Command (§11.3).
@@ -174,6 +210,39 @@ pub struct ScsiCommand {
     pub cdb: [u8; 16],
 }
 
+impl Layout for ScsiCommand {
+    fn read(h: &[u8; BHS_LEN]) -> ScsiCommand {
+        let imm = bit(h[0], I_BIT);
+        let f = h[1];
+        let mut cdb = [0u8; 16];
+        cdb.copy_from_slice(&h[32..48]);
+        ScsiCommand {
+            immediate: imm,
+            final_pdu: bit(f, F_BIT),
+            read: bit(f, 0x40),
+            write: bit(f, 0x20),
+            attr: f & 0x07,
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            expected_length: get32(h, 20),
+            cmd_sn: get32(h, 24),
+            exp_stat_sn: get32(h, 28),
+            cdb,
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[0] |= flag(self.immediate, I_BIT);
+        h[1] = flag(self.final_pdu, F_BIT) | flag(self.read, 0x40) | flag(self.write, 0x20) | (self.attr & 0x07);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.expected_length);
+        put32(h, 24, self.cmd_sn);
+        put32(h, 28, self.exp_stat_sn);
+        h[32..48].copy_from_slice(&self.cdb);
+    }
+}
+
 /// SCSI Task Management Function Request (§11.5).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TaskMgmtRequest {
@@ -196,6 +265,36 @@ pub struct TaskMgmtRequest {
     pub ref_cmd_sn: u32,
     /// ExpDataSN.
     pub exp_data_sn: u32,
+}
+
+impl Layout for TaskMgmtRequest {
+    fn read(h: &[u8; BHS_LEN]) -> TaskMgmtRequest {
+        let imm = bit(h[0], I_BIT);
+        let f = h[1];
+        TaskMgmtRequest {
+            immediate: imm,
+            function: f & 0x7f,
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            referenced_task_tag: get32(h, 20),
+            cmd_sn: get32(h, 24),
+            exp_stat_sn: get32(h, 28),
+            ref_cmd_sn: get32(h, 32),
+            exp_data_sn: get32(h, 36),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[0] |= flag(self.immediate, I_BIT);
+        h[1] = F_BIT | (self.function & 0x7f);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.referenced_task_tag);
+        put32(h, 24, self.cmd_sn);
+        put32(h, 28, self.exp_stat_sn);
+        put32(h, 32, self.ref_cmd_sn);
+        put32(h, 36, self.exp_data_sn);
+    }
 }
 
 /// Login Request (§11.12). Always immediate.
@@ -227,6 +326,41 @@ pub struct LoginRequest {
     pub exp_stat_sn: u32,
 }
 
+impl Layout for LoginRequest {
+    fn read(h: &[u8; BHS_LEN]) -> LoginRequest {
+        let f = h[1];
+        let mut isid = [0u8; 6];
+        isid.copy_from_slice(&h[8..14]);
+        LoginRequest {
+            transit: bit(f, 0x80),
+            cont: bit(f, 0x40),
+            csg: (f >> 2) & 3,
+            nsg: f & 3,
+            version_max: h[2],
+            version_min: h[3],
+            isid,
+            tsih: get16(h, 14),
+            itt: get32(h, 16),
+            cid: get16(h, 20),
+            cmd_sn: get32(h, 24),
+            exp_stat_sn: get32(h, 28),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[0] |= I_BIT;
+        h[1] = flag(self.transit, 0x80) | flag(self.cont, 0x40) | ((self.csg & 3) << 2) | (self.nsg & 3);
+        h[2] = self.version_max;
+        h[3] = self.version_min;
+        h[8..14].copy_from_slice(&self.isid);
+        put16(h, 14, self.tsih);
+        put32(h, 16, self.itt);
+        put16(h, 20, self.cid);
+        put32(h, 24, self.cmd_sn);
+        put32(h, 28, self.exp_stat_sn);
+    }
+}
+
 /// Text Request (§11.10).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TextRequest {
@@ -248,6 +382,33 @@ pub struct TextRequest {
     pub exp_stat_sn: u32,
 }
 
+impl Layout for TextRequest {
+    fn read(h: &[u8; BHS_LEN]) -> TextRequest {
+        let imm = bit(h[0], I_BIT);
+        let f = h[1];
+        TextRequest {
+            immediate: imm,
+            final_pdu: bit(f, 0x80),
+            cont: bit(f, 0x40),
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            cmd_sn: get32(h, 24),
+            exp_stat_sn: get32(h, 28),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[0] |= flag(self.immediate, I_BIT);
+        h[1] = flag(self.final_pdu, 0x80) | flag(self.cont, 0x40);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 24, self.cmd_sn);
+        put32(h, 28, self.exp_stat_sn);
+    }
+}
+
 /// SCSI Data-Out (§11.7).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DataOut {
@@ -267,6 +428,31 @@ pub struct DataOut {
     pub buffer_offset: u32,
 }
 
+impl Layout for DataOut {
+    fn read(h: &[u8; BHS_LEN]) -> DataOut {
+        let f = h[1];
+        DataOut {
+            final_pdu: bit(f, F_BIT),
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            exp_stat_sn: get32(h, 28),
+            data_sn: get32(h, 36),
+            buffer_offset: get32(h, 40),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = flag(self.final_pdu, F_BIT);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 28, self.exp_stat_sn);
+        put32(h, 36, self.data_sn);
+        put32(h, 40, self.buffer_offset);
+    }
+}
+
 /// Logout Request (§11.14).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LogoutRequest {
@@ -283,6 +469,30 @@ pub struct LogoutRequest {
     pub cmd_sn: u32,
     /// ExpStatSN.
     pub exp_stat_sn: u32,
+}
+
+impl Layout for LogoutRequest {
+    fn read(h: &[u8; BHS_LEN]) -> LogoutRequest {
+        let imm = bit(h[0], I_BIT);
+        let f = h[1];
+        LogoutRequest {
+            immediate: imm,
+            reason: f & 0x7f,
+            itt: get32(h, 16),
+            cid: get16(h, 20),
+            cmd_sn: get32(h, 24),
+            exp_stat_sn: get32(h, 28),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[0] |= flag(self.immediate, I_BIT);
+        h[1] = F_BIT | (self.reason & 0x7f);
+        put32(h, 16, self.itt);
+        put16(h, 20, self.cid);
+        put32(h, 24, self.cmd_sn);
+        put32(h, 28, self.exp_stat_sn);
+    }
 }
 
 /// SNACK Request (§11.16).
@@ -304,6 +514,31 @@ pub struct SnackRequest {
     pub run_length: u32,
 }
 
+impl Layout for SnackRequest {
+    fn read(h: &[u8; BHS_LEN]) -> SnackRequest {
+        let f = h[1];
+        SnackRequest {
+            kind: f & 0x0f,
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            exp_stat_sn: get32(h, 28),
+            beg_run: get32(h, 40),
+            run_length: get32(h, 44),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT | (self.kind & 0x0f);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 28, self.exp_stat_sn);
+        put32(h, 40, self.beg_run);
+        put32(h, 44, self.run_length);
+    }
+}
+
 /// NOP-In (§11.19).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NopIn {
@@ -319,6 +554,29 @@ pub struct NopIn {
     pub exp_cmd_sn: u32,
     /// MaxCmdSN.
     pub max_cmd_sn: u32,
+}
+
+impl Layout for NopIn {
+    fn read(h: &[u8; BHS_LEN]) -> NopIn {
+        NopIn {
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT;
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+    }
 }
 
 /// SCSI Response (§11.4). The data segment carries SenseLength and sense data (see
@@ -355,6 +613,46 @@ pub struct ScsiResponse {
     pub residual_count: u32,
 }
 
+impl Layout for ScsiResponse {
+    fn read(h: &[u8; BHS_LEN]) -> ScsiResponse {
+        let f = h[1];
+        ScsiResponse {
+            bidi_overflow: bit(f, 0x10),
+            bidi_underflow: bit(f, 0x08),
+            overflow: bit(f, 0x04),
+            underflow: bit(f, 0x02),
+            response: h[2],
+            status: h[3],
+            itt: get32(h, 16),
+            snack_tag: get32(h, 20),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+            exp_data_sn: get32(h, 36),
+            bidi_residual_count: get32(h, 40),
+            residual_count: get32(h, 44),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT
+            | flag(self.bidi_overflow, 0x10)
+            | flag(self.bidi_underflow, 0x08)
+            | flag(self.overflow, 0x04)
+            | flag(self.underflow, 0x02);
+        h[2] = self.response;
+        h[3] = self.status;
+        put32(h, 16, self.itt);
+        put32(h, 20, self.snack_tag);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+        put32(h, 36, self.exp_data_sn);
+        put32(h, 40, self.bidi_residual_count);
+        put32(h, 44, self.residual_count);
+    }
+}
+
 /// SCSI Task Management Function Response (§11.6).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TaskMgmtResponse {
@@ -368,6 +666,27 @@ pub struct TaskMgmtResponse {
     pub exp_cmd_sn: u32,
     /// MaxCmdSN.
     pub max_cmd_sn: u32,
+}
+
+impl Layout for TaskMgmtResponse {
+    fn read(h: &[u8; BHS_LEN]) -> TaskMgmtResponse {
+        TaskMgmtResponse {
+            response: h[2],
+            itt: get32(h, 16),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT;
+        h[2] = self.response;
+        put32(h, 16, self.itt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+    }
 }
 
 /// Login Response (§11.13).
@@ -403,6 +722,44 @@ pub struct LoginResponse {
     pub status_detail: u8,
 }
 
+impl Layout for LoginResponse {
+    fn read(h: &[u8; BHS_LEN]) -> LoginResponse {
+        let f = h[1];
+        let mut isid = [0u8; 6];
+        isid.copy_from_slice(&h[8..14]);
+        LoginResponse {
+            transit: bit(f, 0x80),
+            cont: bit(f, 0x40),
+            csg: (f >> 2) & 3,
+            nsg: f & 3,
+            version_max: h[2],
+            version_active: h[3],
+            isid,
+            tsih: get16(h, 14),
+            itt: get32(h, 16),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+            status_class: h[36],
+            status_detail: h[37],
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = flag(self.transit, 0x80) | flag(self.cont, 0x40) | ((self.csg & 3) << 2) | (self.nsg & 3);
+        h[2] = self.version_max;
+        h[3] = self.version_active;
+        h[8..14].copy_from_slice(&self.isid);
+        put16(h, 14, self.tsih);
+        put32(h, 16, self.itt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+        h[36] = self.status_class;
+        h[37] = self.status_detail;
+    }
+}
+
 /// Text Response (§11.11).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TextResponse {
@@ -422,6 +779,32 @@ pub struct TextResponse {
     pub exp_cmd_sn: u32,
     /// MaxCmdSN.
     pub max_cmd_sn: u32,
+}
+
+impl Layout for TextResponse {
+    fn read(h: &[u8; BHS_LEN]) -> TextResponse {
+        let f = h[1];
+        TextResponse {
+            final_pdu: bit(f, 0x80),
+            cont: bit(f, 0x40),
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = flag(self.final_pdu, 0x80) | flag(self.cont, 0x40);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+    }
 }
 
 /// SCSI Data-In (§11.7).
@@ -457,6 +840,46 @@ pub struct DataIn {
     pub residual_count: u32,
 }
 
+impl Layout for DataIn {
+    fn read(h: &[u8; BHS_LEN]) -> DataIn {
+        let f = h[1];
+        DataIn {
+            final_pdu: bit(f, 0x80),
+            ack: bit(f, 0x40),
+            overflow: bit(f, 0x04),
+            underflow: bit(f, 0x02),
+            status: if bit(f, 0x01) { Some(h[3]) } else { None },
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+            data_sn: get32(h, 36),
+            buffer_offset: get32(h, 40),
+            residual_count: get32(h, 44),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = flag(self.final_pdu, 0x80)
+            | flag(self.ack, 0x40)
+            | flag(self.overflow, 0x04)
+            | flag(self.underflow, 0x02)
+            | flag(self.status.is_some(), 0x01);
+        h[3] = self.status.unwrap_or(0);
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+        put32(h, 36, self.data_sn);
+        put32(h, 40, self.buffer_offset);
+        put32(h, 44, self.residual_count);
+    }
+}
+
 /// Logout Response (§11.15).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LogoutResponse {
@@ -474,6 +897,31 @@ pub struct LogoutResponse {
     pub time2wait: u16,
     /// Time2Retain.
     pub time2retain: u16,
+}
+
+impl Layout for LogoutResponse {
+    fn read(h: &[u8; BHS_LEN]) -> LogoutResponse {
+        LogoutResponse {
+            response: h[2],
+            itt: get32(h, 16),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+            time2wait: get16(h, 40),
+            time2retain: get16(h, 42),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT;
+        h[2] = self.response;
+        put32(h, 16, self.itt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+        put16(h, 40, self.time2wait);
+        put16(h, 42, self.time2retain);
+    }
 }
 
 /// Ready To Transfer (§11.8).
@@ -499,6 +947,35 @@ pub struct R2t {
     pub desired_length: u32,
 }
 
+impl Layout for R2t {
+    fn read(h: &[u8; BHS_LEN]) -> R2t {
+        R2t {
+            lun: get64(h, 8),
+            itt: get32(h, 16),
+            ttt: get32(h, 20),
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+            r2t_sn: get32(h, 36),
+            buffer_offset: get32(h, 40),
+            desired_length: get32(h, 44),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT;
+        put64(h, 8, self.lun);
+        put32(h, 16, self.itt);
+        put32(h, 20, self.ttt);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+        put32(h, 36, self.r2t_sn);
+        put32(h, 40, self.buffer_offset);
+        put32(h, 44, self.desired_length);
+    }
+}
+
 /// Reject (§11.17). The ITT is always 0xffffffff; the data segment is the rejected BHS.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Reject {
@@ -512,6 +989,28 @@ pub struct Reject {
     pub max_cmd_sn: u32,
     /// DataSN/R2TSN (for a rejected SNACK).
     pub data_sn: u32,
+}
+
+impl Layout for Reject {
+    fn read(h: &[u8; BHS_LEN]) -> Reject {
+        Reject {
+            reason: h[2],
+            stat_sn: get32(h, 24),
+            exp_cmd_sn: get32(h, 28),
+            max_cmd_sn: get32(h, 32),
+            data_sn: get32(h, 36),
+        }
+    }
+
+    fn write(&self, h: &mut [u8; BHS_LEN]) {
+        h[1] = F_BIT;
+        h[2] = self.reason;
+        put32(h, 16, RESERVED_TAG);
+        put32(h, 24, self.stat_sn);
+        put32(h, 28, self.exp_cmd_sn);
+        put32(h, 32, self.max_cmd_sn);
+        put32(h, 36, self.data_sn);
+    }
 }
 
 /// The Basic Header Segment of any PDU this crate knows, by opcode.
@@ -638,203 +1137,24 @@ impl Bhs {
     /// Parses a BHS; `None` for an unknown opcode. Layout fields (bytes 4-7) are ignored.
     pub fn parse(h: &[u8; BHS_LEN]) -> Option<Bhs> {
         use opcode::*;
-        let imm = bit(h[0], I_BIT);
-        let f = h[1];
         Some(match h[0] & 0x3f {
-            NOP_OUT => Bhs::NopOut(NopOut {
-                immediate: imm,
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                cmd_sn: get32(h, 24),
-                exp_stat_sn: get32(h, 28),
-            }),
-            SCSI_COMMAND => {
-                let mut cdb = [0u8; 16];
-                cdb.copy_from_slice(&h[32..48]);
-                Bhs::ScsiCommand(ScsiCommand {
-                    immediate: imm,
-                    final_pdu: bit(f, F_BIT),
-                    read: bit(f, 0x40),
-                    write: bit(f, 0x20),
-                    attr: f & 0x07,
-                    lun: get64(h, 8),
-                    itt: get32(h, 16),
-                    expected_length: get32(h, 20),
-                    cmd_sn: get32(h, 24),
-                    exp_stat_sn: get32(h, 28),
-                    cdb,
-                })
-            }
-            TASK_MGMT_REQUEST => Bhs::TaskMgmtRequest(TaskMgmtRequest {
-                immediate: imm,
-                function: f & 0x7f,
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                referenced_task_tag: get32(h, 20),
-                cmd_sn: get32(h, 24),
-                exp_stat_sn: get32(h, 28),
-                ref_cmd_sn: get32(h, 32),
-                exp_data_sn: get32(h, 36),
-            }),
-            LOGIN_REQUEST => {
-                let mut isid = [0u8; 6];
-                isid.copy_from_slice(&h[8..14]);
-                Bhs::LoginRequest(LoginRequest {
-                    transit: bit(f, 0x80),
-                    cont: bit(f, 0x40),
-                    csg: (f >> 2) & 3,
-                    nsg: f & 3,
-                    version_max: h[2],
-                    version_min: h[3],
-                    isid,
-                    tsih: get16(h, 14),
-                    itt: get32(h, 16),
-                    cid: get16(h, 20),
-                    cmd_sn: get32(h, 24),
-                    exp_stat_sn: get32(h, 28),
-                })
-            }
-            TEXT_REQUEST => Bhs::TextRequest(TextRequest {
-                immediate: imm,
-                final_pdu: bit(f, 0x80),
-                cont: bit(f, 0x40),
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                cmd_sn: get32(h, 24),
-                exp_stat_sn: get32(h, 28),
-            }),
-            DATA_OUT => Bhs::DataOut(DataOut {
-                final_pdu: bit(f, F_BIT),
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                exp_stat_sn: get32(h, 28),
-                data_sn: get32(h, 36),
-                buffer_offset: get32(h, 40),
-            }),
-            LOGOUT_REQUEST => Bhs::LogoutRequest(LogoutRequest {
-                immediate: imm,
-                reason: f & 0x7f,
-                itt: get32(h, 16),
-                cid: get16(h, 20),
-                cmd_sn: get32(h, 24),
-                exp_stat_sn: get32(h, 28),
-            }),
-            SNACK_REQUEST => Bhs::SnackRequest(SnackRequest {
-                kind: f & 0x0f,
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                exp_stat_sn: get32(h, 28),
-                beg_run: get32(h, 40),
-                run_length: get32(h, 44),
-            }),
-            NOP_IN => Bhs::NopIn(NopIn {
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-            }),
-            SCSI_RESPONSE => Bhs::ScsiResponse(ScsiResponse {
-                bidi_overflow: bit(f, 0x10),
-                bidi_underflow: bit(f, 0x08),
-                overflow: bit(f, 0x04),
-                underflow: bit(f, 0x02),
-                response: h[2],
-                status: h[3],
-                itt: get32(h, 16),
-                snack_tag: get32(h, 20),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-                exp_data_sn: get32(h, 36),
-                bidi_residual_count: get32(h, 40),
-                residual_count: get32(h, 44),
-            }),
-            TASK_MGMT_RESPONSE => Bhs::TaskMgmtResponse(TaskMgmtResponse {
-                response: h[2],
-                itt: get32(h, 16),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-            }),
-            LOGIN_RESPONSE => {
-                let mut isid = [0u8; 6];
-                isid.copy_from_slice(&h[8..14]);
-                Bhs::LoginResponse(LoginResponse {
-                    transit: bit(f, 0x80),
-                    cont: bit(f, 0x40),
-                    csg: (f >> 2) & 3,
-                    nsg: f & 3,
-                    version_max: h[2],
-                    version_active: h[3],
-                    isid,
-                    tsih: get16(h, 14),
-                    itt: get32(h, 16),
-                    stat_sn: get32(h, 24),
-                    exp_cmd_sn: get32(h, 28),
-                    max_cmd_sn: get32(h, 32),
-                    status_class: h[36],
-                    status_detail: h[37],
-                })
-            }
-            TEXT_RESPONSE => Bhs::TextResponse(TextResponse {
-                final_pdu: bit(f, 0x80),
-                cont: bit(f, 0x40),
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-            }),
-            DATA_IN => Bhs::DataIn(DataIn {
-                final_pdu: bit(f, 0x80),
-                ack: bit(f, 0x40),
-                overflow: bit(f, 0x04),
-                underflow: bit(f, 0x02),
-                status: if bit(f, 0x01) { Some(h[3]) } else { None },
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-                data_sn: get32(h, 36),
-                buffer_offset: get32(h, 40),
-                residual_count: get32(h, 44),
-            }),
-            LOGOUT_RESPONSE => Bhs::LogoutResponse(LogoutResponse {
-                response: h[2],
-                itt: get32(h, 16),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-                time2wait: get16(h, 40),
-                time2retain: get16(h, 42),
-            }),
-            R2T => Bhs::R2t(R2t {
-                lun: get64(h, 8),
-                itt: get32(h, 16),
-                ttt: get32(h, 20),
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-                r2t_sn: get32(h, 36),
-                buffer_offset: get32(h, 40),
-                desired_length: get32(h, 44),
-            }),
-            REJECT => Bhs::Reject(Reject {
-                reason: h[2],
-                stat_sn: get32(h, 24),
-                exp_cmd_sn: get32(h, 28),
-                max_cmd_sn: get32(h, 32),
-                data_sn: get32(h, 36),
-            }),
+            NOP_OUT => Bhs::NopOut(NopOut::read(h)),
+            SCSI_COMMAND => Bhs::ScsiCommand(ScsiCommand::read(h)),
+            TASK_MGMT_REQUEST => Bhs::TaskMgmtRequest(TaskMgmtRequest::read(h)),
+            LOGIN_REQUEST => Bhs::LoginRequest(LoginRequest::read(h)),
+            TEXT_REQUEST => Bhs::TextRequest(TextRequest::read(h)),
+            DATA_OUT => Bhs::DataOut(DataOut::read(h)),
+            LOGOUT_REQUEST => Bhs::LogoutRequest(LogoutRequest::read(h)),
+            SNACK_REQUEST => Bhs::SnackRequest(SnackRequest::read(h)),
+            NOP_IN => Bhs::NopIn(NopIn::read(h)),
+            SCSI_RESPONSE => Bhs::ScsiResponse(ScsiResponse::read(h)),
+            TASK_MGMT_RESPONSE => Bhs::TaskMgmtResponse(TaskMgmtResponse::read(h)),
+            LOGIN_RESPONSE => Bhs::LoginResponse(LoginResponse::read(h)),
+            TEXT_RESPONSE => Bhs::TextResponse(TextResponse::read(h)),
+            DATA_IN => Bhs::DataIn(DataIn::read(h)),
+            LOGOUT_RESPONSE => Bhs::LogoutResponse(LogoutResponse::read(h)),
+            R2T => Bhs::R2t(R2t::read(h)),
+            REJECT => Bhs::Reject(Reject::read(h)),
             _ => return None,
         })
     }
@@ -844,187 +1164,23 @@ impl Bhs {
         let mut h = [0u8; BHS_LEN];
         h[0] = self.opcode();
         match self {
-            Bhs::NopOut(p) => {
-                h[0] |= flag(p.immediate, I_BIT);
-                h[1] = F_BIT;
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 24, p.cmd_sn);
-                put32(&mut h, 28, p.exp_stat_sn);
-            }
-            Bhs::ScsiCommand(p) => {
-                h[0] |= flag(p.immediate, I_BIT);
-                h[1] = flag(p.final_pdu, F_BIT) | flag(p.read, 0x40) | flag(p.write, 0x20) | (p.attr & 0x07);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.expected_length);
-                put32(&mut h, 24, p.cmd_sn);
-                put32(&mut h, 28, p.exp_stat_sn);
-                h[32..48].copy_from_slice(&p.cdb);
-            }
-            Bhs::TaskMgmtRequest(p) => {
-                h[0] |= flag(p.immediate, I_BIT);
-                h[1] = F_BIT | (p.function & 0x7f);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.referenced_task_tag);
-                put32(&mut h, 24, p.cmd_sn);
-                put32(&mut h, 28, p.exp_stat_sn);
-                put32(&mut h, 32, p.ref_cmd_sn);
-                put32(&mut h, 36, p.exp_data_sn);
-            }
-            Bhs::LoginRequest(p) => {
-                h[0] |= I_BIT;
-                h[1] = flag(p.transit, 0x80) | flag(p.cont, 0x40) | ((p.csg & 3) << 2) | (p.nsg & 3);
-                h[2] = p.version_max;
-                h[3] = p.version_min;
-                h[8..14].copy_from_slice(&p.isid);
-                put16(&mut h, 14, p.tsih);
-                put32(&mut h, 16, p.itt);
-                put16(&mut h, 20, p.cid);
-                put32(&mut h, 24, p.cmd_sn);
-                put32(&mut h, 28, p.exp_stat_sn);
-            }
-            Bhs::TextRequest(p) => {
-                h[0] |= flag(p.immediate, I_BIT);
-                h[1] = flag(p.final_pdu, 0x80) | flag(p.cont, 0x40);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 24, p.cmd_sn);
-                put32(&mut h, 28, p.exp_stat_sn);
-            }
-            Bhs::DataOut(p) => {
-                h[1] = flag(p.final_pdu, F_BIT);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 28, p.exp_stat_sn);
-                put32(&mut h, 36, p.data_sn);
-                put32(&mut h, 40, p.buffer_offset);
-            }
-            Bhs::LogoutRequest(p) => {
-                h[0] |= flag(p.immediate, I_BIT);
-                h[1] = F_BIT | (p.reason & 0x7f);
-                put32(&mut h, 16, p.itt);
-                put16(&mut h, 20, p.cid);
-                put32(&mut h, 24, p.cmd_sn);
-                put32(&mut h, 28, p.exp_stat_sn);
-            }
-            Bhs::SnackRequest(p) => {
-                h[1] = F_BIT | (p.kind & 0x0f);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 28, p.exp_stat_sn);
-                put32(&mut h, 40, p.beg_run);
-                put32(&mut h, 44, p.run_length);
-            }
-            Bhs::NopIn(p) => {
-                h[1] = F_BIT;
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-            }
-            Bhs::ScsiResponse(p) => {
-                h[1] = F_BIT
-                    | flag(p.bidi_overflow, 0x10)
-                    | flag(p.bidi_underflow, 0x08)
-                    | flag(p.overflow, 0x04)
-                    | flag(p.underflow, 0x02);
-                h[2] = p.response;
-                h[3] = p.status;
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.snack_tag);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-                put32(&mut h, 36, p.exp_data_sn);
-                put32(&mut h, 40, p.bidi_residual_count);
-                put32(&mut h, 44, p.residual_count);
-            }
-            Bhs::TaskMgmtResponse(p) => {
-                h[1] = F_BIT;
-                h[2] = p.response;
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-            }
-            Bhs::LoginResponse(p) => {
-                h[1] = flag(p.transit, 0x80) | flag(p.cont, 0x40) | ((p.csg & 3) << 2) | (p.nsg & 3);
-                h[2] = p.version_max;
-                h[3] = p.version_active;
-                h[8..14].copy_from_slice(&p.isid);
-                put16(&mut h, 14, p.tsih);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-                h[36] = p.status_class;
-                h[37] = p.status_detail;
-            }
-            Bhs::TextResponse(p) => {
-                h[1] = flag(p.final_pdu, 0x80) | flag(p.cont, 0x40);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-            }
-            Bhs::DataIn(p) => {
-                h[1] = flag(p.final_pdu, 0x80)
-                    | flag(p.ack, 0x40)
-                    | flag(p.overflow, 0x04)
-                    | flag(p.underflow, 0x02)
-                    | flag(p.status.is_some(), 0x01);
-                h[3] = p.status.unwrap_or(0);
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-                put32(&mut h, 36, p.data_sn);
-                put32(&mut h, 40, p.buffer_offset);
-                put32(&mut h, 44, p.residual_count);
-            }
-            Bhs::LogoutResponse(p) => {
-                h[1] = F_BIT;
-                h[2] = p.response;
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-                put16(&mut h, 40, p.time2wait);
-                put16(&mut h, 42, p.time2retain);
-            }
-            Bhs::R2t(p) => {
-                h[1] = F_BIT;
-                put64(&mut h, 8, p.lun);
-                put32(&mut h, 16, p.itt);
-                put32(&mut h, 20, p.ttt);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-                put32(&mut h, 36, p.r2t_sn);
-                put32(&mut h, 40, p.buffer_offset);
-                put32(&mut h, 44, p.desired_length);
-            }
-            Bhs::Reject(p) => {
-                h[1] = F_BIT;
-                h[2] = p.reason;
-                put32(&mut h, 16, RESERVED_TAG);
-                put32(&mut h, 24, p.stat_sn);
-                put32(&mut h, 28, p.exp_cmd_sn);
-                put32(&mut h, 32, p.max_cmd_sn);
-                put32(&mut h, 36, p.data_sn);
-            }
+            Bhs::NopOut(p) => p.write(&mut h),
+            Bhs::ScsiCommand(p) => p.write(&mut h),
+            Bhs::TaskMgmtRequest(p) => p.write(&mut h),
+            Bhs::LoginRequest(p) => p.write(&mut h),
+            Bhs::TextRequest(p) => p.write(&mut h),
+            Bhs::DataOut(p) => p.write(&mut h),
+            Bhs::LogoutRequest(p) => p.write(&mut h),
+            Bhs::SnackRequest(p) => p.write(&mut h),
+            Bhs::NopIn(p) => p.write(&mut h),
+            Bhs::ScsiResponse(p) => p.write(&mut h),
+            Bhs::TaskMgmtResponse(p) => p.write(&mut h),
+            Bhs::LoginResponse(p) => p.write(&mut h),
+            Bhs::TextResponse(p) => p.write(&mut h),
+            Bhs::DataIn(p) => p.write(&mut h),
+            Bhs::LogoutResponse(p) => p.write(&mut h),
+            Bhs::R2t(p) => p.write(&mut h),
+            Bhs::Reject(p) => p.write(&mut h),
         }
         h
     }

@@ -108,6 +108,15 @@ pub struct Command {
     r2ts: u32,
 }
 
+/// The residual a command reports: more data than the initiator expected (overflow) or
+/// less (underflow), and by how many bytes.
+#[derive(Debug, Clone, Copy)]
+struct Residual {
+    overflow: bool,
+    underflow: bool,
+    count: u32,
+}
+
 /// What the caller does next.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -355,6 +364,8 @@ impl Session {
         Pdu::reject(r, header)
     }
 
+    /// A SCSI Command: run it now if it sends no data, else start its write transfer (its
+    /// immediate data first, then R2Ts or unsolicited Data-Out for the rest).
     fn command(&mut self, c: &ScsiCommand, cdb: Vec<u8>, immediate: Bytes, out: &mut Vec<Event>) {
         if self.params.session_type == SessionType::Discovery {
             out.push(Event::Close("SCSI command in a discovery session"));
@@ -371,6 +382,32 @@ impl Session {
             fail: None,
             r2ts: 0,
         };
+        let edtl = if c.write { c.expected_length } else { 0 };
+        let limit = self.plan_write(&mut cmd, edtl);
+        if !c.write || edtl == 0 {
+            if !immediate.is_empty() {
+                out.push(Event::Close("immediate data with a command that sends none"));
+                return;
+            }
+            out.push(Event::Run(cmd));
+            return;
+        }
+        let limit = if cmd.fail.is_some() { 0 } else { limit.min(edtl) };
+        if let Err(why) = self.check_write_data(c, &immediate, edtl) {
+            out.push(Event::Close(why));
+            return;
+        }
+        self.buffered += immediate.len();
+        let unsolicited = !c.final_pdu;
+        let t = Transfer { cmd, buf: immediate.to_vec(), limit, unsolicited, data_sn: 0, r2t: None, broken: false };
+        self.transfers.insert(c.itt, t);
+        self.advance(c.itt, out);
+    }
+
+    /// How many data-out bytes `cmd` will take of the `edtl` the initiator sends: sets its
+    /// failure (bad CDB or transfer length) and its write residual, and shortens the CDB to
+    /// whole blocks when it asks for more than comes.
+    fn plan_write(&self, cmd: &mut Command, edtl: u32) -> u32 {
         let takes = match scsi::data_out_len(&cmd.cdb) {
             Ok(n) => n,
             Err(sense) => {
@@ -378,7 +415,6 @@ impl Session {
                 0
             }
         };
-        let edtl = if c.write { c.expected_length } else { 0 };
         // On a read-only LUN the model answers WRITE PROTECTED first, whatever the length.
         if cmd.fail.is_none() && !self.read_only {
             if let Err(sense) = scsi::check_transfer_length(&cmd.cdb, edtl) {
@@ -403,39 +439,29 @@ impl Session {
             // More data offered than the command takes: it takes what it asked for.
             cmd.write_residual = Some((false, edtl - takes));
         }
+        limit
+    }
+
+    /// Whether a write command's data may start: its immediate data and unsolicited Data-Out
+    /// within what was negotiated, a free task tag, room in the buffers. `Err` is why the
+    /// connection closes.
+    fn check_write_data(&self, c: &ScsiCommand, immediate: &Bytes, edtl: u32) -> Result<(), &'static str> {
         let first_burst = self.params.first_burst_length.min(edtl);
-        if !c.write || edtl == 0 {
-            if !immediate.is_empty() {
-                out.push(Event::Close("immediate data with a command that sends none"));
-                return;
-            }
-            out.push(Event::Run(cmd));
-            return;
-        }
-        let limit = if cmd.fail.is_some() { 0 } else { limit.min(edtl) };
         if immediate.len() > usize::try_from(first_burst).unwrap_or(usize::MAX)
             || (!self.params.immediate_data && !immediate.is_empty())
         {
-            out.push(Event::Close("immediate data beyond FirstBurstLength"));
-            return;
+            return Err("immediate data beyond FirstBurstLength");
         }
-        let unsolicited = !c.final_pdu;
-        if unsolicited && self.params.initial_r2t {
-            out.push(Event::Close("unsolicited Data-Out with InitialR2T=Yes"));
-            return;
+        if !c.final_pdu && self.params.initial_r2t {
+            return Err("unsolicited Data-Out with InitialR2T=Yes");
         }
         if self.transfers.contains_key(&c.itt) {
-            out.push(Event::Close("a task tag already in use"));
-            return;
+            return Err("a task tag already in use");
         }
         if self.buffered + immediate.len() > MAX_BUFFERED || self.transfers.len() >= MAX_TRANSFERS {
-            out.push(Event::Close("too much write data outstanding"));
-            return;
+            return Err("too much write data outstanding");
         }
-        self.buffered += immediate.len();
-        let t = Transfer { cmd, buf: immediate.to_vec(), limit, unsolicited, data_sn: 0, r2t: None, broken: false };
-        self.transfers.insert(c.itt, t);
-        self.advance(c.itt, out);
+        Ok(())
     }
 
     /// After data arrived (or none is coming): send the next R2T or run the command.
@@ -540,54 +566,31 @@ impl Session {
             },
             (None, Some(o)) => o,
         };
-        let mut pdus = Vec::new();
         let data = Bytes::from(outcome.data_in);
         let edtl_in = if cmd.read { usize::try_from(cmd.edtl).unwrap_or(usize::MAX) } else { 0 };
         let send = data.len().min(edtl_in);
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        let (overflow, underflow, residual) = match cmd.write_residual {
-            Some((over, n)) => (over, !over, n),
-            None if data.len() > edtl_in => (true, false, count(data.len() - edtl_in)),
-            None if data.len() < edtl_in => (false, true, count(edtl_in - data.len())),
-            None => (false, false, 0),
+        let residual = match cmd.write_residual {
+            Some((over, n)) => Residual { overflow: over, underflow: !over, count: n },
+            None if data.len() > edtl_in => {
+                Residual { overflow: true, underflow: false, count: count(data.len() - edtl_in) }
+            }
+            None if data.len() < edtl_in => {
+                Residual { overflow: false, underflow: true, count: count(edtl_in - data.len()) }
+            }
+            None => Residual { overflow: false, underflow: false, count: 0 },
         };
         let good = outcome.status == status::GOOD && outcome.sense.is_none();
-        let mut data_sn = 0u32;
+        let mut pdus = Vec::new();
         if send > 0 {
-            let seg = usize::try_from(self.params.max_xmit_data_segment_length).unwrap_or(8192).max(512);
-            let burst = usize::try_from(self.params.max_burst_length).unwrap_or(usize::MAX).max(seg);
-            let mut off = 0usize;
-            while off < send {
-                // A PDU never crosses a burst boundary; the last one of each burst has F.
-                let burst_end = ((off / burst) + 1) * burst;
-                let n = seg.min(send - off).min(burst_end - off);
-                let last = off + n == send;
-                let final_pdu = last || off + n == burst_end;
-                let with_status = last && good;
-                let di = DataIn {
-                    final_pdu,
-                    ack: false,
-                    overflow: with_status && overflow,
-                    underflow: with_status && underflow,
-                    status: with_status.then_some(outcome.status),
-                    lun: cmd.lun,
-                    itt: cmd.itt,
-                    ttt: NO_TAG,
-                    stat_sn: if with_status { self.next_stat() } else { 0 },
-                    exp_cmd_sn: self.exp_cmd_sn,
-                    max_cmd_sn: self.max_cmd_sn(),
-                    data_sn,
-                    buffer_offset: u32::try_from(off).unwrap_or(u32::MAX),
-                    residual_count: if with_status { residual } else { 0 },
-                };
-                pdus.push(Pdu::with_data(di, data.slice(off..off + n)));
-                data_sn += 1;
-                off += n;
-            }
+            // A good status rides on the last Data-In; otherwise a SCSI Response follows.
+            let with_status = good.then_some((outcome.status, residual));
+            pdus = self.data_in(&cmd, &data.slice(..send), with_status);
             if good {
                 return pdus;
             }
         }
+        let data_sn = count(pdus.len());
         let sense = match &outcome.sense {
             Some(s) => crate::pdu::sense_segment(&s.to_fixed()).unwrap_or_default(),
             None => Vec::new(),
@@ -595,8 +598,8 @@ impl Session {
         let r = ScsiResponse {
             bidi_overflow: false,
             bidi_underflow: false,
-            overflow,
-            underflow,
+            overflow: residual.overflow,
+            underflow: residual.underflow,
             response: 0,
             status: outcome.status,
             itt: cmd.itt,
@@ -606,9 +609,49 @@ impl Session {
             max_cmd_sn: self.max_cmd_sn(),
             exp_data_sn: if cmd.read { data_sn } else { cmd.r2ts },
             bidi_residual_count: 0,
-            residual_count: residual,
+            residual_count: residual.count,
         };
         pdus.push(Pdu::with_data(r, sense));
+        pdus
+    }
+
+    /// The Data-In PDUs carrying `data`, within MaxXmitDataSegmentLength each and never across
+    /// a MaxBurstLength boundary. The last one carries `with_status` when given.
+    fn data_in(&mut self, cmd: &Command, data: &Bytes, with_status: Option<(u8, Residual)>) -> Vec<Pdu> {
+        let send = data.len();
+        let seg = usize::try_from(self.params.max_xmit_data_segment_length).unwrap_or(8192).max(512);
+        let burst = usize::try_from(self.params.max_burst_length).unwrap_or(usize::MAX).max(seg);
+        let mut pdus = Vec::new();
+        let mut data_sn = 0u32;
+        let mut off = 0usize;
+        while off < send {
+            // A PDU never crosses a burst boundary; the last one of each burst has F.
+            let burst_end = ((off / burst) + 1) * burst;
+            let n = seg.min(send - off).min(burst_end - off);
+            let last = off + n == send;
+            let final_pdu = last || off + n == burst_end;
+            let status = with_status.filter(|_| last);
+            let residual = status.map(|(_, r)| r);
+            let di = DataIn {
+                final_pdu,
+                ack: false,
+                overflow: residual.is_some_and(|r| r.overflow),
+                underflow: residual.is_some_and(|r| r.underflow),
+                status: status.map(|(s, _)| s),
+                lun: cmd.lun,
+                itt: cmd.itt,
+                ttt: NO_TAG,
+                stat_sn: if status.is_some() { self.next_stat() } else { 0 },
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.max_cmd_sn(),
+                data_sn,
+                buffer_offset: u32::try_from(off).unwrap_or(u32::MAX),
+                residual_count: residual.map_or(0, |r| r.count),
+            };
+            pdus.push(Pdu::with_data(di, data.slice(off..off + n)));
+            data_sn += 1;
+            off += n;
+        }
         pdus
     }
 

@@ -1,0 +1,355 @@
+//! The write path: every write to a clone's head or a running ingest goes through the group
+//! commit here, and so do zeroing (trim, write-zeroes) and ingest's zero runs.
+//!
+//! Invariants:
+//! - data goes into freshly allocated slots and is written (one io_uring submission per
+//!   segment) before the map points at it; a failed write or map update rolls the allocation
+//!   back, so no slot is half-owned;
+//! - all-zero blocks become known zeros and take no slot;
+//! - a read-modify-write of an unaligned edge sees every write queued before it, even in the
+//!   same batch (the batch is cut into segments where that matters);
+//! - every committed write sets `unflushed`, so the periodic flush knows to run.
+//!
+//! Locking: writers queue under `queue`, then take `committer`; whoever holds it commits the
+//! whole queue under the catalog's write lock. Each write's outcome is left in its [`Pending`].
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
+
+use super::{check_range, slot_offset, usize_of, Result, Store, StoreError, MAX_IO};
+
+/// A write waiting for a group commit, and its outcome.
+#[derive(Debug)]
+pub(super) struct Pending {
+    volume: String,
+    offset: u64,
+    data: bytes::Bytes,
+    /// Into a source's running ingest rather than a clone's head.
+    staging: bool,
+    result: Mutex<Option<Result<()>>>,
+}
+
+impl Pending {
+    fn new(volume: &str, offset: u64, data: bytes::Bytes, staging: bool) -> Pending {
+        Pending { volume: volume.to_string(), offset, data, staging, result: Mutex::new(None) }
+    }
+
+    fn set(&self, r: Result<()>) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    fn is_unset(&self) -> bool {
+        self.result.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
+    fn take(&self) -> Option<Result<()>> {
+        self.result.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A checked write with its whole blocks assembled.
+#[derive(Debug)]
+struct Prepared {
+    pending: Arc<Pending>,
+    first: u64,
+    blocks: bytes::Bytes,
+}
+
+/// The same error for each write of a failed group commit.
+fn replicate(e: &StoreError) -> StoreError {
+    let io = |e: &std::io::Error| match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    };
+    match e {
+        StoreError::Io(e) => StoreError::Io(io(e)),
+        StoreError::Meta(sled::Error::Io(e)) => StoreError::Io(io(e)),
+        StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => {
+            StoreError::Io(io(e))
+        }
+        other => StoreError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+impl Store {
+    /// Write `data` at `offset` of a clone. Partial blocks are merged with their current
+    /// contents; all-zero blocks are recorded as known zeros and take no space.
+    pub fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_bytes(volume, offset, bytes::Bytes::copy_from_slice(data))
+    }
+
+    /// [`Store::write`] without copying the data.
+    pub fn write_bytes(&self, volume: &str, offset: u64, data: bytes::Bytes) -> Result<()> {
+        self.check_space()?;
+        self.note_enospc(self.submit(Pending::new(volume, offset, data, false)))
+    }
+
+    /// Group commit: every writer queues its write, then whoever holds the committer lock
+    /// takes the whole queue and commits it as one transaction (one io_uring submission, one
+    /// sled batch). Writers whose write a previous committer already took just collect their
+    /// result. Under load this turns many small commits into a few large ones.
+    fn submit(&self, p: Pending) -> Result<()> {
+        self.submit_many(vec![p]).pop().unwrap_or_else(|| Err(StoreError::Io(std::io::Error::other("write lost"))))
+    }
+
+    fn submit_many(&self, ps: Vec<Pending>) -> Vec<Result<()>> {
+        let ps: Vec<Arc<Pending>> = ps.into_iter().map(Arc::new).collect();
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).extend(ps.iter().cloned());
+        let _committer = self.committer.lock().unwrap_or_else(|e| e.into_inner());
+        if ps.iter().any(|p| p.is_unset()) {
+            let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            self.commit_batch(batch);
+        }
+        ps.iter()
+            .map(|p| p.take().unwrap_or_else(|| Err(StoreError::Io(std::io::Error::other("write was not committed")))))
+            .collect()
+    }
+
+    /// Several writes to clones, committed together (see [`Store::write`]); one result each.
+    pub fn write_many(&self, writes: Vec<(String, u64, bytes::Bytes)>) -> Vec<Result<()>> {
+        if let Err(e) = self.check_space() {
+            return writes.iter().map(|_| Err(replicate(&e))).collect();
+        }
+        let ps = writes.into_iter().map(|(v, off, data)| Pending::new(&v, off, data, false)).collect();
+        self.submit_many(ps).into_iter().map(|r| self.note_enospc(r)).collect()
+    }
+
+    fn commit_batch(&self, batch: Vec<Arc<Pending>>) {
+        let mut cat = self.catalog_mut();
+        let mut segment: Vec<Prepared> = Vec::new();
+        let mut touched: HashSet<(String, u64)> = HashSet::new();
+        for p in batch {
+            // A read-modify-write of a block written earlier in this batch must see that
+            // write: commit what came before first.
+            let len = p.data.len() as u64;
+            let unaligned = !p.offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE);
+            if unaligned && len > 0 {
+                let edges = [p.offset / BLOCK_SIZE, (p.offset + len - 1) / BLOCK_SIZE];
+                if edges.iter().any(|&b| touched.contains(&(p.volume.clone(), b))) {
+                    self.commit_segment(&mut cat, std::mem::take(&mut segment));
+                    touched.clear();
+                }
+            }
+            match self.prepare(&cat, &p) {
+                Ok(Some(prep)) => {
+                    for b in prep.first..prep.first + (prep.blocks.len() as u64 / BLOCK_SIZE) {
+                        touched.insert((p.volume.clone(), b));
+                    }
+                    segment.push(prep);
+                }
+                Ok(None) => p.set(Ok(())),
+                Err(e) => p.set(Err(e)),
+            }
+        }
+        self.commit_segment(&mut cat, segment);
+    }
+
+    /// Check one write and assemble its whole blocks (edges of an unaligned write keep their
+    /// current bytes). `None` for an empty write.
+    fn prepare(&self, cat: &Catalog, p: &Arc<Pending>) -> Result<Option<Prepared>> {
+        let (volume, offset, len) = (p.volume.as_str(), p.offset, p.data.len() as u64);
+        if len > MAX_IO {
+            return Err(StoreError::TooLarge(len));
+        }
+        if volume.contains('@') {
+            // A snapshot reference: it must exist, and it is read-only.
+            let t = cat.target(volume)?;
+            return Err(CatalogError::ReadOnly(t.name).into());
+        }
+        let v = cat.volume(volume)?;
+        let root = match (&v.staging, p.staging, v.kind) {
+            (Some(s), true, _) => s.root,
+            (None, true, _) => return Err(CatalogError::NoIngest(v.name.clone()).into()),
+            (_, false, catalog::Kind::Source) => return Err(CatalogError::ReadOnly(v.name.clone()).into()),
+            (_, false, _) => v.root,
+        };
+        let size = v.size_bytes;
+        check_range(volume, size, offset, len)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let nblocks = usize_of(last - first + 1);
+        let head = usize_of(offset - first * BLOCK_SIZE);
+        let blocks = if head == 0 && len % BLOCK_SIZE == 0 {
+            p.data.clone()
+        } else {
+            let mut whole = vec![0u8; nblocks * 4096];
+            let edge = |i: usize| i * 4096..(i + 1) * 4096;
+            self.read_target(cat, volume, root, size, first * BLOCK_SIZE, &mut whole[edge(0)])?;
+            if nblocks > 1 {
+                self.read_target(cat, volume, root, size, last * BLOCK_SIZE, &mut whole[edge(nblocks - 1)])?;
+            }
+            whole[head..head + p.data.len()].copy_from_slice(&p.data);
+            bytes::Bytes::from(whole)
+        };
+        Ok(Some(Prepared { pending: p.clone(), first, blocks }))
+    }
+
+    /// Allocate, write and map a segment of prepared writes as one transaction; every write
+    /// in it gets the outcome.
+    fn commit_segment(&self, cat: &mut Catalog, segment: Vec<Prepared>) {
+        if segment.is_empty() {
+            return;
+        }
+        let fail = |segment: &[Prepared], e: &StoreError| {
+            for prep in segment {
+                prep.pending.set(Err(replicate(e)));
+            }
+        };
+        let (mut entries, need) = zero_entries(&segment);
+        let slots = match cat.map_mut().alloc(need) {
+            Ok(s) => s,
+            Err(e) => {
+                cat.map_mut().rollback();
+                fail(&segment, &StoreError::from(e));
+                return;
+            }
+        };
+        let pairs = fill_slots(&segment, &mut entries, slots);
+        let ios: Vec<(u64, &[u8])> = pairs
+            .chunk_by(|a, b| a.0 + 1 == b.0 && a.1 == b.1 && a.2 + 1 == b.2)
+            .map(|r| {
+                let (slot, w, i) = r[0];
+                (slot_offset(slot), &segment[w].blocks[i * 4096..(i + r.len()) * 4096])
+            })
+            .collect();
+        if let Err(e) = self.engine.write_many(&ios) {
+            cat.map_mut().rollback();
+            fail(&segment, &StoreError::Io(e));
+            return;
+        }
+        let staged = segment
+            .iter()
+            .zip(&entries)
+            .try_for_each(|(prep, es)| cat.stage_write(&prep.pending.volume, prep.first, es, prep.pending.staging));
+        if let Err(e) = staged.and_then(|()| cat.commit_staged()) {
+            cat.rollback_staged();
+            fail(&segment, &StoreError::Catalog(e));
+            return;
+        }
+        self.unflushed.store(true, Ordering::SeqCst);
+        for prep in &segment {
+            self.metrics.written_bytes.inc_by(prep.pending.data.len() as u64);
+            prep.pending.set(Ok(()));
+        }
+    }
+
+    /// Make mapped blocks in a block-aligned range of a clone read as zeros, freeing what
+    /// only they held. Holes stay holes.
+    pub fn zero(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        let mut cat = self.catalog_mut();
+        if volume.contains('@') {
+            let t = cat.target(volume)?;
+            return Err(CatalogError::ReadOnly(t.name).into());
+        }
+        let v = cat.volume(volume)?;
+        if v.kind != catalog::Kind::Clone {
+            return Err(CatalogError::ReadOnly(v.name.clone()).into());
+        }
+        check_range(volume, v.size_bytes, offset, len)?;
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
+            return Err(CatalogError::BadReference {
+                reference: format!("{volume}+{offset}+{len}"),
+                why: "zeroing needs a 4096-aligned offset and length".into(),
+            }
+            .into());
+        }
+        let r = cat.zero(volume, offset / BLOCK_SIZE, len / BLOCK_SIZE, false).map_err(StoreError::from);
+        drop(cat);
+        self.unflushed.store(true, Ordering::SeqCst);
+        self.note_enospc(r)
+    }
+
+    /// Zero any byte range of a clone: whole blocks become known zeros (freeing what only
+    /// they held), partial edge blocks are rewritten with zeros.
+    pub fn zero_range(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).ok_or_else(|| {
+            StoreError::from(CatalogError::OutOfRange { volume: volume.into(), offset, length: len, size: 0 })
+        })?;
+        let a = offset.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let b = end / BLOCK_SIZE * BLOCK_SIZE;
+        if a >= b {
+            return self.write(volume, offset, &vec![0u8; usize_of(len)]);
+        }
+        if offset < a {
+            self.write(volume, offset, &vec![0u8; usize_of(a - offset)])?;
+        }
+        if b < end {
+            self.write(volume, b, &vec![0u8; usize_of(end - b)])?;
+        }
+        self.zero(volume, a, b - a)
+    }
+
+    // ----- ingest ---------------------------------------------------------------------
+
+    /// Write runs of whole blocks `(first block, data)` into a running ingest, committed
+    /// together. Their crc32s were checked by the caller.
+    pub fn ingest_data(&self, source: &str, runs: Vec<(u64, bytes::Bytes)>) -> Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        self.check_space()?;
+        let ps = runs.into_iter().map(|(first, d)| Pending::new(source, first * BLOCK_SIZE, d, true)).collect();
+        for r in self.submit_many(ps) {
+            self.note_enospc(r)?;
+        }
+        Ok(())
+    }
+
+    /// Write whole blocks into a running ingest. `data` holds `count` blocks whose crc32s
+    /// were checked by the caller; `None` marks blocks that became zero.
+    pub fn ingest_blocks(&self, source: &str, first: u64, data: Option<&[u8]>, count: u64) -> Result<()> {
+        match data {
+            Some(d) => {
+                self.check_space()?;
+                let p = Pending::new(source, first * BLOCK_SIZE, bytes::Bytes::copy_from_slice(d), true);
+                self.note_enospc(self.submit(p))
+            }
+            None => Ok(self.catalog_mut().zero(source, first, count, true)?),
+        }
+    }
+}
+
+/// The map entries of a segment's blocks: all-zero blocks become known zeros, the rest are
+/// left `None` to get fresh slots. Also returns how many slots that needs.
+fn zero_entries(segment: &[Prepared]) -> (Vec<Vec<Option<Entry>>>, usize) {
+    let mut entries: Vec<Vec<Option<Entry>>> = Vec::with_capacity(segment.len());
+    let mut need = 0usize;
+    for prep in segment {
+        let es: Vec<Option<Entry>> = prep
+            .blocks
+            .chunks_exact(4096)
+            .map(|b| if b.iter().all(|&x| x == 0) { Some(Entry::ZERO) } else { None })
+            .collect();
+        need += es.iter().filter(|e| e.is_none()).count();
+        entries.push(es);
+    }
+    (entries, need)
+}
+
+/// Give each block still without an entry the next of `slots`, with its checksums; returns
+/// `(slot, write, block)` for every block to write, in allocation order.
+fn fill_slots(segment: &[Prepared], entries: &mut [Vec<Option<Entry>>], slots: Vec<u64>) -> Vec<(u64, usize, usize)> {
+    let mut next = slots.into_iter();
+    let mut pairs: Vec<(u64, usize, usize)> = Vec::with_capacity(next.len());
+    for (w, (prep, es)) in segment.iter().zip(entries.iter_mut()).enumerate() {
+        for (i, e) in es.iter_mut().enumerate() {
+            if e.is_some() {
+                continue;
+            }
+            let Some(slot) = next.next() else { break };
+            let b = &prep.blocks[i * 4096..(i + 1) * 4096];
+            // Only sources are ever compared by digest (ingest): host writes to clones
+            // skip hashing it.
+            let digest = if prep.pending.staging { catalog::blockmap::block_digest(b) } else { 0 };
+            *e = Some(Entry { slot, crc: catalog::blockmap::block_crc(b), digest });
+            pairs.push((slot, w, i));
+        }
+    }
+    pairs
+}

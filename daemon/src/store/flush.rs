@@ -1,0 +1,56 @@
+//! The flush: what makes every answered write durable, and the only place freed slots become
+//! reusable.
+//!
+//! Order matters, and is the whole point: `fdatasync(extents)` first, then the map's write-back
+//! layer is handed to sled and sled is flushed. A slot released before the flush began is
+//! punched and put back on the free list only after both, so no durable pointer can lead to a
+//! slot that was reused.
+//!
+//! Locking: the catalog's write lock is taken briefly for each map step (begin, spill, take the
+//! released slots, make them available); the fsyncs themselves run without it, so reads and
+//! writes go on during a flush.
+
+use std::sync::atomic::Ordering;
+
+use catalog::BLOCK_SIZE;
+
+use super::{runs, slot_offset, Result, Store};
+
+impl Store {
+    /// Make every write answered so far durable, then let slots freed before it be reused.
+    pub fn flush(&self) -> Result<()> {
+        self.note_enospc(self.flush_inner())
+    }
+
+    /// Flush if anything was written since the last flush (the daemon's periodic flush).
+    pub fn flush_if_needed(&self) -> Result<bool> {
+        if !self.unflushed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.flush().map(|()| true)
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        self.unflushed.store(false, Ordering::SeqCst);
+        let ticket = self.catalog_mut().map_mut().begin_flush();
+        // Data first, then the pointers to it: fsync the extents, hand the map's write-back
+        // layer to sled, fsync sled.
+        self.engine.sync()?;
+        self.catalog_mut().map_mut().spill()?;
+        self.db.flush()?;
+        let released = self.catalog_mut().map_mut().take_released(ticket);
+        if !released.is_empty() {
+            let pairs: Vec<(u64, usize)> = released.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+            let ranges: Vec<(u64, u64)> =
+                runs(&pairs).map(|r| (slot_offset(r[0].0), r.len() as u64 * BLOCK_SIZE)).collect();
+            if let Err(e) = self.engine.punch(&ranges) {
+                // Not fatal: the slots are reused either way, only the space is not returned yet.
+                tracing::warn!(error = %e, "could not punch freed extents");
+            }
+            self.metrics.freed_bytes.inc_by(released.len() as u64 * BLOCK_SIZE);
+            self.catalog_mut().map_mut().make_available(released);
+        }
+        self.metrics.flushes.inc();
+        Ok(())
+    }
+}
