@@ -242,25 +242,13 @@ impl Client {
     }
 
     /// `GET path` and parse the JSON answer.
-    pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+    fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let resp = self.call(self.request("GET", path).call())?;
         self.json_body(resp)
     }
 
-    /// `POST path` with a JSON body and parse the JSON answer.
-    pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let resp = self.call(self.request("POST", path).send_json(body))?;
-        self.json_body(resp)
-    }
-
-    /// `DELETE path` and parse the JSON answer.
-    pub fn delete_json(&self, path: &str) -> anyhow::Result<Value> {
-        let resp = self.call(self.request("DELETE", path).call())?;
-        self.json_body(resp)
-    }
-
     /// `GET path` and return the whole raw body.
-    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+    fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let mut reader = self.get_reader(path)?;
         let mut buf = Vec::new();
         reader.read_to_end(&mut buf).map_err(|e| self.io_error(&e))?;
@@ -268,7 +256,7 @@ impl Client {
     }
 
     /// `GET path` and return the body as a stream, for large transfers.
-    pub fn get_reader(&self, path: &str) -> anyhow::Result<Box<dyn Read + Send>> {
+    fn get_reader(&self, path: &str) -> anyhow::Result<Box<dyn Read + Send>> {
         let resp = self.call(self.request("GET", path).call())?;
         Ok(Box::new(resp.into_reader()))
     }
@@ -276,7 +264,7 @@ impl Client {
     /// `POST path` with a streamed `application/octet-stream` body (sent chunked) and parse
     /// the JSON answer. The answer is read while the body is still going out, so a daemon
     /// that refuses the stream part-way is heard (see [`super::upload`]).
-    pub fn post_stream(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
+    fn post_stream(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
         let mut headers = vec![("Content-Type", "application/octet-stream")];
         if let Some(a) = &self.authorization {
             headers.push(("Authorization", a.as_str()));
@@ -297,19 +285,12 @@ impl Client {
     }
 
     /// `POST path` with a raw `application/octet-stream` body and return the raw answer.
-    pub fn post_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    fn post_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
         let req = self.request("POST", path).set("Content-Type", "application/octet-stream");
         let resp = self.call(req.send_bytes(body))?;
         let mut buf = Vec::new();
         resp.into_reader().read_to_end(&mut buf).map_err(|e| self.io_error(&e))?;
         Ok(buf)
-    }
-
-    /// `PUT path` with a raw `application/octet-stream` body and parse the JSON answer.
-    pub fn put_bytes(&self, path: &str, body: &[u8]) -> anyhow::Result<Value> {
-        let req = self.request("PUT", path).set("Content-Type", "application/octet-stream");
-        let resp = self.call(req.send_bytes(body))?;
-        self.json_body(resp)
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
@@ -547,8 +528,8 @@ mod tests {
     #[test]
     fn ok_body_is_parsed() {
         let addr = one_shot_server("201 Created", r#"{"snapshot":"prod@3"}"#);
-        let v = Client::new(&addr).post_json("/v1/volumes/prod/snapshots", &serde_json::json!({})).expect("ok");
-        assert_eq!(v["snapshot"], "prod@3");
+        let v = Client::new(&addr).snapshot("prod", None).expect("ok");
+        assert_eq!(v.snapshot, "prod@3");
     }
 
     #[test]

@@ -27,11 +27,11 @@ pub struct ResizeAnswer {
 
 /// The answer of `POST /v1/sources/{name}/ingest`: the snapshot the stream became.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(default)]
 pub struct IngestAnswer {
     /// `SOURCE@ID`.
     pub snapshot: String,
     /// What the ingest did.
+    #[serde(default)]
     pub summary: IngestSummary,
 }
 

@@ -7,9 +7,12 @@
 //! what it has always been:
 //! - fields are declared in alphabetical order, the order the daemon has always sent keys in
 //!   (`serde_json` maps sort them), so `--json` output stays byte-for-byte the same;
-//! - answers read leniently (`#[serde(default)]`: a field a daemon of another version did not
-//!   send reads as empty, a volume kind it invented as [`VolumeKind::Unknown`]); requests read
-//!   strictly, and a missing required field is refused with 422.
+//! - answers read leniently where a gap only changes what is shown (`#[serde(default)]`: a
+//!   field a daemon of another version did not send reads as empty, a volume kind it invented
+//!   as [`VolumeKind::Unknown`]), and strictly where a client acts on the value: a `Volume`
+//!   without its `name`, `kind` or `size_bytes` is an error, never a zero the agent would
+//!   compare an image with. Requests read strictly; a missing required field is refused
+//!   with 422.
 //!
 //! An `Option` field of an answer is always present, as `null` when empty, unless it says
 //! otherwise (`snapshots` and `snapshot_count`, of which a volume carries exactly one).
@@ -110,23 +113,28 @@ pub struct Snapshot {
 
 /// A volume (docs/api.md, "Objects").
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(default)]
 pub struct Volume {
     /// Bytes holding data in its head.
+    #[serde(default)]
     pub allocated_bytes: u64,
     /// When it was created (RFC 3339, milliseconds, UTC).
+    #[serde(default)]
     pub created_at: String,
     /// Where it is served.
+    #[serde(default)]
     pub exports: Exports,
     /// Bytes a running or interrupted ingest has staged; null when there is none.
+    #[serde(default)]
     pub ingest_pending_bytes: Option<u64>,
     /// Whether an ingest is running or waits to be resumed.
+    #[serde(default)]
     pub ingest_running: bool,
     /// Source or clone.
     pub kind: VolumeKind,
     /// Its name.
     pub name: String,
     /// The snapshot a clone derives from (`VOLUME@ID`); null for a source.
+    #[serde(default)]
     pub origin: Option<String>,
     /// Its size in bytes.
     pub size_bytes: u64,
@@ -137,8 +145,10 @@ pub struct Volume {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<Snapshot>>,
     /// Its current timeflow; a rewind or refresh starts the next.
+    #[serde(default)]
     pub timeflow: u32,
     /// Bytes only it holds; null when space was not computed (`?space=false`).
+    #[serde(default)]
     pub unique_bytes: Option<u64>,
 }
 

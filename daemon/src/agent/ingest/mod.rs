@@ -22,10 +22,9 @@ use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::Value;
-
 use super::IngestArgs;
-use crate::api::client::{enc, Client};
+use crate::api::client::Client;
+use crate::api::ingest::IngestAnswer;
 
 mod plan;
 mod report;
@@ -38,7 +37,7 @@ const BS: usize = 4096;
 /// Run `forkd ingest`.
 pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result<()> {
     if args.abort {
-        client.delete_json(&format!("/v1/sources/{}/ingest", enc(&args.name)))?;
+        client.abort_ingest(&args.name)?;
         println!("abandoned the running ingest into {}", args.name);
         return Ok(());
     }
@@ -62,7 +61,7 @@ pub fn run(client: &Client, args: &IngestArgs, json_out: bool) -> anyhow::Result
 #[derive(Debug)]
 struct Outcome {
     /// The daemon's answer: the new snapshot and its summary.
-    answer: Value,
+    answer: IngestAnswer,
     /// How many byte ranges were read (1 for a whole-image scan).
     ranges: usize,
     /// When the scan started.
@@ -86,7 +85,7 @@ fn stream(client: &Client, name: &str, plan: plan::Plan, json_out: bool) -> anyh
     };
     let started = Instant::now();
     let reporter = report::Reporter::start(progress, size, to_scan, started, json_out);
-    let result = client.post_stream(&format!("/v1/sources/{}/ingest", enc(name)), scan::FrameReader::new(rx));
+    let result = client.ingest(name, scan::FrameReader::new(rx));
     reporter.stop();
     let _ = scanner.join();
     Ok(Outcome { answer: result?, ranges: nranges, started })

@@ -7,14 +7,15 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::scan::ReadAt;
 use super::BS;
 use crate::agent::changed_blocks;
 use crate::agent::nbd_source::NbdClient;
 use crate::agent::IngestArgs;
-use crate::api::client::{enc, Client};
+use crate::api::client::Client;
+use crate::api::volumes::{Size, VolumeKind};
 use crate::units::humanize;
 
 /// What the scan needs: where to read, what to read, and what the daemon already holds.
@@ -99,21 +100,23 @@ fn read_changed_blocks(list: &Path, size: u64) -> anyhow::Result<Vec<(u64, u64)>
 }
 
 /// The source must be a source, with an earlier ingest when only changes are read; returns
-/// its size. `space=false`: the agent needs no space accounting, which walks the whole tree.
+/// its size. No space accounting: that walks the whole tree, and the agent does not need it.
 fn check_source(client: &Client, args: &IngestArgs) -> anyhow::Result<u64> {
     let name = &args.name;
-    let vol: Value = client.get_json(&format!("/v1/volumes/{}?space=false", enc(name)))?;
-    if vol["kind"] != "source" {
-        bail!("`{name}` is a clone; only sources are fed by ingest");
+    let vol = client.volume_without_space(name)?;
+    match vol.kind {
+        VolumeKind::Source => {}
+        VolumeKind::Clone => bail!("`{name}` is a clone; only sources are fed by ingest"),
+        VolumeKind::Unknown => bail!("`{name}` is not a source; only sources are fed by ingest"),
     }
-    let never_ingested = vol["snapshots"].as_array().is_some_and(Vec::is_empty);
+    let never_ingested = vol.snapshots.as_ref().is_some_and(Vec::is_empty);
     if args.changed_blocks.is_some() && never_ingested {
         bail!("--changed-blocks lists changes since an earlier ingest, but `{name}` has none: ingest the whole image first");
     }
     if args.dirty_bitmap.is_some() && never_ingested {
         bail!("--dirty-bitmap marks changes since an earlier ingest, but `{name}` has none: ingest the whole export first");
     }
-    vol["size_bytes"].as_u64().ok_or_else(|| anyhow!("the daemon's answer for `{name}` has no size_bytes"))
+    Ok(vol.size_bytes)
 }
 
 /// An image whose size differs from the source's: grow the source with `--resize`, else refuse.
@@ -135,7 +138,7 @@ fn fit_size(
     if !args.resize {
         bail!("{img} is {size} bytes but source `{name}` is {vol_size} bytes: give --resize to grow the source first");
     }
-    client.post_json(&format!("/v1/sources/{}/resize", enc(name)), &json!({ "size": size }))?;
+    client.resize(name, Size::Bytes(size))?;
     if json_out {
         println!("{}", json!({"event": "resized", "previous_size_bytes": vol_size, "size_bytes": size}));
     } else {
@@ -148,24 +151,9 @@ fn fit_size(
 /// scan, only those of the ranges to read otherwise (the cost then follows the ranges, not the
 /// volume).
 fn fetch_digests(client: &Client, name: &str, ranges: &[(u64, u64)], size: u64) -> anyhow::Result<Vec<(u64, u64)>> {
-    let raw = if ranges.len() == 1 && ranges[0] == (0, size) {
-        client.get_bytes(&format!("/v1/sources/{}/digests", enc(name)))?
-    } else {
-        let body: Vec<u8> = ranges
-            .iter()
-            .flat_map(|&(off, len)| [off / BS as u64, len / BS as u64])
-            .flat_map(u64::to_le_bytes)
-            .collect();
-        client.post_bytes(&format!("/v1/sources/{}/digests", enc(name)), &body)?
-    };
-    if raw.len() % 16 != 0 {
-        bail!("the daemon sent a malformed digest list");
+    if ranges.len() == 1 && ranges[0] == (0, size) {
+        return client.digests(name);
     }
-    Ok(raw
-        .chunks_exact(16)
-        .map(|c| {
-            let (b, d) = c.split_at(8);
-            (u64::from_le_bytes(b.try_into().unwrap_or_default()), u64::from_le_bytes(d.try_into().unwrap_or_default()))
-        })
-        .collect())
+    let blocks: Vec<(u64, u64)> = ranges.iter().map(|&(off, len)| (off / BS as u64, len / BS as u64)).collect();
+    client.digests_in(name, &blocks)
 }

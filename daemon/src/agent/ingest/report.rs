@@ -128,10 +128,10 @@ fn whole(x: f64) -> u64 {
 
 /// The last line of a run: the new snapshot and what was scanned, changed and sent.
 pub(super) fn summary(args: &IngestArgs, path: &Path, outcome: &Outcome, json_out: bool) {
-    let (resp, nranges) = (&outcome.answer, outcome.ranges);
-    let s = &resp["summary"];
+    let (answer, nranges) = (&outcome.answer, outcome.ranges);
+    let s = &answer.summary;
     if json_out {
-        let mut done = json!({"event": "done", "snapshot": resp["snapshot"], "summary": s});
+        let mut done = json!({"event": "done", "snapshot": answer.snapshot, "summary": s});
         if args.changed_blocks.is_some() || args.dirty_bitmap.is_some() {
             done["ranges"] = json!(nranges);
         }
@@ -147,10 +147,10 @@ pub(super) fn summary(args: &IngestArgs, path: &Path, outcome: &Outcome, json_ou
     println!(
         "ingested {} into {}: scanned {}{read}, changed {}, sent {} in {:.1}s",
         path.display(),
-        resp["snapshot"].as_str().unwrap_or("?"),
-        humanize(s["scanned_bytes"].as_u64().unwrap_or(0)),
-        humanize(s["changed_bytes"].as_u64().unwrap_or(0)),
-        humanize(s["sent_bytes"].as_u64().unwrap_or(0)),
+        answer.snapshot,
+        humanize(s.scanned_bytes),
+        humanize(s.changed_bytes),
+        humanize(s.sent_bytes),
         outcome.started.elapsed().as_secs_f64()
     );
 }
