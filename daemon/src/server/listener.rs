@@ -131,6 +131,9 @@ pub trait Protocol: Send + Sync + 'static {
     fn span(peer: SocketAddr) -> Span;
     /// Its connection gauge and close counter.
     fn metrics(&self) -> &ConnectionMetrics;
+    /// Log a connection's end (each protocol keeps the fields its operators and tests know);
+    /// `export` is empty when the connection never chose one.
+    fn log_closed(closed: &Closed<Self::Close>, export: &str);
 }
 
 /// A protocol whose connections are tokio tasks.
@@ -165,13 +168,17 @@ pub struct Cx {
     /// close.
     pub shutdown: CancellationToken,
     span: Span,
+    export: Arc<std::sync::OnceLock<String>>,
     tracker: TaskTracker,
 }
 
 impl Cx {
-    /// Record the export in the connection's span (every later log line carries it).
+    /// Record the export the connection serves, in its span (every later log line carries it)
+    /// and for the log line at its end. Only the first call counts.
     pub fn set_export(&self, export: &str) {
-        self.span.record("export", export);
+        if self.export.set(export.to_string()).is_ok() {
+            self.span.record("export", export);
+        }
     }
 
     /// The connection's span, for work it hands to other tasks or threads.
@@ -207,13 +214,7 @@ impl<P: Protocol> Admitted<P> {
     /// Count and log how the connection ended; dropping `self` then frees its slot.
     fn close(self, closed: &Closed<P::Close>) {
         count(&*self.proto, &closed.reason);
-        tracing::info!(
-            reason = closed.reason.label(),
-            requests = closed.requests,
-            errors = closed.errors,
-            "{} connection closed",
-            P::NAME
-        );
+        P::log_closed(closed, self.cx.export.get().map_or("", String::as_str));
     }
 }
 
@@ -289,7 +290,7 @@ async fn serve<M: Model>(listener: TcpListener, mut model: M, limits: Limits, sh
             continue;
         };
         let span = M::Protocol::span(peer);
-        let cx = Cx { peer, shutdown: shutdown.child_token(), span, tracker: tracker.clone() };
+        let cx = Cx { peer, shutdown: shutdown.child_token(), span, export: Arc::default(), tracker: tracker.clone() };
         model.start(stream, Admitted::new(model.protocol().clone(), cx, slot, &limits));
     }
     // New connections are refused from here on; the open ones finish.
@@ -498,4 +499,305 @@ impl Socket {
 fn is_wakeup(e: &std::io::Error) -> bool {
     use std::io::ErrorKind as K;
     matches!(e.kind(), K::WouldBlock | K::TimedOut | K::Interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The life cycle with a small echo protocol over real loopback sockets, run both as tasks
+    //! and as threads: the client sends one byte as its handshake and gets `+`, then every byte
+    //! it sends comes back.
+
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Bound on waiting for anything in these tests (a hang fails instead of blocking).
+    const WAIT: Duration = Duration::from_secs(20);
+
+    #[derive(Debug)]
+    enum EchoClose {
+        Ended(Ended),
+        Gone,
+    }
+
+    impl From<Ended> for EchoClose {
+        fn from(e: Ended) -> Self {
+            EchoClose::Ended(e)
+        }
+    }
+
+    impl Reason for EchoClose {
+        fn label(&self) -> &'static str {
+            match self {
+                EchoClose::Ended(Ended::ConnectionLimit) => "connection limit",
+                EchoClose::Ended(Ended::HandshakeTimeout) => "handshake timeout",
+                EchoClose::Ended(Ended::Shutdown) => "shutting down",
+                EchoClose::Ended(Ended::SocketSetup) => "socket setup failed",
+                EchoClose::Ended(Ended::NoThread) => "no thread",
+                EchoClose::Gone => "client gone",
+            }
+        }
+    }
+
+    fn stopped(s: Stop) -> EchoClose {
+        match s {
+            Stop::Ended(e) => EchoClose::Ended(e),
+            Stop::Stopped | Stop::Eof | Stop::Failed(_) => EchoClose::Gone,
+        }
+    }
+
+    struct Echo {
+        metrics: ConnectionMetrics,
+        /// Connection threads whose thread-local state has been destroyed (the thread ended).
+        exited: Arc<AtomicUsize>,
+    }
+
+    /// Counts its thread's end when the thread's locals are destroyed.
+    struct OnExit(Arc<AtomicUsize>);
+
+    impl Drop for OnExit {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    thread_local! {
+        static ON_EXIT: std::cell::RefCell<Option<OnExit>> = const { std::cell::RefCell::new(None) };
+    }
+
+    impl Protocol for Echo {
+        type Close = EchoClose;
+        const NAME: &'static str = "echo";
+
+        fn span(peer: SocketAddr) -> Span {
+            tracing::info_span!("echo", %peer, export = tracing::field::Empty)
+        }
+
+        fn metrics(&self) -> &ConnectionMetrics {
+            &self.metrics
+        }
+
+        fn log_closed(closed: &Closed<EchoClose>, export: &str) {
+            tracing::info!(export, reason = closed.reason.label(), "echo connection closed");
+        }
+    }
+
+    impl TaskProtocol for Echo {
+        type Session = TcpStream;
+
+        async fn handshake(&self, mut stream: TcpStream, cx: &Cx) -> Result<TcpStream, EchoClose> {
+            let mut b = [0u8; 1];
+            if stream.read(&mut b).await.map_err(|_| EchoClose::Gone)? == 0 {
+                return Err(EchoClose::Gone);
+            }
+            cx.set_export("echo");
+            stream.write_all(b"+").await.map_err(|_| EchoClose::Gone)?;
+            Ok(stream)
+        }
+
+        async fn serve(&self, mut stream: TcpStream, cx: &Cx) -> Closed<EchoClose> {
+            let mut b = [0u8; 64];
+            loop {
+                let n = tokio::select! {
+                    _ = cx.shutdown.cancelled() => return EchoClose::Ended(Ended::Shutdown).into(),
+                    r = stream.read(&mut b) => r,
+                };
+                match n {
+                    Ok(n) if n > 0 && stream.write_all(&b[..n]).await.is_ok() => {}
+                    _ => return EchoClose::Gone.into(),
+                }
+            }
+        }
+    }
+
+    impl ThreadProtocol for Echo {
+        type Session = ();
+
+        fn handshake(&self, sock: &mut Socket, _cx: &Cx) -> Result<(), EchoClose> {
+            sock.read(&mut [0u8; 1], None).map_err(stopped)?;
+            sock.stream().write_all(b"+").map_err(|_| EchoClose::Gone)
+        }
+
+        fn serve(&self, mut sock: Socket, (): (), _cx: &Cx) -> Closed<EchoClose> {
+            ON_EXIT.with(|e| *e.borrow_mut() = Some(OnExit(self.exited.clone())));
+            let mut b = [0u8; 64];
+            loop {
+                match sock.read(&mut b, None) {
+                    Ok(n) if sock.stream().write_all(&b[..n]).is_ok() => {}
+                    Ok(_) => return EchoClose::Gone.into(),
+                    Err(s) => return stopped(s).into(),
+                }
+            }
+        }
+    }
+
+    /// A running echo listener.
+    struct Running {
+        addr: SocketAddr,
+        echo: Arc<Echo>,
+        shutdown: CancellationToken,
+        served: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        async fn start(threads: bool, limits: Limits) -> Running {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local address");
+            let metrics = crate::metrics::Metrics::new().nbd_connections;
+            let echo = Arc::new(Echo { metrics, exited: Arc::default() });
+            let shutdown = CancellationToken::new();
+            let served = if threads {
+                tokio::spawn(serve_threads(listener, echo.clone(), limits, shutdown.clone()))
+            } else {
+                tokio::spawn(serve_tasks(listener, echo.clone(), limits, shutdown.clone()))
+            };
+            Running { addr, echo, shutdown, served }
+        }
+
+        fn closed(&self, reason: &str) -> u64 {
+            self.echo.metrics.closed.with_label_values(&[reason]).get()
+        }
+
+        fn open(&self) -> i64 {
+            self.echo.metrics.open.get()
+        }
+
+        /// A connection past its handshake.
+        async fn admitted(&self) -> TcpStream {
+            let mut s = TcpStream::connect(self.addr).await.expect("connect");
+            s.write_all(b"h").await.expect("send the handshake");
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("handshake answer in time");
+            assert_eq!((n.expect("read the handshake answer"), b[0]), (1, b'+'));
+            s
+        }
+
+        /// Stop the listener and wait (bounded) until it has drained.
+        async fn stop(self) -> Arc<Echo> {
+            self.shutdown.cancel();
+            tokio::time::timeout(WAIT, self.served).await.expect("the listener drained in time").expect("no panic");
+            self.echo
+        }
+    }
+
+    /// Wait (bounded) until `cond` holds.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !cond() {
+            assert!(started.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The server closes `s` without sending anything.
+    async fn assert_closed_silently(s: &mut TcpStream, what: &str) {
+        let mut b = [0u8; 16];
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            Ok(Ok(n)) => panic!("{what}: got {n} bytes instead of a close"),
+            Err(_) => panic!("{what}: still open after {WAIT:?}"),
+        }
+    }
+
+    const LIMITS: Limits = Limits { max_connections: 2, handshake_timeout: Duration::from_secs(30) };
+
+    async fn limit_refuses_counts_and_recovers(threads: bool) {
+        let l = Running::start(threads, LIMITS).await;
+        let (mut a, mut b) = (l.admitted().await, l.admitted().await);
+        let mut c = TcpStream::connect(l.addr).await.expect("connect a third");
+        assert_closed_silently(&mut c, "the connection over the limit").await;
+        until("the refusal is counted", || l.closed("connection limit") == 1).await;
+        assert_eq!(l.open(), 2);
+        // The two admitted ones still work; when one goes, a new one gets in.
+        for s in [&mut a, &mut b] {
+            s.write_all(b"x").await.expect("send");
+            let mut got = [0u8; 1];
+            s.read_exact(&mut got).await.expect("echo");
+        }
+        drop(a);
+        until("the hung-up connection is counted", || l.closed("client gone") == 1).await;
+        let _d = l.admitted().await;
+        assert_eq!(l.closed("connection limit"), 1);
+        drop(b);
+        l.stop().await;
+    }
+
+    async fn handshake_timeout_closes_silent_clients(threads: bool) {
+        let limits = Limits { handshake_timeout: Duration::from_millis(200), ..LIMITS };
+        let l = Running::start(threads, limits).await;
+        let mut silent = TcpStream::connect(l.addr).await.expect("connect");
+        assert_closed_silently(&mut silent, "a client that sends nothing").await;
+        until("the timeout is counted", || l.closed("handshake timeout") == 1).await;
+        // Past its handshake, a connection is not subject to the timeout.
+        let mut s = l.admitted().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(b"y").await.expect("send");
+        let mut got = [0u8; 1];
+        s.read_exact(&mut got).await.expect("echo after the handshake timeout passed");
+        assert_eq!(l.closed("handshake timeout"), 1);
+        l.stop().await;
+    }
+
+    async fn shutdown_drains_and_joins(threads: bool) {
+        let l = Running::start(threads, LIMITS).await;
+        let mut serving = l.admitted().await;
+        let mut handshaking = TcpStream::connect(l.addr).await.expect("connect");
+        until("both connections are open", || l.open() == 2).await;
+        let echo = l.stop().await;
+        // `stop` returned: every connection ended and was counted, every thread joined.
+        assert_eq!(echo.metrics.open.get(), 0);
+        assert_eq!(echo.metrics.closed.with_label_values(&["shutting down"]).get(), 2);
+        if threads {
+            assert_eq!(echo.exited.load(Ordering::SeqCst), 1, "the serving thread was not joined");
+        }
+        assert_closed_silently(&mut serving, "a serving connection after the shutdown").await;
+        assert_closed_silently(&mut handshaking, "a handshaking connection after the shutdown").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_limit() {
+        limit_refuses_counts_and_recovers(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn threads_limit() {
+        limit_refuses_counts_and_recovers(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_handshake_timeout() {
+        handshake_timeout_closes_silent_clients(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn threads_handshake_timeout() {
+        handshake_timeout_closes_silent_clients(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_shutdown() {
+        shutdown_drains_and_joins(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn threads_shutdown() {
+        shutdown_drains_and_joins(true).await;
+    }
+
+    #[test]
+    fn limit_settings_fall_back_to_the_defaults_and_refuse_zero() {
+        let defaults = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(15) };
+        assert_eq!(LimitSettings::default().resolve(defaults, "x").expect("defaults"), defaults);
+        let s = LimitSettings { max_connections: Some(3), handshake_timeout_ms: None };
+        assert_eq!(s.resolve(defaults, "x").expect("limit").max_connections, 3);
+        assert_eq!(s.resolve(defaults, "x").expect("limit").handshake_timeout, defaults.handshake_timeout);
+        let zero = LimitSettings { max_connections: Some(0), handshake_timeout_ms: None };
+        let err = zero.resolve(defaults, "nbd_limits").expect_err("zero connections").to_string();
+        assert!(err.contains("nbd_limits.max_connections"), "{err}");
+        let zero = LimitSettings { max_connections: None, handshake_timeout_ms: Some(0) };
+        assert!(zero.resolve(defaults, "x").is_err());
+    }
 }

@@ -247,6 +247,11 @@ impl Protocol for Shared {
     fn metrics(&self) -> &ConnectionMetrics {
         &self.store.metrics.iscsi_connections
     }
+
+    fn log_closed(closed: &Closed<Close>, _export: &str) {
+        let (why, commands, check_conditions) = (closed.reason.label(), closed.requests, closed.errors);
+        tracing::info!(why, commands, check_conditions, "iSCSI connection closed");
+    }
 }
 
 impl ThreadProtocol for Shared {

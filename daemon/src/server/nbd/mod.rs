@@ -162,6 +162,11 @@ impl Protocol for Nbd {
     fn metrics(&self) -> &ConnectionMetrics {
         &self.store.metrics.nbd_connections
     }
+
+    fn log_closed(closed: &Closed<Close>, export: &str) {
+        let (reason, requests, errors) = (closed.reason.label(), closed.requests, closed.errors);
+        tracing::info!(export = %export, reason, requests, errors, "NBD connection closed");
+    }
 }
 
 impl TaskProtocol for Nbd {
