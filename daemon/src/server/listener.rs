@@ -194,7 +194,8 @@ impl Cx {
 }
 
 /// An admitted connection's hold on the listener: its slot under the limit, its place in the
-/// drain and its share of the open gauge, all given back when dropped.
+/// drain and its share of the open gauge, all given back when dropped (in that order: once
+/// the gauge shows a connection gone, its slot is free).
 #[derive(Debug)]
 struct Admitted<P: Protocol> {
     proto: Arc<P>,
@@ -202,25 +203,32 @@ struct Admitted<P: Protocol> {
     deadline: Instant,
     _slot: OwnedSemaphorePermit,
     _tracked: TaskTrackerToken,
+    _open: Open,
+}
+
+/// One connection's share of the open gauge.
+#[derive(Debug)]
+struct Open(prometheus::IntGauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl<P: Protocol> Admitted<P> {
     fn new(proto: Arc<P>, cx: Cx, slot: OwnedSemaphorePermit, limits: &Limits) -> Admitted<P> {
-        proto.metrics().open.inc();
+        let open = proto.metrics().open.clone();
+        open.inc();
         let _tracked = cx.tracker.token();
-        Admitted { proto, cx, deadline: Instant::now() + limits.handshake_timeout, _slot: slot, _tracked }
+        let deadline = Instant::now() + limits.handshake_timeout;
+        Admitted { proto, cx, deadline, _slot: slot, _tracked, _open: Open(open) }
     }
 
     /// Count and log how the connection ended; dropping `self` then frees its slot.
     fn close(self, closed: &Closed<P::Close>) {
         count(&*self.proto, &closed.reason);
         P::log_closed(closed, self.cx.export.get().map_or("", String::as_str));
-    }
-}
-
-impl<P: Protocol> Drop for Admitted<P> {
-    fn drop(&mut self) {
-        self.proto.metrics().open.dec();
     }
 }
 
