@@ -23,9 +23,10 @@
 //! write of their answers never change threads, which measured faster). A thread's socket is
 //! a [`Socket`], whose reads wake every [`POLL`] to honour the deadline and the shutdown.
 //!
-//! Invariant: an admitted connection holds its slot, its place in the drain and its share of
+//! Invariants: an admitted connection holds its slot, its place in the drain and its share of
 //! the open gauge until it ends ([`Admitted`] gives them back when dropped, even on a panic);
-//! the close counter is bumped exactly once per connection, refused ones included.
+//! the close counter is bumped once for every connection that ends, refused ones included (a
+//! connection whose task or thread panicked is not counted).
 
 use std::future::Future;
 use std::io::Read;
@@ -359,7 +360,8 @@ struct Threads<P> {
 }
 
 impl<P> Threads<P> {
-    /// Join the threads that have finished.
+    /// Join the threads that have finished (at most a moment after their connection ended:
+    /// joining them does not hold up the accept loop).
     fn reap(&mut self) {
         let (done, running) = std::mem::take(&mut self.running).into_iter().partition(JoinHandle::is_finished);
         self.running = running;

@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use super::execute::{command_name, count_errno, errno_text, Executor, Job, Reply};
 use super::{Close, NbdConfig, Negotiated};
-use crate::server::listener::{Closed, Cx};
+use crate::server::listener::{Closed, Cx, Ended};
 use crate::store::Store;
 
 /// How long a closed connection keeps delivering replies and waiting for its client to hang up.
@@ -220,7 +220,7 @@ impl Input {
         }
         tokio::select! {
             _ = self.stop.cancelled() => Err(Close::Switched),
-            _ = self.shutdown.cancelled() => Err(Close::Ended(crate::server::listener::Ended::Shutdown)),
+            _ = self.shutdown.cancelled() => Err(Close::Ended(Ended::Shutdown)),
             r = self.rd.read_buf(&mut self.buf) => match r {
                 Ok(0) if self.buf.is_empty() => Err(Close::ClientDisconnected),
                 Ok(0) => Err(Close::VanishedMidRequest),
