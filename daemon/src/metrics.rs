@@ -25,20 +25,26 @@ pub struct Metrics {
     pub snapshots: IntGauge,
     /// Slots handed out so far (extent file length in blocks).
     pub extent_slots: IntGauge,
-    /// Open NBD connections.
-    pub nbd_active: IntGauge,
-    /// Closed NBD connections by reason.
-    pub nbd_closed: IntCounterVec,
+    /// Open NBD connections and closed ones by reason.
+    pub nbd_connections: ConnectionMetrics,
     /// NBD requests by command.
     pub nbd_requests: IntCounterVec,
     /// NBD error replies by errno.
     pub nbd_errors: IntCounterVec,
-    /// Open iSCSI connections.
-    pub iscsi_active: IntGauge,
-    /// Closed iSCSI connections by reason.
-    pub iscsi_closed: IntCounterVec,
+    /// Open iSCSI connections and closed ones by reason.
+    pub iscsi_connections: ConnectionMetrics,
     /// SCSI commands over iSCSI answered with CHECK CONDITION, by sense key.
     pub iscsi_check_conditions: IntCounterVec,
+}
+
+/// The two metrics every protocol listener keeps: open connections, and closed ones by reason.
+/// Only the listener life cycle ([`crate::server::listener`]) touches them.
+#[derive(Debug, Clone)]
+pub struct ConnectionMetrics {
+    /// Open connections (`forkd_<protocol>_connections`).
+    pub open: IntGauge,
+    /// Closed connections by reason (`forkd_<protocol>_connections_closed_total{reason}`).
+    pub closed: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -83,22 +89,26 @@ impl Metrics {
             api_errors: counter(&r, "forkd_api_errors_total", "API requests answered with an error"),
             volumes: gauge(&r, "forkd_volumes", "Volumes in the catalog"),
             snapshots: gauge(&r, "forkd_snapshots", "Snapshots in the catalog"),
-            nbd_active: gauge(&r, "forkd_nbd_connections", "Open NBD connections"),
-            nbd_closed: counter_vec(
-                &r,
-                "forkd_nbd_connections_closed_total",
-                "Closed NBD connections by reason",
-                "reason",
-            ),
+            nbd_connections: ConnectionMetrics {
+                open: gauge(&r, "forkd_nbd_connections", "Open NBD connections"),
+                closed: counter_vec(
+                    &r,
+                    "forkd_nbd_connections_closed_total",
+                    "Closed NBD connections by reason",
+                    "reason",
+                ),
+            },
             nbd_requests: counter_vec(&r, "forkd_nbd_requests_total", "NBD requests by command", "command"),
             nbd_errors: counter_vec(&r, "forkd_nbd_errors_total", "NBD error replies by errno", "errno"),
-            iscsi_active: gauge(&r, "forkd_iscsi_connections", "Open iSCSI connections"),
-            iscsi_closed: counter_vec(
-                &r,
-                "forkd_iscsi_connections_closed_total",
-                "Closed iSCSI connections by reason",
-                "reason",
-            ),
+            iscsi_connections: ConnectionMetrics {
+                open: gauge(&r, "forkd_iscsi_connections", "Open iSCSI connections"),
+                closed: counter_vec(
+                    &r,
+                    "forkd_iscsi_connections_closed_total",
+                    "Closed iSCSI connections by reason",
+                    "reason",
+                ),
+            },
             iscsi_check_conditions: counter_vec(
                 &r,
                 "forkd_iscsi_check_conditions_total",

@@ -24,6 +24,10 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Who may log in to which iSCSI target ([`crate::server::iscsi::access`]).
     pub iscsi_access: crate::server::iscsi::access::IscsiAccess,
+    /// Connection limit and handshake timeout of the NBD listener (`[nbd_limits]`).
+    pub nbd_limits: crate::server::listener::LimitSettings,
+    /// Connection limit and login timeout of the iSCSI listener (`[iscsi_limits]`).
+    pub iscsi_limits: crate::server::listener::LimitSettings,
 }
 
 impl Default for Config {
@@ -35,6 +39,8 @@ impl Default for Config {
             iscsi: "0.0.0.0:3260".into(),
             token_file: None,
             iscsi_access: Default::default(),
+            nbd_limits: Default::default(),
+            iscsi_limits: Default::default(),
         }
     }
 }

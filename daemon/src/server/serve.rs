@@ -1,18 +1,31 @@
 //! `forkd serve`: start-up and shutdown of the daemon (settings: [`super::config`]).
 //!
-//! On SIGINT or SIGTERM the API stops accepting requests, running ones finish,
-//! and the store is flushed before exit.
+//! Start-up, in order: every setting is checked ([`Plan`]), the store is opened, the three
+//! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush and
+//! the HTTP API run until SIGINT or SIGTERM.
+//!
+//! Shutdown: the API stops accepting requests and running ones finish; every NBD and iSCSI
+//! connection is told to stop, answers what it had received and closes, and both listeners
+//! wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
+//! only then is the store flushed, so every write acknowledged before the exit is durable.
 //!
 //! The API token (`token_file`, see [`crate::server::auth`]): required whenever the API listens on
 //! anything but a loopback address (the daemon refuses to start without one), optional on
 //! loopback, and enforced on every request whenever it is configured.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use super::config::{Config, ServeArgs};
+use crate::server::auth::Token;
+use crate::server::iscsi::access::AccessRules;
+use crate::server::listener::Limits;
+use crate::server::{iscsi, nbd};
 use crate::store::Store;
 
 /// How often the daemon flushes on its own when something was written.
@@ -20,103 +33,154 @@ const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Run the daemon until a shutdown signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(args)?;
-    let api: SocketAddr = config
-        .api
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--api {}: not an address such as 127.0.0.1:7480", config.api))?;
-    let token = api_token(&config, api)?;
-    let iscsi_rules = crate::server::iscsi::access::AccessRules::new(&config.iscsi_access)
-        .map_err(|e| anyhow::anyhow!("config: {e:#}"))?;
-    let store = Arc::new(Store::open(&config.data_dir)?);
+    let plan = Plan::new(&Config::load(args)?)?;
+    let store = Arc::new(Store::open(&plan.data_dir)?);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    rt.block_on(async {
-        let listener =
-            tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot listen on {api} for the API"))?;
-        let nbd_addr: SocketAddr = config
-            .nbd
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--nbd {}: not an address such as 0.0.0.0:10809", config.nbd))?;
-        let nbd_listener = tokio::net::TcpListener::bind(nbd_addr)
-            .await
-            .with_context(|| format!("cannot listen on {nbd_addr} for NBD"))?;
-        let iscsi_addr: SocketAddr = config
-            .iscsi
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--iscsi {}: not an address such as 0.0.0.0:3260", config.iscsi))?;
-        let iscsi_listener = tokio::net::TcpListener::bind(iscsi_addr)
-            .await
-            .with_context(|| format!("cannot listen on {iscsi_addr} for iSCSI"))?;
-        if iscsi_rules.is_open() && !iscsi_addr.ip().is_loopback() {
-            tracing::warn!(
-                iscsi = %iscsi_addr,
-                "iSCSI targets are open to every initiator on the network (no CHAP, no allow-list): \
-                 see [iscsi_access] in docs/iscsi.md"
-            );
-        }
-        tracing::info!(
-            api = %listener.local_addr()?,
-            nbd = %nbd_listener.local_addr()?,
-            iscsi = %iscsi_listener.local_addr()?,
-            data_dir = %config.data_dir.display(),
-            token = token.is_some(),
-            "forkd serving"
-        );
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let nbd = tokio::spawn(crate::server::nbd::serve(
-            nbd_listener,
-            store.clone(),
-            crate::server::nbd::NbdConfig::default(),
-            shutdown.clone(),
-        ));
-        let iscsi =
-            tokio::spawn(crate::server::iscsi::serve(iscsi_listener, store.clone(), iscsi_rules, shutdown.clone()));
-        // Like a filesystem's commit interval: writes of clients that never flush become
-        // durable within FLUSH_INTERVAL, and the slots they freed become reusable.
-        let periodic = {
-            let (store, stop) = (store.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(FLUSH_INTERVAL);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    let s = store.clone();
-                    match tokio::task::spawn_blocking(move || s.flush_if_needed()).await {
-                        Ok(Err(e)) => tracing::warn!(error = %e, "periodic flush failed"),
-                        Err(e) => tracing::warn!(error = %e, "periodic flush task failed"),
-                        Ok(Ok(_)) => {}
-                    }
-                }
-            })
-        };
-        let signal = shutdown.clone();
-        let app = crate::server::http::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
-        let api_result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                signal.cancel();
-            })
-            .await
-            .context("API server failed");
-        shutdown.cancel();
-        let _ = nbd.await;
-        let _ = iscsi.await;
-        let _ = periodic.await;
-        api_result
-    })?;
+    rt.block_on(serve(plan, store.clone()))?;
+    // Every connection has ended: no write is acknowledged after this flush.
     store.flush().context("final flush")?;
     tracing::info!("forkd stopped cleanly");
     Ok(())
 }
 
+/// The settings, checked before anything starts.
+struct Plan {
+    data_dir: PathBuf,
+    api: SocketAddr,
+    nbd: SocketAddr,
+    iscsi: SocketAddr,
+    token: Option<Arc<Token>>,
+    iscsi_rules: AccessRules,
+    nbd_limits: Limits,
+    iscsi_limits: Limits,
+}
+
+impl Plan {
+    fn new(config: &Config) -> anyhow::Result<Plan> {
+        let api = address(&config.api, "--api", "127.0.0.1:7480")?;
+        Ok(Plan {
+            data_dir: config.data_dir.clone(),
+            api,
+            token: api_token(config, api)?,
+            iscsi_rules: AccessRules::new(&config.iscsi_access).map_err(|e| anyhow::anyhow!("config: {e:#}"))?,
+            nbd: address(&config.nbd, "--nbd", "0.0.0.0:10809")?,
+            iscsi: address(&config.iscsi, "--iscsi", "0.0.0.0:3260")?,
+            nbd_limits: config.nbd_limits.resolve(nbd::DEFAULT_LIMITS, "nbd_limits")?,
+            iscsi_limits: config.iscsi_limits.resolve(iscsi::DEFAULT_LIMITS, "iscsi_limits")?,
+        })
+    }
+}
+
+fn address(value: &str, flag: &str, example: &str) -> anyhow::Result<SocketAddr> {
+    value.parse().map_err(|_| anyhow::anyhow!("{flag} {value}: not an address such as {example}"))
+}
+
+/// The three bound listeners.
+struct Listeners {
+    api: TcpListener,
+    nbd: TcpListener,
+    iscsi: TcpListener,
+}
+
+impl Listeners {
+    async fn bind(plan: &Plan) -> anyhow::Result<Listeners> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
+        };
+        Ok(Listeners {
+            api: bind(plan.api, "the API").await?,
+            nbd: bind(plan.nbd, "NBD").await?,
+            iscsi: bind(plan.iscsi, "iSCSI").await?,
+        })
+    }
+
+    /// The start-up log line (tests read the ports from it), and the open-target warning.
+    fn announce(&self, plan: &Plan) -> anyhow::Result<()> {
+        if plan.iscsi_rules.is_open() && !plan.iscsi.ip().is_loopback() {
+            tracing::warn!(
+                iscsi = %plan.iscsi,
+                "iSCSI targets are open to every initiator on the network (no CHAP, no allow-list): \
+                 see [iscsi_access] in docs/iscsi.md"
+            );
+        }
+        tracing::info!(
+            api = %self.api.local_addr()?,
+            nbd = %self.nbd.local_addr()?,
+            iscsi = %self.iscsi.local_addr()?,
+            data_dir = %plan.data_dir.display(),
+            token = plan.token.is_some(),
+            "forkd serving"
+        );
+        Ok(())
+    }
+}
+
+/// Serve until a shutdown signal, then wait for every listener and connection to end.
+async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&plan).await?;
+    listeners.announce(&plan)?;
+    let shutdown = CancellationToken::new();
+    let nbd_cfg = nbd::NbdConfig::default();
+    let nbd = tokio::spawn(nbd::serve(listeners.nbd, store.clone(), nbd_cfg, plan.nbd_limits, shutdown.clone()));
+    let iscsi = tokio::spawn(iscsi::serve(
+        listeners.iscsi,
+        store.clone(),
+        plan.iscsi_rules,
+        plan.iscsi_limits,
+        shutdown.clone(),
+    ));
+    let periodic = tokio::spawn(periodic_flush(store.clone(), shutdown.clone()));
+    let api_result = serve_api(listeners.api, store, plan.token, shutdown.clone()).await;
+    shutdown.cancel();
+    for (what, task) in [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic)] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "the {what} failed");
+        }
+    }
+    api_result
+}
+
+/// The HTTP API until a shutdown signal (which it passes on to `shutdown`).
+async fn serve_api(
+    listener: TcpListener,
+    store: Arc<Store>,
+    token: Option<Arc<Token>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = crate::server::http::router(store, token).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        })
+        .await
+        .context("API server failed")
+}
+
+/// Like a filesystem's commit interval: writes of clients that never flush become durable
+/// within [`FLUSH_INTERVAL`], and the slots they freed become reusable.
+async fn periodic_flush(store: Arc<Store>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.flush_if_needed()).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "periodic flush failed"),
+            Err(e) => tracing::warn!(error = %e, "periodic flush task failed"),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
 /// The API token from `config.token_file`; refuses to go on without one when `api` is not a
 /// loopback address.
-fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<crate::server::auth::Token>>> {
+fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<Token>>> {
     match &config.token_file {
-        Some(p) => Ok(Some(Arc::new(crate::server::auth::Token::from_file(p)?))),
+        Some(p) => Ok(Some(Arc::new(Token::from_file(p)?))),
         None if api.ip().is_loopback() => Ok(None),
         None => Err(anyhow::anyhow!(
             "the API address {api} is reachable from other hosts, so it needs a token: give --token-file FILE \

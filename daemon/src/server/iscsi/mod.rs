@@ -1,47 +1,138 @@
-//! The iSCSI listener: accepts connections, runs the login and the full feature phase of the
-//! `forkd-iscsi` crate over them, and serves every SCSI command from the [`Store`].
+//! The iSCSI listener: runs the login and the full feature phase of the `forkd-iscsi` crate
+//! over each connection and serves every SCSI command from the [`Store`].
 //!
-//! One OS thread per connection, blocking socket I/O: each read is decoded into as many PDUs
-//! as it holds, the session turns them into commands, the commands run in order against the
-//! volume, and every answer produced by that read goes out in one write. Targets are
-//! `iqn.2026-11.dev.forkd:VOLUME` for each clone (LUN 0, read-write) and, when
+//! The life cycle (connection limit, login timeout, span, shutdown and close counting) is
+//! [`crate::server::listener`]'s. Each connection runs on its own OS thread with blocking
+//! socket I/O, which measured faster than tokio tasks here: each read is decoded into as many
+//! PDUs as it holds, the session turns them into commands, the commands run in order against
+//! the volume ([`lun`]), and every answer produced by that read goes out in one write
+//! ([`full_feature`]). This module is the login and the close reasons.
+//!
+//! Targets are `iqn.2026-11.dev.forkd:VOLUME` for each clone (LUN 0, read-write) and, when
 //! `iscsi_access.snapshots` is set, `…:VOLUME:snap-N` for each snapshot (read-only); who may
 //! log in is [`crate::server::iscsi::access`]'s business.
 //!
 //! Rewind, refresh and delete follow the rule of every export (see [`crate::server::exports`]): the
 //! connection answers what it already received, then closes; logins to a fenced target fail
 //! with "target not found" for the moment of the switch.
+//!
+//! Locking: the LUN states (`Shared::luns`) are shared by every session on the same target;
+//! a batch of commands holds its LUN's lock while it runs (see [`lun::Batch`]).
 
-use std::cell::RefCell;
+pub mod access;
+mod full_feature;
+mod lun;
+
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use iscsi::keys::{send_targets, SessionType, TargetEntry};
+use iscsi::keys::{SessionParams, SessionType};
 use iscsi::login::{ChapNonce, Login, LoginConfig, LoginStep, TargetInfo, Targets};
 use iscsi::pdu::decode;
-use iscsi::scsi::{self, Backend, BackendError, LunState, ScsiOutcome};
-use iscsi::session::{Command, Event, Session};
-use iscsi::{Digests, Disposition, Pdu};
+use iscsi::scsi::LunState;
+use iscsi::session::Session;
+use iscsi::{Digests, Pdu};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use access::{reference_of, target_name, AccessRules};
+use access::{reference_of, AccessRules};
+use full_feature::{Export, FullFeature, Input, Out};
 
-pub mod access;
-use crate::store::{BlockState, Store, StoreError};
+use crate::metrics::ConnectionMetrics;
+use crate::server::listener::{self, Closed, Cx, Ended, Limits, Protocol, Reason, Socket, Stop, ThreadProtocol};
+use crate::store::Store;
 
 /// Commands an initiator may have outstanding (the CmdSN window).
 const WINDOW: u32 = 128;
-/// Connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 256;
-/// Time an initiator has to complete its login.
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often a blocked read wakes up to look for a close request.
-const POLL: Duration = Duration::from_millis(200);
+
+/// The iSCSI listener's limits unless the config says otherwise (`[iscsi_limits]`).
+pub const DEFAULT_LIMITS: Limits = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(15) };
+
+/// Why an iSCSI connection closed: the `reason` label of
+/// `forkd_iscsi_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// The life cycle ended it (limit, login timeout, shutdown, setup).
+    Ended(Ended),
+    /// The initiator hung up (or the read failed) during the login.
+    InitiatorClosedDuringLogin,
+    /// A PDU during the login that cannot be parsed.
+    MalformedLoginPdu,
+    /// A PDU after the login machine had finished.
+    LoginFinished,
+    /// The login was refused (its response says why).
+    LoginRefused,
+    /// A normal session without a TargetName.
+    NoTarget,
+    /// The target was deleted between its lookup and the end of the login.
+    TargetGone,
+    /// The target was being switched (rewind, refresh, delete) at the end of the login.
+    TargetFenced,
+    /// A PDU that makes the byte stream untrustworthy.
+    MalformedPdu,
+    /// The session closed it, for this reason (logout, a protocol error, a cold reset).
+    Session(&'static str),
+    /// A command arrived after the switch it was closed for had gone ahead.
+    ExportExpired,
+    /// Closed so a rewind, refresh or delete can go ahead.
+    ExportSwitched,
+    /// Writing to the initiator failed.
+    InitiatorWentAway,
+    /// The initiator hung up.
+    InitiatorClosed,
+    /// Reading from the initiator failed.
+    ReadFailed,
+}
+
+impl From<Ended> for Close {
+    fn from(e: Ended) -> Self {
+        Close::Ended(e)
+    }
+}
+
+impl Reason for Close {
+    fn label(&self) -> &'static str {
+        match self {
+            Close::Ended(Ended::ConnectionLimit) => "connection limit",
+            Close::Ended(Ended::HandshakeTimeout) => "login timed out",
+            Close::Ended(Ended::Shutdown) => "daemon shutting down",
+            Close::Ended(Ended::SocketSetup) => "socket setup failed",
+            Close::Ended(Ended::NoThread) => "cannot start a thread",
+            Close::InitiatorClosedDuringLogin => "initiator closed during login",
+            Close::MalformedLoginPdu => "malformed PDU during login",
+            Close::LoginFinished => "login already finished",
+            Close::LoginRefused => "login refused",
+            Close::NoTarget => "login without a target",
+            Close::TargetGone => "target went away during login",
+            Close::TargetFenced => "target fenced",
+            Close::MalformedPdu => "malformed PDU",
+            Close::Session(why) => why,
+            Close::ExportExpired => "export switched",
+            Close::ExportSwitched => "export switched (rewind, refresh or delete)",
+            Close::InitiatorWentAway => "initiator went away",
+            Close::InitiatorClosed => "initiator closed",
+            Close::ReadFailed => "read failed",
+        }
+    }
+}
+
+/// Accept iSCSI connections until `shutdown` is cancelled; returns once they have closed
+/// (each within [`listener::POLL`] of the shutdown, after answering what it had received) and
+/// their threads are joined.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<Store>,
+    rules: AccessRules,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let shared = Shared { store, rules, luns: Mutex::new(HashMap::new()), next_tsih: AtomicU16::new(1) };
+    listener::serve_threads(listener, Arc::new(shared), limits, shutdown).await;
+}
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -51,7 +142,6 @@ struct Shared {
     /// Persistent reservations and identity of each exported LUN, by reference.
     luns: Mutex<HashMap<String, Arc<Mutex<LunState>>>>,
     next_tsih: AtomicU16,
-    connections: AtomicUsize,
 }
 
 impl Shared {
@@ -104,8 +194,28 @@ impl Shared {
         out.retain(|r| !self.store.exports.is_fenced(r));
         out
     }
+
+    /// A normal session past its login: register with its target, serve it, let go.
+    fn normal(&self, sock: Socket, input: Input, params: SessionParams, cx: &Cx) -> Closed<Close> {
+        let Some(reference) = params.target_name.as_deref().and_then(reference_of) else {
+            return Close::NoTarget.into();
+        };
+        cx.set_export(&reference);
+        let Some(identity) = self.exported(&reference) else { return Close::TargetGone.into() };
+        let Some(guard) = self.store.exports.register(&reference) else { return Close::TargetFenced.into() };
+        let lun = self.lun(&reference, &identity);
+        let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
+        let mut session = Session::new(params, WINDOW);
+        session.set_read_only(self.store.catalog().target(&export.reference).map_or(true, |t| t.read_only));
+        let nexus = session.nexus();
+        let closed = FullFeature::new(self, Some(&export), session, cx, &sock).run(sock, input);
+        export.lun.lock().unwrap_or_else(|p| p.into_inner()).nexus_lost(&nexus);
+        drop(guard);
+        closed
+    }
 }
 
+/// The targets a login may name, as this peer sees them.
 struct LoginTargets<'a> {
     shared: &'a Shared,
     peer: IpAddr,
@@ -119,103 +229,88 @@ impl Targets for LoginTargets<'_> {
     }
 }
 
-/// Accept iSCSI connections until `shutdown` is cancelled. Each connection runs on its own
-/// thread and closes within [`POLL`] of the shutdown.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    store: Arc<Store>,
-    rules: AccessRules,
-    shutdown: CancellationToken,
-) {
-    let shared = Arc::new(Shared {
-        store,
-        rules,
-        luns: Mutex::new(HashMap::new()),
-        next_tsih: AtomicU16::new(1),
-        connections: AtomicUsize::new(0),
-    });
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "iSCSI accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+/// A connection past its login: what was read beyond it and the negotiated parameters.
+#[derive(Debug)]
+struct LoggedIn {
+    input: Input,
+    params: SessionParams,
+}
+
+impl Protocol for Shared {
+    type Close = Close;
+    const NAME: &'static str = "iSCSI";
+
+    fn span(peer: SocketAddr) -> tracing::Span {
+        tracing::info_span!("iscsi", %peer, export = tracing::field::Empty)
+    }
+
+    fn metrics(&self) -> &ConnectionMetrics {
+        &self.store.metrics.iscsi_connections
+    }
+
+    fn log_closed(closed: &Closed<Close>, _export: &str) {
+        let (why, commands, check_conditions) = (closed.reason.label(), closed.requests, closed.errors);
+        tracing::info!(why, commands, check_conditions, "iSCSI connection closed");
+    }
+}
+
+impl ThreadProtocol for Shared {
+    type Session = LoggedIn;
+
+    /// The login: PDUs in, responses out, until the login machine is done.
+    fn handshake(&self, sock: &mut Socket, cx: &Cx) -> Result<LoggedIn, Close> {
+        let config =
+            LoginConfig { cmd_window: WINDOW, discovery_chap: self.rules.discovery_chap.clone(), ..Default::default() };
+        let mut login = Login::new(config, self.tsih(), nonce());
+        let targets = LoginTargets { shared: self, peer: cx.peer.ip() };
+        let mut input = Input::new();
+        loop {
+            let pdu = login_pdu(&mut input, sock)?;
+            match login.handle(&pdu, &targets).map_err(|_| Close::LoginFinished)? {
+                LoginStep::Continue(reply) => send_login(sock, &reply)?,
+                LoginStep::Done(reply, params) => {
+                    send_login(sock, &reply)?;
+                    return Ok(LoggedIn { input, params: *params });
                 }
-            },
-        };
-        if shared.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            tracing::warn!(%peer, "iSCSI connection refused: {MAX_CONNECTIONS} connections already");
-            continue;
-        }
-        let sock = match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "iSCSI connection setup failed");
-                continue;
+                LoginStep::Fail(reply) => {
+                    let _ = send_login(sock, &reply);
+                    return Err(Close::LoginRefused);
+                }
             }
-        };
-        shared.connections.fetch_add(1, Ordering::SeqCst);
-        shared.store.metrics.iscsi_active.inc();
-        let (counted, stop) = (shared.clone(), shutdown.clone());
-        let spawned = std::thread::Builder::new().name("forkd-iscsi".into()).spawn(move || {
-            let why = connection(&counted, sock, peer, &stop);
-            tracing::info!(%peer, why, "iSCSI connection closed");
-            counted.store.metrics.iscsi_closed.with_label_values(&[why]).inc();
-            counted.store.metrics.iscsi_active.dec();
-            counted.connections.fetch_sub(1, Ordering::SeqCst);
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(%peer, error = %e, "cannot start an iSCSI connection thread");
-            shared.store.metrics.iscsi_active.dec();
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn serve(&self, sock: Socket, s: LoggedIn, cx: &Cx) -> Closed<Close> {
+        match s.params.session_type {
+            SessionType::Discovery => {
+                FullFeature::new(self, None, Session::new(s.params, WINDOW), cx, &sock).run(sock, s.input)
+            }
+            SessionType::Normal => self.normal(sock, s.input, s.params, cx),
         }
     }
 }
 
-/// The socket and its input buffer (`buf[start..end]` is unread input; the buffer is zeroed
-/// once and reused, growing only for a PDU larger than it).
-struct Conn {
-    sock: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+/// The next login PDU, reading as needed.
+fn login_pdu(input: &mut Input, sock: &mut Socket) -> Result<Pdu, Close> {
+    loop {
+        match decode(input.data(), Digests::NONE, Login::login_max_data()) {
+            Ok(Some((pdu, n))) => {
+                input.consume(n);
+                return Ok(pdu);
+            }
+            Ok(None) => input.fill(sock, None).map_err(|stop| match stop {
+                Stop::Ended(e) => Close::Ended(e),
+                Stop::Stopped | Stop::Eof | Stop::Failed(_) => Close::InitiatorClosedDuringLogin,
+            })?,
+            Err(_) => return Err(Close::MalformedLoginPdu),
+        }
+    }
 }
 
-impl Conn {
-    fn new(sock: TcpStream) -> Conn {
-        Conn { sock, buf: vec![0; 1 << 20], start: 0, end: 0 }
-    }
-
-    /// Reads more input; `Ok(false)` on a timeout (nothing arrived within [`POLL`]).
-    fn fill(&mut self) -> std::io::Result<bool> {
-        const MIN_ROOM: usize = 64 << 10;
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-        }
-        if self.buf.len() - self.end < MIN_ROOM {
-            self.buf.copy_within(self.start..self.end, 0);
-            (self.start, self.end) = (0, self.end - self.start);
-            if self.buf.len() - self.end < MIN_ROOM {
-                self.buf.resize(self.buf.len() * 2, 0);
-            }
-        }
-        match self.sock.read(&mut self.buf[self.end..]) {
-            Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                self.end += n;
-                Ok(true)
-            }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn input(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
+fn send_login(sock: &mut Socket, reply: &Pdu) -> Result<(), Close> {
+    let mut out = Out::default();
+    out.push(reply, Digests::NONE);
+    out.send(sock.stream()).map_err(|_| Close::InitiatorClosedDuringLogin)
 }
 
 fn nonce() -> ChapNonce {
@@ -237,399 +332,4 @@ fn nonce() -> ChapNonce {
     let mut challenge = [0u8; 32];
     challenge.copy_from_slice(&bytes[1..]);
     ChapNonce { identifier: bytes[0], challenge }
-}
-
-/// One connection, from login to close; returns why it closed.
-fn connection(shared: &Shared, sock: TcpStream, peer: SocketAddr, shutdown: &CancellationToken) -> &'static str {
-    let _ = sock.set_nodelay(true);
-    if sock.set_read_timeout(Some(POLL)).is_err() {
-        return "socket setup failed";
-    }
-    let local = sock.local_addr().ok();
-    let mut conn = Conn::new(sock);
-    let config =
-        LoginConfig { cmd_window: WINDOW, discovery_chap: shared.rules.discovery_chap.clone(), ..Default::default() };
-    let mut login = Login::new(config, shared.tsih(), nonce());
-    let targets = LoginTargets { shared, peer: peer.ip() };
-    let deadline = Instant::now() + LOGIN_TIMEOUT;
-    let params = loop {
-        let pdu = match decode(conn.input(), Digests::NONE, Login::login_max_data()) {
-            Ok(Some((pdu, n))) => {
-                conn.start += n;
-                pdu
-            }
-            Ok(None) => {
-                if Instant::now() > deadline {
-                    return "login timed out";
-                }
-                if shutdown.is_cancelled() {
-                    return "daemon shutting down";
-                }
-                match conn.fill() {
-                    Ok(_) => continue,
-                    Err(_) => return "initiator closed during login",
-                }
-            }
-            Err(_) => return "malformed PDU during login",
-        };
-        let step = match login.handle(&pdu, &targets) {
-            Ok(s) => s,
-            Err(_) => return "login already finished",
-        };
-        let (reply, done) = match step {
-            LoginStep::Continue(r) => (r, None),
-            LoginStep::Done(r, p) => (r, Some(p)),
-            LoginStep::Fail(r) => {
-                let mut out = Out::default();
-                out.push(&r, Digests::NONE);
-                let _ = out.send(&mut conn.sock);
-                return "login refused";
-            }
-        };
-        let mut out = Out::default();
-        out.push(&reply, Digests::NONE);
-        if out.send(&mut conn.sock).is_err() {
-            return "initiator closed during login";
-        }
-        if let Some(p) = done {
-            break *p;
-        }
-    };
-    let portal = local.map(|a| format!("{a},1")).unwrap_or_default();
-    match params.session_type {
-        SessionType::Discovery => {
-            full_feature(shared, conn, Session::new(params, WINDOW), None, peer, &portal, shutdown)
-        }
-        SessionType::Normal => {
-            let Some(reference) = params.target_name.as_deref().and_then(reference_of) else {
-                return "login without a target";
-            };
-            let Some(identity) = shared.exported(&reference) else { return "target went away during login" };
-            let Some(guard) = shared.store.exports.register(&reference) else { return "target fenced" };
-            let lun = shared.lun(&reference, &identity);
-            let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
-            let mut session = Session::new(params, WINDOW);
-            session.set_read_only(shared.store.catalog().target(&export.reference).map_or(true, |t| t.read_only));
-            let nexus = session.nexus();
-            let lun = export.lun.clone();
-            let why = full_feature(shared, conn, session, Some(export), peer, &portal, shutdown);
-            lun.lock().unwrap_or_else(|p| p.into_inner()).nexus_lost(&nexus);
-            drop(guard);
-            why
-        }
-    }
-}
-
-/// A normal session's target.
-struct Export {
-    reference: String,
-    lun: Arc<Mutex<LunState>>,
-    close: CancellationToken,
-    expired: CancellationToken,
-}
-
-fn full_feature(
-    shared: &Shared,
-    mut conn: Conn,
-    mut session: Session,
-    export: Option<Export>,
-    peer: SocketAddr,
-    portal: &str,
-    shutdown: &CancellationToken,
-) -> &'static str {
-    let digests = session.params().digests();
-    let max_recv = session.params().max_recv_data_segment_length;
-    let nexus = session.nexus();
-    let mut out = Out::default();
-    loop {
-        let mut closing: Option<&'static str> = None;
-        let mut batch = Batch::new(&shared.store, export.as_ref());
-        loop {
-            let (pdu, n) = match decode(conn.input(), digests, max_recv) {
-                Ok(Some(x)) => x,
-                Ok(None) => break,
-                Err(e) => match e.disposition() {
-                    Disposition::Reject { reason, header, skip } => {
-                        conn.start += skip;
-                        let r = session.reject_header(reason, &header);
-                        out.push(&r, digests);
-                        continue;
-                    }
-                    Disposition::Close => {
-                        closing = Some("malformed PDU");
-                        break;
-                    }
-                },
-            };
-            conn.start += n;
-            for ev in session.handle(pdu) {
-                if !matches!(ev, Event::Run(_)) {
-                    batch.finish(&mut session, &mut out, digests);
-                }
-                match ev {
-                    Event::Send(p) => out.push(&p, digests),
-                    Event::Run(cmd) => {
-                        if let Some(x) = &export {
-                            if cmd.fail.is_none() && x.expired.is_cancelled() {
-                                closing = Some("export switched");
-                                break;
-                            }
-                        }
-                        batch.run(cmd, &nexus);
-                    }
-                    Event::SendTargets { itt, query } => {
-                        let visible: Vec<TargetEntry> = shared
-                            .all_exports()
-                            .into_iter()
-                            .filter(|r| shared.rules.visible(r, &session.params().initiator_name, peer.ip()))
-                            .map(|r| TargetEntry { name: target_name(&r), addresses: vec![portal.to_string()] })
-                            .collect();
-                        let current = export.as_ref().map(|x| target_name(&x.reference));
-                        let text = send_targets(&query, &visible, session.params().session_type, current.as_deref());
-                        let p = session.send_targets(itt, text);
-                        out.push(&p, digests);
-                    }
-                    Event::Reset => {
-                        if let Some(x) = &export {
-                            x.lun.lock().unwrap_or_else(|p| p.into_inner()).reset();
-                        }
-                    }
-                    Event::Close(why) => {
-                        closing = Some(why);
-                        break;
-                    }
-                }
-            }
-            if closing.is_some() {
-                break;
-            }
-        }
-        batch.finish(&mut session, &mut out, digests);
-        drop(batch);
-        if !out.is_empty() && out.send(&mut conn.sock).is_err() {
-            return "initiator went away";
-        }
-        if let Some(why) = closing {
-            return why;
-        }
-        if export.as_ref().is_some_and(|x| x.close.is_cancelled()) {
-            return "export switched (rewind, refresh or delete)";
-        }
-        if shutdown.is_cancelled() {
-            return "daemon shutting down";
-        }
-        match conn.fill() {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return "initiator closed",
-            Err(_) => return "read failed",
-        }
-    }
-}
-
-/// PDUs waiting to be sent: headers and small data are copied together, large data segments
-/// (read data) are queued as they are and go out with one vectored write.
-#[derive(Default)]
-struct Out {
-    parts: Vec<Bytes>,
-    small: Vec<u8>,
-}
-
-impl Out {
-    fn push(&mut self, p: &Pdu, digests: Digests) {
-        match p.encode_parts(digests) {
-            Ok((head, data, tail)) => {
-                self.small.extend_from_slice(&head);
-                if data.len() >= 4096 {
-                    self.parts.push(Bytes::from(std::mem::take(&mut self.small)));
-                    self.parts.push(data);
-                } else {
-                    self.small.extend_from_slice(&data);
-                }
-                self.small.extend_from_slice(&tail);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode an iSCSI PDU"),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.parts.is_empty() && self.small.is_empty()
-    }
-
-    /// Writes everything queued, then empties the queue.
-    fn send(&mut self, sock: &mut TcpStream) -> std::io::Result<()> {
-        if !self.small.is_empty() {
-            self.parts.push(Bytes::from(std::mem::take(&mut self.small)));
-        }
-        let mut slices: Vec<std::io::IoSlice<'_>> = self.parts.iter().map(|b| std::io::IoSlice::new(b)).collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let n = sock.write_vectored(rest)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            std::io::IoSlice::advance_slices(&mut rest, n);
-        }
-        drop(slices);
-        self.parts.clear();
-        Ok(())
-    }
-}
-
-/// The commands of one read from the socket: they run in order under the LUN's lock, their
-/// writes are committed together (one group commit) before anything else touches the volume,
-/// and their answers are built once those writes are done, so a failed write still fails its
-/// command.
-struct Batch<'a> {
-    store: &'a Store,
-    export: Option<&'a Export>,
-    dev: Option<VolumeLun<'a>>,
-    state: Option<std::sync::MutexGuard<'a, LunState>>,
-    pending: Vec<(Command, Option<ScsiOutcome>, std::ops::Range<usize>)>,
-}
-
-impl<'a> Batch<'a> {
-    fn new(store: &'a Store, export: Option<&'a Export>) -> Batch<'a> {
-        Batch { store, export, dev: None, state: None, pending: Vec::new() }
-    }
-
-    fn run(&mut self, cmd: Command, nexus: &str) {
-        let Some(x) = self.export.filter(|_| cmd.fail.is_none()) else {
-            self.pending.push((cmd, None, 0..0));
-            return;
-        };
-        let dev = self.dev.get_or_insert_with(|| VolumeLun::new(self.store, &x.reference));
-        let state = self.state.get_or_insert_with(|| x.lun.lock().unwrap_or_else(|p| p.into_inner()));
-        let start = dev.writes();
-        let o = scsi::execute(&cmd.cdb, &cmd.data_out, cmd.lun, nexus, dev, state);
-        let end = dev.writes();
-        self.pending.push((cmd, Some(o), start..end));
-    }
-
-    /// Commits the batch's writes and appends every pending command's answer to `out`.
-    fn finish(&mut self, session: &mut Session, out: &mut Out, digests: Digests) {
-        if let Some(dev) = &self.dev {
-            let _ = dev.commit();
-        }
-        for (cmd, mut outcome, writes) in self.pending.drain(..) {
-            if let Some(e) = self.dev.as_ref().and_then(|d| d.failure(writes)) {
-                outcome = Some(scsi::failed_write(e));
-            }
-            if let Some(sense) = outcome.as_ref().and_then(|o| o.sense.as_ref()) {
-                let key = format!("{:#04x}", sense.key);
-                self.store.metrics.iscsi_check_conditions.with_label_values(&[&key]).inc();
-            }
-            for p in session.complete(cmd, outcome) {
-                out.push(&p, digests);
-            }
-        }
-        self.state = None;
-    }
-}
-
-/// A volume or snapshot as the SCSI model's [`Backend`]. Writes are queued and committed
-/// together ([`VolumeLun::commit`]) before any other operation, so the model always sees its
-/// own writes.
-struct VolumeLun<'a> {
-    store: &'a Store,
-    reference: &'a str,
-    blocks: u64,
-    read_only: bool,
-    queued: RefCell<Vec<(String, u64, Bytes)>>,
-    /// One entry per committed write: its error, if it failed.
-    results: RefCell<Vec<Option<BackendError>>>,
-}
-
-impl<'a> VolumeLun<'a> {
-    fn new(store: &'a Store, reference: &'a str) -> VolumeLun<'a> {
-        let (blocks, read_only) = match store.catalog().target(reference) {
-            Ok(t) => (t.size_bytes / u64::from(scsi::LOGICAL_BLOCK_SIZE), t.read_only),
-            Err(_) => (0, true),
-        };
-        VolumeLun { store, reference, blocks, read_only, queued: RefCell::default(), results: RefCell::default() }
-    }
-
-    /// Writes queued or committed so far (indexes for [`VolumeLun::failure`]).
-    fn writes(&self) -> usize {
-        self.results.borrow().len() + self.queued.borrow().len()
-    }
-
-    /// Commits the queued writes as one group; `Err` if any of them failed.
-    fn commit(&self) -> Result<(), BackendError> {
-        let queued = std::mem::take(&mut *self.queued.borrow_mut());
-        if queued.is_empty() {
-            return Ok(());
-        }
-        let mut first = None;
-        let mut results = self.results.borrow_mut();
-        for r in self.store.write_many(queued) {
-            let e = r.err().map(|e| backend_error(&e));
-            first = first.or(e);
-            results.push(e);
-        }
-        first.map_or(Ok(()), Err)
-    }
-
-    /// The first failure among the writes with these indexes.
-    fn failure(&self, writes: std::ops::Range<usize>) -> Option<BackendError> {
-        self.results.borrow().get(writes).and_then(|r| r.iter().flatten().next().copied())
-    }
-}
-
-fn backend_error(e: &StoreError) -> BackendError {
-    match e {
-        e if crate::store::is_enospc(e) => BackendError::NoSpace,
-        StoreError::Catalog(catalog::CatalogError::ReadOnly(_)) => BackendError::ReadOnly,
-        _ => {
-            tracing::warn!(error = %e, "iSCSI I/O failed");
-            BackendError::Io
-        }
-    }
-}
-
-const LB: u64 = scsi::LOGICAL_BLOCK_SIZE as u64;
-
-impl Backend for VolumeLun<'_> {
-    fn read(&self, lba: u64, _blocks: u32, buf: &mut [u8]) -> Result<(), BackendError> {
-        // A failed queued write fails its own command; the read goes on.
-        let _ = self.commit();
-        self.store.read(self.reference, lba * LB, buf).map_err(|e| backend_error(&e))
-    }
-
-    fn write(&self, lba: u64, data: &[u8]) -> Result<(), BackendError> {
-        if self.read_only {
-            return Err(BackendError::ReadOnly);
-        }
-        self.queued.borrow_mut().push((self.reference.to_string(), lba * LB, Bytes::copy_from_slice(data)));
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<(), BackendError> {
-        self.commit()?;
-        self.store.flush().map_err(|e| backend_error(&e))
-    }
-
-    fn unmap(&self, ranges: &[(u64, u32)]) -> Result<(), BackendError> {
-        let _ = self.commit();
-        for &(lba, blocks) in ranges {
-            self.store.zero_range(self.reference, lba * LB, u64::from(blocks) * LB).map_err(|e| backend_error(&e))?;
-        }
-        Ok(())
-    }
-
-    fn block_status(&self, lba: u64) -> Result<(bool, u64), BackendError> {
-        let _ = self.commit();
-        let off = lba * LB;
-        let len = (self.blocks - lba.min(self.blocks)) * LB;
-        let runs = self.store.block_status(self.reference, off, len, 1 << 30).map_err(|e| backend_error(&e))?;
-        let Some(&(run, state)) = runs.first() else { return Ok((false, 1)) };
-        Ok((state == BlockState::Data, (run / LB).max(1)))
-    }
-
-    fn capacity_blocks(&self) -> u64 {
-        self.blocks
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
 }
