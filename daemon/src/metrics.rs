@@ -38,7 +38,7 @@ pub struct Metrics {
 }
 
 /// The two metrics every protocol listener keeps: open connections, and closed ones by reason.
-/// Only the listener life cycle ([`crate::server::listener`]) touches them.
+/// Only the server's listener life cycle (`server::listener`) touches them.
 #[derive(Debug, Clone)]
 pub struct ConnectionMetrics {
     /// Open connections (`forkd_<protocol>_connections`).

@@ -20,7 +20,9 @@
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
 //! - `space`: the emergency data reserve and what a full disk does;
-//! - `engine`: the io_uring data engine (the only unsafe code).
+//! - `engine`: the io_uring data engine (the only unsafe code);
+//! - `exports`: the live connections per export that rewind, refresh and delete fence and
+//!   drain before they switch a head.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -37,6 +39,7 @@ use engine::Engine;
 mod commit;
 #[allow(unsafe_code)] // the only unsafe code in the crate: io_uring buffers (see its SAFETY notes)
 pub mod engine;
+pub mod exports;
 mod flush;
 mod read;
 mod space;
@@ -107,7 +110,7 @@ pub struct Store {
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// Live protocol connections per export, for rewind/refresh/delete.
-    pub exports: crate::server::exports::ExportRegistry,
+    pub exports: exports::ExportRegistry,
     /// Sources with an ingest stream arriving right now.
     pub ingests: ActiveIngests,
     /// Writes waiting for the next group commit.

@@ -15,7 +15,7 @@ use crate::api::volumes::{
     ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume, VolumeKind,
     VolumeList,
 };
-use crate::server::exports::Scope;
+use crate::store::exports::Scope;
 use crate::store::StoreError;
 
 /// The API's view of a catalog volume: with its snapshots or only their count, and with space

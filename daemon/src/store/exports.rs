@@ -7,8 +7,11 @@
 //! and waits until each has answered the requests it had already received and hung up. Only
 //! then does the operation run. New connections afterwards see the new contents.
 //!
-//! Used by every protocol listener (NBD now, iSCSI later). A connection registers the volume
-//! name behind its export (`dev1` for both `dev1` and `dev1@3`) and its exact export name.
+//! It lives with the store because it guards the store's head switches, as the ingest claim
+//! does: every protocol listener (NBD, iSCSI) registers its connections here, and the catalog
+//! routes fence before they switch. A connection registers the volume name behind its export
+//! (`dev1` for both `dev1` and `dev1@3`) and its exact export name. It knows nothing of any
+//! protocol: names and cancellation tokens only.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
