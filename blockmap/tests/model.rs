@@ -515,7 +515,7 @@ impl Run {
         self.high_water = self.committed_high_water;
     }
 
-    /// The store's flush cycle (`daemon/src/store/mod.rs`, `flush_inner`), from its beginning
+    /// The store's flush cycle (`daemon/src/store/flush.rs`, `flush_inner`), from its beginning
     /// to its end, after finishing one in progress.
     fn flush(&mut self, commit_first: bool) {
         if commit_first {

@@ -30,8 +30,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(30);
 const METRIC_WAIT: Duration = Duration::from_secs(10);
 
 /// Small limits for both listeners.
-const LIMITS: &str = "[nbd_limits]\nmax_connections = 2\nhandshake_timeout_ms = 1500\n\n\
-                      [iscsi_limits]\nmax_connections = 2\nhandshake_timeout_ms = 1500\n";
+const LIMITS: &str = "[nbd_limits]\nmax_connections = 2\nhandshake_timeout_ms = 5000\n\n\
+                      [iscsi_limits]\nmax_connections = 2\nhandshake_timeout_ms = 5000\n";
 
 struct Env {
     d: Daemon,

@@ -5,7 +5,7 @@
 //!
 //! After each scenario the daemon must still be running and serving, and
 //! `forkd_nbd_connections_closed_total{reason="..."}` must count the close with the reason the
-//! daemon gives for it (the strings are those of `daemon/src/nbd_server.rs`).
+//! daemon gives for it (the strings are those of `daemon/src/server/nbd/mod.rs`).
 
 use std::time::{Duration, Instant};
 

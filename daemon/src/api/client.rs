@@ -3,8 +3,8 @@
 //!
 //! One typed method per route ([`Client::list`], [`Client::volume`], [`Client::create_source`],
 //! ...) sends the request types of [`crate::api`] and returns its answer types, the same ones
-//! the server builds its answers from. The untyped `*_json`/`*_bytes` calls below them remain
-//! for callers not yet moved over.
+//! the server builds its answers from. The untyped `*_json`/`*_bytes` calls below them are
+//! private: the plumbing of the typed ones.
 //!
 //! Errors are made for humans: when the daemon answers with a non-2xx status and a
 //! `{"error": "..."}` body, the returned [`anyhow::Error`] displays exactly that text (it is an

@@ -53,9 +53,9 @@ pub struct Zeroed {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Empty {}
 
-/// The answer of `GET /v1/volumes/{ref}/extents`.
+/// The answer of `GET /v1/volumes/{ref}/extents`. Read strictly: `forkd dump` sizes its file
+/// and fetches its data by these.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(default)]
 pub struct Extents {
     /// The ranges holding data, `[offset, length]` in bytes, in order, adjacent ones merged;
     /// everything else reads as zeros.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::volumes::{IngestSummary, Size, Volume};
+use crate::api::volumes::{with_field, IngestSummary, Size, Volume};
 
 /// `POST /v1/sources/{name}/resize`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -14,8 +14,9 @@ pub struct ResizeRequest {
     pub size: Size,
 }
 
-/// The answer of resize: the source, plus the size it had before.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// The answer of resize: the source, plus the size it had before (keys sorted, as in every
+/// answer: see [`crate::api::volumes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, ToSchema)]
 pub struct ResizeAnswer {
     /// The source after the resize.
     #[serde(flatten)]
@@ -23,6 +24,12 @@ pub struct ResizeAnswer {
     /// Its size before, in bytes.
     #[serde(default)]
     pub previous_size_bytes: u64,
+}
+
+impl Serialize for ResizeAnswer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        with_field(&self.volume, "previous_size_bytes", &self.previous_size_bytes, s)
+    }
 }
 
 /// The answer of `POST /v1/sources/{name}/ingest`: the snapshot the stream became.

@@ -19,8 +19,14 @@ const MAX_ANSWER: u64 = 1 << 20;
 /// Body bytes sent per chunk at most.
 const CHUNK: usize = 1 << 20;
 
+/// How long to wait for a TCP connection to the daemon (as every other API call does).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long to wait for the daemon's answer after the last body byte went out (or could not).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+/// The daemon answers once the last frames are committed and the snapshot is made durable:
+/// seconds, even for a large ingest. An hour means a daemon that hangs does not hang the
+/// agent (and its `--lvm` snapshot or `--freeze`) forever.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The daemon's answer: status, reason phrase, body.
 #[derive(Debug)]
@@ -50,15 +56,15 @@ pub(crate) enum UploadError {
 /// `POST base+path` with `body` sent chunked, `headers` added; the daemon's answer, whenever
 /// it comes (before, during or after the body).
 pub(crate) fn post(base: &str, path: &str, headers: &[(&str, &str)], body: impl Read) -> Result<Answer, UploadError> {
-    let (host, port) = host_port(base)?;
-    let sock = TcpStream::connect((host.as_str(), port)).map_err(UploadError::Connect)?;
+    let target = Target::of(base, path)?;
+    let sock = target.connect()?;
     let reader = sock.try_clone().map_err(UploadError::Connect)?;
     let (tx, answer) = channel();
     std::thread::spawn(move || {
         let _ = tx.send(read_answer(reader));
     });
     let mut sock = sock;
-    match send(&mut sock, &host, path, headers, body, &answer) {
+    match send(&mut sock, &target, headers, body, &answer) {
         Ok(Some(early)) => return early,
         Ok(None) => {}
         Err(e) => {
@@ -74,15 +80,42 @@ pub(crate) fn post(base: &str, path: &str, headers: &[(&str, &str)], body: impl 
     }
 }
 
-/// `HOST`, `PORT` of an `http://HOST:PORT` base URL.
-fn host_port(base: &str) -> Result<(String, u16), UploadError> {
-    let url = url::Url::parse(base).map_err(|e| UploadError::Url(format!("invalid API URL {base}: {e}")))?;
-    if url.scheme() != "http" {
-        return Err(UploadError::Url(format!("invalid API URL {base}: only http:// is supported")));
+/// Where the upload goes: `http://HOST:PORT[/PREFIX]` plus the route's path.
+#[derive(Debug)]
+struct Target {
+    /// `HOST:PORT` as the `Host` header carries it (IPv6 in brackets).
+    authority: String,
+    /// The socket addresses `HOST:PORT` resolves to.
+    addrs: Vec<std::net::SocketAddr>,
+    /// The base URL's path prefix, if any, and the route's path.
+    path: String,
+}
+
+impl Target {
+    fn of(base: &str, path: &str) -> Result<Target, UploadError> {
+        let bad = |why: &str| UploadError::Url(format!("invalid API URL {base}: {why}"));
+        let url = url::Url::parse(base).map_err(|e| bad(&e.to_string()))?;
+        if url.scheme() != "http" {
+            return Err(bad("only http:// is supported"));
+        }
+        let addrs = url.socket_addrs(|| Some(80)).map_err(|e| UploadError::Connect(std::io::Error::other(e)))?;
+        let host = url.host_str().ok_or_else(|| bad("no host"))?;
+        let authority = format!("{host}:{}", url.port_or_known_default().unwrap_or(80));
+        let path = format!("{}{path}", url.path().trim_end_matches('/'));
+        Ok(Target { authority, addrs, path })
     }
-    let host = url.host_str().ok_or_else(|| UploadError::Url(format!("invalid API URL {base}: no host")))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    Ok((host, url.port_or_known_default().unwrap_or(80)))
+
+    /// The first address that answers within [`CONNECT_TIMEOUT`].
+    fn connect(&self) -> Result<TcpStream, UploadError> {
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the API host has no address");
+        for addr in &self.addrs {
+            match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(UploadError::Connect(last))
+    }
 }
 
 /// What reading an answer gives.
@@ -92,14 +125,15 @@ type Answered = Result<Answer, UploadError>;
 /// A write that fails is not an error: the answer (or its absence) says what happened.
 fn send(
     sock: &mut TcpStream,
-    host: &str,
-    path: &str,
+    target: &Target,
     headers: &[(&str, &str)],
     mut body: impl Read,
     answer: &Receiver<Answered>,
 ) -> Result<Option<Answered>, UploadError> {
     let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: forkd/{}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n",
+        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: forkd/{}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n",
+        target.path,
+        target.authority,
         env!("CARGO_PKG_VERSION")
     );
     for (k, v) in headers {
@@ -209,11 +243,82 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
         let size_text = size_text.split(';').next().unwrap_or("").trim().to_string();
         let Ok(size) = usize::from_str_radix(&size_text, 16) else { break };
         let start = eol + 2;
-        if size == 0 || start + size > raw.len() {
-            break;
-        }
-        out.extend_from_slice(&raw[start..start + size]);
-        raw = raw.get(start + size + 2..).unwrap_or(&[]);
+        let Some(end) = start.checked_add(size).filter(|&end| size > 0 && end <= raw.len()) else { break };
+        out.extend_from_slice(&raw[start..end]);
+        raw = raw.get(end.saturating_add(2)..).unwrap_or(&[]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+
+    #[test]
+    fn chunked_bodies_decode_and_bad_sizes_stop_without_panic() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"), b"abcde");
+        assert_eq!(dechunk(b"ffffffffffffffff\r\nabc\r\n"), b"");
+        assert_eq!(dechunk(b"10\r\nshort\r\n"), b"");
+        assert_eq!(dechunk(b"zz\r\n"), b"");
+    }
+
+    /// An endless body: the upload only ends because the daemon answered.
+    struct Endless;
+
+    impl Read for Endless {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            out.fill(7);
+            Ok(out.len())
+        }
+    }
+
+    #[test]
+    fn an_answer_before_the_end_of_the_body_is_heard() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(sock.try_clone().expect("clone"));
+            let mut head = String::new();
+            while reader.read_line(&mut head).expect("read head") > 2 {}
+            let body = r#"{"error":"an ingest into `prod` is already running"}"#;
+            let answer = format!("HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            (&sock).write_all(answer.as_bytes()).expect("answer");
+            // As a careful server does: no reset while the client may still read the answer.
+            let _ = sock.shutdown(Shutdown::Write);
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            head
+        });
+        let a = post(&format!("http://{addr}/prefix/"), "/v1/sources/prod/ingest", &[("X-Test", "1")], Endless)
+            .expect("an answer");
+        assert_eq!(a.status, 409);
+        assert_eq!(a.reason, "Conflict");
+        assert!(String::from_utf8_lossy(&a.body).contains("already running"));
+        let head = server.join().expect("server");
+        assert!(head.starts_with("POST /prefix/v1/sources/prod/ingest HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains(&format!("Host: {addr}\r\n")) && head.contains("X-Test: 1\r\n"), "{head}");
+    }
+
+    #[test]
+    fn a_body_that_fails_is_the_error() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("reading the image at offset 0: Input/output error"))
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().expect("accept");
+            let mut all = Vec::new();
+            let _ = sock.read_to_end(&mut all);
+        });
+        let err = post(&format!("http://{addr}"), "/x", &[], Broken).expect_err("the body failed");
+        assert!(matches!(err, UploadError::Body(_)), "{err:?}");
+        assert!(err.to_string().contains("offset 0"), "{err}");
+        server.join().expect("server");
+    }
 }

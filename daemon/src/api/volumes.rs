@@ -251,8 +251,9 @@ pub struct CloneRequest {
     pub name: String,
 }
 
-/// The answer of `POST /v1/clones`: the new clone, plus the snapshot it was made from.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// The answer of `POST /v1/clones`: the new clone, plus the snapshot it was made from (among
+/// the volume's keys in sorted order, as every answer has them: see [`with_field`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, ToSchema)]
 pub struct CloneAnswer {
     /// The new clone.
     #[serde(flatten)]
@@ -260,6 +261,30 @@ pub struct CloneAnswer {
     /// The snapshot it was made from (`VOLUME@ID`).
     #[serde(default)]
     pub made_from: String,
+}
+
+impl Serialize for CloneAnswer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        with_field(&self.volume, "made_from", &self.made_from, s)
+    }
+}
+
+/// Serialize `base`'s fields plus `key`, all in sorted key order. A flattened struct would
+/// put `key` last; every other answer has its keys sorted (the order the daemon has always
+/// sent), so an answer that extends another goes through a JSON map, which sorts.
+pub(crate) fn with_field<S: serde::Serializer>(
+    base: &impl Serialize,
+    key: &str,
+    value: &impl Serialize,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::Error;
+    let mut map = match serde_json::to_value(base).map_err(S::Error::custom)? {
+        serde_json::Value::Object(map) => map,
+        _ => return Err(S::Error::custom("an answer that extends another must extend an object")),
+    };
+    map.insert(key.to_string(), serde_json::to_value(value).map_err(S::Error::custom)?);
+    map.serialize(s)
 }
 
 /// `POST /v1/volumes/{name}/rewind` (`to` required) and `.../refresh` (`to` optional, body
@@ -338,4 +363,50 @@ pub struct TreeVolume {
 pub struct Tree {
     /// Every volume.
     pub volumes: Vec<TreeVolume>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ingest::ResizeAnswer;
+
+    /// The keys of a JSON object as serialized, in order.
+    fn keys(text: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut depth = 0;
+        for (i, c) in text.char_indices() {
+            match c {
+                '{' | '[' => depth += 1,
+                '}' | ']' => depth -= 1,
+                '"' if depth == 1 && text[..i].ends_with([',', '{']) => {
+                    let rest = &text[i + 1..];
+                    keys.push(rest[..rest.find('"').unwrap_or(0)].to_string());
+                }
+                _ => {}
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn answers_that_extend_a_volume_keep_every_key_in_sorted_order() {
+        let volume = Volume { name: "dev1".into(), snapshots: Some(Vec::new()), ..Volume::default() };
+        let clone = CloneAnswer { volume: volume.clone(), made_from: "prod@1".into() };
+        let text = serde_json::to_string(&clone).expect("serialize");
+        let k = keys(&text);
+        let mut sorted = k.clone();
+        sorted.sort();
+        assert_eq!(k, sorted, "{text}");
+        assert!(k.contains(&"made_from".to_string()) && k.contains(&"snapshots".to_string()), "{text}");
+        let back: CloneAnswer = serde_json::from_str(&text).expect("read back");
+        assert_eq!(back, clone);
+
+        let resize = ResizeAnswer { volume, previous_size_bytes: 4096 };
+        let text = serde_json::to_string(&resize).expect("serialize");
+        let k = keys(&text);
+        let mut sorted = k.clone();
+        sorted.sort();
+        assert_eq!(k, sorted, "{text}");
+        assert_eq!(serde_json::from_str::<ResizeAnswer>(&text).expect("read back"), resize);
+    }
 }

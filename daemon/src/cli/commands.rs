@@ -1,6 +1,6 @@
 //! The client commands that are plain calls to the daemon's HTTP API (`docs/api.md`): each
-//! sends one request and prints the answer, as a line or table for people or as the daemon's
-//! JSON with `--json`.
+//! sends one request and prints the answer, as a line or table for people or, with `--json`,
+//! as the typed answer in the daemon's JSON (see [`super::render`]).
 
 use std::io::Write;
 

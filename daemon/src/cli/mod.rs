@@ -2,8 +2,9 @@
 //! the client commands that are plain calls to the daemon's HTTP API (`docs/api.md`).
 //!
 //! `serve` is the [`crate::server`], `ingest` the [`crate::agent`], `dump` is [`dump`];
-//! [`commands::run_client`] handles the rest, [`render`] draws their answers. Output is a human-readable table or line by default and the daemon's JSON
-//! answer, pretty-printed, with `--json`.
+//! [`commands::run_client`] handles the rest, [`render`] draws their answers. Output is a
+//! human-readable table or line by default and the daemon's JSON answer, pretty-printed,
+//! with `--json`.
 //!
 //! The `--api` flag: it is one global flag (`forkd --api URL list` and `forkd list --api URL`
 //! both work, default from `FORKD_API`, then `http://127.0.0.1:7480`). For `serve`, the same

@@ -1,6 +1,7 @@
 //! How the CLI shows the daemon's answers to people: tables, the `show` text and the lineage
 //! tree, from the typed answers of [`crate::api`]. `--json` bypasses all of this and prints
-//! the answer as it came.
+//! the typed answer as JSON, keys sorted as the daemon sends them (a field this CLI does not
+//! know, from a newer daemon, is not shown).
 
 use std::collections::HashMap;
 

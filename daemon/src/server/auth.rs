@@ -22,8 +22,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
+use crate::api::error::ErrorBody;
 use crate::api::token::{check_token_text, read_token_file};
 
 /// Fewest characters a token may have.
@@ -131,7 +131,8 @@ pub fn check(token: &Token, headers: &HeaderMap) -> Result<(), Refusal> {
 
 /// The `401` answer: `{"error": "..."}` and `WWW-Authenticate: Bearer realm="forkd"`.
 pub fn unauthorized(why: Refusal) -> Response {
-    let mut r = (StatusCode::UNAUTHORIZED, Json(json!({ "error": why.message() }))).into_response();
+    let body = ErrorBody { error: why.message().to_string() };
+    let mut r = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"forkd\""));
     r
 }

@@ -49,6 +49,10 @@ use crate::metrics::ConnectionMetrics;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a blocked read on a connection thread wakes to look at its deadline and stops.
 pub const POLL: Duration = Duration::from_millis(200);
+/// Most connections a listener may be configured to hold (far beyond file-descriptor limits).
+const MAX_CONNECTIONS: usize = 1_000_000;
+/// Longest handshake timeout a listener may be configured with.
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// First and longest pause after a failed accept.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
@@ -76,9 +80,16 @@ impl LimitSettings {
     /// These settings over `defaults`; `table` names the config table in errors.
     pub fn resolve(&self, defaults: Limits, table: &str) -> anyhow::Result<Limits> {
         let max_connections = self.max_connections.unwrap_or(defaults.max_connections);
-        anyhow::ensure!(max_connections >= 1, "config: {table}.max_connections must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_CONNECTIONS).contains(&max_connections),
+            "config: {table}.max_connections must be from 1 to {MAX_CONNECTIONS}"
+        );
         let handshake_timeout = self.handshake_timeout_ms.map_or(defaults.handshake_timeout, Duration::from_millis);
-        anyhow::ensure!(!handshake_timeout.is_zero(), "config: {table}.handshake_timeout_ms must be at least 1");
+        anyhow::ensure!(
+            !handshake_timeout.is_zero() && handshake_timeout <= MAX_HANDSHAKE_TIMEOUT,
+            "config: {table}.handshake_timeout_ms must be from 1 to {}",
+            MAX_HANDSHAKE_TIMEOUT.as_millis()
+        );
         Ok(Limits { max_connections, handshake_timeout })
     }
 }
@@ -195,16 +206,17 @@ impl Cx {
 }
 
 /// An admitted connection's hold on the listener: its slot under the limit, its place in the
-/// drain and its share of the open gauge, all given back when dropped (in that order: once
-/// the gauge shows a connection gone, its slot is free).
+/// drain and its share of the open gauge, all given back when dropped, in that order (fields
+/// drop in declaration order): once the gauge shows a connection gone its slot is free, and
+/// once the drain sees it gone the gauge is right.
 #[derive(Debug)]
 struct Admitted<P: Protocol> {
     proto: Arc<P>,
     cx: Cx,
     deadline: Instant,
     _slot: OwnedSemaphorePermit,
-    _tracked: TaskTrackerToken,
     _open: Open,
+    _tracked: TaskTrackerToken,
 }
 
 /// One connection's share of the open gauge.
@@ -736,14 +748,14 @@ mod tests {
     }
 
     async fn handshake_timeout_closes_silent_clients(threads: bool) {
-        let limits = Limits { handshake_timeout: Duration::from_millis(200), ..LIMITS };
+        let limits = Limits { handshake_timeout: Duration::from_millis(1000), ..LIMITS };
         let l = Running::start(threads, limits).await;
         let mut silent = TcpStream::connect(l.addr).await.expect("connect");
         assert_closed_silently(&mut silent, "a client that sends nothing").await;
         until("the timeout is counted", || l.closed("handshake timeout") == 1).await;
         // Past its handshake, a connection is not subject to the timeout.
         let mut s = l.admitted().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         s.write_all(b"y").await.expect("send");
         let mut got = [0u8; 1];
         s.read_exact(&mut got).await.expect("echo after the handshake timeout passed");
@@ -798,7 +810,7 @@ mod tests {
     }
 
     #[test]
-    fn limit_settings_fall_back_to_the_defaults_and_refuse_zero() {
+    fn limit_settings_fall_back_to_the_defaults_and_refuse_zero_and_extremes() {
         let defaults = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(15) };
         assert_eq!(LimitSettings::default().resolve(defaults, "x").expect("defaults"), defaults);
         let s = LimitSettings { max_connections: Some(3), handshake_timeout_ms: None };
@@ -809,5 +821,10 @@ mod tests {
         assert!(err.contains("nbd_limits.max_connections"), "{err}");
         let zero = LimitSettings { max_connections: None, handshake_timeout_ms: Some(0) };
         assert!(zero.resolve(defaults, "x").is_err());
+        // Values that would make the listener panic later are refused up front.
+        let huge = LimitSettings { max_connections: Some(usize::MAX), handshake_timeout_ms: None };
+        assert!(huge.resolve(defaults, "x").expect_err("too many").to_string().contains("from 1 to 1000000"));
+        let endless = LimitSettings { max_connections: None, handshake_timeout_ms: Some(u64::MAX) };
+        assert!(endless.resolve(defaults, "x").expect_err("too long").to_string().contains("from 1 to 3600000"));
     }
 }

@@ -38,7 +38,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(serve(plan, store.clone()))?;
-    // Every connection has ended: no write is acknowledged after this flush.
+    // The listeners have drained (every connection ended, or the drain's bound passed with a
+    // warning): what was acknowledged before now is made durable here.
     store.flush().context("final flush")?;
     tracing::info!("forkd stopped cleanly");
     Ok(())
