@@ -177,12 +177,8 @@ impl Store {
         if !fresh && !dir.join("extents.0").exists() {
             return Err(bad("its metadata exists but extents.0 is missing: the directory is incomplete".into()));
         }
-        let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
-        let tree = db.open_tree("forkd")?;
-        let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
-        // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
-        let no_uring = std::env::var_os("FORKD_NO_IO_URING").is_some_and(|v| v == "1");
-        let engine = Engine::open_with(&dir.join("extents.0"), no_uring)?;
+        // The reserve is opened, and released if the disk is short of space, before sled is:
+        // opening sled writes, and on a full disk the reserve is the only room there is.
         let reserve = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -190,6 +186,13 @@ impl Store {
             .open(dir.join("reserve"))
             .map_err(|e| bad(format!("cannot open its space reserve: {e}")))?;
         let reserve_bytes = space::reserve_size(dir);
+        let short = space::release_if_short(dir, &reserve, reserve_bytes);
+        let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
+        let tree = db.open_tree("forkd")?;
+        let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
+        // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
+        let no_uring = std::env::var_os("FORKD_NO_IO_URING").is_some_and(|v| v == "1");
+        let engine = Engine::open_with(&dir.join("extents.0"), no_uring)?;
         if !engine.uses_io_uring() {
             tracing::warn!("io_uring is not available; data I/O falls back to pread/pwrite");
         }
@@ -201,7 +204,7 @@ impl Store {
             _lock: lock,
             reserve: Mutex::new(reserve),
             reserve_bytes,
-            low_space: AtomicBool::new(false),
+            low_space: AtomicBool::new(short),
             metrics: Metrics::new(),
             exports: Default::default(),
             ingests: Default::default(),

@@ -8,6 +8,7 @@
 //! Locking: `reserve` is its own mutex, taken only to release or re-create the file;
 //! `low_space` is an atomic read on every write.
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -28,6 +29,11 @@ impl Store {
                 true
             }
             Err(_) => {
+                // A failed fallocate may keep what it did allocate (ext4 does): give it back,
+                // or each attempt would eat the room that trims and deletes need.
+                if let Err(e) = f.set_len(0) {
+                    tracing::error!(error = %e, "could not release the space reserve");
+                }
                 self.low_space.store(true, Ordering::SeqCst);
                 false
             }
@@ -71,6 +77,21 @@ pub(crate) fn is_enospc(e: &StoreError) -> bool {
         StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => io(e),
         _ => false,
     }
+}
+
+/// At start, before the metadata store is opened: if the filesystem has less free space than
+/// the reserve, release the reserve so that opening (and then trims and deletes) have room.
+/// Returns true if the store must start in low-space mode.
+pub(super) fn release_if_short(dir: &Path, reserve: &File, reserve_bytes: u64) -> bool {
+    let free = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0);
+    if free >= reserve_bytes {
+        return false;
+    }
+    tracing::warn!(free, "the disk is short of space at start: released the space reserve");
+    if let Err(e) = reserve.set_len(0) {
+        tracing::error!(error = %e, "could not release the space reserve");
+    }
+    true
 }
 
 /// Emergency reserve: 5 % of the filesystem, between 1 MiB and 64 MiB.
