@@ -242,6 +242,9 @@ impl Store {
     /// Make mapped blocks in a block-aligned range of a clone read as zeros, freeing what
     /// only they held. Holes stay holes.
     pub fn zero(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        // A trim frees space, so it runs on a full disk too; only make sure the metadata
+        // store keeps its room.
+        self.keep_headroom();
         let mut cat = self.catalog_mut();
         if volume.contains('@') {
             let t = cat.target(volume)?;

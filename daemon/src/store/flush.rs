@@ -31,6 +31,7 @@ impl Store {
     }
 
     fn flush_inner(&self) -> Result<()> {
+        self.keep_headroom();
         self.unflushed.store(false, Ordering::SeqCst);
         let ticket = self.catalog_mut().map_mut().begin_flush();
         // Data first, then the pointers to it: fsync the extents, hand the map's write-back

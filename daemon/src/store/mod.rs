@@ -19,7 +19,7 @@
 //! - `read`: reads, block status, extents and digests (shared lock);
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
-//! - `space`: the emergency data reserve and what a full disk does;
+//! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
 //!   drain before they switch a head.
@@ -105,6 +105,8 @@ pub struct Store {
     /// can still commit the metadata that frees space.
     reserve: Mutex<File>,
     reserve_bytes: u64,
+    /// Free space kept for the metadata store beside the reserve (see `space`).
+    headroom: u64,
     /// Set while the reserve is released: new data is refused until it can be re-created.
     low_space: AtomicBool,
     /// Counters for `/metrics`.
@@ -186,7 +188,10 @@ impl Store {
             .open(dir.join("reserve"))
             .map_err(|e| bad(format!("cannot open its space reserve: {e}")))?;
         let reserve_bytes = space::reserve_size(dir);
-        let short = space::release_if_short(dir, &reserve, reserve_bytes);
+        // The metadata store's own room: new data is refused (and the reserve released) when
+        // less than this is free, so sled never meets a full disk.
+        let headroom = reserve_bytes;
+        let short = space::release_if_short(dir, &reserve, headroom);
         let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
         let tree = db.open_tree("forkd")?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
@@ -204,6 +209,7 @@ impl Store {
             _lock: lock,
             reserve: Mutex::new(reserve),
             reserve_bytes,
+            headroom,
             low_space: AtomicBool::new(short),
             metrics: Metrics::new(),
             exports: Default::default(),
@@ -235,8 +241,18 @@ impl Store {
         self.catalog.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run a catalog operation and make it durable before returning.
+    /// Run a catalog operation and make it durable before returning. On a full disk it is
+    /// refused before it changes anything: it would only add metadata. Operations that free
+    /// space use [`Store::op_freeing`].
     pub fn op<T>(&self, f: impl FnOnce(&mut Catalog) -> std::result::Result<T, CatalogError>) -> Result<T> {
+        self.check_space()?;
+        self.note_enospc(self.op_inner(f))
+    }
+
+    /// [`Store::op`] for an operation that gives space back (delete, abandoning an ingest):
+    /// it runs on a full disk too, committing its metadata in the room the reserve left.
+    pub fn op_freeing<T>(&self, f: impl FnOnce(&mut Catalog) -> std::result::Result<T, CatalogError>) -> Result<T> {
+        self.keep_headroom();
         self.note_enospc(self.op_inner(f))
     }
 

@@ -1,12 +1,22 @@
-//! Running out of disk: the emergency data reserve and what a full disk does to the store.
+//! Running out of disk: the emergency reserve and what a full disk does to the store.
 //!
 //! The data directory holds `reserve`, a preallocated file of 5 % of the filesystem (1 to
-//! 64 MiB). When any layer reports ENOSPC, the reserve is released so that trims and deletes can
-//! still commit the metadata that frees space; until the reserve can be re-created, new data is
-//! refused with ENOSPC (`low_space`), so the freed room goes to metadata, not to more data.
+//! 64 MiB), and the store keeps as much again free beside it (`headroom`) for the metadata
+//! store. The rule is that sled never meets a full disk: a sled write that fails with ENOSPC
+//! makes every later sled operation fail until a restart, so trims and deletes could no longer
+//! free anything. Hence:
+//! - before the metadata can grow (a flush, a catalog operation, a trim, new data) the free
+//!   space is checked; below `headroom`, or when any layer reports ENOSPC, the reserve is
+//!   released and the store enters low-space mode (`low_space`);
+//! - in low-space mode new data and catalog operations that only add metadata (snapshot,
+//!   clone, create, ...) are refused with ENOSPC before they change anything; trims, deletes
+//!   and abandoned ingests ([`Store::op_freeing`]) still commit, in the room the reserve left;
+//! - the reserve is re-created only when it fits with `headroom` still free beside it, so
+//!   re-creating it never takes back that room; a failed attempt gives back what it allocated;
+//! - at start, the reserve is released before sled is opened if less than `headroom` is free.
 //!
 //! Locking: `reserve` is its own mutex, taken only to release or re-create the file;
-//! `low_space` is an atomic read on every write.
+//! `low_space` is an atomic read on every write; the free space is one `statvfs` call.
 
 use std::fs::File;
 use std::path::Path;
@@ -18,8 +28,16 @@ use super::{Result, Store, StoreError};
 
 impl Store {
     /// Re-create the space reserve if it was released; false while the disk is still full.
+    /// It is re-created only if `headroom` stays free beside it, so that re-creating it never
+    /// takes back the room that trims, deletes and the metadata store need.
     pub(super) fn restore_reserve(&self) -> bool {
         let f = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
+        let held = f.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        let missing = self.reserve_bytes.saturating_sub(held);
+        if missing > 0 && free_bytes(&self.dir) < missing + self.headroom {
+            self.low_space.store(true, Ordering::SeqCst);
+            return false;
+        }
         let len = i64::try_from(self.reserve_bytes).unwrap_or(i64::MAX);
         match nix::fcntl::fallocate(std::os::fd::AsRawFd::as_raw_fd(&*f), nix::fcntl::FallocateFlags::empty(), 0, len) {
             Ok(()) => {
@@ -31,12 +49,29 @@ impl Store {
             Err(_) => {
                 // A failed fallocate may keep what it did allocate (ext4 does): give it back,
                 // or each attempt would eat the room that trims and deletes need.
-                if let Err(e) = f.set_len(0) {
-                    tracing::error!(error = %e, "could not release the space reserve");
-                }
+                release(&f);
                 self.low_space.store(true, Ordering::SeqCst);
                 false
             }
+        }
+    }
+
+    /// Enter low-space mode: release the reserve (once) and refuse new data and catalog
+    /// operations that only add metadata, until the reserve can be re-created.
+    fn enter_low_space(&self, why: &str) {
+        if !self.low_space.swap(true, Ordering::SeqCst) {
+            tracing::error!(why, "the disk is full: released the space reserve; delete or trim to free space");
+            release(&self.reserve.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Before the metadata store may grow (a flush, a catalog operation, new data): if less
+    /// than `headroom` is free, release the reserve now, while sled still has room to write.
+    /// sled turns a write that fails with ENOSPC into an error for every later operation,
+    /// so it must never be the layer that finds the disk full.
+    pub(super) fn keep_headroom(&self) {
+        if !self.low_space.load(Ordering::SeqCst) && free_bytes(&self.dir) < self.headroom {
+            self.enter_low_space("less free space than the metadata headroom");
         }
     }
 
@@ -44,24 +79,33 @@ impl Store {
     /// can still commit, and refuse new data until the reserve is back.
     pub(super) fn note_enospc<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
-            if is_enospc(e) && !self.low_space.swap(true, Ordering::SeqCst) {
-                tracing::error!("the disk is full: released the space reserve; delete or trim to free space");
-                let f = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = f.set_len(0) {
-                    tracing::error!(error = %e, "could not release the space reserve");
-                }
+            if is_enospc(e) {
+                self.enter_low_space("a write found no space");
             }
         }
         r
     }
 
-    /// Refuse new data while the disk is full.
+    /// Refuse new data (and catalog operations that only add metadata) while the disk is full.
     pub(super) fn check_space(&self) -> Result<()> {
+        self.keep_headroom();
         if self.low_space.load(Ordering::SeqCst) && !self.restore_reserve() {
             return Err(StoreError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         Ok(())
     }
+}
+
+/// Give the reserve's space back to the filesystem.
+fn release(reserve: &File) {
+    if let Err(e) = reserve.set_len(0) {
+        tracing::error!(error = %e, "could not release the space reserve");
+    }
+}
+
+/// Free space on the filesystem holding `dir`, as an unprivileged writer sees it.
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0)
 }
 
 /// True when `e` comes from a full disk, whichever layer saw it.
@@ -80,17 +124,15 @@ pub(crate) fn is_enospc(e: &StoreError) -> bool {
 }
 
 /// At start, before the metadata store is opened: if the filesystem has less free space than
-/// the reserve, release the reserve so that opening (and then trims and deletes) have room.
-/// Returns true if the store must start in low-space mode.
-pub(super) fn release_if_short(dir: &Path, reserve: &File, reserve_bytes: u64) -> bool {
-    let free = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0);
-    if free >= reserve_bytes {
+/// the metadata headroom, release the reserve so that opening (and then trims and deletes)
+/// have room. Returns true if the store must start in low-space mode.
+pub(super) fn release_if_short(dir: &Path, reserve: &File, headroom: u64) -> bool {
+    let free = free_bytes(dir);
+    if free >= headroom {
         return false;
     }
     tracing::warn!(free, "the disk is short of space at start: released the space reserve");
-    if let Err(e) = reserve.set_len(0) {
-        tracing::error!(error = %e, "could not release the space reserve");
-    }
+    release(reserve);
     true
 }
 

@@ -103,7 +103,7 @@ pub(super) async fn abort_ingest(State(s): State<Shared>, ApiPath(name): ApiPath
             format!("an ingest into `{name}` is arriving right now: stop its agent first"),
         ));
     }
-    blocking(&s, move |st| st.op(|cat| cat.abort_ingest(&name))).await?;
+    blocking(&s, move |st| st.op_freeing(|cat| cat.abort_ingest(&name))).await?;
     Ok(Json(Empty {}))
 }
 

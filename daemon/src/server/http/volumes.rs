@@ -246,7 +246,7 @@ pub(super) async fn remove(State(s): State<Shared>, ApiPath(reference): ApiPath<
         let before = st.metrics.freed_bytes.get();
         let _fence = st.exports.fence_and_drain(&reference, Scope::Volume, DRAIN);
         // `op` flushes: the slots the delete freed are punched and counted by then.
-        st.op(|cat| cat.delete(&reference))?;
+        st.op_freeing(|cat| cat.delete(&reference))?;
         Ok(Json(Deleted { deleted: reference, freed_bytes: st.metrics.freed_bytes.get() - before }))
     })
     .await
