@@ -175,10 +175,7 @@ impl Store {
         let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
         let lock = lock_dir(dir)?;
         let meta = dir.join("meta");
-        let fresh = !meta.exists();
-        if !fresh && !dir.join("extents.0").exists() {
-            return Err(bad("its metadata exists but extents.0 is missing: the directory is incomplete".into()));
-        }
+        check_complete(dir).map_err(bad)?;
         // The reserve is opened, and released if the disk is short of space, before sled is:
         // opening sled writes, and on a full disk the reserve is the only room there is.
         let reserve = OpenOptions::new()
@@ -283,6 +280,25 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
         .map_err(|e| bad(format!("cannot open its lock file: {e}")))?;
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| bad("another forkd daemon is using it".into()))
+}
+
+/// Refuse a data directory that has one of its two halves without the other: metadata
+/// without `extents.0`, or data in `extents.0` without `meta/` (opening would start an empty
+/// catalog beside it, and the data would be lost for good once new writes reuse its slots).
+fn check_complete(dir: &Path) -> std::result::Result<(), String> {
+    let extents = dir.join("extents.0");
+    match (dir.join("meta").exists(), std::fs::metadata(&extents)) {
+        (true, Err(_)) => Err("its metadata exists but extents.0 is missing: the directory is incomplete".into()),
+        (false, Ok(m)) if std::os::unix::fs::MetadataExt::blocks(&m) > 0 => {
+            let held = std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+            Err(format!(
+                "extents.0 holds {held} bytes ({:.1} MiB) of data but meta/, the metadata that maps it, is \
+                 missing: restore meta/ from a backup, or move extents.0 away to start with an empty store",
+                held as f64 / f64::from(1u32 << 20)
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Open the metadata store at `meta`. The caller holds `LOCK`, so a busy sled lock can only be
