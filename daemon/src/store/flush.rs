@@ -2,7 +2,8 @@
 //! reusable.
 //!
 //! Order matters, and is the whole point: `fdatasync(extents)` first, then the map's write-back
-//! layer is handed to sled and sled is flushed. A slot released before the flush began is
+//! layer is handed to sled, the next flush generation is stamped into sled, sled is flushed, and
+//! only then is the generation recorded in `flushed` (see `generation`). A slot released before the flush began is
 //! punched and put back on the free list only after both, so no durable pointer can lead to a
 //! slot that was reused.
 //!
@@ -38,7 +39,9 @@ impl Store {
         // layer to sled, fsync sled.
         self.engine.sync()?;
         self.catalog_mut().map_mut().spill()?;
+        let generation = self.generation.stamp(&self.db)?;
         self.db.flush()?;
+        self.generation.completed(generation)?;
         let released = self.catalog_mut().map_mut().take_released(ticket);
         if !released.is_empty() {
             let pairs: Vec<(u64, usize)> = released.iter().enumerate().map(|(i, &s)| (s, i)).collect();

@@ -19,6 +19,7 @@
 //! - `read`: reads, block status, extents and digests (shared lock);
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
+//! - `generation`: the flush generation that detects a metadata store rolled back at start;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
@@ -41,6 +42,7 @@ mod commit;
 pub mod engine;
 pub mod exports;
 mod flush;
+mod generation;
 mod read;
 mod space;
 
@@ -98,6 +100,8 @@ pub struct Store {
     catalog: RwLock<Catalog>,
     engine: Engine,
     db: sled::Db,
+    /// The flush generation, in sled and in `flushed`: detects a rolled-back sled.
+    generation: generation::Generation,
     dir: PathBuf,
     /// Held for the life of the store: one daemon per data directory.
     _lock: nix::fcntl::Flock<File>,
@@ -189,7 +193,9 @@ impl Store {
         // less than this is free, so sled never meets a full disk.
         let headroom = reserve_bytes;
         let short = space::release_if_short(dir, &reserve, headroom);
+        let fresh = !meta.exists();
         let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
+        let generation = generation::Generation::open(dir, &db, fresh).map_err(bad)?;
         let tree = db.open_tree("forkd")?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
         // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
@@ -202,6 +208,7 @@ impl Store {
             catalog: RwLock::new(catalog),
             engine,
             db,
+            generation,
             dir: dir.to_path_buf(),
             _lock: lock,
             reserve: Mutex::new(reserve),

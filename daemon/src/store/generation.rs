@@ -1,0 +1,112 @@
+//! The flush generation: how the store notices that sled recovered to an earlier point than
+//! its last completed flush (a damaged or truncated log that sled "recovers" silently, noting
+//! only at DEBUG that it cut recovery short).
+//!
+//! Every flush takes the next generation number and writes it into sled (key
+//! [`KEY`] of the default tree) after the map's batch and before `sled flush`; once that flush
+//! returns, the number is written to the small file `flushed` beside `meta/`. So the file never
+//! runs ahead of what a completed sled flush held. It is not fsynced (that would make a flush
+//! several times slower): after a power cut it may hold an older number, which weakens the
+//! check for that one start but never raises a false alarm. At start, if sled holds a
+//! smaller generation than the file, sled lost flushed changes, and the store refuses to open
+//! rather than serve an older catalog and map (whose slots new writes would reuse).
+//!
+//! Invariants: sled's generation only grows (numbers are taken and written under `next`);
+//! the file's only grows (written under `written`, never with a smaller number). A missing
+//! file (a data directory from before it existed, or a crash before the first flush wrote
+//! it) only skips the check once; a new metadata store starts the count again. A file that does not read back (wrong size or checksum) is
+//! reported and rewritten, not trusted.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Where sled keeps the generation of the last flush (default tree, apart from the catalog).
+const KEY: &[u8] = b"forkd.flush_generation";
+
+/// The generation file: the number (8 bytes LE) and its crc32 (4 bytes LE).
+#[derive(Debug)]
+pub(super) struct Generation {
+    file: File,
+    /// The last number taken, under the lock that orders writes of it into sled.
+    next: Mutex<u64>,
+    /// The largest number written to the file.
+    written: Mutex<u64>,
+}
+
+impl Generation {
+    /// Check sled's generation against the file's (`Err` says what was found and what to do)
+    /// and open the file for the flushes to come.
+    /// A `fresh` metadata store (just created) has nothing to check: the file is reset.
+    pub(super) fn open(dir: &Path, db: &sled::Db, fresh: bool) -> Result<Generation, String> {
+        let in_sled = match db.get(KEY).map_err(|e| format!("cannot read its flush generation: {e}"))? {
+            Some(v) => u64::from_le_bytes(v.as_ref().try_into().map_err(|_| "its flush generation is damaged")?),
+            None => 0,
+        };
+        let path = dir.join("flushed");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let on_file = if fresh { None } else { read(&mut file) };
+        if let Some(flushed) = on_file {
+            if in_sled < flushed {
+                return Err(format!(
+                    "its metadata store (meta/) recovered to flush {in_sled}, but flush {flushed} had \
+                     completed: meta/ is damaged or was replaced by an older copy, and what was written \
+                     since is lost from it. Restore meta/ from a backup (with extents.0 from the same \
+                     time), or, to accept the loss and start from what meta/ holds, remove the file \
+                     `flushed`"
+                ));
+            }
+        } else if !fresh && file.metadata().is_ok_and(|m| m.len() > 0) {
+            tracing::warn!("the flush generation file does not read back; it is rewritten at the next flush");
+        }
+        Ok(Generation { file, next: Mutex::new(in_sled), written: Mutex::new(on_file.unwrap_or(0)) })
+    }
+
+    /// Take the next generation and write it into sled (before the flush that makes it
+    /// durable). Returns the number, for [`Generation::completed`].
+    pub(super) fn stamp(&self, db: &sled::Db) -> sled::Result<u64> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let g = *next + 1;
+        db.insert(KEY, &g.to_le_bytes())?;
+        *next = g;
+        Ok(g)
+    }
+
+    /// Record that the sled flush covering generation `g` completed.
+    pub(super) fn completed(&self, g: u64) -> std::io::Result<()> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if g <= *written {
+            return Ok(());
+        }
+        let mut buf = [0u8; 12];
+        buf[..8].copy_from_slice(&g.to_le_bytes());
+        let crc = crc32fast::hash(&buf[..8]);
+        buf[8..].copy_from_slice(&crc.to_le_bytes());
+        // 12 bytes at offset 0: within one sector, so a cut leaves the old or the new number.
+        // Not fsynced: the file only has to never run ahead of sled, and it is written after
+        // sled's flush returned. Lost in a power cut, it merely checks against an older
+        // number; an fdatasync here would cost several times the rest of the flush.
+        self.file.write_all_at(&buf, 0)?;
+        *written = g;
+        Ok(())
+    }
+}
+
+/// The number in the generation file, if it reads back whole.
+fn read(file: &mut File) -> Option<u64> {
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).ok()?;
+    let (num, crc) = (buf.get(..8)?, buf.get(8..12)?);
+    if buf.len() != 12 || crc32fast::hash(num).to_le_bytes() != crc {
+        return None;
+    }
+    Some(u64::from_le_bytes(num.try_into().ok()?))
+}
