@@ -1,7 +1,7 @@
 //! A full disk never breaks the metadata store (issue 10, item 5), end to end: the data
 //! directory on a 256 MiB loop-mounted ext4, filled through NBD (`nbdcopy`) with random data. Then
-//! one more write and a snapshot and a clone, which must each fail cleanly ("No space left on
-//! device", nothing half-done), a stop and a restart on the full disk, and a recovery by
+//! one more write, a snapshot, a clone, an ingest and a new source, which must each fail cleanly
+//! ("No space left on device", nothing half-done), a stop and a restart on the full disk, and a recovery by
 //! trimming and deleting through the API alone, after which writes, snapshots, a stop and a
 //! restart work and every byte written before is intact. Needs root (to mount); fails with a
 //! clear message otherwise (CI runs as root).
@@ -97,6 +97,7 @@ fn a_full_disk_never_breaks_the_metadata_store() {
     d.cli_ok(&["source", "create", "src", "--size", "1G"]);
     d.cli_ok(&["clone", "src", "c"]);
     d.cli_ok(&["clone", "src", "spare"]);
+    d.cli_ok(&["source", "create", "prod", "--size", "8M"]);
     let kept = random(8 << 20);
     d.api().write("c", 0, &kept);
     d.cli_ok(&["snapshot", "c"]);
@@ -109,6 +110,12 @@ fn a_full_disk_never_breaks_the_metadata_store() {
     refused(&d, &["clone", "c@1", "c3"]);
     assert_eq!(snapshot_count(&d, "c"), 1, "a refused snapshot left nothing behind");
     assert_eq!(d.api().get("/v1/volumes/c3").status, 404, "a refused clone left nothing behind");
+    let img = dir.path().join("prod.img");
+    std::fs::write(&img, random(8 << 20)).expect("write the ingest image");
+    let img = img.to_str().expect("utf-8");
+    refused(&d, &["ingest", "prod", "--from", img]);
+    assert_eq!(snapshot_count(&d, "prod"), 0, "a refused ingest left nothing behind");
+    refused(&d, &["source", "create", "more", "--size", "8M"]);
 
     // A stop flushes cleanly, and the daemon restarts on the full disk.
     assert!(d.stop().success(), "the daemon did not stop cleanly:\n{}", d.log());
@@ -125,6 +132,8 @@ fn a_full_disk_never_breaks_the_metadata_store() {
     d.cli_ok(&["snapshot", "c"]);
     d.cli_ok(&["clone", "c@1", "c3"]);
     assert_eq!(snapshot_count(&d, "c"), 2);
+    d.cli_ok(&["ingest", "prod", "--from", img]);
+    assert_eq!(snapshot_count(&d, "prod"), 1);
     assert_log_clean(&d);
     assert!(d.stop().success(), "the daemon did not stop cleanly:\n{}", d.log());
     d.restart();
