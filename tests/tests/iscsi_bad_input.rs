@@ -10,7 +10,7 @@
 //! run, the bystander must still answer on its untouched connection, a fresh session must log
 //! in and read, and the log must hold no panic. Where the daemon closes a connection,
 //! `forkd_iscsi_connections_closed_total{reason="..."}` must count it with the reason the
-//! daemon gives (the strings of `daemon/src/iscsi_server.rs` and `iscsi/src/session.rs`).
+//! daemon gives (the strings of `daemon/src/server/iscsi/mod.rs` and `iscsi/src/session.rs`).
 //!
 //! Waiting for "nothing arrives" (the CmdSN window) uses a 1 s read timeout: a protocol check
 //! that a PDU is ignored, not a performance assertion.
