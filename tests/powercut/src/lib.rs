@@ -1,0 +1,110 @@
+//! A FUSE filesystem for power-cut tests (issue 10): it behaves like a disk with a volatile
+//! write cache under a strict POSIX filesystem, and at a simulated power cut it forgets every
+//! write that was not made durable.
+//!
+//! - Reads see every write. `fsync`/`fdatasync` of a file makes its contents and size durable;
+//!   creates, unlinks and renames become durable only when their directory is fsynced.
+//!   `sync_file_range` makes nothing durable (it never reaches a FUSE filesystem).
+//! - [`PowerCutFs::cut`] captures the durable state; from then on every operation on the mount
+//!   fails with `EIO`, so a process still running cannot make anything else "durable".
+//! - [`PowerCutFs::write_survivors`] writes the durable state to a real directory, where a
+//!   restarted daemon (or [`PowerCutFs::mount`] with `from`, for the next cut) finds it.
+//!
+//! Everything is kept in memory (files are tens of MiB at most in tests); see `model.rs` for
+//! the rules and `fuse.rs` for the kernel side. Mounting needs root (or `fusermount3`) and
+//! `/dev/fuse`: [`fuse_available`] says why not.
+
+mod fuse;
+mod image;
+mod model;
+
+use std::fs::OpenOptions;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fuser::{BackgroundSession, MountOption};
+
+use crate::model::Tree;
+
+/// `Ok` when FUSE filesystems can be mounted here, else what is missing.
+pub fn fuse_available() -> Result<(), String> {
+    OpenOptions::new().read(true).write(true).open("/dev/fuse").map(drop).map_err(|e| {
+        format!("cannot open /dev/fuse ({e}): the power-cut tests need FUSE (apt-get install fuse3, and root)")
+    })
+}
+
+/// A mounted power-cut filesystem. Dropping it unmounts it (lazily, if something still has a
+/// file open on it).
+#[derive(Debug)]
+pub struct PowerCutFs {
+    mountpoint: PathBuf,
+    tree: Arc<Mutex<Tree>>,
+    session: Option<BackgroundSession>,
+}
+
+impl PowerCutFs {
+    /// Mount a power-cut filesystem on `mountpoint` (an existing empty directory), empty or,
+    /// with `from`, holding a copy of that directory's files, all of them durable.
+    pub fn mount(mountpoint: &Path, from: Option<&Path>) -> io::Result<PowerCutFs> {
+        let tree = match from {
+            Some(dir) => image::load(dir)?,
+            None => {
+                let meta = std::fs::metadata(mountpoint)?;
+                Tree::new(std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta))
+            }
+        };
+        PowerCutFs::mount_tree(mountpoint, tree)
+    }
+
+    fn mount_tree(mountpoint: &Path, tree: Tree) -> io::Result<PowerCutFs> {
+        let tree = Arc::new(Mutex::new(tree));
+        let fs = fuse::PowerCutFuse { tree: tree.clone() };
+        let options = [MountOption::FSName("forkd-powercut".into()), MountOption::RW];
+        let session = fuser::spawn_mount2(fs, mountpoint, &options)?;
+        Ok(PowerCutFs { mountpoint: mountpoint.to_path_buf(), tree, session: Some(session) })
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Cut the power now: what is durable at this instant is what survives, and every later
+    /// operation on the mount fails with `EIO`. A second cut changes nothing.
+    pub fn cut(&self) {
+        self.tree.lock().unwrap_or_else(|p| p.into_inner()).cut();
+    }
+
+    /// Write what survived the cut (cutting now if not yet cut) into `dir`, an existing empty
+    /// directory on a real filesystem.
+    pub fn write_survivors(&self, dir: &Path) -> io::Result<()> {
+        let survivors = self.tree.lock().unwrap_or_else(|p| p.into_inner()).cut().clone();
+        image::write(&survivors, dir)
+    }
+
+    /// Mount what survived the cut (cutting now if not yet cut) on `mountpoint`, as a new
+    /// power-cut filesystem where all of it is durable: the next round of a multi-cut test.
+    pub fn mount_survivors(&self, mountpoint: &Path) -> io::Result<PowerCutFs> {
+        let survivors = self.tree.lock().unwrap_or_else(|p| p.into_inner()).cut().clone();
+        PowerCutFs::mount_tree(mountpoint, Tree::from_survivors(survivors))
+    }
+
+    /// Unmount. Processes using the mount should be gone first (kill them after the cut); if
+    /// one is not, the mount is detached lazily and goes away when its last file is closed.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let detached = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        // fuser's own unmount finds the mount gone and only ends its session thread.
+        drop(session);
+        detached.map_err(io::Error::from)
+    }
+}
+
+impl Drop for PowerCutFs {
+    fn drop(&mut self) {
+        let _ = self.unmount();
+    }
+}
