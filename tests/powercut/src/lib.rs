@@ -34,6 +34,34 @@ pub fn fuse_available() -> Result<(), String> {
     })
 }
 
+/// When creates, unlinks and renames become durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Directories {
+    /// Only at a fsync of the directory (strict POSIX; the default).
+    Strict,
+    /// At once, as a journaling filesystem (ext4, XFS) behaves in practice: separates a
+    /// program that forgets directory fsyncs from one that loses file contents.
+    Journaled,
+}
+
+/// One line of [`PowerCutFs::sync_report`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncRecord {
+    /// The path relative to the mountpoint (empty for its root).
+    pub path: PathBuf,
+    /// How many times it was fsynced (`fsync`, `fdatasync`, or `fsync` of a directory).
+    pub fsyncs: u64,
+    /// Whether its current state (contents and size, or entries) is also its durable state.
+    pub durable: bool,
+}
+
+impl std::fmt::Display for SyncRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.durable { "durable" } else { "NOT durable" };
+        write!(f, "/{}: fsynced {} times, {state}", self.path.display(), self.fsyncs)
+    }
+}
+
 /// A mounted power-cut filesystem. Dropping it unmounts it (lazily, if something still has a
 /// file open on it).
 #[derive(Debug)]
@@ -47,13 +75,19 @@ impl PowerCutFs {
     /// Mount a power-cut filesystem on `mountpoint` (an existing empty directory), empty or,
     /// with `from`, holding a copy of that directory's files, all of them durable.
     pub fn mount(mountpoint: &Path, from: Option<&Path>) -> io::Result<PowerCutFs> {
-        let tree = match from {
+        PowerCutFs::mount_with(mountpoint, from, Directories::Strict)
+    }
+
+    /// [`PowerCutFs::mount`] with a choice of when directory changes become durable.
+    pub fn mount_with(mountpoint: &Path, from: Option<&Path>, directories: Directories) -> io::Result<PowerCutFs> {
+        let mut tree = match from {
             Some(dir) => image::load(dir)?,
             None => {
                 let meta = std::fs::metadata(mountpoint)?;
                 Tree::new(std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta))
             }
         };
+        tree.journaled = directories == Directories::Journaled;
         PowerCutFs::mount_tree(mountpoint, tree)
     }
 
@@ -76,6 +110,14 @@ impl PowerCutFs {
         self.tree.lock().unwrap_or_else(|p| p.into_inner()).cut();
     }
 
+    /// Every file and directory on the mount now (by path relative to the mountpoint), with how
+    /// many times it was fsynced and whether its current state is durable: evidence for what a
+    /// program under test did and did not make durable. Works after a cut too.
+    pub fn sync_report(&self) -> Vec<SyncRecord> {
+        let tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
+        tree.sync_report().into_iter().map(|(path, fsyncs, durable)| SyncRecord { path, fsyncs, durable }).collect()
+    }
+
     /// Write what survived the cut (cutting now if not yet cut) into `dir`, an existing empty
     /// directory on a real filesystem.
     pub fn write_survivors(&self, dir: &Path) -> io::Result<()> {
@@ -87,7 +129,9 @@ impl PowerCutFs {
     /// power-cut filesystem where all of it is durable: the next round of a multi-cut test.
     pub fn mount_survivors(&self, mountpoint: &Path) -> io::Result<PowerCutFs> {
         let survivors = self.tree.lock().unwrap_or_else(|p| p.into_inner()).cut().clone();
-        PowerCutFs::mount_tree(mountpoint, Tree::from_survivors(survivors))
+        let mut tree = Tree::from_survivors(survivors);
+        tree.journaled = self.tree.lock().unwrap_or_else(|p| p.into_inner()).journaled;
+        PowerCutFs::mount_tree(mountpoint, tree)
     }
 
     /// Unmount. Processes using the mount should be gone first (kill them after the cut); if

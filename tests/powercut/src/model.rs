@@ -8,6 +8,9 @@
 //! - a directory's entries (creates, unlinks, renames in or out of it): at `fsync` of that
 //!   directory, all at once. A file created and fsynced but whose directory was never fsynced
 //!   is gone after a cut; a rename not followed by a directory fsync is undone.
+//!   With `journaled` set, directory changes are durable at once instead (how ext4 and XFS
+//!   behave in practice, their journal commits entries with the next fsync of anything): that
+//!   separates a program that forgets directory fsyncs from one that loses file contents.
 //! - modes and owners are not modelled as volatile (they are kept as they are).
 //!
 //! Nothing here knows about FUSE: the tree is plain data behind one `Mutex` (see `fuse.rs`),
@@ -16,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -153,13 +157,25 @@ pub(crate) struct Tree {
     inodes: HashMap<u64, Inode>,
     next: u64,
     survivors: Option<Survivors>,
+    /// How many times each inode was fsynced (evidence for a failing test: what a program
+    /// did and did not make durable).
+    syncs: HashMap<u64, u64>,
+    /// Directory changes are durable at once (a journaling filesystem as it behaves in
+    /// practice), instead of only at a fsync of the directory (strict POSIX, the default).
+    pub(crate) journaled: bool,
 }
 
 impl Tree {
     /// An empty tree: a root directory, durable and empty.
     pub(crate) fn new(uid: u32, gid: u32) -> Tree {
         let root = Inode::new(Node::Dir { now: BTreeMap::new(), durable: BTreeMap::new() }, 0o755, uid, gid);
-        Tree { inodes: HashMap::from([(ROOT, root)]), next: ROOT + 1, survivors: None }
+        Tree {
+            inodes: HashMap::from([(ROOT, root)]),
+            next: ROOT + 1,
+            survivors: None,
+            syncs: HashMap::new(),
+            journaled: false,
+        }
     }
 
     /// Fail with `EIO` once the power is cut.
@@ -222,6 +238,7 @@ impl Tree {
         self.next += 1;
         self.inodes.insert(ino, Inode::new(node, perm, owner.0, owner.1));
         self.entries_mut(parent)?.insert(name.to_os_string(), ino);
+        self.journal(parent);
         Ok(ino)
     }
 
@@ -237,6 +254,7 @@ impl Tree {
             _ => {}
         }
         self.entries_mut(parent)?.remove(name);
+        self.journal(parent);
         Ok(())
     }
 
@@ -263,7 +281,19 @@ impl Tree {
         }
         self.entries_mut(parent)?.remove(name);
         self.entries_mut(new_parent)?.insert(new_name.to_os_string(), ino);
+        self.journal(parent);
+        self.journal(new_parent);
         Ok(())
+    }
+
+    /// With journaled directories, make `dir`'s entries durable now (not counted as a fsync).
+    fn journal(&mut self, dir: u64) {
+        if !self.journaled {
+            return;
+        }
+        if let Some(Inode { node: Node::Dir { now, durable }, .. }) = self.inodes.get_mut(&dir) {
+            *durable = now.clone();
+        }
     }
 
     /// Whether directory `dir` is `of` or contains it (through current entries).
@@ -308,11 +338,36 @@ impl Tree {
 
     /// `fsync` of a file (its contents and size) or of a directory (its entries).
     pub(crate) fn sync(&mut self, ino: u64) -> Res<()> {
+        *self.syncs.entry(ino).or_default() += 1;
         match &mut self.inode_mut(ino)?.node {
             Node::File { now, durable } => *durable = now.clone(),
             Node::Dir { now, durable } => *durable = now.clone(),
         }
         Ok(())
+    }
+
+    /// Every file and directory reachable now, by path from the root ("" for the root), with
+    /// how many times it was fsynced and whether its current state is durable. Works after a
+    /// cut too.
+    pub(crate) fn sync_report(&self) -> Vec<(PathBuf, u64, bool)> {
+        let mut out = Vec::new();
+        let mut todo = vec![(ROOT, PathBuf::new())];
+        while let Some((ino, path)) = todo.pop() {
+            let Some(inode) = self.inodes.get(&ino) else { continue };
+            let settled = match &inode.node {
+                Node::File { now, durable } => now.size == durable.size && now.blocks == durable.blocks,
+                Node::Dir { now, durable } => {
+                    todo.extend(now.iter().filter(|(_, &c)| c != ino).map(|(n, &c)| (c, path.join(n))));
+                    now == durable
+                }
+            };
+            out.push((path, self.syncs.get(&ino).copied().unwrap_or(0), settled));
+            if out.len() > 100_000 {
+                break;
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Cut the power: capture the durable state; from now on every operation fails with EIO.
@@ -349,7 +404,7 @@ impl Tree {
     /// finds.
     pub(crate) fn from_survivors(survivors: Survivors) -> Tree {
         let next = survivors.inodes.keys().max().copied().unwrap_or(ROOT) + 1;
-        Tree { inodes: survivors.inodes, next, survivors: None }
+        Tree { inodes: survivors.inodes, next, survivors: None, syncs: HashMap::new(), journaled: false }
     }
 
     /// Insert an inode that is durable as given (used to load a directory from disk).

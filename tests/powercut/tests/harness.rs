@@ -198,3 +198,26 @@ fn a_directory_loads_as_durable() {
     assert_eq!(&back[4096 * 7..4096 * 7 + 4], b"slot");
     assert_eq!(fs::read(out.join("meta/db")).expect("read"), b"log");
 }
+
+#[test]
+fn journaled_directories_keep_entries_but_not_contents() {
+    if let Err(why) = fuse_available() {
+        panic!("FUSE is required for the power-cut harness tests: {why}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, out) = (dir.path().join("mnt"), dir.path().join("out"));
+    fs::create_dir(&mnt).expect("mkdir");
+    fs::create_dir(&out).expect("mkdir");
+    let mut pcfs = PowerCutFs::mount_with(&mnt, None, forkd_powercut::Directories::Journaled).expect("mount");
+    fs::create_dir(mnt.join("d")).expect("mkdir");
+    write_file(&mnt.join("d/synced"), b"s").sync_data().expect("fdatasync");
+    write_file(&mnt.join("d/unsynced"), b"u");
+    write_file(&mnt.join("gone"), b"g");
+    fs::remove_file(mnt.join("gone")).expect("unlink");
+    pcfs.cut();
+    pcfs.write_survivors(&out).expect("write");
+    pcfs.unmount().expect("unmount");
+    assert_eq!(fs::read(out.join("d/synced")).expect("synced"), b"s");
+    assert_eq!(fs::read(out.join("d/unsynced")).expect("the entry stays"), b"", "its contents do not");
+    assert!(!out.join("gone").exists(), "the unlink is kept");
+}
