@@ -13,6 +13,10 @@
 //!   separates a program that forgets directory fsyncs from one that loses file contents.
 //! - modes and owners are not modelled as volatile (they are kept as they are).
 //!
+//! A cut may also be "reordered" ([`Tree::cut_reordered`]): each un-synced change of a file
+//! (a block written or punched, a new size) reaches the disk or not, at random, as a cache
+//! that wrote back part of what it held; 4 KiB blocks are never torn.
+//!
 //! Nothing here knows about FUSE: the tree is plain data behind one `Mutex` (see `fuse.rs`),
 //! so every operation sees and leaves a consistent tree. After [`Tree::cut`] every operation
 //! fails with `EIO`, like a disk that lost its power.
@@ -21,6 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::time::SystemTime;
 
 /// The block size of the in-memory contents (and the size the filesystem reports).
@@ -101,14 +108,46 @@ impl Contents {
     /// Truncate or extend to `size`; bytes past a shrink are gone (zeros if it grows again).
     pub(crate) fn set_size(&mut self, size: u64) {
         if size < self.size {
-            self.zero(size, self.size - size);
-            let keep = size.div_ceil(BLOCK);
-            let doomed: Vec<u64> = self.blocks.range(keep..).map(|(k, _)| *k).collect();
-            for k in doomed {
+            self.size = size;
+            self.clip();
+        }
+        self.size = size;
+    }
+
+    /// Forget every byte past the end (so that growing the file again shows zeros there).
+    fn clip(&mut self) {
+        let keep = self.size.div_ceil(BLOCK);
+        let doomed: Vec<u64> = self.blocks.range(keep..).map(|(k, _)| *k).collect();
+        for k in doomed {
+            self.blocks.remove(&k);
+        }
+        // The tail of a partial last block (written out as part of the block, so kept zero).
+        let tail = to_usize(self.size % BLOCK);
+        if let Some(b) = self.blocks.get_mut(&(self.size / BLOCK)).filter(|_| tail > 0) {
+            Arc::make_mut(b)[tail..].fill(0);
+        }
+    }
+
+    /// Let each change of `now` not yet in `self` (a written, punched or dropped block, a new
+    /// size) become durable anyway, each independently with probability 1/2: a cache that
+    /// wrote back part of what it held, in no particular order. A block is never torn.
+    fn leak_from(&mut self, now: &Contents, rng: &mut StdRng) {
+        for (k, b) in &now.blocks {
+            let same = self.blocks.get(k).is_some_and(|d| Arc::ptr_eq(d, b));
+            if !same && rng.gen_bool(0.5) {
+                self.blocks.insert(*k, b.clone());
+            }
+        }
+        let gone: Vec<u64> = self.blocks.keys().filter(|k| !now.blocks.contains_key(k)).copied().collect();
+        for k in gone {
+            if rng.gen_bool(0.5) {
                 self.blocks.remove(&k);
             }
         }
-        self.size = size;
+        if now.size != self.size && rng.gen_bool(0.5) {
+            self.size = now.size;
+        }
+        self.clip();
     }
 }
 
@@ -368,6 +407,23 @@ impl Tree {
         }
         out.sort();
         out
+    }
+
+    /// Cut the power after letting a random part of what was not made durable reach the
+    /// disk anyway (file contents and sizes only; directory entries follow their rule).
+    pub(crate) fn cut_reordered(&mut self, seed: u64) -> &Survivors {
+        if self.survivors.is_none() {
+            let mut rng = StdRng::seed_from_u64(seed);
+            // Inodes in a fixed order, so that a seed always leaks the same writes.
+            let mut inos: Vec<u64> = self.inodes.keys().copied().collect();
+            inos.sort_unstable();
+            for ino in inos {
+                if let Some(Inode { node: Node::File { now, durable }, .. }) = self.inodes.get_mut(&ino) {
+                    durable.leak_from(now, &mut rng);
+                }
+            }
+        }
+        self.cut()
     }
 
     /// Cut the power: capture the durable state; from now on every operation fails with EIO.

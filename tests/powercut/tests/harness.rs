@@ -221,3 +221,30 @@ fn journaled_directories_keep_entries_but_not_contents() {
     assert_eq!(fs::read(out.join("d/unsynced")).expect("the entry stays"), b"", "its contents do not");
     assert!(!out.join("gone").exists(), "the unlink is kept");
 }
+
+#[test]
+fn a_reordered_cut_keeps_some_unsynced_blocks_whole() {
+    let mut rig = Rig::new();
+    let f = write_file(&rig.p("f"), &[0xaa; 64 * 4096]);
+    f.sync_all().expect("fsync");
+    fsync_dir(&rig.mnt);
+    f.write_all_at(&[0xbb; 64 * 4096], 0).expect("rewrite");
+    f.write_all_at(&[0xcc; 64 * 4096], 64 * 4096).expect("extend");
+    drop(f);
+    rig.fs.cut_reordered(7);
+    let out = rig.cut();
+    let back = fs::read(out.join("f")).expect("f");
+    assert!(back.len() == 64 * 4096 || back.len() == 128 * 4096, "the old size or the new one: {}", back.len());
+    let blocks: Vec<u8> = back
+        .chunks(4096)
+        .map(|b| {
+            assert!(b.iter().all(|&x| x == b[0]), "a block is never torn");
+            b[0]
+        })
+        .collect();
+    let (old, new) =
+        (blocks[..64].iter().filter(|&&b| b == 0xaa).count(), blocks[..64].iter().filter(|&&b| b == 0xbb).count());
+    assert_eq!(old + new, 64, "each block holds its synced or its later contents");
+    assert!(old > 0 && new > 0, "some un-synced blocks reach the disk and some do not ({new} of 64 did)");
+    assert!(blocks[64..].iter().all(|&b| b == 0xcc || b == 0), "past the old end: written or never written");
+}
