@@ -252,7 +252,7 @@ impl Filesystem for PowerCutFuse {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         for (i, (child, kind, name)) in listing.enumerate() {
-            let next = off + 1 + i64::try_from(i).unwrap_or(i64::MAX - off - 1);
+            let next = off.saturating_add(1).saturating_add(i64::try_from(i).unwrap_or(i64::MAX));
             if reply.add(child, next, kind, name) {
                 break;
             }

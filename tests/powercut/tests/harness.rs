@@ -13,11 +13,12 @@ use forkd_powercut::{fuse_available, PowerCutFs};
 use nix::fcntl::{fallocate, FallocateFlags};
 
 /// A mounted filesystem in a fresh temporary directory, and where its survivors go.
+/// Fields drop in order: the filesystem is unmounted before its directory is removed.
 struct Rig {
-    _dir: tempfile::TempDir,
+    fs: PowerCutFs,
     mnt: PathBuf,
     out: PathBuf,
-    fs: PowerCutFs,
+    _dir: tempfile::TempDir,
 }
 
 impl Rig {
@@ -30,7 +31,7 @@ impl Rig {
         fs::create_dir(&mnt).expect("mkdir mnt");
         fs::create_dir(&out).expect("mkdir out");
         let fs = PowerCutFs::mount(&mnt, None).expect("mount the power-cut filesystem");
-        Rig { _dir: dir, mnt, out, fs }
+        Rig { fs, mnt, out, _dir: dir }
     }
 
     fn p(&self, name: &str) -> PathBuf {
