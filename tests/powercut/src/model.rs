@@ -377,11 +377,11 @@ impl Tree {
 
     /// `fsync` of a file (its contents and size) or of a directory (its entries).
     pub(crate) fn sync(&mut self, ino: u64) -> Res<()> {
-        *self.syncs.entry(ino).or_default() += 1;
         match &mut self.inode_mut(ino)?.node {
             Node::File { now, durable } => *durable = now.clone(),
             Node::Dir { now, durable } => *durable = now.clone(),
         }
+        *self.syncs.entry(ino).or_default() += 1;
         Ok(())
     }
 
