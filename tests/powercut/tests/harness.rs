@@ -68,6 +68,11 @@ fn unsynced_writes_are_lost_synced_ones_kept() {
     // A later overwrite that is not fsynced is lost too, the fsynced state stays.
     (&synced).write_all(b" and more").expect("append");
     drop((synced, unsynced));
+    let report = rig.fs.sync_report();
+    let line = |name: &str| report.iter().find(|r| r.path == Path::new(name)).map(|r| (r.fsyncs, r.durable));
+    assert_eq!(line(""), Some((1, true)), "the root: {report:?}");
+    assert_eq!(line("synced"), Some((1, false)), "fsynced once, appended to since: {report:?}");
+    assert_eq!(line("unsynced"), Some((0, false)), "{report:?}");
     let out = rig.cut();
     assert_eq!(fs::read(out.join("synced")).expect("synced survives"), b"durable bytes");
     assert_eq!(fs::read(out.join("unsynced")).expect("entry survives"), b"", "unsynced data is gone");
