@@ -8,7 +8,19 @@
 //! - [`PowerCutFs::cut`] captures the durable state; from then on every operation on the mount
 //!   fails with `EIO`, so a process still running cannot make anything else "durable".
 //! - [`PowerCutFs::write_survivors`] writes the durable state to a real directory, where a
-//!   restarted daemon (or [`PowerCutFs::mount`] with `from`, for the next cut) finds it.
+//!   restarted daemon (or [`PowerCutFs::mount`] with `from`, for the next cut) finds it;
+//!   [`PowerCutFs::mount_survivors`] mounts it again without leaving memory.
+//! - Variants: [`PowerCutFs::cut_reordered`] lets a random half of the un-synced block writes
+//!   reach the disk (a cache writing back out of order; blocks are never torn), and
+//!   [`Directories::Journaled`] makes directory changes durable at once (ext4 and XFS in
+//!   practice), which separates a missing directory fsync from lost file contents.
+//! - [`PowerCutFs::sync_report`] lists what was fsynced and what is durable: the evidence
+//!   a failing test prints.
+//!
+//! Use: mount on an empty directory, point the program at it, [`PowerCutFs::cut`] at any
+//! moment, kill the program, [`PowerCutFs::unmount`], [`PowerCutFs::write_survivors`] into
+//! an empty directory and restart the program there (`tests/tests/power_cut.rs` does this
+//! with `forkd serve`).
 //!
 //! Everything is kept in memory (files are tens of MiB at most in tests); see `model.rs` for
 //! the rules and `fuse.rs` for the kernel side. Mounting needs root (or `fusermount3`) and
