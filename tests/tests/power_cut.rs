@@ -136,10 +136,6 @@ fn a_clean_stop_survives_a_power_cut() {
 /// The issue's first power-cut case: an HTTP write acknowledged, then a flush acknowledged,
 /// then the power is cut. A daemon restarted on what survived must serve the flushed bytes.
 #[test]
-#[ignore = "issue 10: fails on today's store: a flush fsyncs extents.0 but neither sled's meta/db \
-            (sled 0.34 syncs it with sync_file_range) nor the data directory and meta/ after \
-            creating their entries; after the cut the data directory is empty (still fails with \
-            an fdatasync of meta/db: the directory fsyncs are missing too)"]
 fn a_flushed_write_survives_a_power_cut() {
     let mut rig = Rig::new();
     let mut d = daemon_with_clone(&rig.data_dir(), &rig.log());
@@ -151,10 +147,6 @@ fn a_flushed_write_survives_a_power_cut() {
 /// The same on a journaling filesystem (directory changes durable at once), which isolates the
 /// metadata store: only file contents that were not fsynced are lost.
 #[test]
-#[ignore = "issue 10: fails on sled 0.34: Store::flush's db.flush() never fsyncs meta/db \
-            (sync_file_range only; 0 fsyncs of meta/db after an acknowledged flush), so the \
-            catalog comes back empty and the daemon starts silently without clone `c` (passes \
-            with an fdatasync of meta/db after db.flush())"]
 fn a_flushed_write_survives_a_power_cut_on_a_journaling_filesystem() {
     let mut rig = Rig::with(Directories::Journaled);
     let mut d = daemon_with_clone(&rig.data_dir(), &rig.log());
@@ -183,8 +175,6 @@ fn qemu_io_then_abort(uri: &str, cmds: &[&str]) -> String {
 /// NBD: a write followed by FLUSH, and a later write with FUA, each acknowledged, then the
 /// cut. Both must be there; the writes after the flush without FUA need not be.
 #[test]
-#[ignore = "issue 10: fails on sled 0.34 for the same reason as the HTTP flush: a FLUSH or FUA \
-            never fsyncs meta/db, so clone `c` is gone after the cut"]
 fn nbd_flush_and_fua_survive_a_power_cut() {
     let mut rig = Rig::with(Directories::Journaled);
     let mut d = daemon_with_clone(&rig.data_dir(), &rig.log());
@@ -490,9 +480,6 @@ fn check_cut(api: &Api, m: &Model, report: &str) -> (Vec<u8>, Volumes, Volumes) 
 /// snapshot and clone byte for byte (a block may also hold a write issued after the last
 /// flush), and no acknowledged delete may come back. The survivors are the next cut's start.
 #[test]
-#[ignore = "issue 10: fails on sled 0.34: at the first cut every block of `c` is back to its state \
-            before the round and every acknowledged snapshot and clone is gone, because a flush \
-            never fsyncs meta/db (passes with an fdatasync of meta/db after db.flush())"]
 fn random_cuts_keep_every_acknowledged_flush() {
     if let Err(why) = fuse_available() {
         panic!("FUSE is required for the power-cut tests: {why}");

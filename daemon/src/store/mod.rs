@@ -98,6 +98,8 @@ pub struct Store {
     catalog: RwLock<Catalog>,
     engine: Engine,
     db: sled::Db,
+    /// sled's files and their directories, fsynced after every sled flush.
+    meta_sync: flush::MetaSync,
     dir: PathBuf,
     /// Held for the life of the store: one daemon per data directory.
     _lock: nix::fcntl::Flock<File>,
@@ -179,6 +181,8 @@ impl Store {
         }
         let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
         let tree = db.open_tree("forkd")?;
+        let meta_sync =
+            flush::MetaSync::open(dir, &meta).map_err(|e| bad(format!("cannot make its metadata durable: {e}")))?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
         // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
         let no_uring = std::env::var_os("FORKD_NO_IO_URING").is_some_and(|v| v == "1");
@@ -197,6 +201,7 @@ impl Store {
             catalog: RwLock::new(catalog),
             engine,
             db,
+            meta_sync,
             dir: dir.to_path_buf(),
             _lock: lock,
             reserve: Mutex::new(reserve),
