@@ -211,7 +211,9 @@ impl Session {
     }
 
     /// Tells the session its LUN is read-only (a snapshot export): write commands then get
-    /// the model's WRITE PROTECTED before any check of their data length.
+    /// the model's WRITE PROTECTED before any check of their data length. Software Write
+    /// Protect (set by MODE SELECT, in the LUN's shared state) is the model's alone: under it a
+    /// write whose data length does not fit its CDB fails on the length first.
     pub fn set_read_only(&mut self, read_only: bool) {
         self.read_only = read_only;
     }

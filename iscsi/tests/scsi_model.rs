@@ -1,7 +1,8 @@
 //! The SCSI block device model against an in-memory oracle device: every command's normal
 //! path and error sense, round trips at every CDB size, thin provisioning (UNMAP, WRITE SAME,
-//! GET LBA STATUS), COMPARE AND WRITE, persistent reservations between two initiators, and
-//! property tests (random writes/unmaps/reads against a plain byte vector; arbitrary CDBs
+//! GET LBA STATUS), COMPARE AND WRITE, persistent reservations between two initiators,
+//! Software Write Protect (MODE SELECT of the control page), and property tests (random
+//! writes/unmaps/reads, SWP changes and resets against a plain byte vector; arbitrary CDBs
 //! never panic).
 
 // Test CDBs are built from small numbers; truncating casts are intended there.
@@ -132,6 +133,11 @@ impl Lun {
         let out = self.run(cdb, data);
         assert_eq!(out.status, status::GOOD, "cdb {cdb:02x?} failed: {:?}", out.sense);
         assert!(out.sense.is_none());
+        out.data_in
+    }
+    fn ok_as(&mut self, who: &str, cdb: &[u8], data: &[u8]) -> Vec<u8> {
+        let out = self.run_as(who, cdb, data);
+        assert_eq!(out.status, status::GOOD, "cdb {cdb:02x?} from {who} failed: {:?}", out.sense);
         out.data_in
     }
     fn fails(&mut self, cdb: &[u8], data: &[u8], sense: Sense) {
@@ -470,6 +476,179 @@ fn mode_select() {
     lun.fails(&[0x15, 0x10, 0, 0, 32, 0], &list[..8], Sense::PARAMETER_LIST_LENGTH_ERROR);
     assert_eq!(data_out_len(&[0x15, 0x10, 0, 0, 32, 0]), Ok(32));
     assert_eq!(data_out_len(&[0x55, 0x10, 0, 0, 0, 0, 0, 1, 2, 0]), Ok(258));
+}
+
+/// The control mode page (DBD, current values) with SWP set to `on`, as a MODE SELECT (6)
+/// or (10) parameter list: what the initiator read, with the mode data length zeroed.
+fn control_page_list(lun: &mut Lun, who: &str, on: bool, ten: bool) -> (Vec<u8>, Vec<u8>) {
+    let (mut list, header) = if ten {
+        (lun.ok_as(who, &mode_sense10(0x08, 0, 0x0A, 0, 255), &[]), 8)
+    } else {
+        (lun.ok_as(who, &mode_sense6(true, 0, 0x0A, 255), &[]), 4)
+    };
+    list[0] = 0;
+    if ten {
+        list[1] = 0;
+    }
+    assert_eq!(&list[header..header + 2], &[0x0A, 0x0A]);
+    if on {
+        list[header + 4] |= 0x08;
+    } else {
+        list[header + 4] &= !0x08;
+    }
+    let cdb = if ten {
+        vec![0x55, 0x10, 0, 0, 0, 0, 0, 0, list.len() as u8, 0]
+    } else {
+        vec![0x15, 0x10, 0, 0, list.len() as u8, 0]
+    };
+    (cdb, list)
+}
+
+fn set_swp(lun: &mut Lun, who: &str, on: bool, ten: bool) {
+    let (cdb, list) = control_page_list(lun, who, on, ten);
+    lun.ok_as(who, &cdb, &list);
+}
+
+/// SWP (byte 4 bit 3 of the control page) and the WP bit of the mode parameter header, as
+/// MODE SENSE (6) and (10) report them to `who`.
+fn swp_and_wp(lun: &mut Lun, who: &str) -> (bool, bool) {
+    let six = lun.ok_as(who, &mode_sense6(true, 0, 0x0A, 255), &[]);
+    let ten = lun.ok_as(who, &mode_sense10(0x08, 0, 0x0A, 0, 255), &[]);
+    assert_eq!(six[4 + 4] & 0x08, ten[8 + 4] & 0x08, "SWP in MODE SENSE 6 and 10");
+    assert_eq!(six[2] & 0x80, ten[3] & 0x80, "WP in MODE SENSE 6 and 10");
+    (six[4 + 4] & 0x08 != 0, six[2] & 0x80 != 0)
+}
+
+/// Every command that changes the medium, with its data-out.
+fn medium_changing_commands() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let one = pattern(1, 9);
+    let mut erase = vec![0x48, 0x02];
+    erase.extend_from_slice(&[0; 8]);
+    vec![
+        (rw6(0x0A, 0, 1), one.clone()),
+        (rw10(0x2A, 0x08, 0, 1), one.clone()),
+        (rw12(0xAA, 0, 0, 1), one.clone()),
+        (rw16(0x8A, 0, 0, 1), one.clone()),
+        (rw10(0x2E, 0, 0, 1), one.clone()),
+        (rw12(0xAE, 0, 0, 1), one.clone()),
+        (rw16(0x8E, 0, 0, 1), one.clone()),
+        (rw10(0x41, 0, 0, 4), one.clone()),
+        (rw10(0x41, 0x08, 0, 4), vec![0; 512]),
+        (rw16(0x93, 0, 0, 4), one.clone()),
+        (rw16(0x93, 0x09, 0, 4), vec![]),
+        (unmap_cdb(24), unmap_list(&[(0, 8)])),
+        (caw(0, 1, 0), [pattern(1, 1), one.clone()].concat()),
+        (rw16(0x8B, 0, 0, 1), one.clone()),
+        (rw16(0x9C, 0, 0, 1), one.clone()),
+        (erase, vec![]),
+    ]
+}
+
+#[test]
+fn software_write_protect_is_the_one_changeable_bit() {
+    let mut lun = Lun::new(100);
+    let ch = lun.ok(&mode_sense6(true, 1, 0x0A, 255), &[]);
+    assert_eq!(&ch[4..6], &[0x0A, 0x0A]);
+    assert_eq!(ch[4 + 4], 0x08, "SWP is changeable");
+    let all = lun.ok(&mode_sense6(true, 1, 0x3F, 255), &[]);
+    let mut expected = vec![0x08, 0x12];
+    expected.resize(20, 0);
+    expected.extend_from_slice(&[0x0A, 0x0A, 0, 0, 0x08, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&all[4..], &expected[..], "nothing but SWP is changeable");
+    assert_eq!(swp_and_wp(&mut lun, A), (false, false));
+    // The default is off, whatever the current value.
+    set_swp(&mut lun, A, true, false);
+    assert_eq!(lun.ok(&mode_sense6(true, 2, 0x0A, 255), &[])[4 + 4] & 0x08, 0);
+    assert!(lun.state.software_write_protect());
+}
+
+#[test]
+fn software_write_protect_refuses_every_medium_change_from_every_nexus() {
+    let mut lun = Lun::new(100);
+    lun.ok(&rw10(0x2A, 0, 0, 8), &pattern(8, 4));
+    // Set by B through MODE SELECT (10); A sees it and is refused too.
+    set_swp(&mut lun, B, true, true);
+    assert_eq!(swp_and_wp(&mut lun, A), (true, true));
+    assert_eq!(swp_and_wp(&mut lun, B), (true, true));
+    let flushes = lun.disk.flushes.get();
+    for who in [A, B] {
+        for (c, d) in medium_changing_commands() {
+            lun.fails_as(who, &c, &d, Sense::WRITE_PROTECTED);
+        }
+    }
+    assert_eq!(lun.disk.flushes.get(), flushes, "nothing was written, nothing flushed");
+    assert_eq!(lun.ok(&rw10(0x28, 0, 0, 8), &[]), pattern(8, 4), "the medium is unchanged");
+    // Reading, verifying, flushing and the rest still work.
+    lun.ok(&rw10(0x2F, 0x02, 0, 8), &pattern(8, 4));
+    lun.ok(&rw10(0x35, 0, 0, 0), &[]);
+    lun.ok(&rw16(0x91, 0, 0, 0), &[]);
+    lun.ok(&rw10(0x34, 0, 0, 8), &[]);
+    lun.ok(&get_lba_status(0, 64), &[]);
+    lun.ok(&[0; 6], &[]);
+    lun.ok(&[0x48, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0], &[]); // SANITIZE EXIT FAILURE MODE changes nothing
+                                                        // Cleared by A through MODE SELECT (6): writes work again.
+    set_swp(&mut lun, A, false, false);
+    assert_eq!(swp_and_wp(&mut lun, B), (false, false));
+    for (c, d) in medium_changing_commands() {
+        let out = lun.run_as(B, &c, &d);
+        assert_ne!(out.sense, Some(Sense::WRITE_PROTECTED), "cdb {c:02x?}");
+    }
+}
+
+#[test]
+fn software_write_protect_outlives_its_nexus_and_ends_with_a_reset() {
+    let mut lun = Lun::new(100);
+    set_swp(&mut lun, B, true, false);
+    lun.state.nexus_lost(B);
+    assert_eq!(swp_and_wp(&mut lun, A), (true, true), "a mode parameter of the LU, not of the nexus");
+    lun.fails(&rw10(0x2A, 0, 0, 1), &pattern(1, 0), Sense::WRITE_PROTECTED);
+    lun.state.reset();
+    assert_eq!(swp_and_wp(&mut lun, A), (false, false), "a reset restores the default");
+    lun.ok(&rw10(0x2A, 0, 0, 1), &pattern(1, 0));
+}
+
+#[test]
+fn mode_select_changes_nothing_but_swp() {
+    let mut lun = Lun::new(100);
+    // Another control page bit along with SWP (D_SENSE, QUEUE ALGORITHM MODIFIER, BUSY TIMEOUT).
+    for (at, bits) in [(4 + 2, 0x04u8), (4 + 3, 0x10), (4 + 8, 0x01)] {
+        let (cdb, mut list) = control_page_list(&mut lun, A, true, false);
+        list[at] ^= bits;
+        lun.fails(&cdb, &list, Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+        assert!(!lun.state.software_write_protect(), "a refused list changes nothing");
+    }
+    // A list that sets SWP, then fails on the caching page, changes nothing either.
+    let (_, mut list) = control_page_list(&mut lun, A, true, false);
+    let caching = lun.ok(&mode_sense6(true, 0, 0x08, 255), &[]);
+    let mut caching_page = caching[4..].to_vec();
+    caching_page[2] &= !0x04; // WCE off: not changeable
+    list.extend_from_slice(&caching_page);
+    lun.fails(&[0x15, 0x10, 0, 0, list.len() as u8, 0], &list, Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+    assert!(!lun.state.software_write_protect());
+    // The same list with the caching page as it is: SWP is set.
+    let len = list.len();
+    list[len - caching_page.len() + 2] |= 0x04;
+    lun.ok(&[0x15, 0x10, 0, 0, list.len() as u8, 0], &list);
+    assert!(lun.state.software_write_protect());
+    // A page of the wrong length is refused.
+    let (cdb, mut short) = control_page_list(&mut lun, A, false, false);
+    short[5] = 0x09;
+    short.pop();
+    let mut cdb = cdb;
+    cdb[4] = short.len() as u8;
+    lun.fails(&cdb, &short, Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+    assert!(lun.state.software_write_protect());
+}
+
+#[test]
+fn read_only_lun_stays_write_protected_without_swp() {
+    let mut lun = Lun::read_only(100);
+    assert_eq!(swp_and_wp(&mut lun, A), (false, true));
+    set_swp(&mut lun, A, true, false);
+    assert_eq!(swp_and_wp(&mut lun, A), (true, true));
+    set_swp(&mut lun, A, false, true);
+    assert_eq!(swp_and_wp(&mut lun, A), (false, true));
+    lun.fails(&rw10(0x2A, 0, 0, 1), &pattern(1, 0), Sense::WRITE_PROTECTED);
 }
 
 #[test]
@@ -1022,10 +1201,32 @@ fn data_out_lengths() {
 /// One step of the random model test.
 #[derive(Debug, Clone)]
 enum Step {
-    Write { lba: u64, blocks: u32, seed: u8, size: u8 },
-    Unmap { lba: u64, blocks: u32 },
-    WriteSameZero { lba: u64, blocks: u32 },
-    Read { lba: u64, blocks: u32, size: u8 },
+    Write {
+        lba: u64,
+        blocks: u32,
+        seed: u8,
+        size: u8,
+    },
+    Unmap {
+        lba: u64,
+        blocks: u32,
+    },
+    WriteSameZero {
+        lba: u64,
+        blocks: u32,
+    },
+    Read {
+        lba: u64,
+        blocks: u32,
+        size: u8,
+    },
+    /// MODE SELECT (10 when `ten`, else 6) of the control page with SWP = `on`.
+    Swp {
+        on: bool,
+        ten: bool,
+    },
+    /// A logical unit reset.
+    Reset,
 }
 
 const CAP: u64 = 256;
@@ -1042,6 +1243,8 @@ fn step() -> impl Strategy<Value = Step> {
         range.clone().prop_map(|(lba, blocks)| Step::Unmap { lba, blocks }),
         range.clone().prop_map(|(lba, blocks)| Step::WriteSameZero { lba, blocks }),
         (range, 0u8..4).prop_map(|((lba, blocks), size)| Step::Read { lba, blocks, size }),
+        (any::<bool>(), any::<bool>()).prop_map(|(on, ten)| Step::Swp { on, ten }),
+        Just(Step::Reset),
     ]
 }
 
@@ -1067,13 +1270,25 @@ proptest! {
     fn random_operations_agree_with_a_byte_vector(steps in prop::collection::vec(step(), 1..40)) {
         let mut lun = Lun::new(CAP);
         let mut model = vec![0u8; CAP as usize * BS];
+        // Software Write Protect: every write, unmap and WRITE SAME fails first thing.
+        let mut swp = false;
         for s in steps {
             match s {
+                Step::Swp { on, ten } => {
+                    set_swp(&mut lun, B, on, ten);
+                    swp = on;
+                }
+                Step::Reset => {
+                    lun.state.reset();
+                    swp = false;
+                }
                 Step::Write { lba, blocks, seed, size } => {
                     let Some(cdb) = rw_cdb(false, size, lba, blocks) else { continue };
                     let data = pattern(blocks as usize, seed);
                     let out = lun.run(&cdb, &data);
-                    if fits(lba, blocks) {
+                    if swp {
+                        prop_assert_eq!(out.sense, Some(Sense::WRITE_PROTECTED));
+                    } else if fits(lba, blocks) {
                         prop_assert_eq!(out.status, status::GOOD);
                         let at = lba as usize * BS;
                         model[at..at + data.len()].copy_from_slice(&data);
@@ -1084,7 +1299,9 @@ proptest! {
                 Step::Unmap { lba, blocks } => {
                     let list = unmap_list(&[(lba, blocks)]);
                     let out = lun.run(&unmap_cdb(list.len() as u16), &list);
-                    if blocks == 0 {
+                    if swp {
+                        prop_assert_eq!(out.sense, Some(Sense::WRITE_PROTECTED));
+                    } else if blocks == 0 {
                         prop_assert_eq!(out.status, status::GOOD);
                     } else if fits(lba, blocks) {
                         prop_assert_eq!(out.status, status::GOOD);
@@ -1096,7 +1313,9 @@ proptest! {
                 }
                 Step::WriteSameZero { lba, blocks } => {
                     let out = lun.run(&rw16(0x93, 0x08, lba, blocks), &[0; 512]);
-                    if !fits(lba, blocks) {
+                    if swp {
+                        prop_assert_eq!(out.sense, Some(Sense::WRITE_PROTECTED));
+                    } else if !fits(lba, blocks) {
                         prop_assert_eq!(out.sense, Some(Sense::LBA_OUT_OF_RANGE));
                     } else if blocks == 0 {
                         prop_assert_eq!(out.sense, Some(Sense::INVALID_FIELD_IN_CDB));
@@ -1143,9 +1362,11 @@ proptest! {
         data in prop::collection::vec(any::<u8>(), 0..2048),
         lun_no in 0u64..2,
         who in 0u8..3,
+        swp in any::<bool>(),
     ) {
         let mut lun = Lun::new(64);
-        // Some PR state so the reservation paths run too.
+        // Some PR state so the reservation paths run too, and sometimes SWP.
+        set_swp(&mut lun, A, swp, false);
         pr_ok(&mut lun, A, 0, 0, 0, 0xA);
         pr_ok(&mut lun, A, 1, 1, 0xA, 0);
         let who = ["a", A, B][who as usize];

@@ -2,7 +2,9 @@
 //! the `forkd-iscsi` codec (`forkd_tests::iscsi_raw`): malformed and truncated PDUs, impossible
 //! lengths, digest errors, data beyond the burst limits or out of sequence, refused logins,
 //! commands outside the CmdSN window, LBAs beyond the end, initiators that vanish mid-write,
-//! and the ordinary NOP-Out, Logout and ABORT TASK exchanges around them.
+//! and the ordinary NOP-Out, Logout and ABORT TASK exchanges around them; also what a Logout or
+//! a LOGICAL UNIT RESET has done to the LUN's shared state (RESERVE (6), Software Write
+//! Protect) by the time another session reads its answer.
 //!
 //! Every test opens a bystander session before the bad input. Afterwards the daemon must still
 //! run, the bystander must still answer on its untouched connection, a fresh session must log
@@ -20,6 +22,7 @@ use forkd_tests::iscsi_raw::{
 };
 use forkd_tests::{metric_value, Daemon};
 use iscsi::pdu::{opcode, LoginRequest, NopOut, RESERVED_TAG};
+use iscsi::scsi::status::RESERVATION_CONFLICT;
 use iscsi::session::tmf;
 use iscsi::{reject_reason, Bhs, Digests, Pdu};
 
@@ -977,6 +980,76 @@ fn abort_task_drops_a_write_waiting_for_data_out() {
     for p in before.iter().filter(|p| matches!(p.bhs, Bhs::Reject(_))) {
         assert_complete_header(p, &bytes, "late Data-Out");
     }
+}
+
+/// PERSISTENT RESERVE IN, READ KEYS: refused with RESERVATION CONFLICT while an SPC-2
+/// reservation is held, by anyone.
+const PRIN_READ_KEYS: [u8; 10] = [0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0];
+const RESERVE_6: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
+
+/// Wait for the answer to an immediate Task Management Function Request.
+fn tmf_answered(c: &mut Initiator, pdu: &Pdu, what: &str) {
+    let itt = pdu.bhs.itt();
+    c.send(pdu).unwrap_or_else(|e| panic!("send {what}: {e}"));
+    let p = c.recv().unwrap_or_else(|e| panic!("the answer to {what}: {e}"));
+    match &p.bhs {
+        Bhs::TaskMgmtResponse(t) => assert_eq!((t.itt, t.response), (itt, tmf::COMPLETE), "{what}: {t:?}"),
+        other => panic!("expected the answer to {what}, got {other:?}"),
+    }
+}
+
+/// The control mode page from MODE SENSE (6) with SWP set to `on`, as a MODE SELECT (6) CDB and
+/// parameter list.
+fn swp_select(c: &mut Initiator, on: bool) -> ([u8; 6], Vec<u8>) {
+    let r = c.scsi(&[0x1A, 0x08, 0x0A, 0, 255, 0], 255, true, &[]);
+    assert_good(&r, "MODE SENSE (6) of the control page");
+    let mut list = r.data;
+    assert_eq!(list.get(4..6), Some(&[0x0A, 0x0A][..]), "the control page: {list:02x?}");
+    list[0] = 0;
+    list[4 + 4] = if on { list[4 + 4] | 0x08 } else { list[4 + 4] & !0x08 };
+    ([0x15, 0x10, 0, 0, u8::try_from(list.len()).expect("short list"), 0], list)
+}
+
+#[test]
+fn logout_and_lun_reset_take_effect_before_they_are_answered() {
+    let mut env = setup();
+    let mut bystander = open(&env, 9);
+    // A RESERVE (6) held by a session that logs out: the bystander's very next command, sent
+    // the moment the Logout Response arrives, must not find it. (Before the fix the
+    // reservation was released after the response had gone out, and this lost the race now
+    // and then; 50 rounds.)
+    for round in 0..50 {
+        let mut holder = open(&env, 1);
+        assert_good(&holder.scsi(&RESERVE_6, 0, false, &[]), "RESERVE (6)");
+        let r = bystander.scsi(&PRIN_READ_KEYS, 64, true, &[]);
+        assert_eq!(r.status, RESERVATION_CONFLICT, "round {round}: PR IN under another's RESERVE (6)");
+        let pdu = holder.logout_pdu();
+        holder.send(&pdu).expect("send a Logout Request");
+        let p = holder.recv().expect("the Logout Response");
+        assert!(matches!(&p.bhs, Bhs::LogoutResponse(r) if r.response == 0), "{:?}", p.bhs);
+        let r = bystander.scsi(&PRIN_READ_KEYS, 64, true, &[]);
+        assert_good(&r, &format!("round {round}: PR IN right after the holder's Logout Response"));
+    }
+    // The same for a LOGICAL UNIT RESET, which also clears Software Write Protect.
+    let mut holder = open(&env, 1);
+    assert_good(&holder.scsi(&RESERVE_6, 0, false, &[]), "RESERVE (6)");
+    let (cdb, list) = swp_select(&mut holder, true);
+    assert_good(&holder.scsi(&cdb, u32::from(cdb[4]), false, &list), "MODE SELECT (6) setting SWP");
+    let reset = holder.tmf_pdu(tmf::LOGICAL_UNIT_RESET, RESERVED_TAG, 0);
+    tmf_answered(&mut holder, &reset, "LOGICAL UNIT RESET");
+    assert_good(&bystander.scsi(&PRIN_READ_KEYS, 64, true, &[]), "PR IN right after the LUN reset");
+    assert_good(&bystander.write16(lba(2 * MIB), &[0x5a; 4096]), "a write right after the LUN reset");
+    // SWP set by one session protects the medium for every session, and outlives the session.
+    let (cdb, list) = swp_select(&mut holder, true);
+    assert_good(&holder.scsi(&cdb, u32::from(cdb[4]), false, &list), "MODE SELECT (6) setting SWP");
+    holder.logout();
+    assert_check(&bystander.write16(lba(2 * MIB), &[0x5b; 4096]), 0x07, 0x27, 0x00, "a write under SWP");
+    assert_reads(&mut bystander, 2 * MIB, 4096, 0x5a, "the medium under SWP");
+    let (cdb, list) = swp_select(&mut bystander, false);
+    assert_good(&bystander.scsi(&cdb, u32::from(cdb[4]), false, &list), "MODE SELECT (6) clearing SWP");
+    assert_good(&bystander.write16(lba(2 * MIB), &[0x5b; 4096]), "a write once SWP is clear");
+    assert_alive(&mut env, &mut bystander);
+    assert_no_panic(&env.d);
 }
 
 /// An immediate NOP-Out ping (no CmdSN taken): the NOP-In brings the current MaxCmdSN. `Err`

@@ -102,6 +102,8 @@ pub struct Store {
     db: sled::Db,
     /// The flush generation, in sled and in `flushed`: detects a rolled-back sled.
     generation: generation::Generation,
+    /// sled's files and their directories, fsynced after every sled flush.
+    meta_sync: flush::MetaSync,
     dir: PathBuf,
     /// Held for the life of the store: one daemon per data directory.
     _lock: nix::fcntl::Flock<File>,
@@ -196,6 +198,8 @@ impl Store {
         let fresh = !meta.exists();
         let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
         let generation = generation::Generation::open(dir, &db, fresh).map_err(bad)?;
+        let meta_sync =
+            flush::MetaSync::open(dir, &meta).map_err(|e| bad(format!("cannot make its metadata durable: {e}")))?;
         let tree = db.open_tree("forkd")?;
         let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
         // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
@@ -209,6 +213,7 @@ impl Store {
             engine,
             db,
             generation,
+            meta_sync,
             dir: dir.to_path_buf(),
             _lock: lock,
             reserve: Mutex::new(reserve),

@@ -16,7 +16,10 @@
 //!    residual), then the status and, for CHECK CONDITION, `sense.to_fixed()` as the sense
 //!    data segment.
 //! 3. When a session ends, call [`LunState::nexus_lost`]; on a LUN or target reset,
-//!    [`LunState::reset`]. Both end SPC-2 (RESERVE / RELEASE) reservations.
+//!    [`LunState::reset`]. Both end SPC-2 (RESERVE / RELEASE) reservations; a reset also
+//!    returns the mode parameters (Software Write Protect) to their defaults. Call them before
+//!    the answer that announces the end or the reset (the Logout Response, the Task Management
+//!    Response) is sent: an initiator may act on it at once through another session.
 //!
 //! Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (VPD 00, 80, 83, B0, B1, B2), MODE
 //! SENSE / MODE SELECT (6, 10), START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, READ CAPACITY
@@ -38,11 +41,17 @@
 //! but skip five provisioning tests that pass now.) The LUN is thin (LBPME, LBPRZ): UNMAP and
 //! WRITE SAME with UNMAP free space, and unmapped blocks read as zeros.
 //!
+//! Write protection: a read-only backend (a snapshot export) and the control mode page's SWP
+//! bit, set with MODE SELECT (see `mode`), protect the medium alike: MODE SENSE reports WP and
+//! every command that would change the medium (WRITE, WRITE AND VERIFY, WRITE SAME, UNMAP,
+//! COMPARE AND WRITE, ORWRITE, WRITE ATOMIC, SANITIZE BLOCK ERASE) fails with DATA PROTECT /
+//! WRITE PROTECTED. SYNCHRONIZE CACHE still runs: it only makes completed writes durable.
+//!
 //! Concurrency: [`execute`] runs one command to completion against the backend (SANITIZE
-//! too: it is synchronous, whatever IMMED says). Reservations live in the [`LunState`], which
-//! is shared by every session that sees the LUN: the daemon keeps it behind one lock per LUN
-//! and holds it for the whole command, which also makes COMPARE AND WRITE and ORWRITE atomic
-//! with respect to every other command on the LUN.
+//! too: it is synchronous, whatever IMMED says). Reservations and mode parameters live in the
+//! [`LunState`], which is shared by every session that sees the LUN: the daemon keeps it
+//! behind one lock per LUN and holds it for the whole command, which also makes COMPARE AND
+//! WRITE and ORWRITE atomic with respect to every other command on the LUN.
 //!
 //! Invariant: no CDB or data-out bytes can make [`execute`] or [`data_out_len`] panic or
 //! allocate more than [`MAX_TRANSFER_BLOCKS`] blocks at once; every failure is a sense code,
@@ -50,6 +59,7 @@
 
 mod block;
 mod info;
+mod mode;
 mod pr;
 pub mod sense;
 
@@ -142,8 +152,9 @@ pub struct ScsiOutcome {
 }
 
 /// Per-LUN state shared by every I_T nexus: the identity reported by INQUIRY, the persistent
-/// reservations and the SPC-2 (RESERVE / RELEASE) reservation. Persistent reservations are
-/// not persisted (APTPL is refused), so a daemon restart clears them. The transport must call
+/// reservations, the SPC-2 (RESERVE / RELEASE) reservation and the mode parameters (Software
+/// Write Protect). Neither reservations nor mode parameters are persisted (APTPL and saving
+/// pages are refused), so a daemon restart clears them. The transport must call
 /// [`LunState::nexus_lost`] when a session ends and [`LunState::reset`] on a LUN or target
 /// reset: an SPC-2 reservation ends with either, and one left behind by a vanished nexus
 /// would lock every other initiator out.
@@ -151,6 +162,7 @@ pub struct ScsiOutcome {
 pub struct LunState {
     pub(crate) ident: info::Identity,
     pub(crate) pr: pr::PrState,
+    pub(crate) mode: mode::ModeParams,
 }
 
 impl LunState {
@@ -159,7 +171,11 @@ impl LunState {
     /// ID designators are derived from it, so an initiator sees the same identity after a
     /// reconnect or a daemon restart, and multipath tools can tell volumes apart.
     pub fn new(volume_id: &str) -> LunState {
-        LunState { ident: info::Identity::new(volume_id), pr: pr::PrState::default() }
+        LunState {
+            ident: info::Identity::new(volume_id),
+            pr: pr::PrState::default(),
+            mode: mode::ModeParams::default(),
+        }
     }
 
     /// The unit serial number reported in VPD page 0x80.
@@ -172,16 +188,25 @@ impl LunState {
         self.ident.naa
     }
 
+    /// Whether Software Write Protect (the control mode page's SWP bit) is set.
+    pub fn software_write_protect(&self) -> bool {
+        self.mode.swp
+    }
+
     /// The I_T nexus `initiator` (as given to [`execute`]) ended: logout, connection loss or
-    /// session reinstatement. Releases its SPC-2 reservation; persistent reservations stay.
+    /// session reinstatement. Releases its SPC-2 reservation; persistent reservations stay, and
+    /// so do the mode parameters (they belong to the logical unit, not to the nexus that set
+    /// them).
     pub fn nexus_lost(&mut self, initiator: &str) {
         self.pr.nexus_lost(initiator);
     }
 
     /// A LOGICAL UNIT RESET, TARGET WARM RESET or TARGET COLD RESET reached the LUN: releases
-    /// the SPC-2 reservation; persistent reservations stay (SPC-4 §5.13.11).
+    /// the SPC-2 reservation (persistent reservations stay, SPC-4 §5.13.11) and returns the
+    /// mode parameters to their defaults (no saved values exist), which clears SWP.
     pub fn reset(&mut self) {
         self.pr.reset();
+        self.mode = mode::ModeParams::default();
     }
 }
 
@@ -474,6 +499,8 @@ fn run(cdb: &[u8], data_out: &[u8], lun: u64, initiator: &str, dev: &dyn Backend
     if state.pr.conflicts(initiator, &c, access) {
         return Err(Failure::Conflict);
     }
+    let protected = WriteProtected { dev, software: state.mode.swp };
+    let dev: &dyn Backend = &protected;
     match c.opcode() {
         op::TEST_UNIT_READY => Ok(Vec::new()),
         // LOEJ (eject) makes no sense for non-removable media; a power condition other than
@@ -488,8 +515,8 @@ fn run(cdb: &[u8], data_out: &[u8], lun: u64, initiator: &str, dev: &dyn Backend
         },
         op::INQUIRY => info::inquiry(&c, state),
         op::READ_CAPACITY_10 => info::read_capacity_10(&c, dev),
-        op::MODE_SENSE_6 | op::MODE_SENSE_10 => info::mode_sense(&c, dev),
-        op::MODE_SELECT_6 | op::MODE_SELECT_10 => info::mode_select(&c, data_out),
+        op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode::mode_sense(&c, dev, &state.mode),
+        op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::mode_select(&c, data_out, &mut state.mode),
         op::REPORT_LUNS => info::report_luns(&c),
         op::MAINTENANCE_IN => info::report_supported_opcodes(&c),
         op::SERVICE_ACTION_IN_16 => match c.sa() {
@@ -514,6 +541,46 @@ fn run(cdb: &[u8], data_out: &[u8], lun: u64, initiator: &str, dev: &dyn Backend
         op::WRITE_ATOMIC_16 => block::write_atomic(&c, data_out, dev),
         op::SANITIZE => block::sanitize(&c, dev),
         _ => Err(Sense::INVALID_OPCODE.into()),
+    }
+}
+
+/// The backend as the commands see it: write protected when the export is read-only or SWP is
+/// set. The commands check [`Backend::read_only`] before they change anything (and MODE SENSE
+/// reports it as WP); writing and unmapping are refused here too, so no command can get
+/// round it.
+struct WriteProtected<'a> {
+    dev: &'a dyn Backend,
+    /// Software Write Protect is set.
+    software: bool,
+}
+
+impl Backend for WriteProtected<'_> {
+    fn read(&self, lba: u64, blocks: u32, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.dev.read(lba, blocks, buf)
+    }
+    fn write(&self, lba: u64, data: &[u8]) -> Result<(), BackendError> {
+        if self.software {
+            return Err(BackendError::ReadOnly);
+        }
+        self.dev.write(lba, data)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.dev.flush()
+    }
+    fn unmap(&self, ranges: &[(u64, u32)]) -> Result<(), BackendError> {
+        if self.software {
+            return Err(BackendError::ReadOnly);
+        }
+        self.dev.unmap(ranges)
+    }
+    fn block_status(&self, lba: u64) -> Result<(bool, u64), BackendError> {
+        self.dev.block_status(lba)
+    }
+    fn capacity_blocks(&self) -> u64 {
+        self.dev.capacity_blocks()
+    }
+    fn read_only(&self) -> bool {
+        self.software || self.dev.read_only()
     }
 }
 

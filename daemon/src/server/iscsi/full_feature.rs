@@ -6,6 +6,13 @@
 //! is the socket read again. Answers leave in the order the session produced them, except that
 //! a batch's command answers are built when the batch finishes (before any other event of the
 //! session is handled, so nothing overtakes them but a Reject of an unreadable PDU).
+//!
+//! What a session does to its LUN's shared state takes effect before the answer that announces
+//! it leaves: a LUN or target reset before its Task Management Response, the end of the I_T
+//! nexus ([`LunState::nexus_lost`], which ends its SPC-2 reservation) before the Logout
+//! Response. An initiator may act on either answer at once through another session (libiscsi's
+//! suite logs out a session holding RESERVE (6) and at once sends PERSISTENT RESERVE IN through
+//! another), and that command must not find the old state.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -49,6 +56,8 @@ pub(super) struct FullFeature<'a> {
     portal: String,
     commands: u64,
     failed: u64,
+    /// [`LunState::nexus_lost`] has been called for this session.
+    nexus_ended: bool,
 }
 
 impl<'a> FullFeature<'a> {
@@ -75,6 +84,7 @@ impl<'a> FullFeature<'a> {
             portal,
             commands: 0,
             failed: 0,
+            nexus_ended: false,
         }
     }
 
@@ -83,6 +93,11 @@ impl<'a> FullFeature<'a> {
         let stop = self.export.map(|x| &x.close);
         let reason = loop {
             let closing = self.round(&mut input);
+            if closing.is_some() {
+                // The answers about to leave may end the session (a Logout Response, a cold
+                // reset's Task Management Response): the nexus goes first.
+                self.end_nexus();
+            }
             if !self.out.is_empty() && self.out.send(sock.stream()).is_err() {
                 break Close::InitiatorWentAway;
             }
@@ -98,7 +113,17 @@ impl<'a> FullFeature<'a> {
                 };
             }
         };
+        self.end_nexus();
         Closed { reason, requests: self.commands, errors: self.failed }
+    }
+
+    /// The I_T nexus is gone: its SPC-2 reservation ends (once; a later session of the same
+    /// initiator and ISID has the same nexus name, so a second call could end its reservation).
+    fn end_nexus(&mut self) {
+        if let Some(x) = self.export.filter(|_| !self.nexus_ended) {
+            x.lun.lock().unwrap_or_else(|p| p.into_inner()).nexus_lost(&self.nexus);
+        }
+        self.nexus_ended = true;
     }
 
     /// Handle every complete PDU in the input, run the commands they release and queue every

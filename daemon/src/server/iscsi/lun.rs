@@ -1,7 +1,7 @@
 //! The store as the SCSI model's block device, and the batch the commands of one socket read
 //! run in.
 //!
-//! A [`Batch`] holds its LUN's lock (persistent reservations, unit attentions) while its
+//! A [`Batch`] holds its LUN's lock (reservations, mode parameters) while its
 //! commands run, in order; their writes are queued in the [`VolumeLun`] and committed together
 //! (one group commit) before anything else touches the volume, so the model always sees its
 //! own writes; the answers are built once the writes are done, so a failed write still fails

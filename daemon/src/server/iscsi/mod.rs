@@ -12,12 +12,14 @@
 //! `iscsi_access.snapshots` is set, `…:VOLUME:snap-N` for each snapshot (read-only); who may
 //! log in is [`crate::server::iscsi::access`]'s business.
 //!
-//! Rewind, refresh and delete follow the rule of every export (see [`crate::server::exports`]): the
-//! connection answers what it already received, then closes; logins to a fenced target fail
-//! with "target not found" for the moment of the switch.
+//! Rewind, refresh and delete follow the rule of every export (see [`crate::store::exports`]):
+//! the connection answers what it already received, then closes; logins to a fenced target
+//! fail with "target not found" for the moment of the switch.
 //!
 //! Locking: the LUN states (`Shared::luns`) are shared by every session on the same target;
-//! a batch of commands holds its LUN's lock while it runs (see [`lun::Batch`]).
+//! a batch of commands holds its LUN's lock while it runs (see [`lun::Batch`]). A session's
+//! resets and the end of its I_T nexus change the LUN state before the answer announcing them
+//! is sent (see [`full_feature`]). The map's lock is never taken while a LUN's is held.
 
 pub mod access;
 mod full_feature;
@@ -134,20 +136,38 @@ pub async fn serve(
     listener::serve_threads(listener, Arc::new(shared), limits, shutdown).await;
 }
 
+/// The state (identity, reservations, mode parameters) of one exported LUN, shared by its
+/// sessions, and the identity it was made for.
+#[derive(Debug)]
+struct SharedLun {
+    identity: String,
+    state: Arc<Mutex<LunState>>,
+}
+
 /// What every connection shares.
 #[derive(Debug)]
 struct Shared {
     store: Arc<Store>,
     rules: AccessRules,
-    /// Persistent reservations and identity of each exported LUN, by reference.
-    luns: Mutex<HashMap<String, Arc<Mutex<LunState>>>>,
+    /// The state of each exported LUN, by reference.
+    luns: Mutex<HashMap<String, SharedLun>>,
     next_tsih: AtomicU16,
 }
 
 impl Shared {
+    /// The state of the LUN exporting `reference`. A volume deleted and created again under
+    /// the same name has another identity and gets a fresh state: nothing of the old volume
+    /// (serial number, reservations, Software Write Protect) carries over.
     fn lun(&self, reference: &str, identity: &str) -> Arc<Mutex<LunState>> {
         let mut luns = self.luns.lock().unwrap_or_else(|p| p.into_inner());
-        luns.entry(reference.to_string()).or_insert_with(|| Arc::new(Mutex::new(LunState::new(identity)))).clone()
+        match luns.get(reference) {
+            Some(lun) if lun.identity == identity => lun.state.clone(),
+            _ => {
+                let state = Arc::new(Mutex::new(LunState::new(identity)));
+                luns.insert(reference.to_string(), SharedLun { identity: identity.to_string(), state: state.clone() });
+                state
+            }
+        }
     }
 
     fn tsih(&self) -> u16 {
@@ -207,9 +227,8 @@ impl Shared {
         let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
         let mut session = Session::new(params, WINDOW);
         session.set_read_only(self.store.catalog().target(&export.reference).map_or(true, |t| t.read_only));
-        let nexus = session.nexus();
+        // The session ends its I_T nexus itself, before its last answers leave.
         let closed = FullFeature::new(self, Some(&export), session, cx, &sock).run(sock, input);
-        export.lun.lock().unwrap_or_else(|p| p.into_inner()).nexus_lost(&nexus);
         drop(guard);
         closed
     }
