@@ -440,13 +440,20 @@ mod tests {
             if let Ok((stream, _)) = listener.accept() {
                 let mut reader = BufReader::new(stream);
                 let mut line = String::new();
-                // Read the request head.
+                let mut body_len = 0usize;
+                // Read the request head, then its body: a server that closes with unread
+                // input resets the connection, and the client may then lose the answer.
                 while reader.read_line(&mut line).is_ok() {
                     if line == "\r\n" || line.is_empty() {
                         break;
                     }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        body_len = v.trim().parse().unwrap_or(0);
+                    }
                     line.clear();
                 }
+                let mut body_in = vec![0u8; body_len];
+                let _ = std::io::Read::read_exact(&mut reader, &mut body_in);
                 let mut stream = reader.into_inner();
                 let _ = write!(
                     stream,

@@ -232,6 +232,7 @@ impl Store {
         }
         // Slots on the free list may not have been punched before a crash: do it now.
         store.flush()?;
+        store.punch_beyond_high_water();
         store.metrics.update_volumes(&store.catalog());
         Ok(store)
     }

@@ -86,6 +86,22 @@ impl Store {
         r
     }
 
+    /// Give back the space of slots past the map's high-water mark. They hold data of writes
+    /// whose pointers never became durable (a crash or power cut between a write and the flush
+    /// of its pointers): no durable pointer reaches past the mark, which is committed in the
+    /// same batch as the pointers, and those slots will be handed out again as new. Not
+    /// fatal: without it only space is lost, until the slots are reused.
+    pub(super) fn punch_beyond_high_water(&self) {
+        let high_water = self.catalog().map().stats().high_water;
+        let start = high_water.saturating_sub(1).saturating_mul(BLOCK_SIZE);
+        let len = std::fs::metadata(self.dir.join("extents.0")).map(|m| m.len()).unwrap_or(0);
+        if len > start {
+            if let Err(e) = self.engine.punch(&[(start, len - start)]) {
+                tracing::warn!(error = %e, "could not punch the extents past the high-water mark");
+            }
+        }
+    }
+
     /// Refuse new data (and catalog operations that only add metadata) while the disk is full.
     pub(super) fn check_space(&self) -> Result<()> {
         self.keep_headroom();
