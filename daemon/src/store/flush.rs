@@ -72,11 +72,12 @@ impl Store {
 }
 
 /// What makes a sled flush durable beyond sled's own `sync_file_range`: `fdatasync` of its
-/// files and `fsync` of the directories that name them (the data directory, `meta/`,
-/// `meta/blobs/`), so new files and a grown log survive a power cut too.
+/// log (`meta/db`) and `fsync` of the directories that name its files (the data directory,
+/// `meta/`, `meta/blobs/`), so new files and a grown log survive a power cut too. sled
+/// writes `meta/conf` once, when it creates the store: that is made durable at open only.
 #[derive(Debug)]
 pub(super) struct MetaSync {
-    files: Vec<File>,
+    log: File,
     dirs: Vec<File>,
 }
 
@@ -84,28 +85,24 @@ impl MetaSync {
     /// Open sled's files under `meta` and the directories to fsync, and make what exists now
     /// durable (the files and directories sled and the store just created).
     pub(super) fn open(dir: &Path, meta: &Path) -> io::Result<MetaSync> {
-        let mut files = Vec::new();
-        for name in ["db", "conf"] {
-            let path = meta.join(name);
-            if path.exists() {
-                files.push(File::open(path)?);
-            }
+        let conf = meta.join("conf");
+        if conf.exists() {
+            File::open(conf)?.sync_data()?;
         }
+        let log = File::open(meta.join("db"))?;
         let mut dirs = vec![File::open(dir)?, File::open(meta)?];
         let blobs = meta.join("blobs");
         if blobs.is_dir() {
             dirs.push(File::open(blobs)?);
         }
-        let sync = MetaSync { files, dirs };
+        let sync = MetaSync { log, dirs };
         sync.sync()?;
         Ok(sync)
     }
 
-    /// `fdatasync` every file, then `fsync` every directory.
+    /// `fdatasync` the log, then `fsync` every directory.
     pub(super) fn sync(&self) -> io::Result<()> {
-        for f in &self.files {
-            f.sync_data()?;
-        }
+        self.log.sync_data()?;
         for d in &self.dirs {
             d.sync_all()?;
         }

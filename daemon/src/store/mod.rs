@@ -110,9 +110,9 @@ pub struct Store {
     /// Emergency space (`reserve`): released when the disk fills so that trims and deletes
     /// can still commit the metadata that frees space.
     reserve: Mutex<File>,
+    /// The reserve's size, which is also the free space kept beside it for the metadata
+    /// store (`space::Store::headroom`).
     reserve_bytes: u64,
-    /// Free space kept for the metadata store beside the reserve (see `space`).
-    headroom: u64,
     /// Set while the reserve is released: new data is refused until it can be re-created.
     low_space: AtomicBool,
     /// Counters for `/metrics`.
@@ -191,10 +191,9 @@ impl Store {
             .open(dir.join("reserve"))
             .map_err(|e| bad(format!("cannot open its space reserve: {e}")))?;
         let reserve_bytes = space::reserve_size(dir);
-        // The metadata store's own room: new data is refused (and the reserve released) when
-        // less than this is free, so sled never meets a full disk.
-        let headroom = reserve_bytes;
-        let short = space::release_if_short(dir, &reserve, headroom);
+        // The metadata store's own room (as large as the reserve): new data is refused (and the
+        // reserve released) when less than this is free, so sled never meets a full disk.
+        let short = space::release_if_short(dir, &reserve, reserve_bytes);
         let fresh = !meta.exists();
         let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
         let generation = generation::Generation::open(dir, &db, fresh).map_err(bad)?;
@@ -218,7 +217,6 @@ impl Store {
             _lock: lock,
             reserve: Mutex::new(reserve),
             reserve_bytes,
-            headroom,
             low_space: AtomicBool::new(short),
             metrics: Metrics::new(),
             exports: Default::default(),

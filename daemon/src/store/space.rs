@@ -34,7 +34,7 @@ impl Store {
         let f = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
         let held = f.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
         let missing = self.reserve_bytes.saturating_sub(held);
-        if missing > 0 && free_bytes(&self.dir) < missing + self.headroom {
+        if missing > 0 && free_bytes(&self.dir) < missing + self.headroom() {
             self.low_space.store(true, Ordering::SeqCst);
             return false;
         }
@@ -65,12 +65,17 @@ impl Store {
         }
     }
 
+    /// Free space kept for the metadata store beside the reserve: as much as the reserve.
+    fn headroom(&self) -> u64 {
+        self.reserve_bytes
+    }
+
     /// Before the metadata store may grow (a flush, a catalog operation, new data): if less
     /// than `headroom` is free, release the reserve now, while sled still has room to write.
     /// sled turns a write that fails with ENOSPC into an error for every later operation,
     /// so it must never be the layer that finds the disk full.
     pub(super) fn keep_headroom(&self) {
-        if !self.low_space.load(Ordering::SeqCst) && free_bytes(&self.dir) < self.headroom {
+        if !self.low_space.load(Ordering::SeqCst) && free_bytes(&self.dir) < self.headroom() {
             self.enter_low_space("less free space than the metadata headroom");
         }
     }

@@ -5,7 +5,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use catalog::{format_time, Catalog};
+use catalog::{format_time, Catalog, CatalogError};
 
 use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, ApiResult, Shared, DRAIN};
@@ -190,12 +190,7 @@ pub(super) async fn rewind(
     JsonBody(body): JsonBody<MoveRequest>,
 ) -> ApiResult<Json<Moved>> {
     let to = body.to.ok_or_else(|| bad("rewind needs \"to\": a snapshot or a time"))?;
-    blocking(&s, move |st| {
-        let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
-        let (target, kept) = st.op(|cat| cat.rewind(&name, &to))?;
-        Ok(Json(Moved { kept: kept.to_string(), target: target.to_string(), volume: name }))
-    })
-    .await
+    move_head(&s, name, move |cat, name| cat.rewind(name, &to)).await
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/refresh", tag = "volumes",
@@ -210,9 +205,19 @@ pub(super) async fn refresh(
     OptionalJson(body): OptionalJson<MoveRequest>,
 ) -> ApiResult<Json<Moved>> {
     let to = body.and_then(|b| b.to);
-    blocking(&s, move |st| {
+    move_head(&s, name, move |cat, name| cat.refresh(name, to.as_deref())).await
+}
+
+/// Rewind or refresh (`step`) clone `name`: its exports are fenced and drained first, and the
+/// answer says where the head went and which snapshot kept the state it left.
+async fn move_head<T: ToString, K: ToString>(
+    s: &Shared,
+    name: String,
+    step: impl FnOnce(&mut Catalog, &str) -> Result<(T, K), CatalogError> + Send + 'static,
+) -> ApiResult<Json<Moved>> {
+    blocking(s, move |st| {
         let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
-        let (target, kept) = st.op(|cat| cat.refresh(&name, to.as_deref()))?;
+        let (target, kept) = st.op(|cat| step(cat, &name))?;
         Ok(Json(Moved { kept: kept.to_string(), target: target.to_string(), volume: name }))
     })
     .await
