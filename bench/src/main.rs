@@ -21,14 +21,14 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use forkd::store::Store;
+use forkd::store::{disk_usage, Store};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -369,17 +369,6 @@ fn runs(blocks: &[u64], max: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Bytes a path takes on disk (st_blocks * 512, recursively), like `du -sB1`.
-fn disk_usage(p: &Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
-    let own = md.blocks() * 512;
-    if md.is_dir() {
-        own + std::fs::read_dir(p).map(|d| d.flatten().map(|e| disk_usage(&e.path())).sum::<u64>()).unwrap_or(0)
-    } else {
-        own
-    }
-}
-
 /// Newest modification time of any file under `p`.
 fn newest_mtime(p: &Path) -> Option<std::time::SystemTime> {
     let md = std::fs::symlink_metadata(p).ok()?;
@@ -707,7 +696,7 @@ fn bench_create(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     rep.note(
         B,
         format!(
-            "every catalog operation ends with a durable flush (fdatasync + sled flush); an empty flush \
+            "every catalog operation ends with a durable flush (fdatasync + the metadata engine's durable commit); an empty flush \
              takes {floor:.3} ms on this disk, so on a disk with a slower fdatasync the create figures \
              grow by the difference"
         ),
@@ -1078,23 +1067,21 @@ fn report_ingest(rep: &mut Report, p: &Params, cp: &CpRuns, d: &DaemonIngests, f
     rep.note(
         B,
         "cp is timed without sync (its data may still be in the page cache when it returns), while \
-         forkd ingest ends with a durable flush (fdatasync of the extent file + sled flush); \
+         forkd ingest ends with a durable flush (fdatasync of the extent file + the metadata engine's durable commit); \
          'cp + sync' is shown for comparison",
     );
 }
 
-/// Live bytes (keys + values) in the store's sled tree, by key prefix. The store must be
-/// closed: this opens `DIR/meta` directly.
-fn meta_live(dir: &Path) -> Result<BTreeMap<char, (u64, u64)>> {
-    let db = sled::Config::new().path(dir.join("meta")).open()?;
-    let tree = db.open_tree("forkd")?;
+/// Live bytes (keys + values) in the store's metadata engine, by key prefix. The store must be
+/// closed: this opens `DIR/meta` directly with `engine`.
+fn meta_live(dir: &Path, engine: metakv::Engine) -> Result<BTreeMap<char, (u64, u64)>> {
+    let kv = metakv::open(engine, &dir.join("meta"))?;
     let mut out: BTreeMap<char, (u64, u64)> = BTreeMap::new();
-    for kv in tree.iter() {
-        let (k, v) = kv?;
+    kv.scan_prefix(b"", &mut |k, v| {
         let e = out.entry(k.first().map_or('?', |&c| c as char)).or_default();
         e.0 += 1;
         e.1 += (k.len() + v.len()) as u64;
-    }
+    })?;
     Ok(out)
 }
 
@@ -1103,7 +1090,7 @@ fn report_meta_live(rep: &mut Report, what: &str, live: &BTreeMap<char, (u64, u6
     let total: u64 = live.values().map(|v| v.1).sum();
     let part = |c: char| live.get(&c).copied().unwrap_or_default();
     let mb = |b: u64| b as f64 / MIB as f64;
-    rep.info(B, &format!("{what}: live metadata (sled keys + values)"), mb(total), "MiB");
+    rep.info(B, &format!("{what}: live metadata (keys + values)"), mb(total), "MiB");
     rep.info(B, &format!("{what}: of which tree nodes ('n', {} keys)", part('n').0), mb(part('n').1), "MiB");
     rep.info(B, &format!("{what}: of which slot refcounts ('s', {} keys)", part('s').0), mb(part('s').1), "MiB");
     rep.info(B, &format!("{what}: meta/ on disk / live metadata"), on_disk as f64 / total.max(1) as f64, "x");
@@ -1153,8 +1140,9 @@ fn bench_space(p: &Params, scratch: &Path, rep: &mut Report) -> Result<()> {
     rep.goal(B, "du with clones / data written", used as f64 / written as f64, "x", Cmp::Le, 1.05, "<= 1.05x");
     rep.info(B, "extents.0 on disk / data written", extents as f64 / written as f64, "x");
     rep.info(B, "meta/ bytes per GiB of data written", meta as f64 / MIB as f64 / gib(written), "MiB/GiB");
+    let engine = store.meta_engine();
     drop(store);
-    let live = meta_live(&dir)?;
+    let live = meta_live(&dir, engine)?;
     report_meta_live(rep, "with clones", &live, meta);
     space_after_delete(p, &dir, rep)?;
     std::fs::remove_dir_all(&dir)?;
@@ -1211,8 +1199,9 @@ fn space_after_delete(p: &Params, dir: &Path, rep: &mut Report) -> Result<()> {
     rep.goal(B, "du after delete / source size", used2 as f64 / size as f64, "x", Cmp::Le, 1.05, "<= 1.05x");
     rep.info(B, "extents.0 on disk after delete / source size", extents2 as f64 / size as f64, "x");
     rep.info(B, "meta/ after delete", meta2 as f64 / MIB as f64, "MiB");
+    let engine = store.meta_engine();
     drop(store);
-    let live = meta_live(dir)?;
+    let live = meta_live(dir, engine)?;
     report_meta_live(rep, "after delete", &live, meta2);
     // sled may reclaim on reopen: show what a restart leaves.
     let store = Store::open(dir)?;

@@ -1,5 +1,5 @@
 //! forkd's extent map: every volume and snapshot is the root of a copy-on-write pointer tree
-//! stored in sled, whose leaves point at 4 KiB slots in an extent file.
+//! stored in a metadata engine (`metakv`), whose leaves point at 4 KiB slots in an extent file.
 //!
 //! Why a shared tree: a snapshot or a clone takes one reference on an existing root, so it costs
 //! the same for 1 GiB and 1 TiB; a read walks root-to-leaf (3 levels for 1 GiB, 4 for 1 TiB)
@@ -21,11 +21,11 @@
 //!
 //! Transactions and write-back: mutations take `&mut self` and accumulate in a transaction
 //! overlay; [`BlockMap::commit`] moves them, atomically, into an in-memory write-back layer,
-//! and [`BlockMap::spill`] hands that layer to sled as one batch (at every flush, and whenever
-//! it grows past a cap). Durability is only ever promised at a flush, so this changes nothing
-//! that is promised, while a leaf rewritten a thousand times between two flushes reaches sled
-//! once: sled's log, and with it its space use, grows with distinct changes, not with I/Os.
-//! Reads see the transaction, then the write-back layer, then sled.
+//! and [`BlockMap::spill`] hands that layer to the engine as one batch (at every flush, and
+//! whenever it grows past a cap). Durability is only ever promised at a flush, so this changes
+//! nothing that is promised, while a leaf rewritten a thousand times between two flushes
+//! reaches the engine once: its log, and with it its space use, grows with distinct changes,
+//! not with I/Os. Reads see the transaction, then the write-back layer, then the engine.
 //!
 //! Locking: `BlockMap` is not internally synchronised. The owner serialises writers and keeps
 //! readers out while a writer is between calls.
@@ -36,6 +36,9 @@
 mod node;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+pub use metakv::{KvError, MetaKv};
 
 pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, MAX_SLOT, ZERO_SLOT};
 use node::{child_index, span, View};
@@ -48,7 +51,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 pub enum BlockMapError {
     /// The metadata store failed.
     #[error("metadata store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] KvError),
     /// Stored metadata is not what forkd writes.
     #[error("corrupt metadata in {what}: {why}")]
     Corrupt {
@@ -76,7 +79,7 @@ const P_FREE: u8 = b'f';
 const P_GARBAGE: u8 = b'g';
 const K_HIGH_WATER: &[u8] = b"m:high_water";
 const K_NEXT_NODE: &[u8] = b"m:next_node";
-/// Committed changes (nodes plus keys) held in memory before they are handed to sled anyway:
+/// Committed changes (nodes plus keys) held in memory before they are handed to the engine anyway:
 /// about 32 MiB of decoded nodes.
 const WRITE_BACK_LIMIT: usize = 16_384;
 /// Slots whose refcounts and free bits share one key.
@@ -111,17 +114,20 @@ pub struct MapStats {
     pub free_slots: u64,
     /// Slots freed but waiting for a flush before reuse.
     pub pending_free: u64,
+    /// Tree nodes dismantled by garbage collection since the map was opened (metadata the
+    /// engine may now give back).
+    pub freed_nodes: u64,
 }
 
 /// The extent map. See the module documentation for its invariants.
 #[derive(Debug)]
 pub struct BlockMap {
-    tree: sled::Tree,
+    kv: Arc<dyn MetaKv>,
     /// Decoded nodes changed in the open transaction (`None`: deleted).
     dirty: HashMap<NodeId, Option<Node>>,
-    /// Committed node changes not yet handed to sled.
+    /// Committed node changes not yet handed to the engine.
     wb_nodes: HashMap<NodeId, Option<Node>>,
-    /// Committed key changes not yet handed to sled.
+    /// Committed key changes not yet handed to the engine.
     wb_keys: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Other keys changed in the open transaction (`None`: removed).
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -143,23 +149,24 @@ pub struct BlockMap {
     /// after g ended.
     generation: u64,
     pending: Vec<(u64, u64)>,
+    /// Nodes dismantled since open (see [`MapStats::freed_nodes`]).
+    freed_nodes: u64,
 }
 
 impl BlockMap {
-    /// Open the map stored in `tree`. Slots on the free list are returned by the first
+    /// Open the map stored in `kv`. Slots on the free list are returned by the first
     /// [`BlockMap::take_released`] so the caller can punch them (again) before reuse.
-    pub fn open(tree: sled::Tree) -> Result<BlockMap> {
-        let high_water = match tree.get(K_HIGH_WATER)? {
+    pub fn open(kv: Arc<dyn MetaKv>) -> Result<BlockMap> {
+        let high_water = match kv.get(K_HIGH_WATER)? {
             Some(v) => decode_u64("high water mark", &v)?,
             None => 1,
         };
-        let next_node = match tree.get(K_NEXT_NODE)? {
+        let next_node = match kv.get(K_NEXT_NODE)? {
             Some(v) => decode_u64("node counter", &v)?,
             None => 1,
         };
         let mut pending = Vec::new();
-        for kv in tree.scan_prefix([P_FREE]) {
-            let (k, v) = kv?;
+        for (k, v) in metakv::collect_prefix(kv.as_ref(), &[P_FREE])? {
             let bad = |why| BlockMapError::Corrupt { what: "free list".into(), why };
             let group = id_of(&k).ok_or(bad("short key"))?;
             let bits = decode_u64("free list", &v)?;
@@ -172,7 +179,7 @@ impl BlockMap {
             }
         }
         Ok(BlockMap {
-            tree,
+            kv,
             dirty: HashMap::new(),
             wb_nodes: HashMap::new(),
             wb_keys: BTreeMap::new(),
@@ -186,6 +193,7 @@ impl BlockMap {
             txn_start: (high_water, next_node),
             generation: 1,
             pending,
+            freed_nodes: 0,
         })
     }
 
@@ -195,7 +203,7 @@ impl BlockMap {
         if let Some(v) = self.overlay.get(k).or_else(|| self.wb_keys.get(k)) {
             return Ok(v.clone());
         }
-        Ok(self.tree.get(k)?.map(|v| v.to_vec()))
+        Ok(self.kv.get(k)?)
     }
 
     fn put_raw(&mut self, k: &[u8], v: Vec<u8>) {
@@ -223,15 +231,15 @@ impl BlockMap {
         self.del_raw(k);
     }
 
-    /// Catalog records under `prefix` as sled holds them (neither the open transaction nor
-    /// the write-back layer is consulted: call at start-up, before any change).
+    /// Catalog records under `prefix` as the engine holds them (neither the open transaction
+    /// nor the write-back layer is consulted: call at start-up, before any change).
     pub fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(prefix) {
-            let (k, v) = kv?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        Ok(metakv::collect_prefix(self.kv.as_ref(), prefix)?)
+    }
+
+    /// The metadata engine the map is stored in.
+    pub fn kv(&self) -> &Arc<dyn MetaKv> {
+        &self.kv
     }
 
     // ----- nodes and refcounts --------------------------------------------------------
@@ -242,7 +250,7 @@ impl BlockMap {
                 .clone()
                 .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" });
         }
-        match self.tree.get(key(P_NODE, id))? {
+        match self.kv.get(&key(P_NODE, id))? {
             Some(v) => Node::decode(id, &v),
             None => Err(BlockMapError::Corrupt { what: format!("node {id}"), why: "missing" }),
         }
@@ -257,8 +265,8 @@ impl BlockMap {
             return f(View::Decoded(n));
         }
         let raw = self
-            .tree
-            .get(key(P_NODE, id))?
+            .kv
+            .get(&key(P_NODE, id))?
             .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "missing" })?;
         f(View::raw(id, &raw)?)
     }
@@ -266,7 +274,7 @@ impl BlockMap {
     /// A node to change in the open transaction (decoded once, written at commit).
     fn load_mut(&mut self, id: NodeId) -> Result<&mut Node> {
         if !self.dirty.contains_key(&id) {
-            let n = self.load(id)?; // from the write-back layer or sled
+            let n = self.load(id)?; // from the write-back layer or the engine
             self.dirty.insert(id, Some(n));
         }
         match self.dirty.get_mut(&id) {
@@ -683,7 +691,7 @@ impl BlockMap {
 
     /// Commit everything since the last commit or rollback, atomically, into the write-back
     /// layer (see the module documentation). Fails, changing nothing, only if the layer was
-    /// full and could not be handed to sled.
+    /// full and could not be handed to the engine.
     pub fn commit(&mut self) -> Result<()> {
         if self.wb_nodes.len() + self.wb_keys.len() >= WRITE_BACK_LIMIT {
             if let Err(e) = self.spill() {
@@ -707,26 +715,26 @@ impl BlockMap {
         Ok(())
     }
 
-    /// Hand the write-back layer to sled as one atomic batch (not yet fsynced: see
+    /// Hand the write-back layer to the engine as one atomic batch (not yet durable: see
     /// [`BlockMap::flush_store`]). On error the layer is kept, nothing is lost.
     pub fn spill(&mut self) -> Result<()> {
         if self.wb_nodes.is_empty() && self.wb_keys.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = metakv::Batch::default();
         for (id, node) in &self.wb_nodes {
             match node {
-                Some(n) => batch.insert(&key(P_NODE, *id), n.encode()),
-                None => batch.remove(&key(P_NODE, *id)),
+                Some(n) => batch.put(&key(P_NODE, *id), &n.encode()),
+                None => batch.delete(&key(P_NODE, *id)),
             }
         }
         for (k, v) in &self.wb_keys {
             match v {
-                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                None => batch.remove(k.as_slice()),
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
             }
         }
-        self.tree.apply_batch(batch)?;
+        self.kv.apply(&batch)?;
         self.wb_nodes.clear();
         self.wb_keys.clear();
         Ok(())
@@ -785,15 +793,11 @@ impl BlockMap {
     /// Dismantle queued garbage, committing every few nodes so each step is atomic and small.
     /// Returns the number of nodes freed. Must be called with no open transaction.
     pub fn collect_garbage(&mut self) -> Result<u64> {
-        // The queue is read from sled once; what it finds is dismantled from memory, every
-        // step recorded in the queue keys of the same commit.
+        // The queue is read from the engine once; what it finds is dismantled from memory,
+        // every step recorded in the queue keys of the same commit.
         self.spill()?;
-        let mut work: Vec<NodeId> = self
-            .tree
-            .scan_prefix([P_GARBAGE])
-            .keys()
-            .map(|k| k.map(|k| id_of(&k).unwrap_or(0)))
-            .collect::<std::result::Result<_, _>>()?;
+        let mut work: Vec<NodeId> = Vec::new();
+        self.kv.scan_prefix(&[P_GARBAGE], &mut |k, _| work.push(id_of(k).unwrap_or(0)))?;
         let mut freed = 0u64;
         while let Some(id) = work.pop() {
             match self.load(id)? {
@@ -823,6 +827,7 @@ impl BlockMap {
             }
         }
         self.commit()?;
+        self.freed_nodes += freed;
         Ok(freed)
     }
 
@@ -832,13 +837,14 @@ impl BlockMap {
             high_water: self.high_water,
             free_slots: self.free.len() as u64,
             pending_free: self.pending.len() as u64,
+            freed_nodes: self.freed_nodes,
         }
     }
 
     /// Make every committed change durable in the metadata store.
     pub fn flush_store(&mut self) -> Result<()> {
         self.spill()?;
-        self.tree.flush()?;
+        self.kv.commit()?;
         Ok(())
     }
 }

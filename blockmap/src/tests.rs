@@ -4,8 +4,8 @@ use super::*;
 
 fn open() -> (tempfile::TempDir, BlockMap) {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new().path(dir.path()).open().unwrap();
-    let map = BlockMap::open(db.open_tree("map").unwrap()).unwrap();
+    let kv = metakv::open(metakv::Engine::DEFAULT, &dir.path().join("meta")).unwrap();
+    let map = BlockMap::open(kv).unwrap();
     (dir, map)
 }
 

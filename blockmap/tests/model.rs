@@ -2,7 +2,7 @@
 //! zeros and holes; single blocks and ranges across leaf and subtree edges), trims, shares
 //! (snapshots and clones), releases, volume growth, commits, rollbacks, spills, flush cycles
 //! (whole, or step by step with other operations and commits in between), garbage collection
-//! and restarts run against a real `BlockMap` on a real sled database and against a model built
+//! and restarts run against a real `BlockMap` on the real metadata engine and against a model built
 //! from `BTreeMap`s and `BTreeSet`s.
 //!
 //! After every operation:
@@ -17,7 +17,7 @@
 //!   releases exactly the slots freed by commits before it began; every slot ever handed out is
 //!   referenced, free, or waiting for a flush, and only one of these.
 //!
-//! At the end every root is released and collected: every slot is free again, sled holds no
+//! At the end every root is released and collected: every slot is free again, the engine holds no
 //! node, refcount or garbage record, and a restart finds every slot on the free list.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -106,7 +106,7 @@ enum Op {
     Commit,
     Rollback,
     Spill,
-    /// One step of the store's flush cycle: begin, then spill and sync sled, then release the
+    /// One step of the store's flush cycle: begin, then spill and commit the engine, then release the
     /// slots freed before it began. Other operations (commits included) may run between steps,
     /// as they can while the store syncs its extent file.
     FlushStep,
@@ -200,17 +200,15 @@ impl State {
 }
 
 struct Open {
-    db: sled::Db,
-    tree: sled::Tree,
+    kv: std::sync::Arc<dyn blockmap::MetaKv>,
     map: BlockMap,
 }
 
 fn open_at(path: &Path) -> Open {
-    // The daemon's settings: no background flusher, durability only at an explicit flush.
-    let db = sled::Config::new().path(path).cache_capacity(8 << 20).flush_every_ms(None).open().expect("open sled");
-    let tree = db.open_tree("map").expect("open tree");
-    let map = BlockMap::open(tree.clone()).expect("open map");
-    Open { db, tree, map }
+    // The daemon's engine; durability only at an explicit commit.
+    let kv = metakv::open(metakv::Engine::DEFAULT, &path.join("meta")).expect("open the metadata engine");
+    let map = BlockMap::open(kv.clone()).expect("open map");
+    Open { kv, map }
 }
 
 /// Copy a data directory (files and subdirectories).
@@ -245,7 +243,7 @@ fn same_entries(what: &str, got: &[(u64, Entry)], want: &[(u64, Entry)]) {
 enum Flushing {
     /// `begin_flush` returned this ticket.
     Begun(u64),
-    /// The write-back layer went to sled and sled was synced.
+    /// The write-back layer went to the engine, which committed it.
     Synced(u64),
 }
 
@@ -542,7 +540,7 @@ impl Run {
             }
             Some(Flushing::Begun(ticket)) => {
                 open.map.spill().expect("spill");
-                open.db.flush().expect("flush sled");
+                open.kv.commit().expect("commit the metadata engine");
                 self.since_sync = self.committed.held_slots();
                 self.flushing = Some(Flushing::Synced(ticket));
             }
@@ -590,7 +588,7 @@ impl Run {
         let mut open = self.open.take().expect("the map is open");
         open.map.flush_store().expect("flush store");
         drop(open);
-        // sled can release its file lock lazily (its epoch-deferred cleanup may run in another
+        // an engine can release its file lock lazily (sled's epoch-deferred cleanup may run in another
         // thread), so reopening the same directory in-process is flaky; reopen a copy instead:
         // it holds exactly what a restarted daemon would find.
         let next = tempfile::tempdir().expect("tempdir");
@@ -671,15 +669,15 @@ impl Run {
         self.check();
         let st = self.map().stats();
         assert_eq!((st.free_slots, st.pending_free), (st.high_water - 1, 0), "every slot is free again: {st:?}");
-        // Only free-list bitmaps and counters may remain in sled, and the bitmaps cover exactly
+        // Only free-list bitmaps and counters may remain in the engine, and the bitmaps cover exactly
         // the slots handed out. (Key prefixes as in `blockmap/src/lib.rs`.)
         let mut free = BTreeSet::new();
-        for kv in self.open.as_ref().expect("the map is open").tree.iter() {
-            let (k, v) = kv.expect("scan");
+        let kv = self.open.as_ref().expect("the map is open").kv.as_ref();
+        for (k, v) in metakv::collect_prefix(kv, b"").expect("scan") {
             match k.first() {
                 Some(b'f') => {
                     let group = u64::from_be_bytes(k[1..9].try_into().expect("free-list key"));
-                    let bits = u64::from_le_bytes(v.as_ref().try_into().expect("free-list bitmap"));
+                    let bits = u64::from_le_bytes(v[..].try_into().expect("free-list bitmap"));
                     free.extend((0..64).filter(|i| (bits >> i) & 1 == 1).map(|i| group * 64 + i));
                 }
                 Some(b'm') => {}

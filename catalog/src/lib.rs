@@ -1,5 +1,5 @@
 //! forkd's catalog: sources, clones, snapshots, timeflows, origins and bookmarks, kept in the
-//! same sled tree as the extent map so every operation commits as one atomic batch.
+//! same metadata engine as the extent map so every operation commits as one atomic batch.
 //!
 //! Each volume owns one reference on its head root and one on each snapshot's root (see the
 //! `blockmap` crate); a running ingest owns one on its staging root. Operations build new
@@ -16,7 +16,7 @@ mod reference;
 use std::collections::BTreeMap;
 use std::fmt;
 
-pub use blockmap::{self, BlockMap, BlockMapError, Entry, NodeId, BLOCK_SIZE};
+pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 use serde::{Deserialize, Serialize};
 
@@ -307,8 +307,8 @@ pub struct Catalog {
 
 impl Catalog {
     /// Load the catalog from `tree`, abandoning ingests a crash interrupted.
-    pub fn open(tree: sled::Tree) -> Result<Catalog> {
-        let map = BlockMap::open(tree)?;
+    pub fn open(kv: std::sync::Arc<dyn blockmap::MetaKv>) -> Result<Catalog> {
+        let map = BlockMap::open(kv)?;
         let mut volumes = BTreeMap::new();
         let mut last_time = 0;
         for (key, val) in map.scan_meta(K_VOLUME)? {

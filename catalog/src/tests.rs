@@ -1,10 +1,10 @@
-//! Catalog operations on a real sled tree: lineage rules, refusals, restart.
+//! Catalog operations on the real metadata engine: lineage rules, refusals, restart.
 
 use super::*;
 
 fn open(dir: &std::path::Path) -> Catalog {
-    let db = sled::Config::new().path(dir).open().unwrap();
-    Catalog::open(db.open_tree("forkd").unwrap()).unwrap()
+    let kv = metakv::open(metakv::Engine::DEFAULT, &dir.join("meta")).unwrap();
+    Catalog::open(kv).unwrap()
 }
 
 fn put(cat: &mut Catalog, vol: &str, b: u64, tag: u32, staging: bool) {

@@ -132,6 +132,9 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// The engine new data directories get (the bake-off's decision, docs/metadata-engine.md).
+    pub const DEFAULT: Engine = Engine::Sled;
+
     /// Every engine, built or not.
     pub const ALL: [Engine; 4] = [Engine::Sled, Engine::Redb, Engine::Fjall, Engine::RocksDb];
 

@@ -65,6 +65,8 @@ fn large_values_and_many_batches() {
         let kv = open(engine, &path).unwrap();
         let all = collect_prefix(kv.as_ref(), b"").unwrap();
         assert_eq!(all.len(), 10_000, "{engine}");
-        assert!(all.iter().all(|(k, v)| v.len() == 2048 && u64::from_be_bytes(k[..].try_into().unwrap()) / 200 == u64::from(v[0])));
+        assert!(all
+            .iter()
+            .all(|(k, v)| v.len() == 2048 && u64::from_be_bytes(k[..].try_into().unwrap()) / 200 == u64::from(v[0])));
     }
 }

@@ -28,6 +28,9 @@ pub struct Config {
     pub nbd_limits: crate::server::listener::LimitSettings,
     /// Connection limit and login timeout of the iSCSI listener (`[iscsi_limits]`).
     pub iscsi_limits: crate::server::listener::LimitSettings,
+    /// Metadata engine: a new data directory is created with it, an existing one converted
+    /// to it. Unset: a new directory gets the default, an existing one keeps its own.
+    pub meta_engine: Option<String>,
 }
 
 impl Default for Config {
@@ -41,6 +44,7 @@ impl Default for Config {
             iscsi_access: Default::default(),
             nbd_limits: Default::default(),
             iscsi_limits: Default::default(),
+            meta_engine: None,
         }
     }
 }
@@ -66,6 +70,9 @@ impl Config {
         }
         if let Some(t) = &args.token_file {
             c.token_file = Some(t.clone());
+        }
+        if let Some(e) = &args.meta_engine {
+            c.meta_engine = Some(e.clone());
         }
         Ok(c)
     }
@@ -95,6 +102,8 @@ pub struct ServeArgs {
     pub iscsi: Option<String>,
     /// File holding the API token (the global `--token-file FILE`).
     pub token_file: Option<PathBuf>,
+    /// Metadata engine (`--meta-engine NAME`).
+    pub meta_engine: Option<String>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -112,6 +121,10 @@ struct ServeFlags {
     /// Address for the iSCSI target [default: 0.0.0.0:3260]
     #[arg(long, value_name = "ADDR")]
     iscsi: Option<String>,
+    /// Metadata engine of a new data directory, or to convert an existing one to (sled, or
+    /// one of redb, fjall, rocksdb when built with it) [default: the directory's own; new: sled]
+    #[arg(long, value_name = "NAME", env = "FORKD_META_ENGINE")]
+    meta_engine: Option<String>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -141,6 +154,7 @@ impl FromArgMatches for ServeArgs {
             nbd: flags.nbd,
             iscsi: flags.iscsi,
             token_file,
+            meta_engine: flags.meta_engine,
         })
     }
 

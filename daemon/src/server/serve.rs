@@ -34,7 +34,7 @@ const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// Run the daemon until a shutdown signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let plan = Plan::new(&Config::load(args)?)?;
-    let store = Arc::new(Store::open(&plan.data_dir)?);
+    let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(serve(plan, store.clone()))?;
@@ -55,6 +55,7 @@ struct Plan {
     iscsi_rules: AccessRules,
     nbd_limits: Limits,
     iscsi_limits: Limits,
+    meta_engine: Option<crate::store::MetaEngine>,
 }
 
 impl Plan {
@@ -69,7 +70,18 @@ impl Plan {
             iscsi: address(&config.iscsi, "--iscsi", "0.0.0.0:3260")?,
             nbd_limits: config.nbd_limits.resolve(nbd::DEFAULT_LIMITS, "nbd_limits")?,
             iscsi_limits: config.iscsi_limits.resolve(iscsi::DEFAULT_LIMITS, "iscsi_limits")?,
+            meta_engine: config.meta_engine.as_deref().map(meta_engine).transpose()?,
         })
+    }
+}
+
+fn meta_engine(name: &str) -> anyhow::Result<crate::store::MetaEngine> {
+    use crate::store::MetaEngine;
+    let built: Vec<&str> = MetaEngine::ALL.into_iter().filter(|e| e.is_built()).map(MetaEngine::name).collect();
+    match MetaEngine::from_name(name) {
+        Some(e) if e.is_built() => Ok(e),
+        Some(e) => anyhow::bail!("--meta-engine {e}: this forkd was built without it (built: {})", built.join(", ")),
+        None => anyhow::bail!("--meta-engine {name}: unknown engine (built: {})", built.join(", ")),
     }
 }
 
@@ -160,7 +172,8 @@ async fn serve_api(
 }
 
 /// Like a filesystem's commit interval: writes of clients that never flush become durable
-/// within [`FLUSH_INTERVAL`], and the slots they freed become reusable.
+/// within [`FLUSH_INTERVAL`], and the slots they freed become reusable. The same tick runs
+/// the metadata upkeep ([`Store::maintain`]).
 async fn periodic_flush(store: Arc<Store>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     loop {
@@ -169,8 +182,8 @@ async fn periodic_flush(store: Arc<Store>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.flush_if_needed()).await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "periodic flush failed"),
+        match tokio::task::spawn_blocking(move || s.flush_if_needed().and_then(|_| s.maintain())).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "periodic flush or metadata upkeep failed"),
             Err(e) => tracing::warn!(error = %e, "periodic flush task failed"),
             Ok(Ok(_)) => {}
         }

@@ -66,8 +66,8 @@ fn replicate(e: &StoreError) -> StoreError {
     };
     match e {
         StoreError::Io(e) => StoreError::Io(io(e)),
-        StoreError::Meta(sled::Error::Io(e)) => StoreError::Io(io(e)),
-        StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => {
+        StoreError::Meta(metakv::KvError::Io(e))
+        | StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(metakv::KvError::Io(e)))) => {
             StoreError::Io(io(e))
         }
         other => StoreError::Io(std::io::Error::other(other.to_string())),
@@ -89,7 +89,7 @@ impl Store {
 
     /// Group commit: every writer queues its write, then whoever holds the committer lock
     /// takes the whole queue and commits it as one transaction (one io_uring submission, one
-    /// sled batch). Writers whose write a previous committer already took just collect their
+    /// engine batch). Writers whose write a previous committer already took just collect their
     /// result. Under load this turns many small commits into a few large ones.
     fn submit(&self, p: Pending) -> Result<()> {
         self.submit_many(vec![p]).pop().unwrap_or_else(|| Err(StoreError::Io(std::io::Error::other("write lost"))))

@@ -1,17 +1,17 @@
-//! The flush generation: how the store notices that sled recovered to an earlier point than
-//! its last completed flush (a damaged or truncated log that sled "recovers" silently, noting
-//! only at DEBUG that it cut recovery short).
+//! The flush generation: how the store notices that the metadata engine recovered to an
+//! earlier point than its last completed flush (a damaged or truncated log that an engine
+//! "recovers" silently, as sled does, noting only at DEBUG that it cut recovery short).
 //!
-//! Every flush takes the next generation number and writes it into sled (key
-//! [`KEY`] of the default tree) after the map's batch and before `sled flush`; once that flush
-//! returns, the number is written to the small file `flushed` beside `meta/`. So the file never
-//! runs ahead of what a completed sled flush held. It is not fsynced (that would make a flush
+//! Every flush takes the next generation number and writes it into the engine (key
+//! [`metakv::GENERATION_KEY`]) after the map's batch and before the engine's commit; once that
+//! commit returns, the number is written to the small file `flushed` beside `meta/`. So the
+//! file never runs ahead of what a completed commit held. It is not fsynced (that would make a flush
 //! several times slower): after a power cut it may hold an older number, which weakens the
-//! check for that one start but never raises a false alarm. At start, if sled holds a
-//! smaller generation than the file, sled lost flushed changes, and the store refuses to open
+//! check for that one start but never raises a false alarm. At start, if the engine holds a
+//! smaller generation than the file, it lost flushed changes, and the store refuses to open
 //! rather than serve an older catalog and map (whose slots new writes would reuse).
 //!
-//! Invariants: sled's generation only grows (numbers are taken and written under `next`);
+//! Invariants: the engine's generation only grows (numbers are taken and written under `next`);
 //! the file's only grows (written under `written`, never with a smaller number). A missing
 //! file (a data directory from before it existed, or a crash before the first flush wrote
 //! it) only skips the check once; a new metadata store starts the count again. A file that does not read back (wrong size or checksum) is
@@ -23,26 +23,25 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// Where sled keeps the generation of the last flush (default tree, apart from the catalog).
-const KEY: &[u8] = b"forkd.flush_generation";
+use metakv::{MetaKv, GENERATION_KEY as KEY};
 
 /// The generation file: the number (8 bytes LE) and its crc32 (4 bytes LE).
 #[derive(Debug)]
 pub(super) struct Generation {
     file: File,
-    /// The last number taken, under the lock that orders writes of it into sled.
+    /// The last number taken, under the lock that orders writes of it into the engine.
     next: Mutex<u64>,
     /// The largest number written to the file.
     written: Mutex<u64>,
 }
 
 impl Generation {
-    /// Check sled's generation against the file's (`Err` says what was found and what to do)
+    /// Check the engine's generation against the file's (`Err` says what was found and what to do)
     /// and open the file for the flushes to come.
     /// A `fresh` metadata store (just created) has nothing to check: the file is reset.
-    pub(super) fn open(dir: &Path, db: &sled::Db, fresh: bool) -> Result<Generation, String> {
-        let in_sled = match db.get(KEY).map_err(|e| format!("cannot read its flush generation: {e}"))? {
-            Some(v) => u64::from_le_bytes(v.as_ref().try_into().map_err(|_| "its flush generation is damaged")?),
+    pub(super) fn open(dir: &Path, kv: &dyn MetaKv, fresh: bool) -> Result<Generation, String> {
+        let in_meta = match kv.get(KEY).map_err(|e| format!("cannot read its flush generation: {e}"))? {
+            Some(v) => u64::from_le_bytes(v[..].try_into().map_err(|_| "its flush generation is damaged")?),
             None => 0,
         };
         let path = dir.join("flushed");
@@ -55,9 +54,9 @@ impl Generation {
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let on_file = if fresh { None } else { read(&mut file) };
         if let Some(flushed) = on_file {
-            if in_sled < flushed {
+            if in_meta < flushed {
                 return Err(format!(
-                    "its metadata store (meta/) recovered to flush {in_sled}, but flush {flushed} had \
+                    "its metadata store (meta/) recovered to flush {in_meta}, but flush {flushed} had \
                      completed: meta/ is damaged or was replaced by an older copy, and what was written \
                      since is lost from it. Restore meta/ from a backup (with extents.0 from the same \
                      time), or, to accept the loss and start from what meta/ holds, remove the file \
@@ -67,20 +66,22 @@ impl Generation {
         } else if !fresh && file.metadata().is_ok_and(|m| m.len() > 0) {
             tracing::warn!("the flush generation file does not read back; it is rewritten at the next flush");
         }
-        Ok(Generation { file, next: Mutex::new(in_sled), written: Mutex::new(on_file.unwrap_or(0)) })
+        Ok(Generation { file, next: Mutex::new(in_meta), written: Mutex::new(on_file.unwrap_or(0)) })
     }
 
-    /// Take the next generation and write it into sled (before the flush that makes it
+    /// Take the next generation and write it into the engine (before the commit that makes it
     /// durable). Returns the number, for [`Generation::completed`].
-    pub(super) fn stamp(&self, db: &sled::Db) -> sled::Result<u64> {
+    pub(super) fn stamp(&self, kv: &dyn MetaKv) -> metakv::Result<u64> {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         let g = *next + 1;
-        db.insert(KEY, &g.to_le_bytes())?;
+        let mut batch = metakv::Batch::default();
+        batch.put(KEY, &g.to_le_bytes());
+        kv.apply(&batch)?;
         *next = g;
         Ok(g)
     }
 
-    /// Record that the sled flush covering generation `g` completed.
+    /// Record that the commit covering generation `g` completed.
     pub(super) fn completed(&self, g: u64) -> std::io::Result<()> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         if g <= *written {
@@ -91,8 +92,8 @@ impl Generation {
         let crc = crc32fast::hash(&buf[..8]);
         buf[8..].copy_from_slice(&crc.to_le_bytes());
         // 12 bytes at offset 0: within one sector, so a cut leaves the old or the new number.
-        // Not fsynced: the file only has to never run ahead of sled, and it is written after
-        // sled's flush returned. Lost in a power cut, it merely checks against an older
+        // Not fsynced: the file only has to never run ahead of the engine, and it is written
+        // after its commit returned. Lost in a power cut, it merely checks against an older
         // number; an fdatasync here would cost several times the rest of the flush.
         self.file.write_all_at(&buf, 0)?;
         *written = g;

@@ -1,10 +1,11 @@
-//! The store: a data directory holding the catalog and extent map (sled, under `meta/`) and the
+//! The store: a data directory holding the catalog and extent map (a metadata engine, `metakv`,
+//! under `meta/`; its format recorded in `format`) and the
 //! extent file (`extents.0`, 4 KiB slots read and written through the io_uring [`Engine`]).
 //!
 //! It owns the rules that tie metadata to data:
 //! - new data goes into freshly allocated slots and is written before the map points at it,
 //!   so a committed pointer never sees half-written data, even after `kill -9`;
-//! - a flush is `fdatasync(extents)` then `sled flush`: after it returns, every write answered
+//! - a flush is `fdatasync(extents)` then the engine's durable commit: after it returns, every write answered
 //!   before it is on disk, and only then are slots freed before it punched and reused;
 //! - every catalog operation is followed by a flush, so it is durable when it returns;
 //! - a block whose crc32 does not match is an I/O error naming the volume and offset.
@@ -20,6 +21,8 @@
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
+//! - `format`: the data directory's format and engine, and converting `meta/` between engines;
+//! - `reclaim`: compacting the metadata engine once deletes freed enough of it;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
@@ -28,7 +31,7 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use catalog::{Catalog, CatalogError, BLOCK_SIZE};
@@ -42,10 +45,13 @@ mod commit;
 pub mod engine;
 pub mod exports;
 mod flush;
+mod format;
 mod generation;
 mod read;
+mod reclaim;
 mod space;
 
+pub use metakv::Engine as MetaEngine;
 pub use read::BlockState;
 pub(crate) use space::is_enospc;
 
@@ -82,7 +88,7 @@ pub enum StoreError {
     TooLarge(u64),
     /// The metadata store failed outside a catalog operation.
     #[error("metadata store: {0}")]
-    Meta(#[from] sled::Error),
+    Meta(#[from] metakv::KvError),
 }
 
 impl From<catalog::BlockMapError> for StoreError {
@@ -99,11 +105,10 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     catalog: RwLock<Catalog>,
     engine: Engine,
-    db: sled::Db,
-    /// The flush generation, in sled and in `flushed`: detects a rolled-back sled.
+    /// The metadata engine under the catalog and map (shared with the map).
+    kv: Arc<dyn metakv::MetaKv>,
+    /// The flush generation, in the engine and in `flushed`: detects a rolled-back `meta/`.
     generation: generation::Generation,
-    /// sled's files and their directories, fsynced after every sled flush.
-    meta_sync: flush::MetaSync,
     dir: PathBuf,
     /// Held for the life of the store: one daemon per data directory.
     _lock: nix::fcntl::Flock<File>,
@@ -128,10 +133,12 @@ pub struct Store {
     /// Set by every committed write, cleared by a flush: tells the periodic flush whether
     /// there is anything to make durable.
     unflushed: AtomicBool,
+    /// The map's `freed_nodes` at the last reclaim (see `reclaim`).
+    reclaimed_at: AtomicU64,
 }
 
 impl Drop for Store {
-    /// A clean close is a full flush: data, the map's write-back layer, sled.
+    /// A clean close is a full flush: data, the map's write-back layer, the metadata engine.
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "final flush failed");
@@ -176,14 +183,21 @@ fn runs(pairs: &[(u64, usize)]) -> impl Iterator<Item = &[(u64, usize)]> {
 }
 
 impl Store {
-    /// Open (creating if needed) the data directory `dir`.
+    /// Open (creating if needed) the data directory `dir`, with the engine it records (a new
+    /// directory gets the default engine; see `format`).
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_with(dir, None)
+    }
+
+    /// [`Store::open`], asking for metadata engine `engine`: a new directory is created with it,
+    /// an existing one converted to it.
+    pub fn open_with(dir: &Path, engine: Option<metakv::Engine>) -> Result<Store> {
         let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
         let lock = lock_dir(dir)?;
         let meta = dir.join("meta");
         check_complete(dir).map_err(bad)?;
-        // The reserve is opened, and released if the disk is short of space, before sled is:
-        // opening sled writes, and on a full disk the reserve is the only room there is.
+        // The reserve is opened, and released if the disk is short of space, before the metadata
+        // engine is: opening it writes, and on a full disk the reserve is the only room there is.
         let reserve = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -192,15 +206,12 @@ impl Store {
             .map_err(|e| bad(format!("cannot open its space reserve: {e}")))?;
         let reserve_bytes = space::reserve_size(dir);
         // The metadata store's own room (as large as the reserve): new data is refused (and the
-        // reserve released) when less than this is free, so sled never meets a full disk.
+        // reserve released) when less than this is free, so the engine never meets a full disk.
         let short = space::release_if_short(dir, &reserve, reserve_bytes);
         let fresh = !meta.exists();
-        let db = open_meta(&meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
-        let generation = generation::Generation::open(dir, &db, fresh).map_err(bad)?;
-        let meta_sync =
-            flush::MetaSync::open(dir, &meta).map_err(|e| bad(format!("cannot make its metadata durable: {e}")))?;
-        let tree = db.open_tree("forkd")?;
-        let catalog = Catalog::open(tree).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
+        let kv = format::open_meta(dir, engine).map_err(bad)?;
+        let generation = generation::Generation::open(dir, kv.as_ref(), fresh).map_err(bad)?;
+        let catalog = Catalog::open(kv.clone()).map_err(|e| bad(format!("cannot load its catalog: {e}")))?;
         // FORKD_NO_IO_URING=1 forces the pread/pwrite fallback (diagnosis, old kernels).
         let no_uring = std::env::var_os("FORKD_NO_IO_URING").is_some_and(|v| v == "1");
         let engine = Engine::open_with(&dir.join("extents.0"), no_uring)?;
@@ -210,9 +221,8 @@ impl Store {
         let store = Store {
             catalog: RwLock::new(catalog),
             engine,
-            db,
+            kv,
             generation,
-            meta_sync,
             dir: dir.to_path_buf(),
             _lock: lock,
             reserve: Mutex::new(reserve),
@@ -224,6 +234,7 @@ impl Store {
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
             unflushed: AtomicBool::new(false),
+            reclaimed_at: AtomicU64::new(0),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
@@ -233,6 +244,11 @@ impl Store {
         store.punch_beyond_high_water();
         store.metrics.update_volumes(&store.catalog());
         Ok(store)
+    }
+
+    /// The metadata engine holding `meta/`.
+    pub fn meta_engine(&self) -> metakv::Engine {
+        self.kv.engine()
     }
 
     /// The data directory.
@@ -312,20 +328,16 @@ fn check_complete(dir: &Path) -> std::result::Result<(), String> {
     }
 }
 
-/// Open the metadata store at `meta`. The caller holds `LOCK`, so a busy sled lock can only be
-/// this process's previous store still shutting down its threads: wait for it briefly.
-fn open_meta(meta: &Path) -> sled::Result<sled::Db> {
-    let mut tries = 0;
-    loop {
-        let r = sled::Config::new().path(meta).cache_capacity(64 << 20).flush_every_ms(None).open();
-        match r {
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 250 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return r,
-        }
+/// Bytes a path takes on disk (st_blocks * 512, recursively), like `du -sB1`.
+pub fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(path) else { return 0 };
+    let own = m.blocks() * 512;
+    if !m.is_dir() {
+        return own;
     }
+    let entries = std::fs::read_dir(path).into_iter().flatten().flatten();
+    own + entries.map(|e| disk_usage(&e.path())).sum::<u64>()
 }
 
 fn usize_of(n: u64) -> usize {

@@ -2,9 +2,9 @@
 //!
 //! The data directory holds `reserve`, a preallocated file of 5 % of the filesystem (1 to
 //! 64 MiB), and the store keeps as much again free beside it (`headroom`) for the metadata
-//! store. The rule is that sled never meets a full disk: a sled write that fails with ENOSPC
-//! makes every later sled operation fail until a restart, so trims and deletes could no longer
-//! free anything. Hence:
+//! store. The rule is that the metadata engine never meets a full disk: in sled, a write that
+//! fails with ENOSPC makes every later operation fail until a restart, and no engine is
+//! trusted to do better, so trims and deletes could no longer free anything. Hence:
 //! - before the metadata can grow (a flush, a catalog operation, a trim, new data) the free
 //!   space is checked; below `headroom`, or when any layer reports ENOSPC, the reserve is
 //!   released and the store enters low-space mode (`low_space`);
@@ -13,7 +13,8 @@
 //!   and abandoned ingests ([`Store::op_freeing`]) still commit, in the room the reserve left;
 //! - the reserve is re-created only when it fits with `headroom` still free beside it, so
 //!   re-creating it never takes back that room; a failed attempt gives back what it allocated;
-//! - at start, the reserve is released before sled is opened if less than `headroom` is free.
+//! - at start, the reserve is released before the metadata engine is opened if less than
+//!   `headroom` is free.
 //!
 //! Locking: `reserve` is its own mutex, taken only to release or re-create the file;
 //! `low_space` is an atomic read on every write; the free space is one `statvfs` call.
@@ -71,9 +72,9 @@ impl Store {
     }
 
     /// Before the metadata store may grow (a flush, a catalog operation, new data): if less
-    /// than `headroom` is free, release the reserve now, while sled still has room to write.
-    /// sled turns a write that fails with ENOSPC into an error for every later operation,
-    /// so it must never be the layer that finds the disk full.
+    /// than `headroom` is free, release the reserve now, while the engine still has room to
+    /// write. sled turns a write that fails with ENOSPC into an error for every later
+    /// operation, so the engine must never be the layer that finds the disk full.
     pub(super) fn keep_headroom(&self) {
         if !self.low_space.load(Ordering::SeqCst) && free_bytes(&self.dir) < self.headroom() {
             self.enter_low_space("less free space than the metadata headroom");
@@ -138,8 +139,7 @@ pub(crate) fn is_enospc(e: &StoreError) -> bool {
     }
     match e {
         StoreError::Io(e) => io(e),
-        StoreError::Meta(sled::Error::Io(e)) => io(e),
-        StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(sled::Error::Io(e)))) => io(e),
+        StoreError::Meta(e) | StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(e))) => e.is_enospc(),
         _ => false,
     }
 }
