@@ -79,8 +79,8 @@ pub(super) fn write(dir: &Path, engine: Engine) -> std::io::Result<()> {
 /// Open `meta/` with the engine the directory records, converting it first to `wanted` if
 /// that was asked for explicitly, or if it is a format-1 directory and the default engine is
 /// another. A new directory gets `wanted` or the default.
+/// Call [`finish_conversion`] first.
 pub(super) fn open_meta(dir: &Path, wanted: Option<Engine>) -> Result<Arc<dyn MetaKv>, String> {
-    finish_conversion(dir)?;
     let meta = dir.join("meta");
     let recorded = read(dir)?;
     let fresh = !meta.exists();
@@ -160,8 +160,8 @@ fn copy_all(from: &dyn MetaKv, to: &dyn MetaKv) -> metakv::Result<u64> {
 
 /// If `converting` exists, `meta.new/` (or, after a crash part-way, `meta/`) holds the complete
 /// converted store: finish the switch. Each step can be repeated. Otherwise remove a stale
-/// `meta.new/`.
-fn finish_conversion(dir: &Path) -> Result<(), String> {
+/// `meta.new/`. Runs at start before anything else looks at `meta/`.
+pub(super) fn finish_conversion(dir: &Path) -> Result<(), String> {
     let (meta, new, old) = (dir.join("meta"), dir.join("meta.new"), dir.join("meta.old"));
     let marker = dir.join("converting");
     let fail = |what: &str, e: std::io::Error| format!("finishing the conversion of its metadata: {what}: {e}");

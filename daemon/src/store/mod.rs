@@ -195,6 +195,7 @@ impl Store {
         let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
         let lock = lock_dir(dir)?;
         let meta = dir.join("meta");
+        format::finish_conversion(dir).map_err(bad)?;
         check_complete(dir).map_err(bad)?;
         // The reserve is opened, and released if the disk is short of space, before the metadata
         // engine is: opening it writes, and on a full disk the reserve is the only room there is.
