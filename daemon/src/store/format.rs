@@ -106,7 +106,12 @@ pub(super) fn open_meta(dir: &Path, wanted: Option<Engine>) -> Result<Arc<dyn Me
     } else if recorded.is_none_or(|f| f.version < CURRENT) {
         write(dir, current).map_err(|e| format!("cannot write its format file: {e}"))?;
     }
-    metakv::open(target, &meta).map_err(|e| format!("cannot open its metadata store ({target}): {e}"))
+    metakv::open(target, &meta).map_err(|e| {
+        format!(
+            "cannot open its metadata store ({target}): {e}. If meta/ is damaged, restore it from a backup \
+             together with extents.0 from the same time"
+        )
+    })
 }
 
 /// Copy every record of `meta/` (engine `from`) into `meta.new/` (engine `to`), make it durable,
