@@ -20,6 +20,7 @@
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
+//! - `scrub`: checking every stored block, and the register of damaged ones;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
@@ -44,9 +45,11 @@ pub mod exports;
 mod flush;
 mod generation;
 mod read;
+mod scrub;
 mod space;
 
 pub use read::BlockState;
+pub use scrub::{ScrubFailure, ScrubOutcome, ScrubProgress, ScrubReport};
 pub(crate) use space::is_enospc;
 
 /// Largest single read or write the store accepts (bigger requests are split by callers).
@@ -128,6 +131,8 @@ pub struct Store {
     /// Set by every committed write, cleared by a flush: tells the periodic flush whether
     /// there is anything to make durable.
     unflushed: AtomicBool,
+    /// Scrub progress and the register of damaged slots (`scrub`).
+    scrub: scrub::ScrubState,
 }
 
 impl Drop for Store {
@@ -224,6 +229,7 @@ impl Store {
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
             unflushed: AtomicBool::new(false),
+            scrub: scrub::ScrubState::open(dir),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
