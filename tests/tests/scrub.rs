@@ -268,7 +268,7 @@ fn reads_and_writes_go_on_while_a_scrub_runs() {
             d.api().write("dev", (b * BS) as u64, &data);
             model[b * BS..(b + 1) * BS].copy_from_slice(&data);
             assert_eq!(d.api().read("dev", (b * BS) as u64, BS as u64), data, "read back block {b}");
-            if writes % 8 == 0 {
+            if writes.is_multiple_of(8) {
                 assert!(d.api().post_json("/v1/volumes/dev/flush", &Value::Null).ok());
             }
             if running && d.api().get_json("/v1/scrub")["running"] == true {
