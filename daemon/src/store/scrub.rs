@@ -22,8 +22,8 @@
 //! Blocks written after a scrub started may or may not be checked by it; everything that was
 //! stored when it started and is still referenced when its window is checked is.
 //!
-//! The **register** (`damaged-slots` in the data directory, written atomically and fsynced) holds
-//! the slots a scrub or a read found damaged. The digests answered to the ingest agent carry
+//! The **register** (`damaged-slots` in the data directory, fsynced at every change) holds the
+//! slots a scrub or a read found damaged. The digests answered to the ingest agent carry
 //! a poisoned digest (its bitwise complement, which no content matching the stored digest can
 //! have) for every block in a registered slot that still fails its crc when the route checks
 //! it again, so the agent sends that block again and the next snapshot holds a good copy.
@@ -56,6 +56,9 @@ const WINDOW: u64 = 1 << 22;
 const LOG_EVERY: u64 = 4 << 30;
 /// Failures a report lists (all are counted).
 const MAX_LISTED: usize = 10_000;
+/// Damaged slots a scrub registers (4 GiB of data): beyond that, a disk is lost rather than
+/// damaged, and the register would only cost memory.
+const MAX_REGISTERED: usize = 1 << 20;
 /// The register's file in the data directory.
 const REGISTER_FILE: &str = "damaged-slots";
 const BS: usize = 4096;
@@ -180,11 +183,37 @@ fn trees(cat: &Catalog) -> Vec<Tree> {
     out
 }
 
-/// What the confirm passes found: (tree index, byte offset) per reference, and the slots.
+/// What the confirm passes found, in bounded memory however much is damaged.
 #[derive(Debug, Default)]
 struct Findings {
-    failures: Vec<(usize, u64)>,
+    /// The first [`MAX_LISTED`] references to damaged blocks: (tree index, byte offset).
+    listed: BTreeSet<(usize, u64)>,
+    /// Every reference to a damaged block.
+    references: u64,
+    /// Distinct damaged slots.
+    damaged: u64,
+    /// The first [`MAX_REGISTERED`] of them, for the register.
     slots: BTreeSet<u64>,
+}
+
+impl Findings {
+    fn reference(&mut self, t: usize, offset: u64) {
+        self.references += 1;
+        self.listed.insert((t, offset));
+        if self.listed.len() > MAX_LISTED {
+            self.listed.pop_last();
+        }
+    }
+
+    /// Count the damaged slots one window confirmed.
+    fn window(&mut self, slots: HashSet<u64>) {
+        self.damaged += slots.len() as u64;
+        let room = MAX_REGISTERED.saturating_sub(self.slots.len());
+        if slots.len() > room {
+            tracing::warn!(damaged = self.damaged, "only the first {MAX_REGISTERED} damaged slots are registered");
+        }
+        self.slots.extend(slots.into_iter().take(room));
+    }
 }
 
 /// Clears the running flag when a scrub ends, however it ends.
@@ -222,7 +251,7 @@ impl Store {
         while lo < high_water {
             let hi = lo.saturating_add(WINDOW).min(high_water);
             let slots = self.collect(&trees, lo, hi)?;
-            let suspects = self.verify(&slots, &mut checked)?;
+            let suspects = self.verify(&slots, &mut checked);
             if self.scrub.stop.load(Ordering::SeqCst) {
                 tracing::warn!(checked_bytes = checked * BLOCK_SIZE, "scrub stopped: the daemon is shutting down");
                 return Ok(ScrubOutcome::Stopped);
@@ -233,7 +262,7 @@ impl Store {
             lo = hi;
         }
         self.scrub.register.replace_checked(&before, &found.slots);
-        Ok(ScrubOutcome::Done(self.scrub_report(&trees, found, checked, started)))
+        Ok(ScrubOutcome::Done(self.scrub_report(&trees, &found, checked, started)))
     }
 
     /// Progress of the running scrub, or of the last one.
@@ -266,20 +295,15 @@ impl Store {
     }
 
     /// The report of a complete scrub; logs it and updates the metrics.
-    fn scrub_report(&self, trees: &[Tree], mut found: Findings, checked: u64, started: Instant) -> ScrubReport {
-        found.failures.sort_unstable();
-        let failures: Vec<ScrubFailure> = found
-            .failures
-            .iter()
-            .take(MAX_LISTED)
-            .map(|&(t, offset)| ScrubFailure { reference: trees[t].name(), offset })
-            .collect();
+    fn scrub_report(&self, trees: &[Tree], found: &Findings, checked: u64, started: Instant) -> ScrubReport {
+        let failures: Vec<ScrubFailure> =
+            found.listed.iter().map(|&(t, offset)| ScrubFailure { reference: trees[t].name(), offset }).collect();
         let report = ScrubReport {
             checked_blocks: checked,
             checked_references: trees.len() as u64,
-            damaged_blocks: found.slots.len() as u64,
+            damaged_blocks: found.damaged,
             failures,
-            failures_total: found.failures.len() as u64,
+            failures_total: found.references,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         self.metrics.scrub_damaged_blocks.set(i64::try_from(report.damaged_blocks).unwrap_or(i64::MAX));
@@ -345,22 +369,18 @@ impl Store {
     }
 
     /// Pass 2: read `slots` in batches and check them; returns the slots that failed.
-    fn verify(&self, slots: &[(u64, u32)], checked: &mut u64) -> Result<HashSet<u64>> {
+    fn verify(&self, slots: &[(u64, u32)], checked: &mut u64) -> HashSet<u64> {
         let mut buf = vec![0u8; READ_BATCH.min(slots.len()) * BS];
         let mut suspects = HashSet::new();
         for batch in slots.chunks(READ_BATCH) {
             if self.scrub.stop.load(Ordering::SeqCst) {
                 break;
             }
-            {
+            let bad = {
                 let _cat = self.catalog();
-                self.read_slots(batch, &mut buf)?;
-            }
-            for (i, &(slot, crc)) in batch.iter().enumerate() {
-                if blockmap::block_crc(&buf[i * BS..(i + 1) * BS]) != crc {
-                    suspects.insert(slot);
-                }
-            }
+                self.check_slots(batch, &mut buf)
+            };
+            suspects.extend(batch.iter().zip(bad).filter(|(_, bad)| *bad).map(|(&(slot, _), _)| slot));
             let before = *checked * BLOCK_SIZE / LOG_EVERY;
             *checked += batch.len() as u64;
             let bytes = *checked * BLOCK_SIZE;
@@ -370,7 +390,25 @@ impl Store {
                 tracing::info!(checked_bytes = bytes, total_bytes = total, suspects = suspects.len(), "scrub progress");
             }
         }
-        Ok(suspects)
+        suspects
+    }
+
+    /// Read the sorted `slots` into `buf` and tell which fail their crc. A batch the disk
+    /// cannot read is read again slot by slot, and a slot that still cannot be read fails (a
+    /// media error is damage too). The caller holds the catalog lock.
+    fn check_slots(&self, slots: &[(u64, u32)], buf: &mut [u8]) -> Vec<bool> {
+        let mut unreadable = vec![false; slots.len()];
+        if let Err(e) = self.read_slots(slots, buf) {
+            tracing::warn!(error = %e, "a batch of stored blocks cannot be read: reading them one by one");
+            for (i, one) in slots.iter().enumerate() {
+                if let Err(e) = self.read_slots(std::slice::from_ref(one), &mut buf[i * BS..(i + 1) * BS]) {
+                    tracing::error!(slot = one.0, error = %e, "a stored block cannot be read");
+                    unreadable[i] = true;
+                }
+            }
+        }
+        let crc_of = |i: usize| blockmap::block_crc(&buf[i * BS..(i + 1) * BS]);
+        slots.iter().enumerate().map(|(i, &(_, crc))| unreadable[i] || crc_of(i) != crc).collect()
     }
 
     /// Read the sorted `slots` into `buf` (one block each, in order), consecutive slots as one
@@ -394,6 +432,7 @@ impl Store {
         // Leaves already read that hold no suspect: shared leaves are read once. (A leaf changed
         // in place after that only gains freshly written slots, never a damaged one.)
         let mut clean: HashSet<NodeId> = HashSet::new();
+        let mut damaged: HashSet<u64> = HashSet::new();
         for (t, tree) in trees.iter().enumerate() {
             self.walk_tree(tree, &mut |cat, root, first, end| {
                 let mut hits: Vec<(u64, Entry)> = Vec::new();
@@ -408,46 +447,38 @@ impl Store {
                 };
                 cat.map().walk_range(root, first, end, &mut enter, &mut entry)?;
                 clean.extend(read.difference(&dirty));
-                for (b, slot) in self.still_damaged(hits)? {
-                    self.found_damage(found, tree, t, b, slot);
+                for (b, slot) in self.still_damaged(hits) {
+                    let offset = b * BLOCK_SIZE;
+                    if damaged.insert(slot) {
+                        self.metrics.checksum_errors.inc();
+                        self.scrub.damaged.store(found.damaged + damaged.len() as u64, Ordering::Relaxed);
+                    }
+                    if found.references < MAX_LISTED as u64 {
+                        tracing::error!(reference = %tree.name(), offset, slot, "scrub: checksum mismatch: block is damaged");
+                    }
+                    found.reference(t, offset);
                 }
                 Ok(())
             })?;
         }
+        found.window(damaged);
         Ok(())
     }
 
     /// The `(block, slot)` of `hits` whose data fails its entry's crc when read now. The caller
     /// holds the catalog lock the entries were found under.
-    fn still_damaged(&self, mut hits: Vec<(u64, Entry)>) -> Result<Vec<(u64, u64)>> {
+    fn still_damaged(&self, mut hits: Vec<(u64, Entry)>) -> Vec<(u64, u64)> {
         if hits.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
         hits.sort_unstable_by_key(|(b, e)| (e.slot, *b));
         let slots: Vec<(u64, u32)> = hits.iter().map(|(_, e)| (e.slot, e.crc)).collect();
         let mut buf = vec![0u8; slots.len() * BS];
-        self.read_slots(&slots, &mut buf)?;
-        let mut out: Vec<(u64, u64)> = hits
-            .iter()
-            .enumerate()
-            .filter(|(i, (_, e))| blockmap::block_crc(&buf[i * BS..(i + 1) * BS]) != e.crc)
-            .map(|(_, (b, e))| (*b, e.slot))
-            .collect();
+        let bad = self.check_slots(&slots, &mut buf);
+        let mut out: Vec<(u64, u64)> =
+            hits.iter().zip(bad).filter(|(_, bad)| *bad).map(|((b, e), _)| (*b, e.slot)).collect();
         out.sort_unstable();
-        Ok(out)
-    }
-
-    fn found_damage(&self, found: &mut Findings, tree: &Tree, t: usize, block: u64, slot: u64) {
-        let offset = block * BLOCK_SIZE;
-        if found.slots.insert(slot) {
-            self.metrics.checksum_errors.inc();
-            self.scrub.register.add(&[slot]);
-            self.scrub.damaged.store(found.slots.len() as u64, Ordering::Relaxed);
-        }
-        if found.failures.len() < MAX_LISTED {
-            tracing::error!(reference = %tree.name(), offset, slot, "scrub: checksum mismatch: block is damaged");
-        }
-        found.failures.push((t, offset));
+        out
     }
 
     /// A list of `(block, digest)` for the ingest agent, for [`Store::finish_digests`].
@@ -466,10 +497,10 @@ impl Store {
         marked.sort_unstable_by_key(|(i, e)| (e.slot, *i));
         let slots: Vec<(u64, u32)> = marked.iter().map(|(_, e)| (e.slot, e.crc)).collect();
         let mut buf = vec![0u8; slots.len() * BS];
-        self.read_slots(&slots, &mut buf)?;
+        let bad = self.check_slots(&slots, &mut buf);
         let (mut poisoned, mut healed) = (0u64, Vec::new());
-        for (k, (i, e)) in marked.iter().enumerate() {
-            if blockmap::block_crc(&buf[k * BS..(k + 1) * BS]) != e.crc {
+        for ((i, e), bad) in marked.iter().zip(bad) {
+            if bad {
                 out[*i].1 = !e.digest;
                 poisoned += 1;
             } else {
@@ -503,7 +534,10 @@ impl DigestList {
     }
 }
 
-/// The slots found damaged, in memory and in `damaged-slots` (one decimal slot number a line).
+/// The slots found damaged, in memory and in `damaged-slots`: one decimal slot number a line,
+/// appended (and `fdatasync`ed) as reads find damage, rewritten whole (a temporary file, fsync,
+/// rename) when slots leave it. A line torn by a crash is skipped when read back (or names a
+/// wrong slot, which is checked and dropped like any healed one).
 #[derive(Debug)]
 struct Register {
     path: PathBuf,
@@ -516,10 +550,13 @@ impl Register {
     fn load(dir: &Path) -> Register {
         let path = dir.join(REGISTER_FILE);
         let slots = match std::fs::read_to_string(&path) {
-            Ok(text) => parse_register(&text).unwrap_or_else(|| {
-                tracing::warn!(path = %path.display(), "ignoring a malformed register of damaged slots");
-                BTreeSet::new()
-            }),
+            Ok(text) => {
+                let (slots, bad) = parse_register(&text);
+                if bad > 0 {
+                    tracing::warn!(path = %path.display(), lines = bad, "skipping malformed lines of the register of damaged slots");
+                }
+                slots
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot read the register of damaged slots");
@@ -529,7 +566,7 @@ impl Register {
         if !slots.is_empty() {
             tracing::warn!(
                 slots = slots.len(),
-                "the store holds damaged blocks: re-ingest their sources, see `forkd scrub`"
+                "slots were found damaged before: `forkd scrub` lists what still references them"
             );
         }
         Register { path, slots: Mutex::new(slots) }
@@ -545,10 +582,11 @@ impl Register {
 
     fn add(&self, slots: &[u64]) {
         let mut set = self.lock();
-        let before = set.len();
-        set.extend(slots);
-        if set.len() != before {
-            self.save(&set);
+        let new: Vec<u64> = slots.iter().copied().filter(|&s| set.insert(s)).collect();
+        if !new.is_empty() {
+            if let Err(e) = append_register(&self.path, &new) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write the register of damaged slots");
+            }
         }
     }
 
@@ -584,8 +622,50 @@ impl Register {
     }
 }
 
-fn parse_register(text: &str) -> Option<BTreeSet<u64>> {
-    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|l| l.parse().ok()).collect()
+/// The slots a register file names, and how many of its lines are not slot numbers.
+fn parse_register(text: &str) -> (BTreeSet<u64>, usize) {
+    let (mut slots, mut bad) = (BTreeSet::new(), 0);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        match line.parse() {
+            Ok(s) => {
+                slots.insert(s);
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    (slots, bad)
+}
+
+const REGISTER_HEADER: &str = "# forkd: slots of extents.0 found damaged (see `forkd scrub`)\n";
+
+fn slot_lines(text: &mut String, slots: impl IntoIterator<Item = u64>) {
+    for s in slots {
+        text.push_str(&s.to_string());
+        text.push('\n');
+    }
+}
+
+/// Append `slots` to the register file (created with its header if missing), durably.
+fn append_register(path: &Path, slots: &[u64]) -> std::io::Result<()> {
+    let created = !path.exists();
+    let mut f = std::fs::OpenOptions::new().read(true).create(true).append(true).open(path)?;
+    let mut text = if created { REGISTER_HEADER.to_string() } else { String::new() };
+    // After a line torn by a crash, start a new line rather than extend it.
+    let len = f.metadata()?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut last, len - 1)?;
+    }
+    if last[0] != b'\n' {
+        text.push('\n');
+    }
+    slot_lines(&mut text, slots.iter().copied());
+    f.write_all(text.as_bytes())?;
+    f.sync_data()?;
+    if created {
+        std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn write_register(path: &Path, set: &BTreeSet<u64>) -> std::io::Result<()> {
@@ -598,8 +678,8 @@ fn write_register(path: &Path, set: &BTreeSet<u64>) -> std::io::Result<()> {
     } else {
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
-        let mut text = String::from("# forkd: slots of extents.0 found damaged (see `forkd scrub`)\n");
-        set.iter().for_each(|s| text.push_str(&format!("{s}\n")));
+        let mut text = REGISTER_HEADER.to_string();
+        slot_lines(&mut text, set.iter().copied());
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -628,12 +708,29 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_register_is_ignored() {
+    fn malformed_lines_of_a_register_are_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(REGISTER_FILE), "# header\n12\nnot a slot\n").expect("write");
-        assert!(Register::load(dir.path()).snapshot().is_empty());
-        std::fs::write(dir.path().join(REGISTER_FILE), "# header\n12\n\n5\n").expect("write");
+        std::fs::write(dir.path().join(REGISTER_FILE), "# header\n12\nnot a slot\n\n5\n4x").expect("write");
         assert_eq!(Register::load(dir.path()).snapshot(), BTreeSet::from([5, 12]));
+        // What is appended after a torn line starts a line of its own.
+        let r = Register::load(dir.path());
+        r.add(&[12, 99]);
+        let text = std::fs::read_to_string(dir.path().join(REGISTER_FILE)).expect("read");
+        assert!(text.ends_with("\n4x\n99\n"), "{text:?}");
+        assert_eq!(Register::load(dir.path()).snapshot(), BTreeSet::from([5, 12, 99]));
+    }
+
+    #[test]
+    fn findings_list_the_first_references_and_count_all() {
+        let mut f = Findings::default();
+        for i in (0..MAX_LISTED as u64 + 5).rev() {
+            f.reference(usize::from(i % 2 == 0), i * 4096);
+        }
+        assert_eq!((f.references, f.listed.len()), (MAX_LISTED as u64 + 5, MAX_LISTED));
+        assert_eq!(f.listed.first(), Some(&(0, 4096)), "sorted by tree, then offset");
+        f.window(HashSet::from([3, 4]));
+        f.window(HashSet::from([9]));
+        assert_eq!((f.damaged, f.slots.len()), (3, 3));
     }
 
     #[test]
