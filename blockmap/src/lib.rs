@@ -604,6 +604,51 @@ impl BlockMap {
         self.walk(&node, 0, f)
     }
 
+    /// Walk the part of the tree at `root` that covers blocks `first..end`, in block order, for
+    /// callers that visit many trees sharing subtrees once each (scrub). `enter(id, level,
+    /// base)` is asked before a node below the root is read (it covers [`capacity`]`(level)`
+    /// blocks from `base`) and skips it with its subtree when it answers false; `entry(leaf,
+    /// block, e)` gets the present entries in the range of every leaf read. Read-only.
+    pub fn walk_range(
+        &self,
+        root: NodeId,
+        first: u64,
+        end: u64,
+        enter: &mut dyn FnMut(NodeId, u8, u64) -> bool,
+        entry: &mut dyn FnMut(NodeId, u64, Entry),
+    ) -> Result<()> {
+        if root == 0 || first >= end {
+            return Ok(());
+        }
+        let mut todo = vec![(root, 0u64)];
+        while let Some((id, base)) = todo.pop() {
+            let below = self.with_view(id, |v| {
+                let level = v.level();
+                let mut below = Vec::new();
+                if level == 0 {
+                    v.for_entries(|i, e| {
+                        let b = base + i as u64;
+                        if b >= first && b < end {
+                            entry(id, b, e);
+                        }
+                    });
+                } else {
+                    let sp = span(level);
+                    v.for_children(|i, c| {
+                        let lo = base + i as u64 * sp;
+                        if lo + sp > first && lo < end && enter(c, level - 1, lo) {
+                            below.push((c, lo));
+                        }
+                    });
+                }
+                Ok(below)
+            })?;
+            // Depth first, lowest blocks first.
+            todo.extend(below.into_iter().rev());
+        }
+        Ok(())
+    }
+
     fn walk(&self, node: &Node, base: u64, f: &mut dyn FnMut(u64, Entry) -> Result<()>) -> Result<()> {
         match node {
             Node::Leaf(entries) => {

@@ -103,3 +103,38 @@ fn grows_by_adding_levels() {
     assert_eq!(got[(1 << 20) - 1].map(|e| e.crc), Some(8));
     assert!(map.set(&mut r, 64, 64, None).is_err());
 }
+
+#[test]
+fn walk_range_sees_the_range_and_skips_what_enter_refuses() {
+    let (_d, mut map) = open();
+    let n = 100_000; // height 2: a root, level-1 nodes of 16,384 blocks, leaves of 64
+    let mut a = 0;
+    for b in [0, 63, 64, 20_000, 99_999] {
+        data(&mut map, &mut a, n, b, 1);
+    }
+    map.commit().unwrap();
+    let walk = |first: u64, end: u64, skip: &[u8]| {
+        let mut seen = Vec::new();
+        map.walk_range(a, first, end, &mut |_, level, _| !skip.contains(&level), &mut |_, b, _| seen.push(b)).unwrap();
+        seen
+    };
+    assert_eq!(walk(0, n, &[]), vec![0, 63, 64, 20_000, 99_999]);
+    assert_eq!(walk(63, 20_001, &[]), vec![63, 64, 20_000]);
+    assert_eq!(walk(1, 63, &[]), Vec::<u64>::new());
+    assert_eq!(walk(0, n, &[0]), Vec::<u64>::new(), "no leaf entered");
+    // Nodes are offered with their level and first block; a shared subtree can be skipped.
+    let mut offered = Vec::new();
+    map.walk_range(
+        a,
+        0,
+        n,
+        &mut |id, level, base| {
+            offered.push((level, base));
+            id != 0
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(offered.contains(&(1, 16_384)) && offered.contains(&(0, 64)), "{offered:?}");
+    assert_eq!(map.walk_range(0, 0, n, &mut |_, _, _| true, &mut |_, _, _| panic!("empty tree")).ok(), Some(()));
+}

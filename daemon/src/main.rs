@@ -19,6 +19,7 @@ fn main() {
         Command::Dump { reference, file } => {
             client(&cli).and_then(|c| forkd::cli::dump::run(&c, reference, file, cli.json))
         }
+        Command::Scrub => client(&cli).and_then(|c| forkd::cli::scrub::run(&c, cli.json)),
         _ => forkd::cli::run_client(&cli),
     };
     if let Err(e) = result {

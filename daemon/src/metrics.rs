@@ -11,8 +11,11 @@ pub struct Metrics {
     pub read_bytes: IntCounter,
     /// Bytes accepted by writes and ingest.
     pub written_bytes: IntCounter,
-    /// Blocks whose crc32 did not match on read.
+    /// Blocks whose crc32 did not match, on a read or in a scrub (each damaged block once per
+    /// scrub).
     pub checksum_errors: IntCounter,
+    /// Damaged blocks the last complete scrub found (0 until one completes).
+    pub scrub_damaged_blocks: IntGauge,
     /// Completed flushes.
     pub flushes: IntCounter,
     /// Bytes of extents freed and punched.
@@ -83,7 +86,16 @@ impl Metrics {
         Metrics {
             read_bytes: counter(&r, "forkd_read_bytes_total", "Bytes returned by reads"),
             written_bytes: counter(&r, "forkd_written_bytes_total", "Bytes accepted by writes and ingest"),
-            checksum_errors: counter(&r, "forkd_checksum_errors_total", "Blocks whose crc32 did not match"),
+            checksum_errors: counter(
+                &r,
+                "forkd_checksum_errors_total",
+                "Blocks whose crc32 did not match, on a read or in a scrub",
+            ),
+            scrub_damaged_blocks: gauge(
+                &r,
+                "forkd_scrub_damaged_blocks",
+                "Damaged blocks the last complete scrub found",
+            ),
             flushes: counter(&r, "forkd_flushes_total", "Completed flushes"),
             freed_bytes: counter(&r, "forkd_freed_bytes_total", "Bytes of extents freed"),
             api_errors: counter(&r, "forkd_api_errors_total", "API requests answered with an error"),

@@ -25,6 +25,7 @@ use serde_json::Value;
 use super::upload::UploadError;
 use crate::api::data::{Empty, Extents, Written, Zeroed};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
+use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,
     SnapshotTaken, Tree, Volume, VolumeList,
@@ -201,6 +202,18 @@ impl Client {
     /// `DELETE /v1/sources/{name}/ingest`: abandon an interrupted ingest.
     pub fn abort_ingest(&self, name: &str) -> anyhow::Result<Empty> {
         self.delete_as(&format!("/v1/sources/{}/ingest", enc(name)))
+    }
+
+    /// `POST /v1/scrub`: read and check every stored block; answers when the scrub is done
+    /// (hours for a large store: there is no read timeout).
+    pub fn scrub(&self) -> anyhow::Result<ScrubAnswer> {
+        let resp = self.call(self.request("POST", "/v1/scrub").call())?;
+        self.answer(resp)
+    }
+
+    /// `GET /v1/scrub`: the running scrub's progress, or the last one's.
+    pub fn scrub_status(&self) -> anyhow::Result<ScrubStatus> {
+        self.get("/v1/scrub")
     }
 
     /// `GET /v1/openapi.json`: the API's OpenAPI 3 document.

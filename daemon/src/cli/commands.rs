@@ -12,12 +12,14 @@ use super::{client, Cli, Command, SourceCmd};
 use crate::api::volumes::{Moved, Size};
 use crate::units::humanize;
 
-/// Run a client command (everything except `serve`, `ingest` and `dump`) against the daemon
+/// Run a client command (everything except `serve`, `ingest`, `dump` and `scrub`) against the daemon
 /// at `cli.api`, printing its result on stdout.
 pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let client = client(cli)?;
     match &cli.command {
-        Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } => Err(anyhow!("internal: not a client command")),
+        Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } | Command::Scrub => {
+            Err(anyhow!("internal: not a client command"))
+        }
         Command::Source { cmd: SourceCmd::Create { name, size } } => {
             let v = client.create_source(name, Size::from_text(size))?;
             report(cli.json, &v, || format!("created source {} ({})", or(&v.name, name), humanize(v.size_bytes)))
@@ -90,7 +92,7 @@ fn report<T: Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> an
 }
 
 /// Write `text` (plus a final newline if missing) to stdout; a closed pipe is not an error.
-fn emit(text: &str) -> anyhow::Result<()> {
+pub(super) fn emit(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let result =
         out.write_all(text.as_bytes()).and_then(|()| if text.ends_with('\n') { Ok(()) } else { out.write_all(b"\n") });

@@ -1,7 +1,8 @@
 //! The `forkd` command line: clap definitions for every command, and the implementations of
 //! the client commands that are plain calls to the daemon's HTTP API (`docs/api.md`).
 //!
-//! `serve` is the [`crate::server`], `ingest` the [`crate::agent`], `dump` is [`dump`];
+//! `serve` is the [`crate::server`], `ingest` the [`crate::agent`], `dump` is [`dump`], `scrub`
+//! is [`scrub`];
 //! [`commands::run_client`] handles the rest, [`render`] draws their answers. Output is a
 //! human-readable table or line by default and the daemon's JSON answer, pretty-printed,
 //! with `--json`.
@@ -27,6 +28,7 @@ use crate::server::config::ServeArgs;
 pub mod commands;
 pub mod dump;
 pub mod render;
+pub mod scrub;
 
 pub use commands::run_client;
 
@@ -156,6 +158,10 @@ pub enum Command {
         #[arg(value_name = "NAME_OR_SNAPSHOT")]
         reference: String,
     },
+
+    /// Read every stored block and check its checksum; list damaged ones by volume or snapshot
+    /// and offset (exit status 1 when there is damage)
+    Scrub,
 }
 
 /// `forkd source ...`
@@ -287,5 +293,8 @@ mod tests {
         assert!(Cli::try_parse_from(["forkd", "rewind", "dev1"]).is_err());
         let cli = Cli::try_parse_from(["forkd", "dump", "prod@1", "/tmp/x"]).expect("dump");
         assert!(matches!(cli.command, Command::Dump { .. }));
+        let cli = Cli::try_parse_from(["forkd", "scrub", "--json"]).expect("scrub");
+        assert!(matches!(cli.command, Command::Scrub) && cli.json);
+        assert!(Cli::try_parse_from(["forkd", "scrub", "db"]).is_err());
     }
 }

@@ -4,9 +4,9 @@
 //! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush and
 //! the HTTP API run until SIGINT or SIGTERM.
 //!
-//! Shutdown: the API stops accepting requests and running ones finish; every NBD and iSCSI
-//! connection is told to stop, answers what it had received and closes, and both listeners
-//! wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
+//! Shutdown: the API stops accepting requests and running ones finish (a running scrub stops at
+//! its next batch); every NBD and iSCSI connection is told to stop, answers what it had
+//! received and closes, and both listeners wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
 //! only then is the store flushed, so every write acknowledged before the exit is durable.
 //!
 //! The API token (`token_file`, see [`crate::server::auth`]): required whenever the API listens on
@@ -161,11 +161,13 @@ async fn serve_api(
     token: Option<Arc<Token>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = crate::server::http::router(store, token).into_make_service_with_connect_info::<SocketAddr>();
+    let app = crate::server::http::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             shutdown.cancel();
+            // A scrub can take hours: it stops (answering 503) so the API can drain.
+            store.stop_scrub();
         })
         .await
         .context("API server failed")

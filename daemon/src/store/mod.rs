@@ -23,6 +23,7 @@
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
 //! - `format`: the data directory's format and engine, and converting `meta/` between engines;
 //! - `reclaim`: compacting the metadata engine once deletes freed enough of it;
+//! - `scrub`: checking every stored block, and the register of damaged ones;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
@@ -49,10 +50,12 @@ mod format;
 mod generation;
 mod read;
 mod reclaim;
+mod scrub;
 mod space;
 
 pub use metakv::Engine as MetaEngine;
 pub use read::BlockState;
+pub use scrub::{ScrubFailure, ScrubOutcome, ScrubProgress, ScrubReport};
 pub(crate) use space::is_enospc;
 
 /// Largest single read or write the store accepts (bigger requests are split by callers).
@@ -135,6 +138,8 @@ pub struct Store {
     unflushed: AtomicBool,
     /// The map's `freed_nodes` at the last reclaim (see `reclaim`).
     reclaimed_at: AtomicU64,
+    /// Scrub progress and the register of damaged slots (`scrub`).
+    scrub: scrub::ScrubState,
 }
 
 impl Drop for Store {
@@ -236,6 +241,7 @@ impl Store {
             committer: Mutex::new(()),
             unflushed: AtomicBool::new(false),
             reclaimed_at: AtomicU64::new(0),
+            scrub: scrub::ScrubState::open(dir),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");

@@ -1,7 +1,8 @@
 //! The read side: data reads, block status, a volume's extents and a source's digests.
 //!
 //! Invariants: every data block read is checked against its crc32 before any byte of it is
-//! answered; a mismatch is [`StoreError::Checksum`] naming the volume and offset, and counted.
+//! answered; a mismatch is [`StoreError::Checksum`] naming the volume and offset, counted, and
+//! its slot registered as damaged (`scrub`), so the next ingest sends that block again.
 //! Holes and known zeros read as zeros without touching the extent file.
 //!
 //! Locking: everything here holds the catalog's read lock through its data reads, so no slot
@@ -93,6 +94,7 @@ impl Store {
             if catalog::blockmap::block_crc(&whole[i * 4096..(i + 1) * 4096]) != e.crc {
                 let at = (first + i as u64) * BLOCK_SIZE;
                 self.metrics.checksum_errors.inc();
+                self.note_damage(e.slot);
                 tracing::error!(volume = name, offset = at, slot = e.slot, "checksum mismatch: block is damaged");
                 return Err(StoreError::Checksum { volume: name.to_string(), offset: at });
             }
@@ -133,34 +135,36 @@ impl Store {
     }
 
     /// `(block, digest)` of the data blocks of a source's latest contents within the block
-    /// ranges `(first, count)` (sorted, disjoint), in block order.
+    /// ranges `(first, count)` (sorted, disjoint), in block order. A block known damaged
+    /// carries a poisoned digest, so the agent sends it again (see `scrub`).
     pub fn digests_in(&self, source: &str, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>> {
         let cat = self.catalog();
         let (root, size) = cat.ingest_base(source)?;
-        let mut out = Vec::new();
+        let mut out = self.digest_list();
         for &(first, count) in ranges {
             check_range(source, size, first.saturating_mul(BLOCK_SIZE), count.saturating_mul(BLOCK_SIZE))?;
             for (i, e) in cat.map().lookup(root, first, count)?.into_iter().enumerate() {
                 if let Some(e) = e.filter(Entry::has_data) {
-                    out.push((first + i as u64, e.digest));
+                    out.push(first + i as u64, e);
                 }
             }
         }
-        Ok(out)
+        self.finish_digests(source, out)
     }
 
-    /// `(block, digest)` of every data block of a source's latest contents, in block order.
+    /// `(block, digest)` of every data block of a source's latest contents, in block order,
+    /// poisoned for blocks known damaged as in [`Store::digests_in`].
     pub fn digests(&self, source: &str) -> Result<Vec<(u64, u64)>> {
         let cat = self.catalog();
         let (root, _) = cat.ingest_base(source)?;
-        let mut out = Vec::new();
+        let mut out = self.digest_list();
         cat.map().for_each(root, &mut |b, e| {
             if e.has_data() {
-                out.push((b, e.digest));
+                out.push(b, e);
             }
             Ok(())
         })?;
-        Ok(out)
+        self.finish_digests(source, out)
     }
 
     /// Byte ranges of a volume or snapshot that hold data, adjacent ones merged.

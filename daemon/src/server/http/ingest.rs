@@ -1,4 +1,5 @@
-//! The ingest routes: the source's block digests (what the agent compares against), the
+//! The ingest routes: the source's block digests (what the agent compares against; blocks
+//! known to be damaged get a poisoned digest, see `store::scrub`), the
 //! ingest stream itself (`POST /v1/sources/{name}/ingest`) and its abort.
 //!
 //! The receiver parses frames (codec: [`crate::api::frames`]) on the async side
@@ -35,7 +36,8 @@ const QUEUE: usize = 16;
 #[utoipa::path(get, path = "/v1/sources/{name}/digests", tag = "ingest",
     params(("name" = String, Path, description = "source name")),
     responses((status = 200, content_type = "application/octet-stream", body = Binary,
-            description = "for every block of the latest contents that holds data: block index (u64 LE), xxh3-64 digest (u64 LE)"),
+            description = "for every block of the latest contents that holds data: block index (u64 LE), xxh3-64 digest (u64 LE); \
+                the digest inverted for a block known to be damaged, so the agent sends it again"),
         (status = 404, description = "no such volume", body = ErrorBody)))]
 pub(super) async fn digests(State(s): State<Shared>, ApiPath(name): ApiPath<String>) -> ApiResult<Response> {
     let d = blocking(&s, move |st| st.digests(&name)).await?;

@@ -1,5 +1,5 @@
-//! The HTTP JSON API (docs/api.md): catalog operations, data access, ingest, metrics and the
-//! API's own OpenAPI document.
+//! The HTTP JSON API (docs/api.md): catalog operations, data access, ingest, scrub, metrics and
+//! the API's own OpenAPI document.
 //!
 //! [`routes`] is the one list of routes: the router and the OpenAPI document
 //! ([`openapi`]) are both built from it. Request and answer bodies are the types in
@@ -27,6 +27,7 @@ mod extract;
 mod ingest;
 mod openapi;
 mod resize;
+mod scrub;
 mod volumes;
 
 /// How long a rewind, refresh or delete waits for connected clients to be closed.
@@ -121,6 +122,7 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(ingest::digests, ingest::digests_in))
         .routes(routes!(ingest::ingest, ingest::abort_ingest))
         .routes(routes!(resize::resize))
+        .routes(routes!(scrub::scrub, scrub::status))
         .routes(routes!(metrics))
         .routes(routes!(openapi::document))
 }

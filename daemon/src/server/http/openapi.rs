@@ -20,6 +20,7 @@ use super::ApiError;
 use crate::api::data::{Extents, Written, Zeroed};
 use crate::api::error::ErrorBody;
 use crate::api::ingest::{IngestAnswer, ResizeAnswer};
+use crate::api::scrub::{ScrubAnswer, ScrubFailure, ScrubStatus};
 use crate::api::volumes::{
     CloneAnswer, Deleted, Exports, IngestSummary, Moved, Snapshot, SnapshotTaken, Tree, TreeSnapshot, TreeVolume,
     Volume, VolumeList,
@@ -37,6 +38,7 @@ use crate::api::volumes::{
         (name = "volumes", description = "Catalog operations: durable when they return"),
         (name = "data", description = "A volume's bytes"),
         (name = "ingest", description = "Feeding sources"),
+        (name = "scrub", description = "Checking every stored block against its checksum"),
         (name = "meta", description = "Metrics and this document"),
     ),
     components(schemas(ErrorBody)),
@@ -64,7 +66,7 @@ impl Modify for BearerToken {
 /// The answers: the daemon always sends every field of them. Their types read leniently
 /// (`#[serde(default)]`, see [`crate::api::volumes`]), which the generator takes to mean
 /// "optional", so [`finish`] says otherwise.
-fn answers() -> [Cow<'static, str>; 17] {
+fn answers() -> [Cow<'static, str>; 20] {
     [
         Volume::name(),
         Snapshot::name(),
@@ -83,6 +85,9 @@ fn answers() -> [Cow<'static, str>; 17] {
         Extents::name(),
         IngestAnswer::name(),
         ResizeAnswer::name(),
+        ScrubAnswer::name(),
+        ScrubFailure::name(),
+        ScrubStatus::name(),
     ]
 }
 
