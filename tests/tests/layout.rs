@@ -34,7 +34,7 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 /// The source files of the shipped crates, relative to the workspace root.
 fn shipped_sources() -> Vec<String> {
     let root = root();
-    ["blockmap", "catalog", "nbd", "iscsi", "daemon", "bench"]
+    ["metakv", "blockmap", "catalog", "nbd", "iscsi", "daemon", "bench"]
         .iter()
         .flat_map(|c| rust_files(&root.join(c).join("src")))
         .map(|p| p.strip_prefix(&root).expect("under root").to_string_lossy().into_owned())
