@@ -11,7 +11,8 @@
 #
 # Usage: bash bench/metadata-engines.sh [--quick]
 # Environment: CUTS (default 20), ENGINES (default sled,redb,fjall,rocksdb), SKIP_BUILD_TIMES=1.
-# Needs root and /dev/fuse for the power-cut suite, as .ci/run sets up.
+# Needs root and /dev/fuse for the power-cut suite, as .ci/run sets up, and libclang-dev
+# (RocksDB's bindings are generated with bindgen): apt-get install libclang-dev.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 CUTS=${CUTS:-20}

@@ -20,6 +20,8 @@ fn main() {
             client(&cli).and_then(|c| forkd::cli::dump::run(&c, reference, file, cli.json))
         }
         Command::Scrub => client(&cli).and_then(|c| forkd::cli::scrub::run(&c, cli.json)),
+        Command::Check { data_dir } => forkd::server::offline::check(data_dir, cli.json),
+        Command::Repair { data_dir, accept_loss } => forkd::server::offline::repair(data_dir, *accept_loss, cli.json),
         _ => forkd::cli::run_client(&cli),
     };
     if let Err(e) = result {

@@ -136,3 +136,17 @@ fn a_switch_cut_at_any_step_is_finished_at_the_next_start() {
         assert!(format_text(&d).contains(&format!("engine {engine}")), "{what}");
     }
 }
+
+#[test]
+fn a_lost_format_file_beside_a_non_sled_store_is_refused_not_emptied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("data");
+    drop(Store::open_with(&d, Some(MetaEngine::Redb)).expect("open"));
+    populate(&d);
+    let saved = format_text(&d);
+    std::fs::remove_file(d.join("format")).expect("remove format");
+    let e = Store::open(&d).expect_err("a redb meta/ without `format` is refused").to_string();
+    assert!(e.contains("`format` file is missing") && e.contains("meta.redb"), "{e}");
+    std::fs::write(d.join("format"), saved).expect("put it back");
+    assert_intact(&Store::open(&d).expect("opens with the file back"));
+}

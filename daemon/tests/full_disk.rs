@@ -69,9 +69,9 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
     store.write("c", 4 << 20, &pattern(3, 1 << 20)).expect("a write fits again after freeing space");
     store.flush().expect("flush");
     drop(store);
-    // Reopen a copy (see tests/model.rs: sled may release its lock lazily in-process).
+    // Reopen a copy (see tests/model.rs: an engine may release its lock lazily in-process).
     let copy = tempfile::tempdir().expect("tempdir");
-    for f in ["extents.0", "reserve"] {
+    for f in ["extents.0", "reserve", "format", "flushed"] {
         std::fs::copy(data_dir.join(f), copy.path().join(f)).expect("copy");
     }
     let status = Command::new("cp").arg("-a").arg(data_dir.join("meta")).arg(copy.path()).status().expect("cp");

@@ -56,3 +56,44 @@ fn an_older_metadata_store_is_refused_loudly() {
     assert!(store.catalog().volume("c").is_ok());
     assert!(store.catalog().volume("c2").is_err(), "the older meta/ has no second clone");
 }
+
+fn forkd(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_forkd")).args(args).arg("--data-dir").arg(dir).output().expect("run forkd")
+}
+
+#[test]
+fn check_reports_the_loss_and_repair_accepts_it_only_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("d");
+    let saved = dir.path().join("meta.saved");
+    store_with_history(&data_dir, &saved);
+    let healthy = forkd::store::check(&data_dir).expect("check a healthy directory");
+    assert!(healthy.problems.is_empty() && !healthy.rolled_back(), "{healthy:?}");
+    // src@1 (taken by the first clone), c@1.
+    assert_eq!((healthy.volumes, healthy.snapshots), (3, 2), "{healthy:?}");
+    assert_eq!(healthy.referenced_slots, 512, "two MiB of data in 4 KiB blocks: {healthy:?}");
+    assert_eq!(healthy.orphaned_bytes, 0, "{healthy:?}");
+
+    copy_dir(&saved, &data_dir.join("meta"));
+    let r = forkd::store::check(&data_dir).expect("check the rolled-back directory");
+    assert!(r.rolled_back(), "{r:?}");
+    assert_eq!((r.volumes, r.referenced_slots), (2, 256), "the older meta/ knows one clone and 1 MiB: {r:?}");
+    assert_eq!(r.orphaned_bytes, 1 << 20, "the second MiB is data the older meta/ does not map: {r:?}");
+    let out = forkd(&["check"], &data_dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("recovered to flush") && text.contains("1.0 MiB"), "{text}");
+
+    // Without --accept-loss nothing changes: the daemon is still refused.
+    let out = forkd(&["repair"], &data_dir);
+    assert!(!out.status.success(), "repair without --accept-loss succeeded");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--accept-loss"));
+    assert_refused_loudly(&Store::open(&data_dir).expect_err("still refused"));
+
+    let out = forkd(&["repair", "--accept-loss"], &data_dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let store = Store::open(&data_dir).expect("opens after the loss was accepted");
+    assert!(store.catalog().volume("c2").is_err(), "what meta/ holds, nothing more");
+    drop(store);
+    let after = forkd::store::check(&data_dir).expect("check after the repair");
+    assert!(after.problems.is_empty() && after.orphaned_bytes == 0, "the start gave the orphaned data back: {after:?}");
+}

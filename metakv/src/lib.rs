@@ -6,9 +6,10 @@
 //! batch applied before it survives a power cut). [`MetaKv`] is exactly that; the map and the
 //! catalog hold an `Arc<dyn MetaKv>` and never see an engine.
 //!
-//! Engines: [`sled`](crate::sled_kv) is always built (data directories written before the
-//! engine choice are read through it); the others of the bake-off (`docs/metadata-engine.md`)
-//! are cargo features. [`Engine`] names them as the data directory's `format` file records.
+//! Engines: redb is the default, chosen by the bake-off (`docs/metadata-engine.md`); sled is
+//! always built (data directories written before the engine choice are read through it, to be
+//! converted); fjall and RocksDB are cargo features for the bake-off. [`Engine`] names them as
+//! the data directory's `format` file records.
 //!
 //! Invariant every adapter keeps: `commit` returning `Ok` means durable, including the
 //! directory entries of files the engine created, on a disk whose volatile cache is lost at a
@@ -107,6 +108,12 @@ pub trait MetaKv: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Bytes [`MetaKv::reclaim`] could give back now, when the engine can tell cheaply
+    /// (`None`: it cannot; the owner estimates from what it deleted).
+    fn reclaimable(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Which engine this is.
     fn engine(&self) -> Engine;
 }
@@ -133,7 +140,7 @@ pub enum Engine {
 
 impl Engine {
     /// The engine new data directories get (the bake-off's decision, docs/metadata-engine.md).
-    pub const DEFAULT: Engine = Engine::Sled;
+    pub const DEFAULT: Engine = Engine::Redb;
 
     /// Every engine, built or not.
     pub const ALL: [Engine; 4] = [Engine::Sled, Engine::Redb, Engine::Fjall, Engine::RocksDb];

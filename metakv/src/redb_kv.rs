@@ -56,6 +56,8 @@ const CACHE_BYTES: usize = 64 << 20;
 /// compaction takes the write lock, so none is open while it runs.
 pub(crate) struct RedbKv {
     db: RwLock<Database>,
+    /// The database file, for its length.
+    file: std::path::PathBuf,
 }
 
 impl fmt::Debug for RedbKv {
@@ -85,7 +87,7 @@ impl RedbKv {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             File::open(parent)?.sync_all()?;
         }
-        Ok(RedbKv { db: RwLock::new(db) })
+        Ok(RedbKv { db: RwLock::new(db), file: path.join(FILE) })
     }
 }
 
@@ -150,6 +152,19 @@ impl MetaKv for RedbKv {
             }
             Err(e) => Err(err(e)),
         }
+    }
+
+    /// The file's pages that hold nothing (free pages in the middle, which only a compaction
+    /// gives back): the file's length less the pages redb reports allocated. redb's stats walk
+    /// its trees' branch pages, which the page cache holds.
+    fn reclaimable(&self) -> Result<Option<u64>> {
+        let len = std::fs::metadata(&self.file)?.len();
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let txn = db.begin_write().map_err(err)?;
+        let stats = txn.stats().map_err(err)?;
+        txn.abort().map_err(err)?;
+        let used = stats.allocated_pages().saturating_mul(stats.page_size() as u64);
+        Ok(Some(len.saturating_sub(used)))
     }
 
     fn engine(&self) -> Engine {

@@ -17,9 +17,12 @@ use crate::units::humanize;
 pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let client = client(cli)?;
     match &cli.command {
-        Command::Serve(_) | Command::Ingest(_) | Command::Dump { .. } | Command::Scrub => {
-            Err(anyhow!("internal: not a client command"))
-        }
+        Command::Serve(_)
+        | Command::Ingest(_)
+        | Command::Dump { .. }
+        | Command::Scrub
+        | Command::Check { .. }
+        | Command::Repair { .. } => Err(anyhow!("internal: not a client command")),
         Command::Source { cmd: SourceCmd::Create { name, size } } => {
             let v = client.create_source(name, Size::from_text(size))?;
             report(cli.json, &v, || format!("created source {} ({})", or(&v.name, name), humanize(v.size_bytes)))

@@ -162,6 +162,25 @@ pub enum Command {
     /// Read every stored block and check its checksum; list damaged ones by volume or snapshot
     /// and offset (exit status 1 when there is damage)
     Scrub,
+
+    /// Check a stopped daemon's data directory: its metadata, every tree, what a rolled-back
+    /// metadata store lost (exit status 1 when there is a problem)
+    Check {
+        /// The data directory [default: ./forkd-data]
+        #[arg(long, value_name = "DIR", default_value = "./forkd-data")]
+        data_dir: PathBuf,
+    },
+
+    /// Accept a metadata store that came back older than its last flush, after a check that
+    /// reports what is lost (nothing changes without --accept-loss)
+    Repair {
+        /// The data directory [default: ./forkd-data]
+        #[arg(long, value_name = "DIR", default_value = "./forkd-data")]
+        data_dir: PathBuf,
+        /// Accept the loss the check reports, so the daemon starts with what meta/ holds
+        #[arg(long)]
+        accept_loss: bool,
+    },
 }
 
 /// `forkd source ...`

@@ -122,7 +122,7 @@ struct ServeFlags {
     #[arg(long, value_name = "ADDR")]
     iscsi: Option<String>,
     /// Metadata engine of a new data directory, or to convert an existing one to (sled, or
-    /// one of redb, fjall, rocksdb when built with it) [default: the directory's own; new: sled]
+    /// one of redb, fjall, rocksdb when built with it) [default: the directory's own; new: redb]
     #[arg(long, value_name = "NAME", env = "FORKD_META_ENGINE")]
     meta_engine: Option<String>,
 }

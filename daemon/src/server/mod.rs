@@ -7,7 +7,8 @@
 //! - [`nbd`]: the NBD listener; [`iscsi`]: the iSCSI listener and its access rules;
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
 //!   spans, close reasons, drain on shutdown);
-//! - [`auth`]: the API's bearer token.
+//! - [`auth`]: the API's bearer token;
+//! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon.
 
 pub mod auth;
 pub mod config;
@@ -15,4 +16,5 @@ pub mod http;
 pub mod iscsi;
 pub mod listener;
 pub mod nbd;
+pub mod offline;
 pub mod serve;

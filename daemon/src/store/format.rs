@@ -87,7 +87,7 @@ pub(super) fn open_meta(dir: &Path, wanted: Option<Engine>) -> Result<Arc<dyn Me
     let current = match recorded {
         Some(f) => f.engine,
         None if fresh => wanted.unwrap_or(Engine::DEFAULT),
-        None => Engine::Sled,
+        None => format_1(&meta)?,
     };
     let target = match (wanted, recorded) {
         (Some(w), _) => w,
@@ -112,6 +112,26 @@ pub(super) fn open_meta(dir: &Path, wanted: Option<Engine>) -> Result<Arc<dyn Me
              together with extents.0 from the same time"
         )
     })
+}
+
+/// A `meta/` without a `format` file beside it must be format 1's sled store (sled's `conf`
+/// or `db`, or nothing yet). Anything else means `format` was lost (a copy that left it
+/// behind): opening it as sled would start an empty catalog, so it is refused.
+fn format_1(meta: &Path) -> Result<Engine, String> {
+    let names: Vec<String> = fs::read_dir(meta)
+        .map_err(|e| format!("cannot read {}: {e}", meta.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == "conf" || n == "db") {
+        return Ok(Engine::Sled);
+    }
+    Err(format!(
+        "its `format` file is missing, and meta/ is not the sled store of a format-1 directory (it holds {}): \
+         copy `format` back from where this directory came from (for a redb store it reads \
+         `forkd data directory`, `format 2`, `engine redb` on three lines)",
+        names.join(", ")
+    ))
 }
 
 /// Copy every record of `meta/` (engine `from`) into `meta.new/` (engine `to`), make it durable,

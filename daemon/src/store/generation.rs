@@ -87,10 +87,7 @@ impl Generation {
         if g <= *written {
             return Ok(());
         }
-        let mut buf = [0u8; 12];
-        buf[..8].copy_from_slice(&g.to_le_bytes());
-        let crc = crc32fast::hash(&buf[..8]);
-        buf[8..].copy_from_slice(&crc.to_le_bytes());
+        let buf = encode(g);
         // 12 bytes at offset 0: within one sector, so a cut leaves the old or the new number.
         // Not fsynced: the file only has to never run ahead of the engine, and it is written
         // after its commit returned. Lost in a power cut, it merely checks against an older
@@ -99,6 +96,31 @@ impl Generation {
         *written = g;
         Ok(())
     }
+}
+
+/// The file's 12 bytes for generation `g`.
+fn encode(g: u64) -> [u8; 12] {
+    let mut buf = [0u8; 12];
+    buf[..8].copy_from_slice(&g.to_le_bytes());
+    let crc = crc32fast::hash(&buf[..8]);
+    buf[8..].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// The generation `flushed` in `dir` holds, if it reads back whole (for `forkd check`).
+pub(super) fn read_file(dir: &Path) -> Option<u64> {
+    read(&mut File::open(dir.join("flushed")).ok()?)
+}
+
+/// Accept a metadata store at generation `g` (`forkd repair --accept-loss`): `flushed` is
+/// replaced, durably, by one holding `g`.
+pub(super) fn accept(dir: &Path, g: u64) -> std::io::Result<()> {
+    let tmp = dir.join("flushed.tmp");
+    let f = File::create(&tmp)?;
+    f.write_all_at(&encode(g), 0)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("flushed"))?;
+    File::open(dir)?.sync_all()
 }
 
 /// The number in the generation file, if it reads back whole.

@@ -21,6 +21,7 @@
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
+//! - `check`: `forkd check` and `forkd repair` on a stopped daemon's data directory;
 //! - `format`: the data directory's format and engine, and converting `meta/` between engines;
 //! - `reclaim`: compacting the metadata engine once deletes freed enough of it;
 //! - `scrub`: checking every stored block, and the register of damaged ones;
@@ -41,6 +42,7 @@ use crate::metrics::Metrics;
 use commit::Pending;
 use engine::Engine;
 
+mod check;
 mod commit;
 #[allow(unsafe_code)] // the only unsafe code in the crate: io_uring buffers (see its SAFETY notes)
 pub mod engine;
@@ -53,6 +55,7 @@ mod reclaim;
 mod scrub;
 mod space;
 
+pub use check::{check, repair, CheckReport};
 pub use metakv::Engine as MetaEngine;
 pub use read::BlockState;
 pub use scrub::{ScrubFailure, ScrubOutcome, ScrubProgress, ScrubReport};
@@ -224,6 +227,11 @@ impl Store {
         if !engine.uses_io_uring() {
             tracing::warn!("io_uring is not available; data I/O falls back to pread/pwrite");
         }
+        // The names of the files just created (extents.0, reserve, flushed) must survive a power
+        // cut before anything is written into them and acknowledged.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| bad(format!("cannot make its directory entries durable: {e}")))?;
         let store = Store {
             catalog: RwLock::new(catalog),
             engine,

@@ -4,11 +4,13 @@
 //!
 //! Garbage collection of deleted trees removes their records from the engine, but engines
 //! give the space back only when they compact (fjall, RocksDB) or are compacted (redb), and
-//! sled never does. [`Store::maintain`] runs from the daemon's periodic tick: once the tree
-//! nodes freed since the last reclaim, at about [`NODE_BYTES`] each, add up to a quarter of
-//! what `meta/` takes on disk, it asks the engine to reclaim. So a store that only grows is
-//! never compacted by this, and the cost of a compaction is paid only when it can give back
-//! at least a quarter of the space.
+//! sled never does. [`Store::maintain`] runs from the daemon's periodic tick and asks the
+//! engine to reclaim once what it could give back is at least a fifth of what `meta/` takes
+//! on disk. The engine says how much that is when it can tell ([`metakv::MetaKv::reclaimable`]:
+//! redb's free pages); otherwise it is estimated from the tree nodes freed since the last
+//! reclaim, at about [`NODE_BYTES`] each. So a compaction is paid for only when it gives back
+//! at least a fifth of the space: its cost, proportional to the store, is amortised over the
+//! changes that made the garbage, and `meta/` stays within 1.25x of what the engine needs.
 //!
 //! Locking: the counters are atomics; the reclaim runs without the catalog lock (engines
 //! compact concurrently with reads and writes, redb's adapter excepted: see its notes).
@@ -25,13 +27,18 @@ impl Store {
     /// Periodic upkeep: reclaim metadata space if deletes freed enough of it (see the module
     /// documentation). Returns true if the engine was asked to reclaim.
     pub fn maintain(&self) -> Result<bool> {
-        let freed = self.catalog().map().stats().freed_nodes;
-        let since = freed.saturating_sub(self.reclaimed_at.load(Ordering::SeqCst));
-        if since == 0 {
+        // A compaction writes before it gives back: not in the room kept for deletes and trims.
+        if self.low_space.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        let freed = self.catalog().map().stats().freed_nodes;
+        let since = freed.saturating_sub(self.reclaimed_at.load(Ordering::SeqCst));
+        let garbage = match self.kv.reclaimable()? {
+            Some(bytes) => bytes,
+            None => since.saturating_mul(NODE_BYTES),
+        };
         let on_disk = super::disk_usage(&self.dir.join("meta"));
-        if since.saturating_mul(NODE_BYTES) < on_disk / 4 {
+        if garbage == 0 || garbage < on_disk / 5 {
             return Ok(false);
         }
         self.reclaim_now(freed)?;
@@ -43,7 +50,7 @@ impl Store {
         let t = std::time::Instant::now();
         self.kv.reclaim()?;
         self.reclaimed_at.store(freed, Ordering::SeqCst);
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), "compacted the metadata store");
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), "compacted meta/");
         Ok(())
     }
 

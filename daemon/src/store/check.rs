@@ -1,0 +1,150 @@
+//! `forkd check` and `forkd repair`: look at a stopped daemon's data directory and say what
+//! it holds and what is wrong, and, only when asked with `--accept-loss`, accept a metadata
+//! store that came back older than its last flush (issue 10, item 4).
+//!
+//! The check opens `meta/` with the engine `format` names, without the start-up refusal, reads
+//! the flush generation in the engine and in `flushed`, loads the catalog and walks every
+//! tree (heads, snapshots, unfinished ingests): every node must be there and decode, and every
+//! data slot must lie below the map's high-water mark. Data in `extents.0` past that mark was
+//! written by changes the metadata no longer has: it is what a rolled-back store lost, and
+//! what the next start gives back to the filesystem. Nothing is written by a check: the
+//! catalog's start-up clean-up stays in memory and is dropped.
+//!
+//! Repair changes one thing: it rewrites `flushed` with the engine's generation, so the next
+//! start accepts what `meta/` holds. It refuses when the check found damaged trees, since
+//! opening those would fail anyway: restoring `meta/` from a backup is then the way.
+
+use std::path::Path;
+
+use catalog::{Catalog, BLOCK_SIZE};
+
+use super::{format, generation, lock_dir, Result, StoreError};
+
+/// What `forkd check` found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// The metadata engine `meta/` was opened with.
+    pub engine: String,
+    /// The flush generation the engine holds.
+    pub meta_generation: u64,
+    /// The generation in `flushed` (absent or unreadable: none).
+    pub flushed_generation: Option<u64>,
+    /// Volumes and snapshots in the catalog.
+    pub volumes: usize,
+    /// Snapshots of all volumes.
+    pub snapshots: usize,
+    /// Distinct data slots referenced by any tree.
+    pub referenced_slots: u64,
+    /// The map's high-water mark (slots handed out so far, plus one).
+    pub high_water: u64,
+    /// Bytes `extents.0` holds on disk past the high-water mark.
+    pub orphaned_bytes: u64,
+    /// Everything wrong, one sentence each.
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when `meta/` came back older than its last completed flush.
+    pub fn rolled_back(&self) -> bool {
+        self.flushed_generation.is_some_and(|f| f > self.meta_generation)
+    }
+}
+
+/// Check the data directory `dir` (the daemon must be stopped: its lock is taken).
+pub fn check(dir: &Path) -> Result<CheckReport> {
+    let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
+    let _lock = lock_dir(dir)?;
+    inspect(dir).map_err(bad)
+}
+
+/// Accept what `meta/` holds after a roll-back: check, then record the engine's generation
+/// in `flushed`. Without `accept_loss` nothing is changed and the report says what would be.
+pub fn repair(dir: &Path, accept_loss: bool) -> Result<CheckReport> {
+    let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
+    let _lock = lock_dir(dir)?;
+    let report = inspect(dir).map_err(bad)?;
+    if !report.rolled_back() || !accept_loss {
+        return Ok(report);
+    }
+    if !report.problems.iter().all(|p| p.starts_with("meta/ recovered")) {
+        return Err(bad("its trees are damaged, which accepting the loss would not mend: restore meta/ \
+                        together with extents.0 from a backup"
+            .into()));
+    }
+    generation::accept(dir, report.meta_generation).map_err(|e| bad(format!("cannot rewrite `flushed`: {e}")))?;
+    Ok(report)
+}
+
+fn inspect(dir: &Path) -> std::result::Result<CheckReport, String> {
+    let meta = dir.join("meta");
+    if !meta.exists() {
+        return Err("it has no meta/: there is nothing to check".into());
+    }
+    let engine = format::read(dir)?.map_or(metakv::Engine::Sled, |f| f.engine);
+    let kv = metakv::open(engine, &meta).map_err(|e| format!("cannot open its metadata store ({engine}): {e}"))?;
+    let mut r = CheckReport { engine: engine.to_string(), ..CheckReport::default() };
+    r.meta_generation = match kv.get(metakv::GENERATION_KEY).map_err(|e| e.to_string())? {
+        Some(v) => u64::from_le_bytes(v[..].try_into().map_err(|_| "its flush generation is damaged")?),
+        None => 0,
+    };
+    r.flushed_generation = generation::read_file(dir);
+    if r.rolled_back() {
+        r.problems.push(format!(
+            "meta/ recovered to flush {}, but flush {} had completed: the changes of the flushes in between \
+             are lost from it",
+            r.meta_generation,
+            r.flushed_generation.unwrap_or_default()
+        ));
+    }
+    let cat = Catalog::open(kv).map_err(|e| format!("cannot load its catalog: {e}"))?;
+    walk_trees(&cat, &mut r);
+    let extents = std::fs::metadata(dir.join("extents.0")).map(|m| m.len()).unwrap_or(0);
+    let mark = r.high_water.saturating_sub(1) * BLOCK_SIZE;
+    r.orphaned_bytes = orphaned(&dir.join("extents.0"), mark, extents);
+    Ok(r)
+}
+
+/// Walk every tree of the catalog, counting distinct slots and noting damage.
+fn walk_trees(cat: &Catalog, r: &mut CheckReport) {
+    r.high_water = cat.map().stats().high_water;
+    let mut seen = vec![0u64; usize::try_from(r.high_water / 64 + 1).unwrap_or(usize::MAX)];
+    for v in cat.volumes().values() {
+        r.volumes += 1;
+        r.snapshots += v.snapshots.len();
+        for root in v.roots() {
+            let mut beyond = 0u64;
+            let walked = cat.map().for_each(root, &mut |_, e| {
+                if e.has_data() {
+                    match seen.get_mut(usize::try_from(e.slot / 64).unwrap_or(usize::MAX)) {
+                        Some(w) if e.slot < r.high_water => *w |= 1 << (e.slot % 64),
+                        _ => beyond += 1,
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = walked {
+                r.problems.push(format!("a tree of `{}` is damaged: {e}", v.name));
+            }
+            if beyond > 0 {
+                r.problems.push(format!("`{}` points at {beyond} blocks past the end of the map", v.name));
+            }
+        }
+    }
+    r.referenced_slots = seen.iter().map(|w| u64::from(w.count_ones())).sum();
+}
+
+/// Bytes allocated on disk in `path` from `from` to `len`, found with SEEK_DATA/SEEK_HOLE.
+fn orphaned(path: &Path, from: u64, len: u64) -> u64 {
+    use std::os::unix::io::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else { return 0 };
+    let fd = f.as_raw_fd();
+    let (mut pos, mut total) = (from, 0u64);
+    while pos < len {
+        let Ok(start) = nix::unistd::lseek(fd, pos as i64, nix::unistd::Whence::SeekData) else { break };
+        let start = start as u64;
+        let end = nix::unistd::lseek(fd, start as i64, nix::unistd::Whence::SeekHole).map_or(len, |e| e as u64);
+        total += end.min(len).saturating_sub(start);
+        pos = end;
+    }
+    total
+}
