@@ -14,10 +14,10 @@ const MIB: usize = 1 << 20;
 fn populate(dir: &Path) {
     let store = Store::open(dir).expect("open");
     store.op(|c| c.create_source("src", 16 << 20)).expect("source");
-    for (i, name) in ["a", "b"].iter().enumerate() {
+    for (i, name) in [1u8, 2].into_iter().zip(["a", "b"]) {
         store.op(|c| c.clone_volume("src", name)).expect("clone");
         for s in 0..3u8 {
-            store.write(name, u64::from(s) * MIB as u64, &vec![0x10 * (i as u8 + 1) + s; MIB]).expect("write");
+            store.write(name, u64::from(s) * MIB as u64, &vec![0x10 * i + s; MIB]).expect("write");
             store.op(|c| c.snapshot(name, None)).expect("snapshot");
         }
     }
@@ -38,10 +38,10 @@ fn intact(store: &Store) -> Result<(), String> {
     }
     drop(cat);
     let mut buf = vec![0u8; MIB];
-    for (i, name) in ["a", "b"].iter().enumerate() {
+    for (i, name) in [1u8, 2].into_iter().zip(["a", "b"]) {
         for s in 0..3u8 {
             store.read(&format!("{name}@3"), u64::from(s) * MIB as u64, &mut buf).map_err(|e| e.to_string())?;
-            if buf.iter().any(|&b| b != 0x10 * (i as u8 + 1) + s) {
+            if buf.iter().any(|&b| b != 0x10 * i + s) {
                 return Err(format!("{name}@3 at {s} MiB"));
             }
         }
@@ -63,9 +63,11 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The damage done to one file, by name.
-fn injections(len: u64) -> Vec<(String, Box<dyn Fn(&Path)>)> {
-    let mut v: Vec<(String, Box<dyn Fn(&Path)>)> =
-        vec![("removed".into(), Box::new(|p: &Path| std::fs::remove_file(p).expect("remove")))];
+/// One kind of damage done to a file, and its name.
+type Injection = (String, Box<dyn Fn(&Path)>);
+
+fn injections(len: u64) -> Vec<Injection> {
+    let mut v: Vec<Injection> = vec![("removed".into(), Box::new(|p: &Path| std::fs::remove_file(p).expect("remove")))];
     for pct in [0u64, 10, 50, 90] {
         let at = len * pct / 100;
         v.push((format!("truncated to {pct} %"), Box::new(move |p: &Path| truncate(p, at))));

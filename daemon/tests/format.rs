@@ -105,6 +105,9 @@ fn an_unfinished_copy_is_thrown_away_and_the_old_metadata_kept() {
     assert!(!d.join("meta.new").exists(), "the unfinished copy is removed");
 }
 
+/// A step of the switch as a crash leaves it, and its name.
+type Step = (&'static str, fn(&Path));
+
 #[test]
 fn a_switch_cut_at_any_step_is_finished_at_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -113,7 +116,7 @@ fn a_switch_cut_at_any_step_is_finished_at_the_next_start() {
     let engine = MetaEngine::DEFAULT;
     // The steps of the switch, each as a crash would leave the directory (the complete,
     // durable copy is `meta.new/`, and `converting` names its engine).
-    let steps: [(&str, fn(&Path)); 3] = [
+    let steps: [Step; 3] = [
         ("copy complete, nothing switched", |_| {}),
         ("meta/ moved to meta.old/", |d| std::fs::rename(d.join("meta"), d.join("meta.old")).expect("rename")),
         ("meta.new/ moved to meta/", |d| {
