@@ -66,7 +66,7 @@ version=$(git -C "$REPO" describe --always --dirty)
     echo "- forkd: $version"
     echo "- machine: $(nproc) CPUs, $(free -g | awk '/^Mem/ {print $2}') GiB RAM, kernel $(uname -r)"
     echo
-    cat "$OUT/table.md"
+    grep -v "^$" "$OUT/table.md"
     for e in ${ENGINES//,/ }; do
         echo "| power-cut suite: $e | ${PCUT[$e]} |"
     done
