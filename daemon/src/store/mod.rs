@@ -1,12 +1,13 @@
 //! The store: a data directory holding the catalog and extent map (a metadata engine, `metakv`,
-//! under `meta/`; its format recorded in `format`) and the
-//! extent file (`extents.0`, 4 KiB slots read and written through the io_uring [`Engine`]).
+//! under `meta/`; its format recorded in `format`) and the extent file (`extents.0`, 4 KiB
+//! slots read and written through the io_uring [`Engine`]).
 //!
 //! It owns the rules that tie metadata to data:
 //! - new data goes into freshly allocated slots and is written before the map points at it,
 //!   so a committed pointer never sees half-written data, even after `kill -9`;
-//! - a flush is `fdatasync(extents)` then the engine's durable commit: after it returns, every write answered
-//!   before it is on disk, and only then are slots freed before it punched and reused;
+//! - a flush is `fdatasync(extents)` then the engine's durable commit: after it returns, every
+//!   write answered before it is on disk, and only then are slots freed before it punched and
+//!   reused;
 //! - every catalog operation is followed by a flush, so it is durable when it returns;
 //! - a block whose crc32 does not match is an I/O error naming the volume and offset.
 //!
@@ -23,7 +24,7 @@
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
 //! - `check`: `forkd check` and `forkd repair` on a stopped daemon's data directory;
 //! - `format`: the data directory's format and engine, and converting `meta/` between engines;
-//! - `reclaim`: compacting the metadata engine once deletes freed enough of it;
+//! - `reclaim`: compacting the metadata engine once a fifth of `meta/` could be given back;
 //! - `scrub`: checking every stored block, and the register of damaged ones;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
