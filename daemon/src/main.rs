@@ -21,6 +21,7 @@ fn main() {
         }
         Command::Scrub => client(&cli).and_then(|c| forkd::cli::scrub::run(&c, cli.json)),
         Command::Check { data_dir } => forkd::server::offline::check(data_dir, cli.json),
+        Command::Compact { data_dir } => forkd::server::offline::compact(data_dir, cli.json),
         Command::Repair { data_dir, accept_loss } => forkd::server::offline::repair(data_dir, *accept_loss, cli.json),
         _ => forkd::cli::run_client(&cli),
     };

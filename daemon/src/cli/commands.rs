@@ -22,6 +22,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         | Command::Dump { .. }
         | Command::Scrub
         | Command::Check { .. }
+        | Command::Compact { .. }
         | Command::Repair { .. } => Err(anyhow!("internal: not a client command")),
         Command::Source { cmd: SourceCmd::Create { name, size } } => {
             let v = client.create_source(name, Size::from_text(size))?;

@@ -171,6 +171,14 @@ pub enum Command {
         data_dir: PathBuf,
     },
 
+    /// Compact a stopped daemon's metadata store: give back the space deletes freed (the
+    /// daemon does it on its own while meta/ is at most 128 MiB)
+    Compact {
+        /// The data directory [default: ./forkd-data]
+        #[arg(long, value_name = "DIR", default_value = "./forkd-data")]
+        data_dir: PathBuf,
+    },
+
     /// Accept a metadata store that came back older than its last flush, after a check that
     /// reports what is lost (nothing changes without --accept-loss)
     Repair {

@@ -1,4 +1,4 @@
-//! `forkd check` and `forkd repair`: the commands that work on a stopped daemon's data
+//! `forkd check`, `forkd repair` and `forkd compact`: the commands that work on a stopped daemon's data
 //! directory rather than through the API (the store's `check` does the work; this prints it).
 
 use std::path::Path;
@@ -38,6 +38,17 @@ pub fn repair(dir: &Path, accept_loss: bool, json: bool) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `forkd compact --data-dir DIR`: give back the space of `meta/` that the engine holds free.
+pub fn compact(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let (before, after) = store::compact(dir)?;
+    if json {
+        println!("{}", serde_json::json!({ "before_bytes": before, "after_bytes": after }));
+    } else {
+        println!("meta/ compacted: {} -> {}", humanize(before), humanize(after));
+    }
+    Ok(())
 }
 
 fn print(r: &CheckReport, json: bool) -> anyhow::Result<()> {

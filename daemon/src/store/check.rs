@@ -1,6 +1,7 @@
-//! `forkd check` and `forkd repair`: look at a stopped daemon's data directory and say what
-//! it holds and what is wrong, and, only when asked with `--accept-loss`, accept a metadata
-//! store that came back older than its last flush (issue 10, item 4).
+//! `forkd check`, `forkd repair` and `forkd compact`: look at a stopped daemon's data
+//! directory and say what it holds and what is wrong; only when asked with `--accept-loss`,
+//! accept a metadata store that came back older than its last flush (issue 10, item 4); and
+//! compact `meta/` when it is too large for the daemon to do it while serving (`reclaim`).
 //!
 //! The check opens `meta/` with the engine `format` names, without the start-up refusal, reads
 //! the flush generation in the engine and in `flushed`, loads the catalog and walks every
@@ -73,6 +74,23 @@ pub fn repair(dir: &Path, accept_loss: bool) -> Result<CheckReport> {
     }
     generation::accept(dir, report.meta_generation).map_err(|e| bad(format!("cannot rewrite `flushed`: {e}")))?;
     Ok(report)
+}
+
+/// Compact `meta/` (the daemon must be stopped): its size on disk before and after.
+pub fn compact(dir: &Path) -> Result<(u64, u64)> {
+    let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
+    let _lock = lock_dir(dir)?;
+    let meta = dir.join("meta");
+    if !meta.exists() {
+        return Err(bad("it has no meta/: there is nothing to compact".into()));
+    }
+    let engine = format::read(dir).map_err(bad)?.map_or(metakv::Engine::Sled, |f| f.engine);
+    let before = super::disk_usage(&meta);
+    let kv = metakv::open(engine, &meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
+    kv.reclaim()?;
+    kv.commit()?;
+    drop(kv);
+    Ok((before, super::disk_usage(&meta)))
 }
 
 fn inspect(dir: &Path) -> std::result::Result<CheckReport, String> {

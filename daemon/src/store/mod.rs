@@ -56,7 +56,7 @@ mod reclaim;
 mod scrub;
 mod space;
 
-pub use check::{check, repair, CheckReport};
+pub use check::{check, compact, repair, CheckReport};
 pub use metakv::Engine as MetaEngine;
 pub use read::BlockState;
 pub use scrub::{ScrubFailure, ScrubOutcome, ScrubProgress, ScrubReport};
@@ -142,6 +142,8 @@ pub struct Store {
     unflushed: AtomicBool,
     /// The map's `freed_nodes` at the last reclaim (see `reclaim`).
     reclaimed_at: AtomicU64,
+    /// Set once the log has advised `forkd compact` (see `reclaim`).
+    compact_advised: AtomicBool,
     /// Scrub progress and the register of damaged slots (`scrub`).
     scrub: scrub::ScrubState,
 }
@@ -250,6 +252,7 @@ impl Store {
             committer: Mutex::new(()),
             unflushed: AtomicBool::new(false),
             reclaimed_at: AtomicU64::new(0),
+            compact_advised: AtomicBool::new(false),
             scrub: scrub::ScrubState::open(dir),
         };
         if !store.restore_reserve() {
