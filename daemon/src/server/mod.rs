@@ -7,11 +7,12 @@
 //! - [`nbd`]: the NBD listener; [`iscsi`]: the iSCSI listener and its access rules;
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
 //!   spans, close reasons, drain on shutdown);
-//! - [`auth`]: the API's bearer token;
+//! - [`auth`]: the API's bearer token; [`hooks`]: finding and running hook scripts;
 //! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon.
 
 pub mod auth;
 pub mod config;
+pub mod hooks;
 pub mod http;
 pub mod iscsi;
 pub mod listener;
