@@ -25,7 +25,8 @@
 //! - `check`: `forkd check` and `forkd repair` on a stopped daemon's data directory;
 //! - `format`: the data directory's format and engine, and converting `meta/` between engines;
 //! - `reclaim`: compacting the metadata engine once a fifth of `meta/` could be given back;
-//! - `scrub`: checking every stored block, and the register of damaged ones;
+//! - `scrub`: checking every stored block; `damaged`: the register of damaged slots, which
+//!   poisons their digests so the next ingest sends them again;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
@@ -45,6 +46,7 @@ use engine::Engine;
 
 mod check;
 mod commit;
+mod damaged;
 #[allow(unsafe_code)] // the only unsafe code in the crate: io_uring buffers (see its SAFETY notes)
 pub mod engine;
 pub mod exports;

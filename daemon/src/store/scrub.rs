@@ -1,5 +1,5 @@
-//! Scrub: read every stored data block once and check it against its crc32, and the register
-//! of damaged slots that makes the next ingest send damaged blocks again.
+//! Scrub: read every stored data block once and check it against its crc32; what it finds
+//! goes into the register of damaged slots (`damaged`).
 //!
 //! A scrub runs in windows of slots, each in three passes, none holding the catalog lock for
 //! long, so reads, writes and catalog operations go on meanwhile:
@@ -22,27 +22,18 @@
 //! Blocks written after a scrub started may or may not be checked by it; everything that was
 //! stored when it started and is still referenced when its window is checked is.
 //!
-//! The **register** (`damaged-slots` in the data directory, fsynced at every change) holds the
-//! slots a scrub or a read found damaged. The digests answered to the ingest agent carry
-//! a poisoned digest (its bitwise complement, which no content matching the stored digest can
-//! have) for every block in a registered slot that still fails its crc when the route checks
-//! it again, so the agent sends that block again and the next snapshot holds a good copy.
-//! A registered slot whose data checks out again (freed and reused since) leaves the register
-//! there; a complete scrub replaces what it checked with what it found. Kept in its own small
-//! file, so it survives a restart without touching the metadata store's format.
-//!
 //! Locking: one scrub at a time (`ScrubState::running`); the register has its own mutex, taken
 //! briefly and never while waiting for the catalog lock.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, TryLockError};
 use std::time::Instant;
 
 use catalog::{blockmap, Catalog, Entry, NodeId, BLOCK_SIZE};
 
+use super::damaged::{Register, MAX_REGISTERED};
 use super::{runs, slot_offset, Result, Store};
 
 /// Blocks of a tree's address space walked per hold of the read lock: 1 GiB, at most 4,096
@@ -56,11 +47,6 @@ const WINDOW: u64 = 1 << 22;
 const LOG_EVERY: u64 = 4 << 30;
 /// Failures a report lists (all are counted).
 const MAX_LISTED: usize = 10_000;
-/// Damaged slots a scrub registers (4 GiB of data): beyond that, a disk is lost rather than
-/// damaged, and the register would only cost memory.
-const MAX_REGISTERED: usize = 1 << 20;
-/// The register's file in the data directory.
-const REGISTER_FILE: &str = "damaged-slots";
 const BS: usize = 4096;
 
 /// One reference to a damaged block: the volume or snapshot and the byte offset in it.
@@ -116,7 +102,7 @@ pub struct ScrubProgress {
 /// The store's scrub state: the register, the one-at-a-time lock, the progress counters.
 #[derive(Debug)]
 pub(super) struct ScrubState {
-    register: Register,
+    pub(super) register: Register,
     running: Mutex<()>,
     /// Set at shutdown: a running scrub stops at its next batch.
     stop: AtomicBool,
@@ -396,7 +382,7 @@ impl Store {
     /// Read the sorted `slots` into `buf` and tell which fail their crc. A batch the disk
     /// cannot read is read again slot by slot, and a slot that still cannot be read fails (a
     /// media error is damage too). The caller holds the catalog lock.
-    fn check_slots(&self, slots: &[(u64, u32)], buf: &mut [u8]) -> Vec<bool> {
+    pub(super) fn check_slots(&self, slots: &[(u64, u32)], buf: &mut [u8]) -> Vec<bool> {
         let mut unreadable = vec![false; slots.len()];
         if let Err(e) = self.read_slots(slots, buf) {
             tracing::warn!(error = %e, "a batch of stored blocks cannot be read: reading them one by one");
@@ -480,245 +466,11 @@ impl Store {
         out.sort_unstable();
         out
     }
-
-    /// A list of `(block, digest)` for the ingest agent, for [`Store::finish_digests`].
-    pub(super) fn digest_list(&self) -> DigestList {
-        DigestList { damaged: self.scrub.register.snapshot(), out: Vec::new(), marked: Vec::new() }
-    }
-
-    /// The digests of `list`, each block in a registered damaged slot that fails its crc now
-    /// poisoned so the agent sends it again. The caller holds the catalog lock the entries
-    /// were found under.
-    pub(super) fn finish_digests(&self, source: &str, list: DigestList) -> Result<Vec<(u64, u64)>> {
-        let DigestList { mut out, mut marked, .. } = list;
-        if marked.is_empty() {
-            return Ok(out);
-        }
-        marked.sort_unstable_by_key(|(i, e)| (e.slot, *i));
-        let slots: Vec<(u64, u32)> = marked.iter().map(|(_, e)| (e.slot, e.crc)).collect();
-        let mut buf = vec![0u8; slots.len() * BS];
-        let bad = self.check_slots(&slots, &mut buf);
-        let (mut poisoned, mut healed) = (0u64, Vec::new());
-        for ((i, e), bad) in marked.iter().zip(bad) {
-            if bad {
-                out[*i].1 = !e.digest;
-                poisoned += 1;
-            } else {
-                healed.push(e.slot);
-            }
-        }
-        self.scrub.register.remove(&healed);
-        if poisoned > 0 {
-            tracing::warn!(source, blocks = poisoned, "damaged blocks offered to the ingest agent for re-sending");
-        }
-        Ok(out)
-    }
-}
-
-/// `(block, digest)` pairs being collected for the ingest agent, with the blocks whose slot
-/// the register names (checked again by [`Store::finish_digests`]).
-#[derive(Debug)]
-pub(super) struct DigestList {
-    damaged: BTreeSet<u64>,
-    out: Vec<(u64, u64)>,
-    marked: Vec<(usize, Entry)>,
-}
-
-impl DigestList {
-    /// Add block `block` holding `e` (a data entry).
-    pub(super) fn push(&mut self, block: u64, e: Entry) {
-        if !self.damaged.is_empty() && self.damaged.contains(&e.slot) {
-            self.marked.push((self.out.len(), e));
-        }
-        self.out.push((block, e.digest));
-    }
-}
-
-/// The slots found damaged, in memory and in `damaged-slots`: one decimal slot number a line,
-/// appended (and `fdatasync`ed) as reads find damage, rewritten whole (a temporary file, fsync,
-/// rename) when slots leave it. A line torn by a crash is skipped when read back (or names a
-/// wrong slot, which is checked and dropped like any healed one).
-#[derive(Debug)]
-struct Register {
-    path: PathBuf,
-    slots: Mutex<BTreeSet<u64>>,
-}
-
-impl Register {
-    /// The register as last written; an unreadable file is reported and starts empty (the next
-    /// scrub finds the damage again).
-    fn load(dir: &Path) -> Register {
-        let path = dir.join(REGISTER_FILE);
-        let slots = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let (slots, bad) = parse_register(&text);
-                if bad > 0 {
-                    tracing::warn!(path = %path.display(), lines = bad, "skipping malformed lines of the register of damaged slots");
-                }
-                slots
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the register of damaged slots");
-                BTreeSet::new()
-            }
-        };
-        if !slots.is_empty() {
-            tracing::warn!(
-                slots = slots.len(),
-                "slots were found damaged before: `forkd scrub` lists what still references them"
-            );
-        }
-        Register { path, slots: Mutex::new(slots) }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn snapshot(&self) -> BTreeSet<u64> {
-        self.lock().clone()
-    }
-
-    fn add(&self, slots: &[u64]) {
-        let mut set = self.lock();
-        let new: Vec<u64> = slots.iter().copied().filter(|&s| set.insert(s)).collect();
-        if !new.is_empty() {
-            if let Err(e) = append_register(&self.path, &new) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot write the register of damaged slots");
-            }
-        }
-    }
-
-    fn remove(&self, slots: &[u64]) {
-        let mut set = self.lock();
-        let before = set.len();
-        slots.iter().for_each(|s| {
-            set.remove(s);
-        });
-        if set.len() != before {
-            self.save(&set);
-        }
-    }
-
-    /// After a complete scrub: the slots registered when it started that it did not find
-    /// damaged leave, those it found stay (and whatever reads added meanwhile).
-    fn replace_checked(&self, before: &BTreeSet<u64>, found: &BTreeSet<u64>) {
-        let mut set = self.lock();
-        let old = set.clone();
-        set.retain(|s| !before.contains(s) || found.contains(s));
-        set.extend(found);
-        if *set != old {
-            self.save(&set);
-        }
-    }
-
-    /// Write the register durably (a temporary file, fsync, rename, fsync of the directory).
-    /// A failure is logged: the register is a help for repair, the damage itself is found again.
-    fn save(&self, set: &BTreeSet<u64>) {
-        if let Err(e) = write_register(&self.path, set) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the register of damaged slots");
-        }
-    }
-}
-
-/// The slots a register file names, and how many of its lines are not slot numbers.
-fn parse_register(text: &str) -> (BTreeSet<u64>, usize) {
-    let (mut slots, mut bad) = (BTreeSet::new(), 0);
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        match line.parse() {
-            Ok(s) => {
-                slots.insert(s);
-            }
-            Err(_) => bad += 1,
-        }
-    }
-    (slots, bad)
-}
-
-const REGISTER_HEADER: &str = "# forkd: slots of extents.0 found damaged (see `forkd scrub`)\n";
-
-fn slot_lines(text: &mut String, slots: impl IntoIterator<Item = u64>) {
-    for s in slots {
-        text.push_str(&s.to_string());
-        text.push('\n');
-    }
-}
-
-/// Append `slots` to the register file (created with its header if missing), durably.
-fn append_register(path: &Path, slots: &[u64]) -> std::io::Result<()> {
-    let created = !path.exists();
-    let mut f = std::fs::OpenOptions::new().read(true).create(true).append(true).open(path)?;
-    let mut text = if created { REGISTER_HEADER.to_string() } else { String::new() };
-    // After a line torn by a crash, start a new line rather than extend it.
-    let len = f.metadata()?.len();
-    let mut last = [b'\n'];
-    if len > 0 {
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut last, len - 1)?;
-    }
-    if last[0] != b'\n' {
-        text.push('\n');
-    }
-    slot_lines(&mut text, slots.iter().copied());
-    f.write_all(text.as_bytes())?;
-    f.sync_data()?;
-    if created {
-        std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn write_register(path: &Path, set: &BTreeSet<u64>) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if set.is_empty() {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    } else {
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        let mut text = REGISTER_HEADER.to_string();
-        slot_lines(&mut text, set.iter().copied());
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-    }
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn register_round_trips_and_survives_reopening() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let r = Register::load(dir.path());
-        assert!(r.snapshot().is_empty());
-        r.add(&[7, 3, 7]);
-        assert_eq!(Register::load(dir.path()).snapshot(), BTreeSet::from([3, 7]));
-        // A scrub that found 9 and not 3 (registered before it) keeps 7 only if a read added it
-        // meanwhile: here 7 was registered before too, so it leaves.
-        r.replace_checked(&BTreeSet::from([3, 7]), &BTreeSet::from([9]));
-        assert_eq!(Register::load(dir.path()).snapshot(), BTreeSet::from([9]));
-        r.remove(&[9]);
-        assert!(!dir.path().join(REGISTER_FILE).exists());
-        assert!(Register::load(dir.path()).snapshot().is_empty());
-    }
-
-    #[test]
-    fn malformed_lines_of_a_register_are_skipped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(REGISTER_FILE), "# header\n12\nnot a slot\n\n5\n4x").expect("write");
-        assert_eq!(Register::load(dir.path()).snapshot(), BTreeSet::from([5, 12]));
-        // What is appended after a torn line starts a line of its own.
-        let r = Register::load(dir.path());
-        r.add(&[12, 99]);
-        let text = std::fs::read_to_string(dir.path().join(REGISTER_FILE)).expect("read");
-        assert!(text.ends_with("\n4x\n99\n"), "{text:?}");
-        assert_eq!(Register::load(dir.path()).snapshot(), BTreeSet::from([5, 12, 99]));
-    }
 
     #[test]
     fn findings_list_the_first_references_and_count_all() {
