@@ -28,6 +28,13 @@ pub struct Metrics {
     pub snapshots: IntGauge,
     /// Slots handed out so far (extent file length in blocks).
     pub extent_slots: IntGauge,
+    /// Bytes `meta/` takes on disk, as of the last upkeep.
+    pub meta_disk_bytes: IntGauge,
+    /// Bytes of `meta/` a compaction could give back, as of the last upkeep (estimated where
+    /// the engine cannot say).
+    pub meta_reclaimable_bytes: IntGauge,
+    /// Compactions of `meta/` run by the daemon's upkeep.
+    pub meta_compactions: IntCounter,
     /// Open NBD connections and closed ones by reason.
     pub nbd_connections: ConnectionMetrics,
     /// NBD requests by command.
@@ -128,6 +135,13 @@ impl Metrics {
                 "sense_key",
             ),
             extent_slots: gauge(&r, "forkd_extent_slots", "4 KiB slots handed out in the extent file"),
+            meta_disk_bytes: gauge(&r, "forkd_meta_disk_bytes", "Bytes meta/ takes on disk"),
+            meta_reclaimable_bytes: gauge(
+                &r,
+                "forkd_meta_reclaimable_bytes",
+                "Bytes of meta/ a compaction could give back",
+            ),
+            meta_compactions: counter(&r, "forkd_meta_compactions_total", "Compactions of meta/ by the upkeep"),
             registry: r,
         }
     }

@@ -52,6 +52,9 @@ fn the_upkeep_gives_deleted_metadata_back() {
     assert!(after * 2 < before, "meta/ went from {before} to {after} bytes");
     assert!(after as f64 <= 1.5 * live as f64 + 1_048_576.0, "meta/ {after} bytes for {live} live");
     assert!(!store.maintain().expect("maintain"), "nothing more to give back: no second compaction");
+    let metrics = store.metrics.render();
+    assert!(metrics.contains("forkd_meta_compactions_total 1"), "{metrics}");
+    assert!(metrics.contains(&format!("forkd_meta_disk_bytes {after}")), "{metrics}");
     assert_source_intact(&store);
 }
 

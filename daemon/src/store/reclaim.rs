@@ -48,6 +48,8 @@ impl Store {
             None => since.saturating_mul(NODE_BYTES),
         };
         let on_disk = super::disk_usage(&self.dir.join("meta"));
+        self.metrics.meta_disk_bytes.set(i64::try_from(on_disk).unwrap_or(i64::MAX));
+        self.metrics.meta_reclaimable_bytes.set(i64::try_from(garbage).unwrap_or(i64::MAX));
         if garbage == 0 || garbage < on_disk / 5 {
             return Ok(false);
         }
@@ -71,6 +73,10 @@ impl Store {
         let t = std::time::Instant::now();
         self.kv.reclaim()?;
         self.reclaimed_at.store(freed, Ordering::SeqCst);
+        self.metrics.meta_compactions.inc();
+        let on_disk = super::disk_usage(&self.dir.join("meta"));
+        self.metrics.meta_disk_bytes.set(i64::try_from(on_disk).unwrap_or(i64::MAX));
+        self.metrics.meta_reclaimable_bytes.set(0);
         tracing::info!(seconds = t.elapsed().as_secs_f64(), "compacted meta/");
         Ok(())
     }
