@@ -115,17 +115,27 @@ fn inspect(dir: &Path) -> std::result::Result<CheckReport, String> {
         ));
     }
     let cat = Catalog::open(kv).map_err(|e| format!("cannot load its catalog: {e}"))?;
-    walk_trees(&cat, &mut r);
     let extents = std::fs::metadata(dir.join("extents.0")).map(|m| m.len()).unwrap_or(0);
+    walk_trees(&cat, extents / BLOCK_SIZE + 1, &mut r);
     let mark = r.high_water.saturating_sub(1) * BLOCK_SIZE;
     r.orphaned_bytes = orphaned(&dir.join("extents.0"), mark, extents);
     Ok(r)
 }
 
-/// Walk every tree of the catalog, counting distinct slots and noting damage.
-fn walk_trees(cat: &Catalog, r: &mut CheckReport) {
+/// Walk every tree of the catalog, counting distinct slots and noting damage. `file_slots`
+/// bounds the slots a pointer may name (the extent file's length), whatever a damaged
+/// high-water mark says.
+fn walk_trees(cat: &Catalog, file_slots: u64, r: &mut CheckReport) {
     r.high_water = cat.map().stats().high_water;
-    let mut seen = vec![0u64; usize::try_from(r.high_water / 64 + 1).unwrap_or(usize::MAX)];
+    if r.high_water > file_slots {
+        r.problems.push(format!(
+            "the map has handed out {} slots, but extents.0 holds only {}",
+            r.high_water - 1,
+            file_slots - 1
+        ));
+    }
+    let limit = r.high_water.min(file_slots);
+    let mut seen = vec![0u64; usize::try_from(limit / 64 + 1).unwrap_or(0)];
     for v in cat.volumes().values() {
         r.volumes += 1;
         r.snapshots += v.snapshots.len();
@@ -134,7 +144,7 @@ fn walk_trees(cat: &Catalog, r: &mut CheckReport) {
             let walked = cat.map().for_each(root, &mut |_, e| {
                 if e.has_data() {
                     match seen.get_mut(usize::try_from(e.slot / 64).unwrap_or(usize::MAX)) {
-                        Some(w) if e.slot < r.high_water => *w |= 1 << (e.slot % 64),
+                        Some(w) if e.slot < limit => *w |= 1 << (e.slot % 64),
                         _ => beyond += 1,
                     }
                 }
