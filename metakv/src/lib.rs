@@ -47,14 +47,19 @@ impl KvError {
     /// True when the error comes from a full disk.
     pub fn is_enospc(&self) -> bool {
         match self {
-            KvError::Io(e) => {
-                e.raw_os_error() == Some(28)
-                    || e.kind() == std::io::ErrorKind::StorageFull
-                    || e.to_string().contains("No space left")
-            }
+            KvError::Io(e) => io_is_enospc(e),
             KvError::Engine(s) => s.contains("No space left"),
         }
     }
+}
+
+/// True when an I/O error comes from a full disk: `ENOSPC` itself, or an error that wraps it
+/// and says so in its message (as some engines' errors do).
+pub fn io_is_enospc(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    e.raw_os_error() == Some(ENOSPC)
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.to_string().contains("No space left")
 }
 
 /// Result of a metadata engine.

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkd::store::{disk_usage, MetaEngine, Store};
+use forkd_bench::Rng;
 
 const BS: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -88,24 +89,6 @@ impl Run {
     }
 }
 
-/// A small xorshift generator: the same data for every engine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for w in buf.chunks_exact_mut(8) {
-            w.copy_from_slice(&(self.next() | 1).to_le_bytes());
-        }
-    }
-}
-
 /// A source of `size` bytes, all written, snapshotted by its ingest: returns `NAME@1`.
 fn source(store: &Store, name: &str, size: u64, rng: &mut Rng) -> Result<String> {
     store.op(|c| c.create_source(name, size))?;
@@ -135,7 +118,7 @@ fn space(r: &mut Run, e: MetaEngine) -> Result<()> {
     let store = Store::open_with(&dir, Some(e))?;
     let size = if r.quick { 256 * MIB } else { 1024 * MIB };
     let (clones, per_clone) = (20u64, size / BS / 10);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(1);
     let snap = source(&store, "src", size, &mut rng)?;
     let mut worst = 0.0f64;
     ratio(&store, &dir, &mut worst)?;
@@ -145,7 +128,7 @@ fn space(r: &mut Run, e: MetaEngine) -> Result<()> {
         store.op(|c| c.clone_volume(&snap, &name))?;
         for _ in 0..per_clone {
             rng.fill(&mut buf);
-            store.write(&name, rng.next() % (size / BS) * BS, &buf)?;
+            store.write(&name, rng.below(size / BS) * BS, &buf)?;
         }
         store.flush()?;
         // The daemon's periodic upkeep (every 5 s; a clone's writes take about as long).
@@ -188,7 +171,7 @@ fn writes_and_flushes(r: &mut Run, e: MetaEngine) -> Result<()> {
     let dir = r.fresh("writes")?;
     let store = Store::open_with(&dir, Some(e))?;
     let size = 256 * MIB;
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let mut rng = Rng::new(2);
     let snap = source(&store, "src", size, &mut rng)?;
     store.op(|c| c.clone_volume(&snap, "w"))?;
     let meta0 = disk_usage(&dir.join("meta"));
@@ -197,7 +180,7 @@ fn writes_and_flushes(r: &mut Run, e: MetaEngine) -> Result<()> {
     let t = Instant::now();
     for i in 0..n {
         rng.fill(&mut buf);
-        store.write("w", rng.next() % (size / BS) * BS, &buf)?;
+        store.write("w", rng.below(size / BS) * BS, &buf)?;
         if i % 1000 == 999 {
             store.flush()?;
         }
@@ -209,7 +192,7 @@ fn writes_and_flushes(r: &mut Run, e: MetaEngine) -> Result<()> {
     let mut lat = Vec::new();
     for _ in 0..500 {
         rng.fill(&mut buf);
-        store.write("w", rng.next() % (size / BS) * BS, &buf)?;
+        store.write("w", rng.below(size / BS) * BS, &buf)?;
         let t = Instant::now();
         store.flush()?;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);

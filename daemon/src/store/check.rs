@@ -15,9 +15,11 @@
 //! start accepts what `meta/` holds. It refuses when the check found damaged trees, since
 //! opening those would fail anyway: restoring `meta/` from a backup is then the way.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
-use catalog::{Catalog, BLOCK_SIZE};
+use catalog::{Catalog, MetaKv, BLOCK_SIZE};
 
 use super::{format, generation, lock_dir, Result, StoreError};
 
@@ -53,58 +55,62 @@ impl CheckReport {
 
 /// Check the data directory `dir` (the daemon must be stopped: its lock is taken).
 pub fn check(dir: &Path) -> Result<CheckReport> {
-    let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
-    let _lock = lock_dir(dir)?;
-    inspect(dir).map_err(bad)
+    let (_lock, kv) = open_stopped(dir)?;
+    inspect(dir, kv).map_err(|why| bad(dir, why))
 }
 
 /// Accept what `meta/` holds after a roll-back: check, then record the engine's generation
 /// in `flushed`. Without `accept_loss` nothing is changed and the report says what would be.
 pub fn repair(dir: &Path, accept_loss: bool) -> Result<CheckReport> {
-    let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
-    let _lock = lock_dir(dir)?;
-    let report = inspect(dir).map_err(bad)?;
+    let (_lock, kv) = open_stopped(dir)?;
+    let report = inspect(dir, kv).map_err(|why| bad(dir, why))?;
     if !report.rolled_back() || !accept_loss {
         return Ok(report);
     }
     if !report.problems.iter().all(|p| p.starts_with("meta/ recovered")) {
-        return Err(bad("its trees are damaged, which accepting the loss would not mend: restore meta/ \
-                        together with extents.0 from a backup"
-            .into()));
+        return Err(bad(
+            dir,
+            "its trees are damaged, which accepting the loss would not mend: restore meta/ together with \
+             extents.0 from a backup"
+                .into(),
+        ));
     }
-    generation::accept(dir, report.meta_generation).map_err(|e| bad(format!("cannot rewrite `flushed`: {e}")))?;
+    generation::accept(dir, report.meta_generation).map_err(|e| bad(dir, format!("cannot rewrite `flushed`: {e}")))?;
     Ok(report)
 }
 
 /// Compact `meta/` (the daemon must be stopped): its size on disk before and after.
 pub fn compact(dir: &Path) -> Result<(u64, u64)> {
-    let bad = |why: String| StoreError::DataDir { path: dir.to_path_buf(), why };
-    let _lock = lock_dir(dir)?;
-    let meta = dir.join("meta");
-    if !meta.exists() {
-        return Err(bad("it has no meta/: there is nothing to compact".into()));
-    }
-    let engine = format::read(dir).map_err(bad)?.map_or(metakv::Engine::Sled, |f| f.engine);
-    let before = super::disk_usage(&meta);
-    let kv = metakv::open(engine, &meta).map_err(|e| bad(format!("cannot open its metadata store: {e}")))?;
+    let before = super::disk_usage(&dir.join("meta"));
+    let (_lock, kv) = open_stopped(dir)?;
     kv.reclaim()?;
     kv.commit()?;
     drop(kv);
-    Ok((before, super::disk_usage(&meta)))
+    Ok((before, super::disk_usage(&dir.join("meta"))))
 }
 
-fn inspect(dir: &Path) -> std::result::Result<CheckReport, String> {
+fn bad(dir: &Path, why: String) -> StoreError {
+    StoreError::DataDir { path: dir.to_path_buf(), why }
+}
+
+/// Take a stopped daemon's lock and open its `meta/` as it is, with the engine it records:
+/// no conversion, no start-up refusal.
+fn open_stopped(dir: &Path) -> Result<(nix::fcntl::Flock<std::fs::File>, Arc<dyn MetaKv>)> {
     let meta = dir.join("meta");
+    // Checked before the lock is taken: taking it would create a missing directory.
     if !meta.exists() {
-        return Err("it has no meta/: there is nothing to check".into());
+        return Err(bad(dir, "it has no meta/: there is nothing to check or compact".into()));
     }
-    let engine = format::read(dir)?.map_or(metakv::Engine::Sled, |f| f.engine);
-    let kv = metakv::open(engine, &meta).map_err(|e| format!("cannot open its metadata store ({engine}): {e}"))?;
-    let mut r = CheckReport { engine: engine.to_string(), ..CheckReport::default() };
-    r.meta_generation = match kv.get(metakv::GENERATION_KEY).map_err(|e| e.to_string())? {
-        Some(v) => u64::from_le_bytes(v[..].try_into().map_err(|_| "its flush generation is damaged")?),
-        None => 0,
-    };
+    let lock = lock_dir(dir)?;
+    let engine = format::existing_engine(dir).map_err(|why| bad(dir, why))?;
+    let kv =
+        metakv::open(engine, &meta).map_err(|e| bad(dir, format!("cannot open its metadata store ({engine}): {e}")))?;
+    Ok((lock, kv))
+}
+
+fn inspect(dir: &Path, kv: Arc<dyn MetaKv>) -> std::result::Result<CheckReport, String> {
+    let mut r = CheckReport { engine: kv.engine().to_string(), ..CheckReport::default() };
+    r.meta_generation = generation::in_meta(kv.as_ref())?;
     r.flushed_generation = generation::read_file(dir);
     if r.rolled_back() {
         r.problems.push(format!(
@@ -122,9 +128,9 @@ fn inspect(dir: &Path) -> std::result::Result<CheckReport, String> {
     Ok(r)
 }
 
-/// Walk every tree of the catalog, counting distinct slots and noting damage. `file_slots`
-/// bounds the slots a pointer may name (the extent file's length), whatever a damaged
-/// high-water mark says.
+/// Walk every tree of the catalog, counting distinct slots and noting damage; a subtree
+/// shared by several trees is read once. `file_slots` bounds the slots a pointer may name
+/// (the extent file's length), whatever a damaged high-water mark says.
 fn walk_trees(cat: &Catalog, file_slots: u64, r: &mut CheckReport) {
     r.high_water = cat.map().stats().high_water;
     if r.high_water > file_slots {
@@ -136,26 +142,27 @@ fn walk_trees(cat: &Catalog, file_slots: u64, r: &mut CheckReport) {
     }
     let limit = r.high_water.min(file_slots);
     let mut seen = vec![0u64; usize::try_from(limit / 64 + 1).unwrap_or(0)];
+    let mut read: HashSet<catalog::NodeId> = HashSet::new();
     for v in cat.volumes().values() {
         r.volumes += 1;
         r.snapshots += v.snapshots.len();
+        let mut beyond = 0u64;
         for root in v.roots() {
-            let mut beyond = 0u64;
-            let walked = cat.map().for_each(root, &mut |_, e| {
+            let mut enter = |id, _, _| read.insert(id);
+            let mut entry = |_, _, e: catalog::Entry| {
                 if e.has_data() {
                     match seen.get_mut(usize::try_from(e.slot / 64).unwrap_or(usize::MAX)) {
                         Some(w) if e.slot < limit => *w |= 1 << (e.slot % 64),
                         _ => beyond += 1,
                     }
                 }
-                Ok(())
-            });
-            if let Err(e) = walked {
+            };
+            if let Err(e) = cat.map().walk_range(root, 0, v.nblocks(), &mut enter, &mut entry) {
                 r.problems.push(format!("a tree of `{}` is damaged: {e}", v.name));
             }
-            if beyond > 0 {
-                r.problems.push(format!("`{}` points at {beyond} blocks past the end of the map", v.name));
-            }
+        }
+        if beyond > 0 {
+            r.problems.push(format!("`{}` points at {beyond} blocks past the end of the map", v.name));
         }
     }
     r.referenced_slots = seen.iter().map(|w| u64::from(w.count_ones())).sum();

@@ -134,6 +134,15 @@ fn format_1(meta: &Path) -> Result<Engine, String> {
     ))
 }
 
+/// The engine of an existing `meta/`: what `format` records, or format 1's sled (checked).
+/// For the commands that open a stopped daemon's directory as it is (`check`, `compact`).
+pub(super) fn existing_engine(dir: &Path) -> Result<Engine, String> {
+    match read(dir)? {
+        Some(f) => Ok(f.engine),
+        None => format_1(&dir.join("meta")),
+    }
+}
+
 /// Copy every record of `meta/` (engine `from`) into `meta.new/` (engine `to`), make it durable,
 /// then switch (see the module documentation).
 fn convert(dir: &Path, from: Engine, to: Engine) -> Result<(), String> {

@@ -40,10 +40,7 @@ impl Generation {
     /// and open the file for the flushes to come.
     /// A `fresh` metadata store (just created) has nothing to check: the file is reset.
     pub(super) fn open(dir: &Path, kv: &dyn MetaKv, fresh: bool) -> Result<Generation, String> {
-        let in_meta = match kv.get(KEY).map_err(|e| format!("cannot read its flush generation: {e}"))? {
-            Some(v) => u64::from_le_bytes(v[..].try_into().map_err(|_| "its flush generation is damaged")?),
-            None => 0,
-        };
+        let in_meta = in_meta(kv)?;
         let path = dir.join("flushed");
         let mut file = OpenOptions::new()
             .create(true)
@@ -95,6 +92,14 @@ impl Generation {
         self.file.write_all_at(&buf, 0)?;
         *written = g;
         Ok(())
+    }
+}
+
+/// The generation the engine holds (0 for a store that never flushed).
+pub(super) fn in_meta(kv: &dyn MetaKv) -> Result<u64, String> {
+    match kv.get(KEY).map_err(|e| format!("cannot read its flush generation: {e}"))? {
+        Some(v) => Ok(u64::from_le_bytes(v[..].try_into().map_err(|_| "its flush generation is damaged")?)),
+        None => Ok(0),
     }
 }
 

@@ -146,6 +146,8 @@ pub struct Store {
     reclaimed_at: AtomicU64,
     /// Set once the log has advised `forkd compact` (see `reclaim`).
     compact_advised: AtomicBool,
+    /// The flush count at the last upkeep (see `reclaim`).
+    upkept_at: AtomicU64,
     /// Scrub progress and the register of damaged slots (`scrub`).
     scrub: scrub::ScrubState,
 }
@@ -255,6 +257,7 @@ impl Store {
             unflushed: AtomicBool::new(false),
             reclaimed_at: AtomicU64::new(0),
             compact_advised: AtomicBool::new(false),
+            upkept_at: AtomicU64::new(u64::MAX),
             scrub: scrub::ScrubState::open(dir),
         };
         if !store.restore_reserve() {

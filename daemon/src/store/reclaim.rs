@@ -41,13 +41,18 @@ impl Store {
         if self.low_space.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        // Nothing reached the engine since the last upkeep: nothing new to give back.
+        let flushes = self.metrics.flushes.get();
+        if self.upkept_at.swap(flushes, Ordering::SeqCst) == flushes {
+            return Ok(false);
+        }
         let freed = self.catalog().map().stats().freed_nodes;
         let since = freed.saturating_sub(self.reclaimed_at.load(Ordering::SeqCst));
-        let garbage = match self.kv.reclaimable()? {
-            Some(bytes) => bytes,
-            None => since.saturating_mul(NODE_BYTES),
-        };
         let on_disk = super::disk_usage(&self.dir.join("meta"));
+        // Asking the engine costs a walk of its trees (redb), worth it only where the daemon
+        // would compact; above that the estimate feeds the advice and the metric.
+        let measured = if on_disk <= AUTO_COMPACT_MAX { self.kv.reclaimable()? } else { None };
+        let garbage = measured.unwrap_or(since.saturating_mul(NODE_BYTES));
         self.metrics.meta_disk_bytes.set(i64::try_from(on_disk).unwrap_or(i64::MAX));
         self.metrics.meta_reclaimable_bytes.set(i64::try_from(garbage).unwrap_or(i64::MAX));
         if garbage == 0 || garbage < on_disk / 5 {

@@ -132,13 +132,8 @@ fn free_bytes(dir: &Path) -> u64 {
 
 /// True when `e` comes from a full disk, whichever layer saw it.
 pub(crate) fn is_enospc(e: &StoreError) -> bool {
-    fn io(e: &std::io::Error) -> bool {
-        e.raw_os_error() == Some(libc::ENOSPC)
-            || e.kind() == std::io::ErrorKind::StorageFull
-            || e.get_ref().is_some_and(|inner| inner.to_string().contains("No space left"))
-    }
     match e {
-        StoreError::Io(e) => io(e),
+        StoreError::Io(e) => metakv::io_is_enospc(e),
         StoreError::Meta(e) | StoreError::Catalog(CatalogError::Map(catalog::BlockMapError::Store(e))) => e.is_enospc(),
         _ => false,
     }

@@ -1,0 +1,5 @@
+//! What `forkd-bench` and `forkd-bench-engines` share.
+
+mod rng;
+
+pub use rng::Rng;
