@@ -11,12 +11,17 @@
 
 #![forbid(unsafe_code)]
 
+mod hooks;
+mod masking;
 mod reference;
+mod undo;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
+pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
+pub use masking::MaskRecord;
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +126,53 @@ pub enum CatalogError {
     /// A stored record that cannot be parsed.
     #[error("corrupt catalog record `{0}`")]
     Corrupt(String),
+    /// Not one of the hook events.
+    #[error("`{0}` is not a hook event; the events are {}", hooks::HOOK_EVENTS.join(", "))]
+    UnknownEvent(String),
+    /// No hook of this event is set.
+    #[error("`{owner}` has no `{event}` hook")]
+    NoHook {
+        /// The volume or environment.
+        owner: String,
+        /// The event.
+        event: String,
+    },
+    /// The head of a masked volume: only its mask hook reaches it.
+    #[error("`{0}` is a masked volume: only its mask hook can reach its head; clone one of its masked snapshots (`{0}@latest`)")]
+    MaskedVolume(String),
+    /// Unmasked data of a source whose policy is `clone_from = "masked"`.
+    #[error("`{what}` holds unmasked data of `{policy_source}`, whose policy is clone_from=masked: {}", masked_hint(.policy_source, .masked))]
+    MaskedOnly {
+        /// The volume or snapshot refused.
+        what: String,
+        /// The source with the policy.
+        policy_source: String,
+        /// Its masked volumes.
+        masked: Vec<String>,
+    },
+    /// An operation a masked volume does not take.
+    #[error("`{volume}` is a masked volume and cannot be {what}; use `forkd mask`")]
+    MaskedVolumeOp {
+        /// The masked volume.
+        volume: String,
+        /// What was refused.
+        what: &'static str,
+    },
+    /// `forkd mask --into` names a volume that is not a masked volume of that source.
+    #[error("`{volume}` exists and is not a masked volume of `{of}`: choose another name for --into")]
+    NotMaskedVolume {
+        /// The volume named.
+        volume: String,
+        /// The source being masked.
+        of: String,
+    },
+}
+
+fn masked_hint(source: &str, masked: &[String]) -> String {
+    match masked {
+        [] => format!("mask a snapshot first (`forkd mask {source}@latest --with SCRIPT --into {source}-masked`)"),
+        _ => format!("clone a masked snapshot of {} instead", masked.join(" or ")),
+    }
 }
 
 type Result<T> = std::result::Result<T, CatalogError>;
@@ -187,6 +239,9 @@ pub struct Snapshot {
     pub reason: String,
     /// Set when an ingest produced it.
     pub ingest: Option<IngestSummary>,
+    /// Set on a snapshot of a masked volume taken after its mask hook succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<MaskRecord>,
 }
 
 /// A running ingest: writes land in a staging tree that becomes the next snapshot.
@@ -219,6 +274,15 @@ pub struct Volume {
     pub next_snapshot: u64,
     /// Its snapshots, oldest first.
     pub snapshots: Vec<Snapshot>,
+    /// Hook scripts by event (a clone starts with its parent's: see `hooks`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hooks: BTreeMap<String, HookSetting>,
+    /// Set on a masked volume: the source whose data it masks (see `masking`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked_from: Option<String>,
+    /// The policy `clone_from = "masked"` on a source: only masked data flows downstream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clone_from_masked: bool,
     /// Blocks holding data in the head (stored under its own key, updated with every write).
     #[serde(skip)]
     pub allocated_blocks: u64,
@@ -481,6 +545,7 @@ impl Catalog {
             bookmarks: bookmark.map(|b| vec![b.to_string()]).unwrap_or_default(),
             reason: reason.to_string(),
             ingest: None,
+            masked: None,
         });
         Ok(SnapshotId { volume: v.name.clone(), id })
     }
@@ -504,6 +569,9 @@ impl Catalog {
             snapshots: Vec::new(),
             allocated_blocks: 0,
             staging: None,
+            hooks: BTreeMap::new(),
+            masked_from: None,
+            clone_from_masked: false,
         };
         self.commit_with(|_| Ok((vec![v.clone()], vec![], ())))?;
         Ok(v)
@@ -512,6 +580,7 @@ impl Catalog {
     /// Snapshot a volume's current contents.
     pub fn snapshot(&mut self, volume: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
         let mut v = self.volume(volume)?.clone();
+        Self::not_masked(&v, "snapshotted")?;
         self.commit_with(|cat| {
             let id = cat.take_snapshot(&mut v, "snapshot", bookmark)?;
             Ok((vec![v], vec![], id))
@@ -534,9 +603,11 @@ impl Catalog {
     }
 
     /// Create a clone of a snapshot, or of a volume (which is snapshotted first, atomically).
-    /// Returns the clone and the snapshot it was made from.
+    /// Returns the clone and the snapshot it was made from. Refused for data that may not
+    /// flow downstream (see `masking`).
     pub fn clone_volume(&mut self, from: &str, name: &str) -> Result<(Volume, SnapshotId)> {
         self.new_name(name)?;
+        self.downstream(from)?;
         let r = Reference::parse(from)?;
         let mut parent = self.volume(&r.volume)?.clone();
         self.commit_with(|cat| {
@@ -549,24 +620,32 @@ impl Catalog {
                     id
                 }
             };
-            let snap = parent.find(&SnapSel::Id(snap_id.id))?;
-            cat.map.share(snap.root)?;
-            let created_at = cat.now();
-            let clone = Volume {
-                name: name.to_string(),
-                kind: Kind::Clone,
-                size_bytes: snap.size_bytes,
-                root: snap.root,
-                origin: Some(snap_id.clone()),
-                created_at,
-                timeflow: 1,
-                next_snapshot: 1,
-                snapshots: Vec::new(),
-                allocated_blocks: snap.allocated_blocks,
-                staging: None,
-            };
+            let clone = cat.clone_record(&parent, &snap_id, name)?;
             changed.push(clone.clone());
             Ok((changed, vec![], (clone, snap_id)))
+        })
+    }
+
+    /// The record of a new clone `name` of `parent`'s snapshot `snap_id`, which gains a
+    /// reference (in the open transaction).
+    fn clone_record(&mut self, parent: &Volume, snap_id: &SnapshotId, name: &str) -> Result<Volume> {
+        let snap = parent.find(&SnapSel::Id(snap_id.id))?;
+        self.map.share(snap.root)?;
+        Ok(Volume {
+            name: name.to_string(),
+            kind: Kind::Clone,
+            size_bytes: snap.size_bytes,
+            root: snap.root,
+            origin: Some(snap_id.clone()),
+            created_at: self.now(),
+            timeflow: 1,
+            next_snapshot: 1,
+            snapshots: Vec::new(),
+            allocated_blocks: snap.allocated_blocks,
+            staging: None,
+            hooks: hooks::inherited(&parent.hooks),
+            masked_from: None,
+            clone_from_masked: false,
         })
     }
 
@@ -620,6 +699,7 @@ impl Catalog {
         if v.kind != Kind::Clone {
             return Err(CatalogError::NotAClone(v.name, if reason == "rewind" { "rewound" } else { "refreshed" }));
         }
+        Self::not_masked(&v, if reason == "rewind" { "rewound" } else { "refreshed" })?;
         self.commit_with(|cat| {
             let kept = cat.take_snapshot(&mut v, reason, None)?;
             let t = if target.volume == v.name {

@@ -29,6 +29,11 @@ pub trait Exports {
     /// Describes the export the client named; `""` asks for the default export, which the
     /// daemon may map to a volume or refuse. `None` means "no such export".
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// Why an export [`Exports::lookup`] denied is refused, when it exists but policy keeps
+    /// this client out (sent with `NBD_REP_ERR_POLICY`); `None` for an unknown export.
+    fn refusal(&self, _name: &str) -> Option<String> {
+        None
+    }
     /// Every export to show in `NBD_OPT_LIST`, as `(name, description)`.
     fn list(&self) -> Vec<(String, String)>;
 }
@@ -400,7 +405,10 @@ impl Handshake {
             return None;
         };
         let Some(info) = exports.lookup(name) else {
-            rep_err(out, option, NBD_REP_ERR_UNKNOWN, &format!("unknown export {name:?}"));
+            match exports.refusal(name) {
+                Some(why) => rep_err(out, option, NBD_REP_ERR_POLICY, &why),
+                None => rep_err(out, option, NBD_REP_ERR_UNKNOWN, &format!("unknown export {name:?}")),
+            }
             return None;
         };
         let session = self.session(name, info.clone());

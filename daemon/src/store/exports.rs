@@ -12,11 +12,20 @@
 //! routes fence before they switch. A connection registers the volume name behind its export
 //! (`dev1` for both `dev1` and `dev1@3`) and its exact export name. It knows nothing of any
 //! protocol: names and cancellation tokens only.
+//!
+//! It also decides who may connect at all ([`Store::admit_export`]): a volume a hook is
+//! preparing (a new clone before its `configure-clone` hook succeeded, a masked volume during
+//! its `mask` hook) is open only to that hook, which reaches it by a capability name,
+//! `VOLUME:key-KEY` (NBD) or `iqn.2026-11.dev.forkd:VOLUME:key-KEY` (iSCSI), with a random
+//! key made for that run ([`ExportRegistry::open_for_hook`]); and data that may not flow
+//! downstream (the head of a masked volume, unmasked data of a `clone_from = "masked"`
+//! source) is refused with the catalog's reason.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use catalog::CatalogError;
 use tokio_util::sync::CancellationToken;
 
 /// Which exports an operation affects.
@@ -42,6 +51,34 @@ pub struct ExportRegistry {
     conns: Mutex<HashMap<u64, Conn>>,
     next: Mutex<u64>,
     fenced: Mutex<HashSet<String>>,
+    /// Volumes open only to a hook, with the key of its capability name.
+    gates: Mutex<HashMap<String, String>>,
+}
+
+/// A volume open only to a hook (see [`ExportRegistry::open_for_hook`]); dropping it ends that.
+#[derive(Debug)]
+pub struct HookGate<'a> {
+    reg: &'a ExportRegistry,
+    volume: String,
+    /// The export name the hook connects with (NBD; iSCSI appends it to the IQN prefix).
+    pub export: String,
+}
+
+impl Drop for HookGate<'_> {
+    fn drop(&mut self) {
+        self.reg.gates.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.volume);
+    }
+}
+
+/// The marker between a volume's name and a hook's key in a capability export name.
+pub const KEY_MARK: &str = ":key-";
+
+/// Split `VOLUME:key-KEY` into the reference and the key.
+pub fn split_key(export: &str) -> (&str, Option<&str>) {
+    match export.split_once(KEY_MARK) {
+        Some((name, key)) => (name, Some(key)),
+        None => (export, None),
+    }
 }
 
 /// A registered connection; dropping it unregisters.
@@ -117,6 +154,30 @@ impl ExportRegistry {
         Some(ConnGuard { reg: self, id, token, expired })
     }
 
+    /// Open `volume` only to a hook: until the gate drops, a connection must name it with the
+    /// returned gate's capability name.
+    pub fn open_for_hook(&self, volume: &str) -> HookGate<'_> {
+        let key = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+        self.gates.lock().unwrap_or_else(|p| p.into_inner()).insert(volume.to_string(), key.clone());
+        HookGate { reg: self, volume: volume.to_string(), export: format!("{volume}{KEY_MARK}{key}") }
+    }
+
+    /// Whether a connection naming `export` passes the hook gates: `Ok(Some(reference))` for a
+    /// hook's capability name, `Ok(None)` for a plain name of an ungated volume (other checks
+    /// follow), `Err` with the reason otherwise.
+    fn pass_gate<'n>(&self, export: &'n str) -> Result<Option<&'n str>, Denied> {
+        let (name, key) = split_key(export);
+        let gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        match (gates.get(volume_of(name)), key) {
+            (Some(k), Some(given)) if k == given => Ok(Some(name)),
+            (Some(_), None) => {
+                Err(Denied::Refused(format!("`{name}` is being prepared by a hook: it opens when the operation finishes")))
+            }
+            (_, Some(_)) => Err(Denied::Unknown),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Connections to `export` right now.
     pub fn count(&self, export: &str) -> usize {
         self.lock_conns().values().filter(|c| c.export == export).count()
@@ -165,6 +226,32 @@ impl ExportRegistry {
             );
         }
         fence
+    }
+}
+
+/// Why a connection is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// No such export (as far as this client may know).
+    Unknown,
+    /// The export exists but may not be reached: the reason, for the client and the log.
+    Refused(String),
+}
+
+impl super::Store {
+    /// Who may connect to `export`, as a protocol listener asks before a session: the
+    /// reference to serve, or why not (see the module documentation).
+    pub fn admit_export(&self, export: &str) -> Result<String, Denied> {
+        if let Some(reference) = self.exports.pass_gate(export)? {
+            return Ok(reference.to_string());
+        }
+        match self.catalog().downstream(export) {
+            Ok(()) => Ok(export.to_string()),
+            Err(e @ (CatalogError::MaskedOnly { .. } | CatalogError::MaskedVolume(_))) => {
+                Err(Denied::Refused(e.to_string()))
+            }
+            Err(_) => Err(Denied::Unknown),
+        }
     }
 }
 

@@ -54,8 +54,13 @@ impl From<StoreError> for ApiError {
                 | C::NotAClone(..)
                 | C::NotASource(_)
                 | C::NotInLineage { .. }
-                | C::BeforeFirstSnapshot { .. } => StatusCode::BAD_REQUEST,
-                C::ReadOnly(_) => StatusCode::FORBIDDEN,
+                | C::BeforeFirstSnapshot { .. }
+                | C::UnknownEvent(_)
+                | C::NotMaskedVolume { .. } => StatusCode::BAD_REQUEST,
+                C::NoHook { .. } => StatusCode::NOT_FOUND,
+                C::ReadOnly(_) | C::MaskedVolume(_) | C::MaskedOnly { .. } | C::MaskedVolumeOp { .. } => {
+                    StatusCode::FORBIDDEN
+                }
                 C::NameTaken(_)
                 | C::BookmarkTaken { .. }
                 | C::HasDependents { .. }

@@ -28,6 +28,8 @@ use iscsi::keys::decode_binary;
 use iscsi::login::{ChapConfig, ChapCredentials, Secret, TargetInfo};
 use serde::Deserialize;
 
+use crate::store::exports::{split_key, KEY_MARK};
+
 /// The `[iscsi_access]` section.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -80,21 +82,27 @@ pub fn target_name(reference: &str) -> String {
 }
 
 /// The volume or snapshot reference (`dev1`, `dev1@3`) a target name stands for. IQNs compare
-/// case-insensitively, so the prefix does too; the volume part is returned as given.
+/// case-insensitively, so the prefix does too; the volume part is returned as given. A hook's
+/// capability name keeps its key: `iqn.2026-11.dev.forkd:dev1:key-K` gives `dev1:key-K`
+/// (see [`crate::store::exports`]).
 pub fn reference_of(target: &str) -> Option<String> {
     let prefix = target.get(..IQN_PREFIX.len())?;
     if !prefix.eq_ignore_ascii_case(IQN_PREFIX) {
         return None;
     }
-    let rest = &target[IQN_PREFIX.len()..];
-    match rest.split_once(":snap-") {
+    let (rest, key) = split_key(&target[IQN_PREFIX.len()..]);
+    let reference = match rest.split_once(":snap-") {
         Some((v, n)) if !v.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(format!("{v}@{n}"))
+            format!("{v}@{n}")
         }
-        Some(_) => None,
-        None if !rest.is_empty() && !rest.contains([':', '@']) => Some(rest.to_string()),
-        None => None,
-    }
+        Some(_) => return None,
+        None if !rest.is_empty() && !rest.contains([':', '@']) => rest.to_string(),
+        None => return None,
+    };
+    Some(match key {
+        Some(k) => format!("{reference}{KEY_MARK}{k}"),
+        None => reference,
+    })
 }
 
 fn secret(what: &str, s: &str) -> anyhow::Result<Secret> {

@@ -46,6 +46,7 @@ use full_feature::{Export, FullFeature, Input, Out};
 
 use crate::metrics::ConnectionMetrics;
 use crate::server::listener::{self, Closed, Cx, Ended, Limits, Protocol, Reason, Socket, Stop, ThreadProtocol};
+use crate::store::exports::Denied;
 use crate::store::Store;
 
 /// Commands an initiator may have outstanding (the CmdSN window).
@@ -179,24 +180,35 @@ impl Shared {
         }
     }
 
-    /// Whether `reference` is an exported target right now, and the identity of its LUN.
-    fn exported(&self, reference: &str) -> Option<String> {
-        if self.store.exports.is_fenced(reference) {
+    /// Whether `export` (a reference, or a hook's capability name) is an exported target for
+    /// this connection right now: the reference it serves and the identity of its LUN.
+    fn exported(&self, export: &str) -> Option<(String, String)> {
+        let reference = match self.store.admit_export(export) {
+            Ok(r) => r,
+            Err(Denied::Refused(why)) => {
+                tracing::info!(export, reason = %why, "iSCSI target refused");
+                return None;
+            }
+            Err(Denied::Unknown) => return None,
+        };
+        if self.store.exports.is_fenced(&reference) {
             return None;
         }
         let cat = self.store.catalog();
-        match reference.split_once('@') {
+        let identity = match reference.split_once('@') {
             None => {
-                let v = cat.volume(reference).ok()?;
+                let v = cat.volume(&reference).ok()?;
                 (v.kind == catalog::Kind::Clone).then(|| format!("{}:{}", v.name, v.created_at))
             }
             Some(_) if self.rules.snapshots => {
-                let t = cat.target(reference).ok()?;
-                let v = cat.volume(reference.split('@').next().unwrap_or(reference)).ok()?;
+                let t = cat.target(&reference).ok()?;
+                let v = cat.volume(reference.split('@').next().unwrap_or(&reference)).ok()?;
                 Some(format!("{}:{}", t.name, v.created_at))
             }
             Some(_) => None,
-        }
+        }?;
+        drop(cat);
+        Some((reference, identity))
     }
 
     /// Every exported reference, for SendTargets.
@@ -211,17 +223,21 @@ impl Shared {
                 out.extend(v.snapshots.iter().map(|s| format!("{}@{}", v.name, s.id)));
             }
         }
-        out.retain(|r| !self.store.exports.is_fenced(r));
+        drop(cat);
+        out.retain(|r| !self.store.exports.is_fenced(r) && self.store.admit_export(r).is_ok());
         out
     }
 
     /// A normal session past its login: register with its target, serve it, let go.
     fn normal(&self, sock: Socket, input: Input, params: SessionParams, cx: &Cx) -> Closed<Close> {
-        let Some(reference) = params.target_name.as_deref().and_then(reference_of) else {
+        let Some(export) = params.target_name.as_deref().and_then(reference_of) else {
             return Close::NoTarget.into();
         };
+        let Some((reference, identity)) = self.exported(&export) else {
+            cx.set_export(&export);
+            return Close::TargetGone.into();
+        };
         cx.set_export(&reference);
-        let Some(identity) = self.exported(&reference) else { return Close::TargetGone.into() };
         let Some(guard) = self.store.exports.register(&reference) else { return Close::TargetFenced.into() };
         let lun = self.lun(&reference, &identity);
         let export = Export { reference, lun, close: guard.token.clone(), expired: guard.expired.clone() };
@@ -242,8 +258,7 @@ struct LoginTargets<'a> {
 
 impl Targets for LoginTargets<'_> {
     fn lookup(&self, name: &str) -> Option<TargetInfo> {
-        let reference = reference_of(name)?;
-        self.shared.exported(&reference)?;
+        let (reference, _) = self.shared.exported(&reference_of(name)?)?;
         Some(self.shared.rules.target_info(&reference, self.peer))
     }
 }

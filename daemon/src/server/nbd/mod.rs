@@ -37,6 +37,7 @@ pub use execute::errno_of;
 
 use crate::metrics::ConnectionMetrics;
 use crate::server::listener::{self, Closed, Cx, Ended, Limits, Protocol, Reason, TaskProtocol};
+use crate::store::exports::Denied;
 use crate::store::Store;
 
 /// The NBD listener's limits unless the config says otherwise (`[nbd_limits]`).
@@ -218,11 +219,15 @@ struct StoreExports<'a>(&'a Store);
 
 impl Exports for StoreExports<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        if name.is_empty() || self.0.exports.is_fenced(name) {
+        if name.is_empty() {
+            return None;
+        }
+        let reference = self.0.admit_export(name).ok()?;
+        if self.0.exports.is_fenced(&reference) {
             return None;
         }
         let cat = self.0.catalog();
-        let t = cat.target(name).ok()?;
+        let t = cat.target(&reference).ok()?;
         let description = if t.read_only { "forkd read-only volume" } else { "forkd clone" };
         Some(ExportInfo {
             name: t.name,
@@ -233,7 +238,26 @@ impl Exports for StoreExports<'_> {
         })
     }
 
+    fn refusal(&self, name: &str) -> Option<String> {
+        match self.0.admit_export(name) {
+            Err(Denied::Refused(why)) => {
+                tracing::info!(export = name, reason = %why, "NBD export refused");
+                Some(why)
+            }
+            _ => None,
+        }
+    }
+
     fn list(&self) -> Vec<(String, String)> {
+        let mut out = self.all();
+        out.retain(|(name, _)| self.0.admit_export(name).is_ok());
+        out
+    }
+}
+
+impl StoreExports<'_> {
+    /// Every volume and snapshot, before admission (see [`Store::admit_export`]).
+    fn all(&self) -> Vec<(String, String)> {
         let cat = self.0.catalog();
         let mut out = Vec::new();
         for v in cat.volumes().values() {
