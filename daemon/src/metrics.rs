@@ -1,7 +1,9 @@
 //! Prometheus metrics: counters the store and API bump, gauges refreshed after catalog
 //! operations, rendered as text for `GET /metrics`. Names start with `forkd_`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// The daemon's metrics, registered in their own registry.
 #[derive(Debug)]
@@ -45,6 +47,10 @@ pub struct Metrics {
     pub iscsi_connections: ConnectionMetrics,
     /// SCSI commands over iSCSI answered with CHECK CONDITION, by sense key.
     pub iscsi_check_conditions: IntCounterVec,
+    /// Hook runs by event and result (`ok`, `failed`, `timeout`, `refused`).
+    pub hook_runs: IntCounterVec,
+    /// Hook run durations by event, in seconds.
+    pub hook_seconds: HistogramVec,
 }
 
 /// The two metrics every protocol listener keeps: open connections, and closed ones by reason.
@@ -58,9 +64,20 @@ pub struct ConnectionMetrics {
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|_| unreachable_metric(name));
+    counter_vec2(r, name, help, &[label])
+}
+
+fn counter_vec2(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric(name));
     let _ = r.register(Box::new(c.clone()));
     c
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, label: &str, buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+        .unwrap_or_else(|_| unreachable_metric(name));
+    let _ = r.register(Box::new(h.clone()));
+    h
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -133,6 +150,14 @@ impl Metrics {
                 "forkd_iscsi_check_conditions_total",
                 "SCSI commands answered with CHECK CONDITION, by sense key",
                 "sense_key",
+            ),
+            hook_runs: counter_vec2(&r, "forkd_hook_runs_total", "Hook runs by event and result", &["event", "result"]),
+            hook_seconds: histogram_vec(
+                &r,
+                "forkd_hook_duration_seconds",
+                "Hook run durations by event",
+                "event",
+                vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0],
             ),
             extent_slots: gauge(&r, "forkd_extent_slots", "4 KiB slots handed out in the extent file"),
             meta_disk_bytes: gauge(&r, "forkd_meta_disk_bytes", "Bytes meta/ takes on disk"),

@@ -31,6 +31,10 @@ pub struct Config {
     /// Metadata engine: a new data directory is created with it, an existing one converted
     /// to it. Unset: a new directory gets the default, an existing one keeps its own.
     pub meta_engine: Option<String>,
+    /// Where hook scripts are (PRODUCT.md, "hook"): the API names a file in it, never a path.
+    pub hooks_dir: PathBuf,
+    /// The user hooks run as when the daemon runs as root (unset: `nobody` where it exists).
+    pub hook_user: Option<String>,
 }
 
 impl Default for Config {
@@ -45,6 +49,8 @@ impl Default for Config {
             nbd_limits: Default::default(),
             iscsi_limits: Default::default(),
             meta_engine: None,
+            hooks_dir: PathBuf::from("/etc/forkd/hooks"),
+            hook_user: None,
         }
     }
 }
@@ -73,6 +79,12 @@ impl Config {
         }
         if let Some(e) = &args.meta_engine {
             c.meta_engine = Some(e.clone());
+        }
+        if let Some(d) = &args.hooks_dir {
+            c.hooks_dir = d.clone();
+        }
+        if let Some(u) = &args.hook_user {
+            c.hook_user = Some(u.clone());
         }
         Ok(c)
     }
@@ -104,6 +116,10 @@ pub struct ServeArgs {
     pub token_file: Option<PathBuf>,
     /// Metadata engine (`--meta-engine NAME`).
     pub meta_engine: Option<String>,
+    /// Hook scripts' directory (`--hooks-dir DIR`).
+    pub hooks_dir: Option<PathBuf>,
+    /// The user hooks run as (`--hook-user USER`).
+    pub hook_user: Option<String>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -125,6 +141,12 @@ struct ServeFlags {
     /// one of redb, fjall, rocksdb when built with it) [default: the directory's own; new: redb]
     #[arg(long, value_name = "NAME", env = "FORKD_META_ENGINE")]
     meta_engine: Option<String>,
+    /// Directory of hook scripts [default: /etc/forkd/hooks]
+    #[arg(long, value_name = "DIR", env = "FORKD_HOOKS_DIR")]
+    hooks_dir: Option<PathBuf>,
+    /// User hooks run as when the daemon runs as root [default: nobody]
+    #[arg(long, value_name = "USER", env = "FORKD_HOOK_USER")]
+    hook_user: Option<String>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -155,6 +177,8 @@ impl FromArgMatches for ServeArgs {
             iscsi: flags.iscsi,
             token_file,
             meta_engine: flags.meta_engine,
+            hooks_dir: flags.hooks_dir,
+            hook_user: flags.hook_user,
         })
     }
 

@@ -12,8 +12,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod events;
 pub mod hooks;
 pub mod http;
+pub mod lifecycle;
 pub mod iscsi;
 pub mod listener;
 pub mod nbd;

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Config, ServeArgs};
 use crate::server::auth::Token;
+use crate::server::events::Events;
+use crate::server::hooks::HookRunner;
 use crate::server::iscsi::access::AccessRules;
 use crate::server::listener::Limits;
 use crate::server::{iscsi, nbd};
@@ -56,6 +58,7 @@ struct Plan {
     nbd_limits: Limits,
     iscsi_limits: Limits,
     meta_engine: Option<crate::store::MetaEngine>,
+    hooks: HookRunner,
 }
 
 impl Plan {
@@ -71,6 +74,8 @@ impl Plan {
             nbd_limits: config.nbd_limits.resolve(nbd::DEFAULT_LIMITS, "nbd_limits")?,
             iscsi_limits: config.iscsi_limits.resolve(iscsi::DEFAULT_LIMITS, "iscsi_limits")?,
             meta_engine: config.meta_engine.as_deref().map(meta_engine).transpose()?,
+            hooks: HookRunner::new(&config.hooks_dir, config.hook_user.as_deref())
+                .map_err(|e| anyhow::anyhow!("config: {e}"))?,
         })
     }
 }
@@ -133,6 +138,7 @@ impl Listeners {
 async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&plan).await?;
     listeners.announce(&plan)?;
+    let (nbd_addr, iscsi_addr) = (listeners.nbd.local_addr()?, listeners.iscsi.local_addr()?);
     let shutdown = CancellationToken::new();
     let nbd_cfg = nbd::NbdConfig::default();
     let nbd = tokio::spawn(nbd::serve(listeners.nbd, store.clone(), nbd_cfg, plan.nbd_limits, shutdown.clone()));
@@ -144,7 +150,8 @@ async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let periodic = tokio::spawn(periodic_flush(store.clone(), shutdown.clone()));
-    let api_result = serve_api(listeners.api, store, plan.token, shutdown.clone()).await;
+    let events = Arc::new(Events::new(plan.hooks, nbd_addr, iscsi_addr));
+    let api_result = serve_api(listeners.api, store, plan.token, events, shutdown.clone()).await;
     shutdown.cancel();
     for (what, task) in [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic)] {
         if let Err(e) = task.await {
@@ -159,9 +166,11 @@ async fn serve_api(
     listener: TcpListener,
     store: Arc<Store>,
     token: Option<Arc<Token>>,
+    events: Arc<Events>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = crate::server::http::router(store.clone(), token).into_make_service_with_connect_info::<SocketAddr>();
+    let app =
+        crate::server::http::router(store.clone(), token, events).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;

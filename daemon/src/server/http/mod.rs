@@ -20,6 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::error::ErrorBody;
+use crate::server::events::{Events, HookFailed};
 use crate::store::{Store, StoreError};
 
 mod data;
@@ -29,9 +30,6 @@ mod openapi;
 mod resize;
 mod scrub;
 mod volumes;
-
-/// How long a rewind, refresh or delete waits for connected clients to be closed.
-const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Shared state of the API handlers.
 pub type Shared = Arc<Store>;
@@ -86,16 +84,31 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        StoreError::from(e).into()
+    }
+}
+
+impl From<HookFailed> for ApiError {
+    fn from(e: HookFailed) -> Self {
+        ApiError(StatusCode::FAILED_DEPENDENCY, e.0)
+    }
+}
+
+/// The daemon's hook events, for handlers (an `Extension`).
+pub(super) type Hooks = Extension<Arc<Events>>;
+
 pub(super) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
 pub(super) type ApiResult<T> = Result<T, ApiError>;
 
-/// Run a store call on the blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
+/// Run `f`, which may run hooks and several store calls, on the blocking pool.
+pub(super) async fn blocking_api<T: Send + 'static>(
     store: &Shared,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&Store) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     let s = store.clone();
     let r = tokio::task::spawn_blocking(move || f(&s))
@@ -104,7 +117,15 @@ pub(super) async fn blocking<T: Send + 'static>(
     if r.is_err() {
         store.metrics.api_errors.inc();
     }
-    Ok(r?)
+    r
+}
+
+/// Run a store call on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    store: &Shared,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    blocking_api(store, move |s| Ok(f(s)?)).await
 }
 
 /// Every route of the API, each with its OpenAPI description (`#[utoipa::path]` on its
@@ -141,12 +162,13 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// Build the router. With `auth`, every request (`/metrics`, the document and unknown paths
 /// included) must carry that bearer token (see [`crate::server::auth`]).
-pub fn router(store: Shared, auth: Option<Arc<crate::server::auth::Token>>) -> Router {
+pub fn router(store: Shared, auth: Option<Arc<crate::server::auth::Token>>, events: Arc<Events>) -> Router {
     let (router, mut doc) = routes().split_for_parts();
     openapi::finish(&mut doc);
     let routed = router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint (see docs/api.md)".into()) })
         .layer(Extension(openapi::Document::render(&doc)))
+        .layer(Extension(events))
         .with_state(store);
     // Around the whole router, not each route: a 405 gets its `Allow` header only on the way
     // out of the route's method router.

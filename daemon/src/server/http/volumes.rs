@@ -4,18 +4,18 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
-use catalog::{format_time, Catalog, CatalogError};
+use axum::{Extension, Json};
+use catalog::{format_time, Catalog, CatalogError, SnapshotId};
 
 use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
-use super::{bad, blocking, ApiResult, Shared, DRAIN};
+use super::{bad, blocking, blocking_api, ApiResult, Hooks, Shared};
 use crate::api::error::ErrorBody;
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MoveRequest, Moved,
     ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume, VolumeKind,
     VolumeList,
 };
-use crate::store::exports::Scope;
+use crate::server::lifecycle::{self, Move};
 use crate::store::StoreError;
 
 /// The API's view of a catalog volume: with its snapshots or only their count, and with space
@@ -152,11 +152,12 @@ pub(super) async fn create_source(
         (status = 409, description = "the bookmark is taken", body = ErrorBody)))]
 pub(super) async fn snapshot_volume(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     OptionalJson(body): OptionalJson<SnapshotRequest>,
 ) -> ApiResult<(StatusCode, Json<SnapshotTaken>)> {
     let bookmark = body.and_then(|b| b.bookmark);
-    let id = blocking(&s, move |st| st.op(|cat| cat.snapshot(&name, bookmark.as_deref()))).await?;
+    let id = blocking_api(&s, move |st| lifecycle::snapshot(st, &ev, &name, bookmark.as_deref())).await?;
     Ok((StatusCode::CREATED, Json(SnapshotTaken { snapshot: id.to_string() })))
 }
 
@@ -167,11 +168,12 @@ pub(super) async fn snapshot_volume(
         (status = 409, description = "the name is taken", body = ErrorBody)))]
 pub(super) async fn clone_volume(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     JsonBody(body): JsonBody<CloneRequest>,
 ) -> ApiResult<(StatusCode, Json<CloneAnswer>)> {
     let CloneRequest { from, name } = body;
-    let answer = blocking(&s, move |st| {
-        let (_, made_from) = st.op(|cat| cat.clone_volume(&from, &name))?;
+    let answer = blocking_api(&s, move |st| {
+        let made_from = lifecycle::clone(st, &ev, &from, &name)?;
         let cat = st.catalog();
         Ok(CloneAnswer { volume: volume(&cat, cat.volume(&name)?, true, true)?, made_from: made_from.to_string() })
     })
@@ -186,11 +188,13 @@ pub(super) async fn clone_volume(
         (status = 404, description = "no such volume or snapshot", body = ErrorBody)))]
 pub(super) async fn rewind(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     JsonBody(body): JsonBody<MoveRequest>,
 ) -> ApiResult<Json<Moved>> {
     let to = body.to.ok_or_else(|| bad("rewind needs \"to\": a snapshot or a time"))?;
-    move_head(&s, name, move |cat, name| cat.rewind(name, &to)).await
+    let step_to = to.clone();
+    move_head(&s, ev, name, Move::Rewind, Some(to), move |cat, name| cat.rewind(name, &step_to)).await
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/refresh", tag = "volumes",
@@ -201,23 +205,27 @@ pub(super) async fn rewind(
         (status = 404, description = "no such volume or snapshot", body = ErrorBody)))]
 pub(super) async fn refresh(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     OptionalJson(body): OptionalJson<MoveRequest>,
 ) -> ApiResult<Json<Moved>> {
     let to = body.and_then(|b| b.to);
-    move_head(&s, name, move |cat, name| cat.refresh(name, to.as_deref())).await
+    let step_to = to.clone();
+    move_head(&s, ev, name, Move::Refresh, to, move |cat, name| cat.refresh(name, step_to.as_deref())).await
 }
 
-/// Rewind or refresh (`step`) clone `name`: its exports are fenced and drained first, and the
+/// Rewind or refresh (`step`) clone `name` with its hooks (see [`lifecycle::move_head`]); the
 /// answer says where the head went and which snapshot kept the state it left.
-async fn move_head<T: ToString, K: ToString>(
+async fn move_head(
     s: &Shared,
+    ev: std::sync::Arc<crate::server::events::Events>,
     name: String,
-    step: impl FnOnce(&mut Catalog, &str) -> Result<(T, K), CatalogError> + Send + 'static,
+    kind: Move,
+    to: Option<String>,
+    step: impl FnOnce(&mut Catalog, &str) -> Result<(SnapshotId, SnapshotId), CatalogError> + Send + 'static,
 ) -> ApiResult<Json<Moved>> {
-    blocking(s, move |st| {
-        let _fence = st.exports.fence_and_drain(&name, Scope::Head, DRAIN);
-        let (target, kept) = st.op(|cat| step(cat, &name))?;
+    blocking_api(s, move |st| {
+        let (target, kept) = lifecycle::move_head(st, &ev, &name, kind, to.as_deref(), step)?;
         Ok(Json(Moved { kept: kept.to_string(), target: target.to_string(), volume: name }))
     })
     .await
@@ -246,12 +254,15 @@ pub(super) async fn bookmark(
     responses((status = 200, description = "what was deleted and the space it gave back", body = Deleted),
         (status = 404, description = "no such volume or snapshot", body = ErrorBody),
         (status = 409, description = "clones depend on it", body = ErrorBody)))]
-pub(super) async fn remove(State(s): State<Shared>, ApiPath(reference): ApiPath<String>) -> ApiResult<Json<Deleted>> {
-    blocking(&s, move |st| {
+pub(super) async fn remove(
+    State(s): State<Shared>,
+    Extension(ev): Hooks,
+    ApiPath(reference): ApiPath<String>,
+) -> ApiResult<Json<Deleted>> {
+    blocking_api(&s, move |st| {
         let before = st.metrics.freed_bytes.get();
-        let _fence = st.exports.fence_and_drain(&reference, Scope::Volume, DRAIN);
-        // `op` flushes: the slots the delete freed are punched and counted by then.
-        st.op_freeing(|cat| cat.delete(&reference))?;
+        // The delete flushes: the slots it freed are punched and counted by then.
+        lifecycle::delete(st, &ev, &reference)?;
         Ok(Json(Deleted { deleted: reference, freed_bytes: st.metrics.freed_bytes.get() - before }))
     })
     .await

@@ -1,0 +1,143 @@
+//! The hook events of operations: which script runs, with which `FORKD_*` variables, and what
+//! its outcome means for the operation (PRODUCT.md, "Hook events").
+//!
+//! An operation asks [`Events::fire`] at each of its events. The hook set on the volume for
+//! that event (see `catalog::hooks`) runs through the [`HookRunner`]; with none set, nothing
+//! runs. A run that does not exit 0 in time, or a script refused at run time (gone, no longer
+//! executable, writable by others), is a [`HookFailed`]: `pre-*`, `configure-clone` and `mask`
+//! callers abort on it and undo what they did; `post-*` callers only report it, their
+//! operation having succeeded. Every run is counted in `forkd_hook_runs_total{event,result}`
+//! and `forkd_hook_duration_seconds{event}` and written to the operation log.
+//!
+//! Variables: `FORKD_EVENT`, `FORKD_VOLUME`, `FORKD_SNAPSHOT`, `FORKD_ORIGIN`, and where hosts
+//! (or, for a volume only the hook may reach, the hook alone) attach it: `FORKD_NBD_URI`,
+//! `FORKD_ISCSI_TARGET`, `FORKD_ISCSI_PORTAL`. Listener addresses bound to every interface
+//! are given as loopback: hooks run on the daemon's host.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::hooks::{HookError, HookRun, HookRunner};
+use crate::server::iscsi::access::target_name;
+use crate::store::Store;
+
+/// An operation's hook failed (or could not run): the operation stops here.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HookFailed(pub String);
+
+/// What a hook is told about the operation.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// The volume acted on.
+    pub volume: String,
+    /// The snapshot involved (taken, targeted, or masked), if any.
+    pub snapshot: Option<String>,
+    /// The snapshot the volume derives from, if any.
+    pub origin: Option<String>,
+    /// The export name to reach the volume by, when it differs from the volume's name (a
+    /// hook-only capability name).
+    pub export: Option<String>,
+    /// More variables (an environment's), added as they are.
+    pub extra: Vec<(String, String)>,
+}
+
+/// Hooks of this daemon: the runner and the addresses hooks attach volumes at.
+#[derive(Debug)]
+pub struct Events {
+    runner: HookRunner,
+    nbd: String,
+    iscsi: String,
+}
+
+impl Events {
+    /// Hooks run by `runner`; `nbd` and `iscsi` are the listeners' bound addresses.
+    pub fn new(runner: HookRunner, nbd: std::net::SocketAddr, iscsi: std::net::SocketAddr) -> Events {
+        Events { runner, nbd: reachable(nbd), iscsi: reachable(iscsi) }
+    }
+
+    /// Check a script before it is set (again at every run).
+    pub fn check(&self, script: &str) -> Result<PathBuf, HookError> {
+        self.runner.resolve(script)
+    }
+
+    /// Run the hook set for `event` on `facts.volume`, if one is set.
+    pub fn fire(&self, store: &Store, event: &str, facts: &Facts) -> Result<Option<HookRun>, HookFailed> {
+        let Some(setting) = store.catalog().hook(&facts.volume, event).cloned() else {
+            return Ok(None);
+        };
+        let timeout = Duration::from_secs(setting.timeout_secs);
+        self.run(store, event, &setting.script, timeout, facts).map(Some)
+    }
+
+    /// Run `script` for `event` (the `mask` hook names its script itself).
+    pub fn run(
+        &self,
+        store: &Store,
+        event: &str,
+        script: &str,
+        timeout: Duration,
+        facts: &Facts,
+    ) -> Result<HookRun, HookFailed> {
+        let vars = self.variables(event, facts);
+        let what = format!("the {event} hook `{script}` of `{}`", facts.volume);
+        let run = match self.runner.run(script, &vars, timeout) {
+            Ok(run) => run,
+            Err(e) => {
+                store.metrics.hook_runs.with_label_values(&[event, "refused"]).inc();
+                tracing::warn!(event, volume = %facts.volume, error = %e, "hook refused");
+                return Err(HookFailed(format!("{what} could not run: {e}")));
+            }
+        };
+        let result = match (run.succeeded(), run.timed_out) {
+            (true, _) => "ok",
+            (false, true) => "timeout",
+            (false, false) => "failed",
+        };
+        store.metrics.hook_runs.with_label_values(&[event, result]).inc();
+        store.metrics.hook_seconds.with_label_values(&[event]).observe(run.duration_ms as f64 / 1000.0);
+        tracing::info!(event, volume = %facts.volume, script, result, ms = run.duration_ms, "hook ran");
+        if run.succeeded() {
+            return Ok(run);
+        }
+        let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+        let said = if last.is_empty() { String::new() } else { format!(": {last}") };
+        Err(HookFailed(format!("{what} {}{said}", run.outcome())))
+    }
+
+    /// The `FORKD_*` variables of one run.
+    fn variables(&self, event: &str, f: &Facts) -> Vec<(String, String)> {
+        let export = f.export.clone().unwrap_or_else(|| f.volume.clone());
+        let mut vars = vec![
+            ("FORKD_EVENT".to_string(), event.to_string()),
+            ("FORKD_VOLUME".to_string(), f.volume.clone()),
+            ("FORKD_SNAPSHOT".to_string(), f.snapshot.clone().unwrap_or_default()),
+            ("FORKD_ORIGIN".to_string(), f.origin.clone().unwrap_or_default()),
+            ("FORKD_NBD_URI".to_string(), self.nbd_uri(&export)),
+            ("FORKD_ISCSI_TARGET".to_string(), target_name(&export)),
+            ("FORKD_ISCSI_PORTAL".to_string(), self.iscsi.clone()),
+        ];
+        vars.extend(f.extra.iter().cloned());
+        vars
+    }
+
+    /// The NBD URI of `export` on this daemon.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nbd)
+    }
+
+    /// The iSCSI portal hooks reach.
+    pub fn iscsi_portal(&self) -> &str {
+        &self.iscsi
+    }
+}
+
+/// `addr` as a hook on this host reaches it: an unspecified address becomes loopback.
+fn reachable(addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port()).to_string()
+}
