@@ -25,6 +25,7 @@ use serde_json::Value;
 use super::upload::UploadError;
 use crate::api::data::{Empty, Extents, Written, Zeroed};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
+use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,
@@ -221,6 +222,35 @@ impl Client {
         self.get_json("/v1/openapi.json")
     }
 
+    /// `GET /v1/hooks[?owner=NAME]`.
+    pub fn hooks(&self, owner: Option<&str>) -> anyhow::Result<HookList> {
+        match owner {
+            Some(o) => self.get(&format!("/v1/hooks?owner={}", enc(o))),
+            None => self.get("/v1/hooks"),
+        }
+    }
+
+    /// `PUT /v1/hooks/{owner}/{event}`.
+    pub fn set_hook(&self, owner: &str, event: &str, req: &HookRequest) -> anyhow::Result<Hook> {
+        self.send("PUT", &format!("/v1/hooks/{}/{}", enc(owner), enc(event)), req)
+    }
+
+    /// `DELETE /v1/hooks/{owner}/{event}`.
+    pub fn unset_hook(&self, owner: &str, event: &str) -> anyhow::Result<Hook> {
+        self.delete_as(&format!("/v1/hooks/{}/{}", enc(owner), enc(event)))
+    }
+
+    /// `POST /v1/mask`.
+    pub fn mask(&self, req: &MaskRequest) -> anyhow::Result<MaskAnswer> {
+        self.post("/v1/mask", req)
+    }
+
+    /// `PUT /v1/volumes/{name}/policy`.
+    pub fn set_policy(&self, name: &str, clone_from: &str) -> anyhow::Result<Volume> {
+        let req = PolicyRequest { clone_from: clone_from.to_string() };
+        self.send("PUT", &format!("/v1/volumes/{}/policy", enc(name)), &req)
+    }
+
     /// `GET path` and read the answer as `T`.
     fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let resp = self.call(self.request("GET", path).call())?;
@@ -229,8 +259,13 @@ impl Client {
 
     /// `POST path` with `body` as JSON and read the answer as `T`.
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send("POST", path, body)
+    }
+
+    /// `METHOD path` with `body` as JSON and read the answer as `T`.
+    fn send<B: Serialize, T: DeserializeOwned>(&self, method: &str, path: &str, body: &B) -> anyhow::Result<T> {
         let body = serde_json::to_value(body).map_err(|e| anyhow!("internal: cannot encode the request: {e}"))?;
-        let resp = self.call(self.request("POST", path).send_json(body))?;
+        let resp = self.call(self.request(method, path).send_json(body))?;
         self.answer(resp)
     }
 

@@ -8,6 +8,7 @@ pub mod client;
 pub mod data;
 pub mod error;
 pub mod frames;
+pub mod hooks;
 pub mod ingest;
 pub mod scrub;
 pub mod token;

@@ -85,6 +85,17 @@ pub struct IngestSummary {
     pub wire_bytes: u64,
 }
 
+/// What a masked snapshot was made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MaskInfo {
+    /// The snapshot whose data was masked.
+    pub source: String,
+    /// The masking script's name.
+    pub script: String,
+    /// SHA-256 of the script when it ran.
+    pub script_sha256: String,
+}
+
 /// A snapshot as `GET /v1/volumes/{name}` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(default)]
@@ -99,6 +110,12 @@ pub struct Snapshot {
     pub id: u64,
     /// Set (else null) when an ingest produced it.
     pub ingest: Option<IngestSummary>,
+    /// Present and true on a masked snapshot (the only kind a masked volume has).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub masked: bool,
+    /// On a masked snapshot: what it masks and with which script.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskInfo>,
     /// `VOLUME@ID`.
     pub name: String,
     /// Why it was taken: `ingest`, `snapshot`, `clone`, `rewind` or `refresh`.
@@ -123,6 +140,12 @@ pub struct Volume {
     /// Where it is served.
     #[serde(default)]
     pub exports: Exports,
+    /// `masked` on a source whose policy lets only masked data flow downstream; absent else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<String>,
+    /// On a masked volume: the source whose data it masks; absent else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked_from: Option<String>,
     /// Bytes a running or interrupted ingest has staged; null when there is none.
     #[serde(default)]
     pub ingest_pending_bytes: Option<u64>,

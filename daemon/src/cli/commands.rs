@@ -71,6 +71,9 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             let v = client.volume(name)?;
             report(cli.json, &v, || render_show(&v))
         }
+        Command::Hook { cmd } => super::hooks::hook(&client, cli.json, cmd),
+        Command::Mask(args) => super::hooks::mask(&client, cli.json, args),
+        Command::Policy { cmd } => super::hooks::policy(&client, cli.json, cmd),
         Command::Delete { reference } => {
             let v = client.delete(reference)?;
             report(cli.json, &v, || {
@@ -90,7 +93,7 @@ fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
 }
 
 /// Print the daemon's answer `v` as pretty JSON, or the human text `human` builds.
-fn report<T: Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
+pub(super) fn report<T: Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
     let text = if json { serde_json::to_string_pretty(v)? } else { human() };
     emit(&text)
 }

@@ -27,6 +27,7 @@ use crate::server::config::ServeArgs;
 
 pub mod commands;
 pub mod dump;
+pub mod hooks;
 pub mod render;
 pub mod scrub;
 
@@ -157,6 +158,23 @@ pub enum Command {
         /// Volume or snapshot to delete
         #[arg(value_name = "NAME_OR_SNAPSHOT")]
         reference: String,
+    },
+
+    /// Set, list and remove hook scripts run at a volume's events
+    Hook {
+        /// What to do with hooks
+        #[command(subcommand)]
+        cmd: hooks::HookCmd,
+    },
+
+    /// Mask a snapshot into a masked volume with a masking script (fails closed)
+    Mask(hooks::MaskArgs),
+
+    /// Set a source's policy (clone_from=masked|any)
+    Policy {
+        /// What to set
+        #[command(subcommand)]
+        cmd: hooks::PolicyCmd,
     },
 
     /// Read every stored block and check its checksum; list damaged ones by volume or snapshot

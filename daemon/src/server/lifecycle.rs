@@ -9,6 +9,7 @@
 //! - rewind and refresh: `pre-*`, fence and switch (gated), `configure-clone`, `post-*`; on
 //!   failure the clone's record before the switch comes back.
 //! - delete: `pre-delete`, fence, delete.
+//! - ingest: `post-ingest` once the new snapshot is recorded.
 //!
 //! A `post-*` hook that fails does not undo its operation, which succeeded: the failure is
 //! logged and counted. Every function runs on a blocking thread.
@@ -32,6 +33,12 @@ fn post(ev: &Events, st: &Store, event: &str, facts: &Facts) {
     }
 }
 
+/// After an ingest made `snapshot` of `source`: its `post-ingest` hook.
+pub fn post_ingest(st: &Store, ev: &Events, source: &str, snapshot: &str) {
+    let facts = Facts { volume: source.to_string(), snapshot: Some(snapshot.to_string()), ..Facts::default() };
+    post(ev, st, "post-ingest", &facts);
+}
+
 /// Snapshot `volume` between its `pre-snapshot` and `post-snapshot` hooks.
 pub fn snapshot(st: &Store, ev: &Events, volume: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
     st.catalog().volume(volume)?;
@@ -47,7 +54,7 @@ pub fn snapshot(st: &Store, ev: &Events, volume: &str, bookmark: Option<&str>) -
 /// it; a failing hook removes the clone again.
 pub fn clone(st: &Store, ev: &Events, from: &str, name: &str) -> Result<SnapshotId> {
     let implicit = catalog::Reference::parse(from)?.snapshot.is_none();
-    let gate = st.exports.open_for_hook(name);
+    let gate = gate(st, name)?;
     let (_, made_from) = st.op(|cat| cat.clone_volume(from, name))?;
     let facts = Facts {
         volume: name.to_string(),
@@ -107,7 +114,7 @@ pub fn move_head(
         ..Facts::default()
     };
     ev.fire(st, &format!("pre-{}", kind.name()), &facts)?;
-    let gate = st.exports.open_for_hook(name);
+    let gate = gate(st, name)?;
     let (target, kept) = {
         let _fence = st.exports.fence_and_drain(name, Scope::Head, DRAIN);
         st.op(|cat| step(cat, name))?
@@ -137,6 +144,17 @@ pub fn delete(st: &Store, ev: &Events, reference: &str) -> Result<()> {
     let _fence = st.exports.fence_and_drain(reference, Scope::Volume, DRAIN);
     st.op_freeing(|cat| cat.delete(reference))?;
     Ok(())
+}
+
+/// Open `volume` to its hooks alone for the length of an operation; refused while another
+/// operation holds it.
+pub fn gate<'a>(st: &'a Store, volume: &str) -> Result<crate::store::exports::HookGate<'a>> {
+    st.exports.open_for_hook(volume).ok_or_else(|| {
+        ApiError(
+            axum::http::StatusCode::CONFLICT,
+            format!("another operation on `{volume}` is running its hooks: try again when it has finished"),
+        )
+    })
 }
 
 /// Put things back after a failed hook: close what the hook left connected to `volume`, then

@@ -18,6 +18,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod iscsi;
 pub mod listener;
+pub mod masking;
 pub mod nbd;
 pub mod offline;
 pub mod serve;

@@ -155,11 +155,16 @@ impl ExportRegistry {
     }
 
     /// Open `volume` only to a hook: until the gate drops, a connection must name it with the
-    /// returned gate's capability name.
-    pub fn open_for_hook(&self, volume: &str) -> HookGate<'_> {
+    /// returned gate's capability name. One operation at a time holds a volume's gate: `None`
+    /// while another does.
+    pub fn open_for_hook(&self, volume: &str) -> Option<HookGate<'_>> {
         let key = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
-        self.gates.lock().unwrap_or_else(|p| p.into_inner()).insert(volume.to_string(), key.clone());
-        HookGate { reg: self, volume: volume.to_string(), export: format!("{volume}{KEY_MARK}{key}") }
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if gates.contains_key(volume) {
+            return None;
+        }
+        gates.insert(volume.to_string(), key.clone());
+        Some(HookGate { reg: self, volume: volume.to_string(), export: format!("{volume}{KEY_MARK}{key}") })
     }
 
     /// Whether a connection naming `export` passes the hook gates: `Ok(Some(reference))` for a

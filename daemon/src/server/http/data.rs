@@ -32,6 +32,7 @@ pub(super) async fn read_data(
         return Err(StoreError::TooLarge(length).into());
     }
     let data = blocking(&s, move |st| {
+        st.catalog().downstream(&name)?;
         let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
         st.read(&name, offset, &mut buf)?;
         Ok(buf)
@@ -56,7 +57,11 @@ pub(super) async fn write_data(
 ) -> ApiResult<Json<Written>> {
     let offset = q.offset.ok_or_else(|| bad("write needs ?offset=O"))?;
     let written = body.len() as u64;
-    blocking(&s, move |st| st.write(&name, offset, &body)).await?;
+    blocking(&s, move |st| {
+        st.catalog().downstream(&name)?;
+        st.write(&name, offset, &body)
+    })
+    .await?;
     Ok(Json(Written { written }))
 }
 
@@ -72,7 +77,11 @@ pub(super) async fn zero(
     ApiQuery(q): ApiQuery<Range>,
 ) -> ApiResult<Json<Zeroed>> {
     let (offset, length) = (q.offset.unwrap_or(0), q.length.ok_or_else(|| bad("zero needs ?offset=O&length=L"))?);
-    blocking(&s, move |st| st.zero(&name, offset, length)).await?;
+    blocking(&s, move |st| {
+        st.catalog().downstream(&name)?;
+        st.zero(&name, offset, length)
+    })
+    .await?;
     Ok(Json(Zeroed { zeroed: length }))
 }
 

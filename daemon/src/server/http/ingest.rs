@@ -11,18 +11,19 @@ use axum::body::{Body, BodyDataStream};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::extract::{ApiPath, RawBody};
 use super::volumes::summary;
-use super::{bad, blocking, ApiError, ApiResult, Shared};
+use super::{bad, blocking, blocking_api, ApiError, ApiResult, Hooks, Shared};
 use crate::api::data::{Binary, Empty};
 use crate::api::error::ErrorBody;
 use crate::api::frames::{take, Frame};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer};
+use crate::server::lifecycle;
 use crate::store::Store;
 
 const BS: usize = 4096;
@@ -82,10 +83,18 @@ fn digest_response(d: &[(u64, u64)]) -> Response {
         (status = 409, description = "an ingest into this source is already running", body = ErrorBody)))]
 pub(super) async fn ingest(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     body: Body,
 ) -> ApiResult<Json<IngestAnswer>> {
-    receive(s, name, body).await.map(Json)
+    let answer = receive(s.clone(), name.clone(), body).await?;
+    let snapshot = answer.snapshot.clone();
+    blocking_api(&s, move |st| {
+        lifecycle::post_ingest(st, &ev, &name, &snapshot);
+        Ok(())
+    })
+    .await?;
+    Ok(Json(answer))
 }
 
 #[utoipa::path(delete, path = "/v1/sources/{name}/ingest", tag = "ingest",

@@ -25,6 +25,7 @@ use crate::store::{Store, StoreError};
 
 mod data;
 mod extract;
+mod hooks;
 mod ingest;
 mod openapi;
 mod resize;
@@ -149,6 +150,10 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(ingest::ingest, ingest::abort_ingest))
         .routes(routes!(resize::resize))
         .routes(routes!(scrub::scrub, scrub::status))
+        .routes(routes!(hooks::list))
+        .routes(routes!(hooks::set, hooks::unset))
+        .routes(routes!(hooks::mask))
+        .routes(routes!(hooks::policy))
         .routes(routes!(metrics))
         .routes(routes!(openapi::document))
 }

@@ -39,6 +39,7 @@ use crate::api::volumes::{
         (name = "data", description = "A volume's bytes"),
         (name = "ingest", description = "Feeding sources"),
         (name = "scrub", description = "Checking every stored block against its checksum"),
+        (name = "hooks", description = "Hook scripts, masking and the clone_from policy"),
         (name = "meta", description = "Metrics and this document"),
     ),
     components(schemas(ErrorBody)),

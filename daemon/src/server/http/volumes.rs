@@ -11,7 +11,7 @@ use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, blocking_api, ApiResult, Hooks, Shared};
 use crate::api::error::ErrorBody;
 use crate::api::volumes::{
-    BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MoveRequest, Moved,
+    BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MaskInfo, MoveRequest, Moved,
     ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume, VolumeKind,
     VolumeList,
 };
@@ -39,6 +39,8 @@ pub(super) fn volume(
     };
     Ok(Volume {
         allocated_bytes: v.allocated_blocks * catalog::BLOCK_SIZE,
+        clone_from: v.clone_from_masked.then(|| "masked".to_string()),
+        masked_from: v.masked_from.clone(),
         created_at: format_time(v.created_at),
         exports: Exports { iscsi: format!("iqn.2026-11.dev.forkd:{}", v.name), nbd: v.name.clone() },
         ingest_pending_bytes: v.staging.as_ref().map(|st| st.allocated_blocks * catalog::BLOCK_SIZE),
@@ -61,6 +63,12 @@ fn snapshot(volume: &str, s: &catalog::Snapshot, unique_bytes: Option<u64>) -> S
         created_at: format_time(s.created_at),
         id: s.id,
         ingest: s.ingest.as_ref().map(summary),
+        masked: s.masked.is_some(),
+        mask: s.masked.as_ref().map(|m| MaskInfo {
+            source: m.source.to_string(),
+            script: m.script.clone(),
+            script_sha256: m.script_sha256.clone(),
+        }),
         name: format!("{volume}@{}", s.id),
         reason: s.reason.clone(),
         size_bytes: s.size_bytes,

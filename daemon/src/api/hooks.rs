@@ -1,0 +1,79 @@
+//! Hook settings, masking and the `clone_from` policy: request and answer bodies
+//! (docs/api.md, "Hooks", "Masking").
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `PUT /v1/hooks/{owner}/{event}`: the script to run at that event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HookRequest {
+    /// A file name in the daemon's hooks directory (not a path, not code).
+    pub script: String,
+    /// Seconds before the script is killed with its process group (default 300, at most 86400).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// One hook setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Hook {
+    /// The volume (or environment) it is set on.
+    pub owner: String,
+    /// The event.
+    pub event: String,
+    /// The script's name in the hooks directory.
+    pub script: String,
+    /// Its timeout in seconds.
+    pub timeout_secs: u64,
+}
+
+/// `GET /v1/hooks`: hook settings, by owner and event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HookList {
+    /// The settings.
+    pub hooks: Vec<Hook>,
+}
+
+/// The query of `GET /v1/hooks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HookQuery {
+    /// Only this volume's (or environment's) hooks.
+    pub owner: Option<String>,
+}
+
+/// `POST /v1/mask`: mask a snapshot into a masked volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MaskRequest {
+    /// The snapshot to mask (`VOLUME@N`, `@latest`, `@BOOKMARK`, `@TIME`).
+    pub snapshot: String,
+    /// The masking script's name in the hooks directory.
+    pub script: String,
+    /// The masked volume (created on first use).
+    pub into: String,
+    /// Seconds before the script is killed (default 300).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a masking run produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MaskAnswer {
+    /// The new masked snapshot (`MASKED@N`).
+    pub snapshot: String,
+    /// The snapshot whose data it masks.
+    pub source: String,
+    /// The script that masked it.
+    pub script: String,
+    /// SHA-256 of the script when it ran.
+    pub script_sha256: String,
+    /// How long the script ran, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// `PUT /v1/volumes/{name}/policy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PolicyRequest {
+    /// `masked`: only masked snapshots of this source may flow downstream; `any`: no limit.
+    pub clone_from: String,
+}

@@ -1,0 +1,164 @@
+//! `forkd hook`, `forkd mask` and `forkd policy`: hook settings, masking runs and the
+//! `clone_from` policy, each one call to the daemon's API.
+
+use anyhow::anyhow;
+use clap::Subcommand;
+
+use super::commands::report;
+use crate::api::client::Client;
+use crate::api::hooks::{HookList, HookRequest, MaskRequest};
+use crate::units::human_duration_ms;
+
+/// `forkd hook ...`
+#[derive(Debug, Subcommand)]
+pub enum HookCmd {
+    /// Run SCRIPT (a file name in the daemon's hooks directory) at EVENT of a volume
+    Set {
+        /// Volume (or environment) the hook is for
+        #[arg(value_name = "VOLUME_OR_ENV")]
+        owner: String,
+        /// pre-snapshot, post-snapshot, configure-clone, pre-refresh, post-refresh,
+        /// pre-rewind, post-rewind, pre-delete, post-ingest, mask or lease-expiring
+        #[arg(value_name = "EVENT")]
+        event: String,
+        /// The script's file name in the hooks directory
+        #[arg(value_name = "SCRIPT_NAME")]
+        script: String,
+        /// Kill the script (and its process group) after this long: 300s, 5m, 1h
+        #[arg(long, value_name = "DURATION", default_value = "300s")]
+        timeout: String,
+    },
+    /// List hook settings, of every volume or one
+    List {
+        /// Only this volume's (or environment's) hooks
+        #[arg(value_name = "VOLUME_OR_ENV")]
+        owner: Option<String>,
+    },
+    /// Remove the hook of EVENT from a volume
+    Unset {
+        /// Volume (or environment)
+        #[arg(value_name = "VOLUME_OR_ENV")]
+        owner: String,
+        /// The event
+        #[arg(value_name = "EVENT")]
+        event: String,
+    },
+}
+
+/// `forkd policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Set a source's policy: clone_from=masked lets only masked snapshots flow downstream
+    Set {
+        /// The source
+        #[arg(value_name = "SOURCE")]
+        source: String,
+        /// clone_from=masked or clone_from=any
+        #[arg(value_name = "SETTING")]
+        setting: String,
+    },
+}
+
+/// The arguments of `forkd mask`.
+#[derive(Debug, clap::Args)]
+pub struct MaskArgs {
+    /// Snapshot to mask (VOLUME@N, @latest, @BOOKMARK, @TIME)
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: String,
+    /// The masking script's file name in the hooks directory
+    #[arg(long = "with", value_name = "SCRIPT_NAME")]
+    pub script: String,
+    /// The masked volume to put the result in (created on first use)
+    #[arg(long, value_name = "MASKED_VOLUME")]
+    pub into: String,
+    /// Kill the script (and its process group) after this long: 300s, 5m, 1h
+    #[arg(long, value_name = "DURATION", default_value = "300s")]
+    pub timeout: String,
+}
+
+/// `forkd hook ...`.
+pub fn hook(client: &Client, json: bool, cmd: &HookCmd) -> anyhow::Result<()> {
+    match cmd {
+        HookCmd::Set { owner, event, script, timeout } => {
+            let req = HookRequest { script: script.clone(), timeout_secs: Some(seconds(timeout)?) };
+            let h = client.set_hook(owner, event, &req)?;
+            report(json, &h, || format!("{owner}: {event} runs {} (timeout {}s)", h.script, h.timeout_secs))
+        }
+        HookCmd::List { owner } => {
+            let list = client.hooks(owner.as_deref())?;
+            report(json, &list, || render(&list))
+        }
+        HookCmd::Unset { owner, event } => {
+            let h = client.unset_hook(owner, event)?;
+            report(json, &h, || format!("{owner}: {event} no longer runs {}", h.script))
+        }
+    }
+}
+
+/// `forkd mask ...`.
+pub fn mask(client: &Client, json: bool, args: &MaskArgs) -> anyhow::Result<()> {
+    let req = MaskRequest {
+        snapshot: args.snapshot.clone(),
+        script: args.script.clone(),
+        into: args.into.clone(),
+        timeout_secs: Some(seconds(&args.timeout)?),
+    };
+    let a = client.mask(&req)?;
+    report(json, &a, || {
+        format!("masked {} into {} with {} in {}", a.source, a.snapshot, a.script, human_duration_ms(a.duration_ms))
+    })
+}
+
+/// `forkd policy ...`.
+pub fn policy(client: &Client, json: bool, cmd: &PolicyCmd) -> anyhow::Result<()> {
+    let PolicyCmd::Set { source, setting } = cmd;
+    let value = match setting.split_once('=') {
+        Some(("clone_from", v)) if v == "masked" || v == "any" => v,
+        _ => return Err(anyhow!("policy `{setting}`: give clone_from=masked or clone_from=any")),
+    };
+    let v = client.set_policy(source, value)?;
+    report(json, &v, || format!("{source}: clone_from={value}"))
+}
+
+fn render(list: &HookList) -> String {
+    if list.hooks.is_empty() {
+        return "no hooks set".into();
+    }
+    let mut out = format!("{:<24} {:<16} {:<24} {}\n", "VOLUME", "EVENT", "SCRIPT", "TIMEOUT");
+    for h in &list.hooks {
+        out.push_str(&format!("{:<24} {:<16} {:<24} {}s\n", h.owner, h.event, h.script, h.timeout_secs));
+    }
+    out
+}
+
+/// Seconds in a duration such as `300`, `300s`, `5m`, `2h` or `1d`.
+pub fn seconds(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => 0,
+    };
+    match num.parse::<u64>() {
+        Ok(n) if scale > 0 => n.checked_mul(scale).ok_or_else(|| anyhow!("duration `{text}` is too long")),
+        _ => Err(anyhow!("duration `{text}`: give a number with s, m, h or d (e.g. 300s, 5m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::seconds("300s").ok(), Some(300));
+        assert_eq!(super::seconds("5m").ok(), Some(300));
+        assert_eq!(super::seconds("2h").ok(), Some(7200));
+        assert_eq!(super::seconds("45").ok(), Some(45));
+        assert!(super::seconds("5 minutes").is_err());
+        assert!(super::seconds("s").is_err());
+        assert!(super::seconds("-5s").is_err());
+    }
+}
