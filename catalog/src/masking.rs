@@ -156,6 +156,9 @@ impl Catalog {
 
     /// Whether `snap` of `volume` is a masked snapshot.
     pub fn is_masked(&self, snap: &SnapshotId) -> bool {
-        self.volumes.get(&snap.volume).and_then(|v| v.find(&SnapSel::Id(snap.id)).ok()).is_some_and(|s| s.masked.is_some())
+        self.volumes
+            .get(&snap.volume)
+            .and_then(|v| v.find(&SnapSel::Id(snap.id)).ok())
+            .is_some_and(|s| s.masked.is_some())
     }
 }

@@ -14,8 +14,7 @@ impl Catalog {
     /// Bring back the records `before` (volumes that existed) and delete `created` (volumes
     /// the operation made), in one commit.
     pub fn restore(&mut self, before: &[Volume], created: &[String]) -> Result<()> {
-        let current: Vec<Volume> =
-            before.iter().map(|b| self.volume(&b.name).cloned()).collect::<Result<_>>()?;
+        let current: Vec<Volume> = before.iter().map(|b| self.volume(&b.name).cloned()).collect::<Result<_>>()?;
         let gone: Vec<Volume> = created.iter().map(|n| self.volume(n).cloned()).collect::<Result<_>>()?;
         for v in &gone {
             let deps: Vec<String> = self

@@ -24,8 +24,8 @@ use serde_json::Value;
 
 use super::upload::UploadError;
 use crate::api::data::{Empty, Extents, Written, Zeroed};
-use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
+use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,

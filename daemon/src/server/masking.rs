@@ -49,7 +49,8 @@ pub fn mask(st: &Store, ev: &Events, req: &MaskRequest) -> Result<MaskAnswer, Ap
             return Err(e.into());
         }
     };
-    let record = MaskRecord { source: source.clone(), script: req.script.clone(), script_sha256: script_sha256.clone() };
+    let record =
+        MaskRecord { source: source.clone(), script: req.script.clone(), script_sha256: script_sha256.clone() };
     let id = st.op(|cat| cat.mask_finish(&req.into, record))?;
     drop(gate);
     Ok(MaskAnswer {

@@ -175,9 +175,9 @@ impl ExportRegistry {
         let gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
         match (gates.get(volume_of(name)), key) {
             (Some(k), Some(given)) if k == given => Ok(Some(name)),
-            (Some(_), None) => {
-                Err(Denied::Refused(format!("`{name}` is being prepared by a hook: it opens when the operation finishes")))
-            }
+            (Some(_), None) => Err(Denied::Refused(format!(
+                "`{name}` is being prepared by a hook: it opens when the operation finishes"
+            ))),
             (_, Some(_)) => Err(Denied::Unknown),
             (None, None) => Ok(None),
         }

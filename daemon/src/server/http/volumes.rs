@@ -11,9 +11,9 @@ use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, blocking_api, ApiResult, Hooks, Shared};
 use crate::api::error::ErrorBody;
 use crate::api::volumes::{
-    BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MaskInfo, MoveRequest, Moved,
-    ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume, VolumeKind,
-    VolumeList,
+    BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MaskInfo, MoveRequest,
+    Moved, ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume,
+    VolumeKind, VolumeList,
 };
 use crate::server::lifecycle::{self, Move};
 use crate::store::StoreError;
