@@ -31,6 +31,10 @@ pub struct Config {
     /// Metadata engine: a new data directory is created with it, an existing one converted
     /// to it. Unset: a new directory gets the default, an existing one keeps its own.
     pub meta_engine: Option<String>,
+    /// How long operation log entries are kept: a span such as `30d`, `12h` or `90m`.
+    pub log_retention: String,
+    /// At most this many operation log entries are kept (the oldest go first).
+    pub log_max_entries: u64,
 }
 
 impl Default for Config {
@@ -45,6 +49,8 @@ impl Default for Config {
             nbd_limits: Default::default(),
             iscsi_limits: Default::default(),
             meta_engine: None,
+            log_retention: "30d".into(),
+            log_max_entries: 100_000,
         }
     }
 }
@@ -73,6 +79,12 @@ impl Config {
         }
         if let Some(e) = &args.meta_engine {
             c.meta_engine = Some(e.clone());
+        }
+        if let Some(r) = &args.log_retention {
+            c.log_retention = r.clone();
+        }
+        if let Some(n) = args.log_max_entries {
+            c.log_max_entries = n;
         }
         Ok(c)
     }
@@ -104,6 +116,10 @@ pub struct ServeArgs {
     pub token_file: Option<PathBuf>,
     /// Metadata engine (`--meta-engine NAME`).
     pub meta_engine: Option<String>,
+    /// How long operation log entries are kept (`--log-retention SPAN`).
+    pub log_retention: Option<String>,
+    /// How many operation log entries are kept (`--log-max-entries N`).
+    pub log_max_entries: Option<u64>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -125,6 +141,12 @@ struct ServeFlags {
     /// one of redb, fjall, rocksdb when built with it) [default: the directory's own; new: redb]
     #[arg(long, value_name = "NAME", env = "FORKD_META_ENGINE")]
     meta_engine: Option<String>,
+    /// How long operation log entries are kept, e.g. 30d, 12h, 90m [default: 30d]
+    #[arg(long, value_name = "SPAN", env = "FORKD_LOG_RETENTION")]
+    log_retention: Option<String>,
+    /// How many operation log entries are kept, the oldest going first [default: 100000]
+    #[arg(long, value_name = "N", env = "FORKD_LOG_MAX_ENTRIES")]
+    log_max_entries: Option<u64>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -155,6 +177,8 @@ impl FromArgMatches for ServeArgs {
             iscsi: flags.iscsi,
             token_file,
             meta_engine: flags.meta_engine,
+            log_retention: flags.log_retention,
+            log_max_entries: flags.log_max_entries,
         })
     }
 
@@ -191,5 +215,20 @@ mod tests {
         assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/etc/forkd/token")));
         let args = ServeArgs { token_file: Some(PathBuf::from("/x")), ..args };
         assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/x")));
+    }
+
+    #[test]
+    fn log_retention_from_defaults_config_and_command_line() {
+        let c = Config::load(&ServeArgs::default()).expect("defaults");
+        assert_eq!((c.log_retention.as_str(), c.log_max_entries), ("30d", 100_000));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("forkd.toml");
+        std::fs::write(&cfg, "log_retention = \"12h\"\nlog_max_entries = 50\n").expect("write");
+        let args = ServeArgs { config: Some(cfg), ..ServeArgs::default() };
+        let c = Config::load(&args).expect("load");
+        assert_eq!((c.log_retention.as_str(), c.log_max_entries), ("12h", 50));
+        let args = ServeArgs { log_retention: Some("1d".into()), log_max_entries: Some(7), ..args };
+        let c = Config::load(&args).expect("load");
+        assert_eq!((c.log_retention.as_str(), c.log_max_entries), ("1d", 7));
     }
 }
