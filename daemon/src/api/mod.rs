@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod frames;
 pub mod ingest;
+pub mod log;
 pub mod scrub;
 pub mod token;
 mod upload;

@@ -7,8 +7,9 @@ use std::io::Write;
 use anyhow::anyhow;
 use serde::Serialize;
 
-use super::render::{render_list, render_show, render_tree};
+use super::render::{render_list, render_log, render_show, render_tree};
 use super::{client, Cli, Command, SourceCmd};
+use crate::api::log::LogQuery;
 use crate::api::volumes::{Moved, Size};
 use crate::units::humanize;
 
@@ -70,6 +71,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         Command::Show { name } => {
             let v = client.volume(name)?;
             report(cli.json, &v, || render_show(&v))
+        }
+        Command::Log { volume, since, limit, verbose } => {
+            let query = LogQuery { volume: volume.clone(), since: since.clone(), limit: *limit };
+            let v = client.log(&query)?;
+            report(cli.json, &v, || render_log(&v, *verbose))
         }
         Command::Delete { reference } => {
             let v = client.delete(reference)?;

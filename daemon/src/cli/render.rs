@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use crate::api::log::{LogEntries, LogEntry};
 use crate::api::volumes::{IngestSummary, Snapshot, Tree, TreeSnapshot, TreeVolume, Volume, VolumeList};
 use crate::units::{human_duration_ms, humanize};
 
@@ -103,6 +104,50 @@ pub(super) fn render_list(list: &VolumeList) -> String {
         &[Left, Left, Right, Right, Right, Left, Right],
         &rows,
     )
+}
+
+/// The `forkd log` table, oldest first. An entry's detail is shown indented under its row
+/// when it failed or ran a hook, or for every entry with `verbose`.
+pub(super) fn render_log(log: &LogEntries, verbose: bool) -> String {
+    if log.entries.is_empty() {
+        return "no operations logged".to_string();
+    }
+    use Align::{Left, Right};
+    let rows: Vec<Vec<String>> = log.entries.iter().map(log_row).collect();
+    let table = render_table(
+        &["TIME", "WHO", "WHAT", "TARGET", "DURATION", "RESULT", "ERROR"],
+        &[Left, Left, Left, Left, Right, Left, Left],
+        &rows,
+    );
+    let mut out = String::new();
+    let mut lines = table.lines();
+    out.extend(lines.next().map(|header| format!("{header}\n")));
+    for (line, e) in lines.zip(&log.entries) {
+        out.push_str(line);
+        out.push('\n');
+        let shown = verbose || e.result != "ok" || e.what.starts_with("hook");
+        for detail in e.detail.iter().filter(|_| shown).flat_map(|d| d.lines()) {
+            out.push_str(&format!("    {detail}\n"));
+        }
+    }
+    out
+}
+
+fn log_row(e: &LogEntry) -> Vec<String> {
+    // `2026-11-21T10:00:00.123Z` is shown to the second: `2026-11-21T10:00:00Z`.
+    let at = match (e.at.get(..19), e.at.len()) {
+        (Some(seconds), 24) => format!("{seconds}Z"),
+        _ => e.at.clone(),
+    };
+    vec![
+        cell(&at),
+        cell(&e.who),
+        cell(&e.what),
+        cell_opt(e.target.as_deref()),
+        human_duration_ms(e.duration_ms),
+        cell(&e.result),
+        cell_opt(e.error.as_deref()),
+    ]
 }
 
 /// The `forkd show` text of a volume.
