@@ -294,6 +294,36 @@ mod tests {
     }
 
     #[test]
+    fn log_table_shows_details_of_failures_and_hooks() {
+        let entry = |what: &str, result: &str, error: Option<&str>, detail: &str| {
+            json!({"seq": 1, "at": "2026-11-21T10:00:00.123Z", "who": "127.0.0.1:5000", "what": what,
+                "target": "dev1", "duration_ms": 1500, "result": result, "error": error, "detail": detail})
+        };
+        let log: LogEntries = typed(json!({"entries": [
+            entry("clone", "ok", None, "from prod@3"),
+            entry("clone", "failed", Some("no snapshot `prod@9`"), "from prod@9"),
+            entry("hook configure-clone", "ok", None, "configure.sh exit 0\nrestarted app"),
+        ]}));
+        let text = render_log(&log, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("TIME") && lines[0].ends_with("ERROR"), "{text}");
+        assert!(
+            lines[1].starts_with("2026-11-21T10:00:00Z  127.0.0.1:5000  clone") && lines[1].contains("1.5s"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("failed  no snapshot `prod@9`"), "{text}");
+        assert_eq!(lines[3], "    from prod@9", "{text}");
+        assert!(lines[4].contains("hook configure-clone"), "{text}");
+        assert_eq!(lines[5..], ["    configure.sh exit 0", "    restarted app"], "{text}");
+        assert_eq!(
+            render_log(&log, true).lines().filter(|l| l.starts_with("    ")).count(),
+            4,
+            "verbose: every detail"
+        );
+        assert_eq!(render_log(&LogEntries::default(), false), "no operations logged");
+    }
+
+    #[test]
     fn table_alignment() {
         let rows = vec![
             vec!["prod".to_string(), "10.0 GiB".to_string(), "x".to_string()],
