@@ -13,6 +13,7 @@
 
 mod hooks;
 mod masking;
+mod oplog;
 mod reference;
 mod undo;
 
@@ -22,6 +23,7 @@ use std::fmt;
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use masking::MaskRecord;
+pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 use serde::{Deserialize, Serialize};
 
@@ -367,6 +369,8 @@ pub struct Catalog {
     last_time: i64,
     /// Volumes changed by staged writes not yet committed (and whether a root moved).
     staged: BTreeMap<String, (Volume, bool)>,
+    /// The operation log's index and retention (`oplog`).
+    log: oplog::OpLog,
 }
 
 impl Catalog {
@@ -394,7 +398,8 @@ impl Catalog {
             last_time = v.snapshots.iter().map(|s| s.created_at).fold(last_time, i64::max);
             volumes.insert(name, v);
         }
-        let mut cat = Catalog { map, volumes, last_time, staged: BTreeMap::new() };
+        let log = oplog::OpLog::load(&map)?;
+        let mut cat = Catalog { map, volumes, last_time, staged: BTreeMap::new(), log };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }

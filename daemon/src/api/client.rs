@@ -26,6 +26,7 @@ use super::upload::UploadError;
 use crate::api::data::{Empty, Extents, Written, Zeroed};
 use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
+use crate::api::log::{LogEntries, LogQuery};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,
@@ -143,6 +144,21 @@ impl Client {
     /// `GET /v1/tree`: every volume with its snapshots, flat.
     pub fn tree(&self) -> anyhow::Result<Tree> {
         self.get("/v1/tree")
+    }
+
+    /// `GET /v1/log`: the operation log entries `query` selects, oldest first.
+    pub fn log(&self, query: &LogQuery) -> anyhow::Result<LogEntries> {
+        let params = [
+            query.volume.as_deref().map(|v| format!("volume={}", enc(v))),
+            query.since.as_deref().map(|t| format!("since={}", enc(t))),
+            query.limit.map(|n| format!("limit={n}")),
+        ];
+        let params: Vec<String> = params.into_iter().flatten().collect();
+        if params.is_empty() {
+            self.get("/v1/log")
+        } else {
+            self.get(&format!("/v1/log?{}", params.join("&")))
+        }
     }
 
     /// `GET /v1/volumes/{ref}/extents`: the byte ranges holding data.

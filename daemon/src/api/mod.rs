@@ -10,6 +10,7 @@ pub mod error;
 pub mod frames;
 pub mod hooks;
 pub mod ingest;
+pub mod log;
 pub mod scrub;
 pub mod token;
 mod upload;

@@ -7,8 +7,9 @@ use std::io::Write;
 use anyhow::anyhow;
 use serde::Serialize;
 
-use super::render::{render_list, render_show, render_tree};
+use super::render::{render_list, render_log, render_show, render_tree};
 use super::{client, Cli, Command, SourceCmd};
+use crate::api::log::LogQuery;
 use crate::api::volumes::{Moved, Size};
 use crate::units::humanize;
 
@@ -74,6 +75,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         Command::Hook { cmd } => super::hooks::hook(&client, cli.json, cmd),
         Command::Mask(args) => super::hooks::mask(&client, cli.json, args),
         Command::Policy { cmd } => super::hooks::policy(&client, cli.json, cmd),
+        Command::Log { volume, since, limit, verbose } => {
+            let query = LogQuery { volume: volume.clone(), since: since.clone(), limit: *limit };
+            let v = client.log(&query)?;
+            report(cli.json, &v, || render_log(&v, *verbose))
+        }
         Command::Delete { reference } => {
             let v = client.delete(reference)?;
             report(cli.json, &v, || {

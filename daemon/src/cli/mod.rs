@@ -177,6 +177,23 @@ pub enum Command {
         cmd: hooks::PolicyCmd,
     },
 
+    /// Show the operation log: who did what to which volume, when, how long, and the result
+    Log {
+        /// Only operations on this volume or its snapshots
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+        /// Only operations since this time: RFC 3339 (2026-11-21T10:00:00Z) or a span back
+        /// from now (30m, 1h, 7d)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// At most this many, the newest ones [default: 1000]
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Show every entry's detail, not only those of failed operations and hooks
+        #[arg(long, short)]
+        verbose: bool,
+    },
+
     /// Read every stored block and check its checksum; list damaged ones by volume or snapshot
     /// and offset (exit status 1 when there is damage)
     Scrub,
@@ -341,5 +358,11 @@ mod tests {
         let cli = Cli::try_parse_from(["forkd", "scrub", "--json"]).expect("scrub");
         assert!(matches!(cli.command, Command::Scrub) && cli.json);
         assert!(Cli::try_parse_from(["forkd", "scrub", "db"]).is_err());
+        let cli = Cli::try_parse_from(["forkd", "log", "--volume", "db", "--since", "1h", "--json"]).expect("log");
+        assert!(
+            matches!(cli.command, Command::Log { ref volume, ref since, limit: None, verbose: false }
+            if volume.as_deref() == Some("db") && since.as_deref() == Some("1h"))
+                && cli.json
+        );
     }
 }

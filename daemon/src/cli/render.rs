@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use crate::api::log::{LogEntries, LogEntry};
 use crate::api::volumes::{IngestSummary, Snapshot, Tree, TreeSnapshot, TreeVolume, Volume, VolumeList};
 use crate::units::{human_duration_ms, humanize};
 
@@ -103,6 +104,50 @@ pub(super) fn render_list(list: &VolumeList) -> String {
         &[Left, Left, Right, Right, Right, Left, Right],
         &rows,
     )
+}
+
+/// The `forkd log` table, oldest first. An entry's detail is shown indented under its row
+/// when it failed or ran a hook, or for every entry with `verbose`.
+pub(super) fn render_log(log: &LogEntries, verbose: bool) -> String {
+    if log.entries.is_empty() {
+        return "no operations logged".to_string();
+    }
+    use Align::{Left, Right};
+    let rows: Vec<Vec<String>> = log.entries.iter().map(log_row).collect();
+    let table = render_table(
+        &["TIME", "WHO", "WHAT", "TARGET", "DURATION", "RESULT", "ERROR"],
+        &[Left, Left, Left, Left, Right, Left, Left],
+        &rows,
+    );
+    let mut out = String::new();
+    let mut lines = table.lines();
+    out.extend(lines.next().map(|header| format!("{header}\n")));
+    for (line, e) in lines.zip(&log.entries) {
+        out.push_str(line);
+        out.push('\n');
+        let shown = verbose || e.result != "ok" || e.what.starts_with("hook");
+        for detail in e.detail.iter().filter(|_| shown).flat_map(|d| d.lines()) {
+            out.push_str(&format!("    {detail}\n"));
+        }
+    }
+    out
+}
+
+fn log_row(e: &LogEntry) -> Vec<String> {
+    // `2026-11-21T10:00:00.123Z` is shown to the second: `2026-11-21T10:00:00Z`.
+    let at = match (e.at.get(..19), e.at.len()) {
+        (Some(seconds), 24) => format!("{seconds}Z"),
+        _ => e.at.clone(),
+    };
+    vec![
+        cell(&at),
+        cell(&e.who),
+        cell(&e.what),
+        cell_opt(e.target.as_deref()),
+        human_duration_ms(e.duration_ms),
+        cell(&e.result),
+        cell_opt(e.error.as_deref()),
+    ]
 }
 
 /// The `forkd show` text of a volume.
@@ -246,6 +291,36 @@ mod tests {
     /// The answer type a JSON literal reads as, as the CLI reads the daemon's answers.
     fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
         serde_json::from_value(v).expect("the literal reads as the answer type")
+    }
+
+    #[test]
+    fn log_table_shows_details_of_failures_and_hooks() {
+        let entry = |what: &str, result: &str, error: Option<&str>, detail: &str| {
+            json!({"seq": 1, "at": "2026-11-21T10:00:00.123Z", "who": "127.0.0.1:5000", "what": what,
+                "target": "dev1", "duration_ms": 1500, "result": result, "error": error, "detail": detail})
+        };
+        let log: LogEntries = typed(json!({"entries": [
+            entry("clone", "ok", None, "from prod@3"),
+            entry("clone", "failed", Some("no snapshot `prod@9`"), "from prod@9"),
+            entry("hook configure-clone", "ok", None, "configure.sh exit 0\nrestarted app"),
+        ]}));
+        let text = render_log(&log, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("TIME") && lines[0].ends_with("ERROR"), "{text}");
+        assert!(
+            lines[1].starts_with("2026-11-21T10:00:00Z  127.0.0.1:5000  clone") && lines[1].contains("1.5s"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("failed  no snapshot `prod@9`"), "{text}");
+        assert_eq!(lines[3], "    from prod@9", "{text}");
+        assert!(lines[4].contains("hook configure-clone"), "{text}");
+        assert_eq!(lines[5..], ["    configure.sh exit 0", "    restarted app"], "{text}");
+        assert_eq!(
+            render_log(&log, true).lines().filter(|l| l.starts_with("    ")).count(),
+            4,
+            "verbose: every detail"
+        );
+        assert_eq!(render_log(&LogEntries::default(), false), "no operations logged");
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct Config {
     pub hooks_dir: PathBuf,
     /// The user hooks run as when the daemon runs as root (unset: `nobody` where it exists).
     pub hook_user: Option<String>,
+    /// How long operation log entries are kept: a span such as `30d`, `12h` or `90m`.
+    pub log_retention: String,
+    /// At most this many operation log entries are kept (the oldest go first).
+    pub log_max_entries: u64,
 }
 
 impl Default for Config {
@@ -51,6 +55,8 @@ impl Default for Config {
             meta_engine: None,
             hooks_dir: PathBuf::from("/etc/forkd/hooks"),
             hook_user: None,
+            log_retention: "30d".into(),
+            log_max_entries: 100_000,
         }
     }
 }
@@ -86,6 +92,12 @@ impl Config {
         if let Some(u) = &args.hook_user {
             c.hook_user = Some(u.clone());
         }
+        if let Some(r) = &args.log_retention {
+            c.log_retention = r.clone();
+        }
+        if let Some(n) = args.log_max_entries {
+            c.log_max_entries = n;
+        }
         Ok(c)
     }
 
@@ -120,6 +132,10 @@ pub struct ServeArgs {
     pub hooks_dir: Option<PathBuf>,
     /// The user hooks run as (`--hook-user USER`).
     pub hook_user: Option<String>,
+    /// How long operation log entries are kept (`--log-retention SPAN`).
+    pub log_retention: Option<String>,
+    /// How many operation log entries are kept (`--log-max-entries N`).
+    pub log_max_entries: Option<u64>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -147,6 +163,12 @@ struct ServeFlags {
     /// User hooks run as when the daemon runs as root [default: nobody]
     #[arg(long, value_name = "USER", env = "FORKD_HOOK_USER")]
     hook_user: Option<String>,
+    /// How long operation log entries are kept, e.g. 30d, 12h, 90m [default: 30d]
+    #[arg(long, value_name = "SPAN", env = "FORKD_LOG_RETENTION")]
+    log_retention: Option<String>,
+    /// How many operation log entries are kept, the oldest going first [default: 100000]
+    #[arg(long, value_name = "N", env = "FORKD_LOG_MAX_ENTRIES")]
+    log_max_entries: Option<u64>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -179,6 +201,8 @@ impl FromArgMatches for ServeArgs {
             meta_engine: flags.meta_engine,
             hooks_dir: flags.hooks_dir,
             hook_user: flags.hook_user,
+            log_retention: flags.log_retention,
+            log_max_entries: flags.log_max_entries,
         })
     }
 
@@ -215,5 +239,20 @@ mod tests {
         assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/etc/forkd/token")));
         let args = ServeArgs { token_file: Some(PathBuf::from("/x")), ..args };
         assert_eq!(Config::load(&args).expect("load").token_file, Some(PathBuf::from("/x")));
+    }
+
+    #[test]
+    fn log_retention_from_defaults_config_and_command_line() {
+        let c = Config::load(&ServeArgs::default()).expect("defaults");
+        assert_eq!((c.log_retention.as_str(), c.log_max_entries), ("30d", 100_000));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("forkd.toml");
+        std::fs::write(&cfg, "log_retention = \"12h\"\nlog_max_entries = 50\n").expect("write");
+        let args = ServeArgs { config: Some(cfg), ..ServeArgs::default() };
+        let c = Config::load(&args).expect("load");
+        assert_eq!((c.log_retention.as_str(), c.log_max_entries), ("12h", 50));
+        let args = ServeArgs { log_retention: Some("1d".into()), log_max_entries: Some(7), ..args };
+        let c = Config::load(&args).expect("load");
+        assert_eq!((c.log_retention.as_str(), c.log_max_entries), ("1d", 7));
     }
 }

@@ -37,6 +37,7 @@ const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let plan = Plan::new(&Config::load(args)?)?;
     let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
+    store.set_log_retention(plan.log_retention);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(serve(plan, store.clone()))?;
@@ -59,6 +60,7 @@ struct Plan {
     iscsi_limits: Limits,
     meta_engine: Option<crate::store::MetaEngine>,
     hooks: HookRunner,
+    log_retention: catalog::LogRetention,
 }
 
 impl Plan {
@@ -76,6 +78,7 @@ impl Plan {
             meta_engine: config.meta_engine.as_deref().map(meta_engine).transpose()?,
             hooks: HookRunner::new(&config.hooks_dir, config.hook_user.as_deref())
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
+            log_retention: log_retention(config)?,
         })
     }
 }
@@ -88,6 +91,18 @@ fn meta_engine(name: &str) -> anyhow::Result<crate::store::MetaEngine> {
         Some(e) => anyhow::bail!("--meta-engine {e}: this forkd was built without it (built: {})", built.join(", ")),
         None => anyhow::bail!("--meta-engine {name}: unknown engine (built: {})", built.join(", ")),
     }
+}
+
+/// The operation log's retention from `log_retention` and `log_max_entries`.
+fn log_retention(config: &Config) -> anyhow::Result<catalog::LogRetention> {
+    let span = &config.log_retention;
+    let max_age_ms = catalog::parse_span(span)
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| anyhow::anyhow!("log_retention {span}: not a span such as 30d, 12h or 90m"))?;
+    if config.log_max_entries == 0 {
+        anyhow::bail!("log_max_entries 0: keep at least 1 entry");
+    }
+    Ok(catalog::LogRetention { max_age_ms, max_entries: config.log_max_entries })
 }
 
 fn address(value: &str, flag: &str, example: &str) -> anyhow::Result<SocketAddr> {
@@ -237,6 +252,17 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("address")
+    }
+
+    #[test]
+    fn log_retention_is_checked() {
+        let r = log_retention(&Config::default()).expect("defaults");
+        assert_eq!((r.max_age_ms, r.max_entries), (30 * 86_400_000, 100_000));
+        for (span, max) in [("3x", 10), ("0d", 10), ("30d", 0)] {
+            let c = Config { log_retention: span.into(), log_max_entries: max, ..Config::default() };
+            let err = log_retention(&c).expect_err(span).to_string();
+            assert!(err.starts_with("log_"), "{err}");
+        }
     }
 
     #[test]

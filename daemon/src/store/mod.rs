@@ -29,6 +29,7 @@
 //!   poisons their digests so the next ingest sends them again;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
 //! - `engine`: the io_uring data engine (the only unsafe code);
+//! - `oplog`: the operation log, appended durably and never failing the operation it records;
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
 //!   drain before they switch a head.
 
@@ -53,6 +54,7 @@ pub mod exports;
 mod flush;
 mod format;
 mod generation;
+mod oplog;
 mod read;
 mod reclaim;
 mod scrub;
@@ -60,6 +62,7 @@ mod space;
 
 pub use check::{check, compact, repair, CheckReport};
 pub use metakv::Engine as MetaEngine;
+pub use oplog::now_ms;
 pub use read::BlockState;
 pub use scrub::{ScrubFailure, ScrubOutcome, ScrubProgress, ScrubReport};
 pub(crate) use space::is_enospc;

@@ -6,7 +6,9 @@
 //! [`crate::api`]. Handlers run store calls on tokio's blocking pool (the store does
 //! synchronous I/O and fsyncs). Every error leaves as `{"error": "..."}`: handlers and the
 //! request extractors ([`extract`]) through [`ApiError`], the one place that maps store errors
-//! to HTTP statuses, and anything else the router answers through [`json_errors`].
+//! to HTTP statuses, and anything else the router answers through [`json_errors`]. Every
+//! operation (not reads, not data I/O) is recorded in the operation log by [`oplog`], inside
+//! the token check: a refused request is not an operation.
 
 use std::sync::Arc;
 
@@ -27,7 +29,9 @@ mod data;
 mod extract;
 mod hooks;
 mod ingest;
+mod log;
 mod openapi;
+mod oplog;
 mod resize;
 mod scrub;
 mod volumes;
@@ -154,6 +158,7 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(hooks::set, hooks::unset))
         .routes(routes!(hooks::mask))
         .routes(routes!(hooks::policy))
+        .routes(routes!(log::log))
         .routes(routes!(metrics))
         .routes(routes!(openapi::document))
 }
@@ -174,10 +179,13 @@ pub fn router(store: Shared, auth: Option<Arc<crate::server::auth::Token>>, even
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint (see docs/api.md)".into()) })
         .layer(Extension(openapi::Document::render(&doc)))
         .layer(Extension(events))
-        .with_state(store);
+        .with_state(store.clone());
     // Around the whole router, not each route: a 405 gets its `Allow` header only on the way
     // out of the route's method router.
-    let router = Router::new().fallback_service(routed).layer(axum::middleware::from_fn(json_errors));
+    let router = Router::new()
+        .fallback_service(routed)
+        .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(store.clone(), oplog::record));
     match auth {
         Some(token) => router.layer(axum::middleware::from_fn_with_state(token, crate::server::auth::require_token)),
         None => router,
