@@ -81,12 +81,15 @@ impl Events {
     ) -> Result<HookRun, HookFailed> {
         let vars = self.variables(event, facts);
         let what = format!("the {event} hook `{script}` of `{}`", facts.volume);
+        let at = crate::store::now_ms();
         let run = match self.runner.run(script, &vars, timeout) {
             Ok(run) => run,
             Err(e) => {
                 store.metrics.hook_runs.with_label_values(&[event, "refused"]).inc();
                 tracing::warn!(event, volume = %facts.volume, error = %e, "hook refused");
-                return Err(HookFailed(format!("{what} could not run: {e}")));
+                let failed = HookFailed(format!("{what} could not run: {e}"));
+                store.log_operation(log_entry(at, event, facts, script, None, Some(&failed)));
+                return Err(failed);
             }
         };
         let result = match (run.succeeded(), run.timed_out) {
@@ -97,12 +100,16 @@ impl Events {
         store.metrics.hook_runs.with_label_values(&[event, result]).inc();
         store.metrics.hook_seconds.with_label_values(&[event]).observe(run.duration_ms as f64 / 1000.0);
         tracing::info!(event, volume = %facts.volume, script, result, ms = run.duration_ms, "hook ran");
-        if run.succeeded() {
-            return Ok(run);
+        let failed = (!run.succeeded()).then(|| {
+            let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+            let said = if last.is_empty() { String::new() } else { format!(": {last}") };
+            HookFailed(format!("{what} {}{said}", run.outcome()))
+        });
+        store.log_operation(log_entry(at, event, facts, script, Some(&run), failed.as_ref()));
+        match failed {
+            None => Ok(run),
+            Some(f) => Err(f),
         }
-        let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
-        let said = if last.is_empty() { String::new() } else { format!(": {last}") };
-        Err(HookFailed(format!("{what} {}{said}", run.outcome())))
     }
 
     /// The `FORKD_*` variables of one run.
@@ -130,6 +137,55 @@ impl Events {
     pub fn iscsi_portal(&self) -> &str {
         &self.iscsi
     }
+}
+
+/// Bytes of each output stream a log entry keeps (the runner keeps more; the log is for people).
+const LOGGED_OUTPUT: usize = 4096;
+
+/// The operation log's entry for one hook run (or one refused before it ran).
+fn log_entry(
+    at: i64,
+    event: &str,
+    facts: &Facts,
+    script: &str,
+    run: Option<&HookRun>,
+    failed: Option<&HookFailed>,
+) -> catalog::LogEntry {
+    let detail = match run {
+        Some(r) => format!(
+            "script {script} {}; stdout: {}; stderr: {}{}",
+            r.outcome(),
+            clip(&r.stdout),
+            clip(&r.stderr),
+            if r.dropped_bytes > 0 {
+                format!(" ({} more bytes of output dropped)", r.dropped_bytes)
+            } else {
+                String::new()
+            }
+        ),
+        None => format!("script {script} was refused"),
+    };
+    catalog::LogEntry {
+        at,
+        who: "hook".into(),
+        what: format!("hook {event}"),
+        target: Some(facts.volume.clone()),
+        duration_ms: run.map_or(0, |r| r.duration_ms),
+        result: if failed.is_some() { "failed" } else { "ok" }.into(),
+        error: failed.map(|f| f.0.clone()),
+        detail: Some(detail),
+        ..catalog::LogEntry::default()
+    }
+}
+
+/// The first [`LOGGED_OUTPUT`] bytes of `text` (on a character boundary), trimmed.
+fn clip(text: &str) -> String {
+    let mut end = text.len().min(LOGGED_OUTPUT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = if end < text.len() { " [...]" } else { "" };
+    format!("{:?}{more}", text[..end].trim_end())
 }
 
 /// `addr` as a hook on this host reaches it: an unspecified address becomes loopback.
