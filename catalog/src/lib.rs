@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
-pub use environment::{EnvSnapshot, Environment};
+pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 use serde::{Deserialize, Serialize};
 
