@@ -71,6 +71,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             let v = client.volume(name)?;
             report(cli.json, &v, || render_show(&v))
         }
+        Command::Env { cmd } => super::env::run(&client, cli.json, cmd),
         Command::Delete { reference } => {
             let v = client.delete(reference)?;
             report(cli.json, &v, || {
@@ -81,7 +82,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// `text`, or `default` when the daemon left it empty.
-fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
+pub(super) fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
     if text.is_empty() {
         default
     } else {
@@ -90,7 +91,7 @@ fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
 }
 
 /// Print the daemon's answer `v` as pretty JSON, or the human text `human` builds.
-fn report<T: Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
+pub(super) fn report<T: Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
     let text = if json { serde_json::to_string_pretty(v)? } else { human() };
     emit(&text)
 }

@@ -27,6 +27,7 @@ use crate::server::config::ServeArgs;
 
 pub mod commands;
 pub mod dump;
+pub mod env;
 pub mod render;
 pub mod scrub;
 
@@ -157,6 +158,14 @@ pub enum Command {
         /// Volume or snapshot to delete
         #[arg(value_name = "NAME_OR_SNAPSHOT")]
         reference: String,
+    },
+
+    /// Manage environments: groups of volumes snapshotted, cloned, rewound, refreshed and
+    /// deleted as one
+    Env {
+        /// What to do with environments
+        #[command(subcommand)]
+        cmd: env::EnvCmd,
     },
 
     /// Read every stored block and check its checksum; list damaged ones by volume or snapshot

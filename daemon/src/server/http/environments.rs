@@ -19,8 +19,8 @@ use catalog::{format_time, Catalog, SnapshotId};
 use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, ApiResult, Shared, DRAIN};
 use crate::api::environments::{
-    CreateEnvironment, EnvCloneRequest, EnvCloned, EnvDeleteQuery, EnvDeleted, EnvMoveRequest, EnvMoved,
-    EnvSnapshot, EnvSnapshotRequest, EnvSnapshotTaken, Environment, EnvironmentList, TreeEnvironment,
+    CreateEnvironment, EnvCloneRequest, EnvCloned, EnvDeleteQuery, EnvDeleted, EnvMoveRequest, EnvMoved, EnvSnapshot,
+    EnvSnapshotRequest, EnvSnapshotTaken, Environment, EnvironmentList, TreeEnvironment,
 };
 use crate::api::error::ErrorBody;
 use crate::api::volumes::Moved;
