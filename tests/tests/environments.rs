@@ -17,7 +17,7 @@ const MIB: u64 = 1 << 20;
 
 /// Ingest into `src` an image of `size` bytes whose first block is filled with `fill`.
 fn ingest_fill(d: &Daemon, dir: &Path, src: &str, fill: u8) {
-    let mut img = vec![0u8; MIB as usize];
+    let mut img = vec![0u8; 1 << 20];
     img[..BS].fill(fill);
     let path = dir.join(format!("{src}-{fill}.img"));
     std::fs::write(&path, &img).expect("write image");
@@ -232,7 +232,7 @@ fn an_environment_snapshot_is_one_instant_for_every_member() {
         let taken = d.api().post_json_ok("/v1/environments/pair/snapshots", &json!({}));
         let after = acked.load(Ordering::SeqCst);
         // Blocks past the one write in flight at the answer cannot hold anything.
-        let len = (((after + 1) / 2 + 8) * BS as u64).min(64 * MIB);
+        let len = ((after.div_ceil(2) + 8) * BS as u64).min(64 * MIB);
         let a = seqs(&d.api().read(taken["members"]["a"].as_str().expect("a"), 0, len), "a");
         let b = seqs(&d.api().read(taken["members"]["b"].as_str().expect("b"), 0, len), "b");
         assert!(a.iter().enumerate().all(|(i, &s)| s == 2 * i as u64 + 1), "round {round}: a holds the wrong values");
