@@ -118,7 +118,7 @@ pub(super) fn run(client: &Client, json: bool, cmd: &EnvCmd) -> anyhow::Result<(
         EnvCmd::Delete { name, keep_volumes } => {
             let d = client.env_delete(name, *keep_volumes)?;
             report(json, &d, || {
-                let kept = if *keep_volumes { ", volumes kept".to_string() } else { d.volumes.join(", ") };
+                let kept = if *keep_volumes { "volumes kept".to_string() } else { d.volumes.join(", ") };
                 format!("deleted environment {} ({kept}; freed {})", or(&d.deleted, name), humanize(d.freed_bytes))
             })
         }

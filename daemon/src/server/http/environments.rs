@@ -75,6 +75,14 @@ fn fence_all<'a>(st: &'a Store, volumes: &[String], scope: Scope) -> Vec<Fence<'
     volumes.iter().map(|v| st.exports.fence_and_drain(v, scope, DRAIN)).collect()
 }
 
+/// Refuse `clones` as an environment name: `/v1/environments/clones` is the clone route.
+fn check_routable(name: &str) -> ApiResult<()> {
+    if name == "clones" {
+        return Err(bad("`clones` cannot name an environment: /v1/environments/clones is the clone route"));
+    }
+    Ok(())
+}
+
 /// Environment `name` as the API shows it.
 fn shown(st: &Store, name: &str) -> Result<Environment, StoreError> {
     Ok(environment(st.catalog().environment(name)?))
@@ -108,6 +116,7 @@ pub(super) async fn create(
     JsonBody(body): JsonBody<CreateEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Environment>)> {
     let CreateEnvironment { members, name } = body;
+    check_routable(&name)?;
     let e = blocking(&s, move |st| {
         let mut keys = vec![env_key(&name)];
         keys.extend(members.values().cloned());
@@ -152,6 +161,7 @@ pub(super) async fn clone_environment(
     JsonBody(body): JsonBody<EnvCloneRequest>,
 ) -> ApiResult<(StatusCode, Json<EnvCloned>)> {
     let EnvCloneRequest { from, name } = body;
+    check_routable(&name)?;
     let cloned = blocking(&s, move |st| {
         // The source is only read (in one transaction): clones of one environment may run at once.
         let _claim = st.claim_busy(&[env_key(&name)])?;
