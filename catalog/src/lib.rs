@@ -14,6 +14,7 @@
 mod hooks;
 mod masking;
 mod oplog;
+mod environment;
 mod reference;
 mod undo;
 
@@ -24,6 +25,7 @@ pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
+pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +130,37 @@ pub enum CatalogError {
     /// A stored record that cannot be parsed.
     #[error("corrupt catalog record `{0}`")]
     Corrupt(String),
+    /// No environment has this name.
+    #[error("no environment named `{0}`")]
+    UnknownEnvironment(String),
+    /// The name is already used by an environment.
+    #[error("an environment named `{0}` already exists")]
+    EnvironmentTaken(String),
+    /// The volume already belongs to an environment.
+    #[error("`{volume}` is a member of environment `{environment}`{hint}")]
+    InEnvironment {
+        /// The volume.
+        volume: String,
+        /// Its environment.
+        environment: String,
+        /// What to do about it, if anything.
+        hint: &'static str,
+    },
+    /// An environment member has no snapshot that answers the request.
+    #[error("member `{member}` of `{environment}` (volume `{volume}`) has no snapshot {when}")]
+    MemberWithoutSnapshot {
+        /// The environment.
+        environment: String,
+        /// The member.
+        member: String,
+        /// Its volume.
+        volume: String,
+        /// `yet`, or `at or before TIME`.
+        when: String,
+    },
+    /// An environment request that is not well formed.
+    #[error("{0}")]
+    BadEnvironment(String),
     /// Not one of the hook events.
     #[error("`{0}` is not a hook event; the events are {}", hooks::HOOK_EVENTS.join(", "))]
     UnknownEvent(String),
@@ -371,6 +404,10 @@ pub struct Catalog {
     staged: BTreeMap<String, (Volume, bool)>,
     /// The operation log's index and retention (`oplog`).
     log: oplog::OpLog,
+    /// Environments, by name (`environment.rs`).
+    environments: BTreeMap<String, Environment>,
+    /// Environment records the open `commit_with` commits with its volumes (None: removed).
+    env_pending: Vec<(String, Option<Environment>)>,
 }
 
 impl Catalog {
@@ -399,7 +436,16 @@ impl Catalog {
             volumes.insert(name, v);
         }
         let log = oplog::OpLog::load(&map)?;
-        let mut cat = Catalog { map, volumes, last_time, staged: BTreeMap::new(), log };
+        let environments = environment::load(&map)?;
+        let mut cat = Catalog {
+            map,
+            volumes,
+            last_time,
+            staged: BTreeMap::new(),
+            log,
+            environments,
+            env_pending: Vec::new(),
+        };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }
@@ -499,6 +545,7 @@ impl Catalog {
                     self.map.remove_meta(&k(p, name));
                 }
             }
+            self.stage_environments()?;
             self.map.commit()?;
             Ok((changed, removed, out))
         });
@@ -510,10 +557,12 @@ impl Catalog {
                 for v in changed {
                     self.volumes.insert(v.name.clone(), v);
                 }
+                self.apply_environments();
                 self.map.collect_garbage()?;
                 Ok(out)
             }
             Err(e) => {
+                self.env_pending.clear();
                 self.map.rollback();
                 Err(e)
             }
@@ -524,6 +573,9 @@ impl Catalog {
         validate_name("volume", name)?;
         if self.volumes.contains_key(name) {
             return Err(CatalogError::NameTaken(name.to_string()));
+        }
+        if self.environments.contains_key(name) {
+            return Err(CatalogError::EnvironmentTaken(name.to_string()));
         }
         Ok(())
     }
@@ -625,24 +677,25 @@ impl Catalog {
                     id
                 }
             };
-            let clone = cat.clone_record(&parent, &snap_id, name)?;
+            let clone = cat.clone_in(&parent, snap_id.id, name)?;
             changed.push(clone.clone());
             Ok((changed, vec![], (clone, snap_id)))
         })
     }
 
-    /// The record of a new clone `name` of `parent`'s snapshot `snap_id`, which gains a
-    /// reference (in the open transaction).
-    fn clone_record(&mut self, parent: &Volume, snap_id: &SnapshotId, name: &str) -> Result<Volume> {
-        let snap = parent.find(&SnapSel::Id(snap_id.id))?;
+    /// A new clone `name` of snapshot `id` of `parent` (in the open transaction; the caller
+    /// checked the name and commits the clone).
+    fn clone_in(&mut self, parent: &Volume, id: u64, name: &str) -> Result<Volume> {
+        let snap = parent.find(&SnapSel::Id(id))?;
         self.map.share(snap.root)?;
+        let created_at = self.now();
         Ok(Volume {
             name: name.to_string(),
             kind: Kind::Clone,
             size_bytes: snap.size_bytes,
             root: snap.root,
-            origin: Some(snap_id.clone()),
-            created_at: self.now(),
+            origin: Some(SnapshotId { volume: parent.name.clone(), id }),
+            created_at,
             timeflow: 1,
             next_snapshot: 1,
             snapshots: Vec::new(),
@@ -706,23 +759,31 @@ impl Catalog {
         }
         Self::not_masked(&v, if reason == "rewind" { "rewound" } else { "refreshed" })?;
         self.commit_with(|cat| {
-            let kept = cat.take_snapshot(&mut v, reason, None)?;
-            let t = if target.volume == v.name {
-                v.find(&SnapSel::Id(target.id))?.clone()
-            } else {
-                cat.volume(&target.volume)?.find(&SnapSel::Id(target.id))?.clone()
-            };
-            cat.map.share(t.root)?;
-            cat.map.release(v.root)?;
-            v.root = t.root;
-            v.size_bytes = t.size_bytes;
-            v.allocated_blocks = t.allocated_blocks;
-            v.timeflow += 1;
-            if target.volume != v.name {
-                v.origin = Some(target.clone());
-            }
+            let kept = cat.repoint_in(&mut v, &target, reason)?;
             Ok((vec![v], vec![], kept))
         })
+    }
+
+    /// The body of a rewind or refresh of clone `v` (in the open transaction; the caller
+    /// checked it is a clone and commits it): keep its head as a snapshot, point the head at
+    /// `target` (one of `v`'s own snapshots or a committed volume's) and start a new timeflow.
+    fn repoint_in(&mut self, v: &mut Volume, target: &SnapshotId, reason: &str) -> Result<SnapshotId> {
+        let kept = self.take_snapshot(v, reason, None)?;
+        let t = if target.volume == v.name {
+            v.find(&SnapSel::Id(target.id))?.clone()
+        } else {
+            self.volume(&target.volume)?.find(&SnapSel::Id(target.id))?.clone()
+        };
+        self.map.share(t.root)?;
+        self.map.release(v.root)?;
+        v.root = t.root;
+        v.size_bytes = t.size_bytes;
+        v.allocated_blocks = t.allocated_blocks;
+        v.timeflow += 1;
+        if target.volume != v.name {
+            v.origin = Some(target.clone());
+        }
+        Ok(kept)
     }
 
     /// Make a clone's contents those of an earlier snapshot. Returns the snapshot that keeps
@@ -778,6 +839,13 @@ impl Catalog {
                 })
             }
             None => {
+                if let Some(env) = self.environment_of(&v.name) {
+                    return Err(CatalogError::InEnvironment {
+                        volume: v.name.clone(),
+                        environment: env.name.clone(),
+                        hint: "; delete the environment first (with --keep-volumes to keep its volumes)",
+                    });
+                }
                 let deps: Vec<String> = self
                     .volumes
                     .values()

@@ -104,7 +104,7 @@ impl Catalog {
             self.new_name(into)?;
             let parent = sv.clone();
             self.commit_with(|cat| {
-                let mut v = cat.clone_record(&parent, &id, into)?;
+                let mut v = cat.clone_in(&parent, id.id, into)?;
                 v.masked_from = Some(source);
                 v.hooks.clear();
                 Ok((vec![v], vec![], ()))

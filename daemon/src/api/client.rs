@@ -14,6 +14,7 @@
 //! With a token ([`Client::with_token`]) every request carries `Authorization: Bearer TOKEN`;
 //! a `401` answer becomes `the daemon refused the token: ...`.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ use serde_json::Value;
 use super::upload::UploadError;
 use crate::api::data::{Empty, Extents, Written, Zeroed};
 use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
+use crate::api::environments::{
+    CreateEnvironment, EnvCloneRequest, EnvCloned, EnvDeleted, EnvMoveRequest, EnvMoved, EnvSnapshotRequest,
+    EnvSnapshotTaken, Environment, EnvironmentList,
+};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::log::{LogEntries, LogQuery};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
@@ -159,6 +164,47 @@ impl Client {
         } else {
             self.get(&format!("/v1/log?{}", params.join("&")))
         }
+    }
+
+    /// `GET /v1/environments`: every environment.
+    pub fn environments(&self) -> anyhow::Result<EnvironmentList> {
+        self.get("/v1/environments")
+    }
+
+    /// `GET /v1/environments/{name}`: one environment with its members and snapshots.
+    pub fn environment(&self, name: &str) -> anyhow::Result<Environment> {
+        self.get(&format!("/v1/environments/{}", enc(name)))
+    }
+
+    /// `POST /v1/environments`: group existing volumes (member name to volume).
+    pub fn env_create(&self, name: &str, members: BTreeMap<String, String>) -> anyhow::Result<Environment> {
+        self.post("/v1/environments", &CreateEnvironment { members, name: name.to_string() })
+    }
+
+    /// `POST /v1/environments/{name}/snapshots`: one snapshot of every member at one instant.
+    pub fn env_snapshot(&self, name: &str, bookmark: Option<&str>) -> anyhow::Result<EnvSnapshotTaken> {
+        let body = EnvSnapshotRequest { bookmark: bookmark.map(str::to_string) };
+        self.post(&format!("/v1/environments/{}/snapshots", enc(name)), &body)
+    }
+
+    /// `POST /v1/environments/clones`: clone every member of `from` as `NAME.MEMBER`.
+    pub fn env_clone(&self, from: &str, name: &str) -> anyhow::Result<EnvCloned> {
+        self.post("/v1/environments/clones", &EnvCloneRequest { from: from.to_string(), name: name.to_string() })
+    }
+
+    /// `POST /v1/environments/{name}/rewind` to an environment snapshot or a time.
+    pub fn env_rewind(&self, name: &str, to: &str) -> anyhow::Result<EnvMoved> {
+        self.post(&format!("/v1/environments/{}/rewind", enc(name)), &EnvMoveRequest { to: Some(to.to_string()) })
+    }
+
+    /// `POST /v1/environments/{name}/refresh`: every member to the newest snapshot of its origin.
+    pub fn env_refresh(&self, name: &str) -> anyhow::Result<EnvMoved> {
+        self.post(&format!("/v1/environments/{}/refresh", enc(name)), &serde_json::json!({}))
+    }
+
+    /// `DELETE /v1/environments/{name}`, with its member volumes unless `keep_volumes`.
+    pub fn env_delete(&self, name: &str, keep_volumes: bool) -> anyhow::Result<EnvDeleted> {
+        self.delete_as(&format!("/v1/environments/{}?keep_volumes={keep_volumes}", enc(name)))
     }
 
     /// `GET /v1/volumes/{ref}/extents`: the byte ranges holding data.

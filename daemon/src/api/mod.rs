@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod data;
+pub mod environments;
 pub mod error;
 pub mod frames;
 pub mod hooks;

@@ -137,6 +137,9 @@ pub struct Volume {
     /// When it was created (RFC 3339, milliseconds, UTC).
     #[serde(default)]
     pub created_at: String,
+    /// The environment it is a member of: present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
     /// Where it is served.
     #[serde(default)]
     pub exports: Exports,
@@ -384,6 +387,8 @@ pub struct TreeVolume {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(default)]
 pub struct Tree {
+    /// Every environment with its members.
+    pub environments: Vec<crate::api::environments::TreeEnvironment>,
     /// Every volume.
     pub volumes: Vec<TreeVolume>,
 }

@@ -80,6 +80,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             let v = client.log(&query)?;
             report(cli.json, &v, || render_log(&v, *verbose))
         }
+        Command::Env { cmd } => super::env::run(&client, cli.json, cmd),
         Command::Delete { reference } => {
             let v = client.delete(reference)?;
             report(cli.json, &v, || {
@@ -90,7 +91,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// `text`, or `default` when the daemon left it empty.
-fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
+pub(super) fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
     if text.is_empty() {
         default
     } else {

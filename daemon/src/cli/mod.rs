@@ -28,6 +28,7 @@ use crate::server::config::ServeArgs;
 pub mod commands;
 pub mod dump;
 pub mod hooks;
+pub mod env;
 pub mod render;
 pub mod scrub;
 
@@ -192,6 +193,14 @@ pub enum Command {
         /// Show every entry's detail, not only those of failed operations and hooks
         #[arg(long, short)]
         verbose: bool,
+    },
+
+    /// Manage environments: groups of volumes snapshotted, cloned, rewound, refreshed and
+    /// deleted as one
+    Env {
+        /// What to do with environments
+        #[command(subcommand)]
+        cmd: env::EnvCmd,
     },
 
     /// Read every stored block and check its checksum; list damaged ones by volume or snapshot

@@ -168,6 +168,9 @@ pub(super) fn render_show(v: &Volume) -> String {
     if v.ingest_running {
         fields.push(("ingest", "running".to_string()));
     }
+    if let Some(env) = &v.environment {
+        fields.push(("environment", env.clone()));
+    }
     let key_width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in &fields {
@@ -279,6 +282,18 @@ pub(super) fn render_tree(tree: &Tree) -> String {
             let next = format!("{child_prefix}{}", if last { "    " } else { "│   " });
             stack.push((kid, child_prefix.clone(), if last { "└── " } else { "├── " }, next));
         }
+    }
+    out.push_str(&render_environments(tree));
+    out
+}
+
+/// The environments under the tree: a line each, with its members.
+fn render_environments(tree: &Tree) -> String {
+    let mut out = String::new();
+    for e in &tree.environments {
+        let members: Vec<String> = e.members.iter().map(|(m, v)| format!("{m}={v}")).collect();
+        let origin = e.origin.as_deref().map(|o| format!("  (from {o})")).unwrap_or_default();
+        out.push_str(&format!("environment {}: {}{origin}\n", cell(&e.name), members.join(", ")));
     }
     out
 }

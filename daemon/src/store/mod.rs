@@ -31,7 +31,9 @@
 //! - `engine`: the io_uring data engine (the only unsafe code);
 //! - `oplog`: the operation log, appended durably and never failing the operation it records;
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
-//!   drain before they switch a head.
+//!   drain before they switch a head;
+//! - `busy`: the names (environments, their members) an operation is working on, so two
+//!   environment operations never overlap.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -45,6 +47,7 @@ use crate::metrics::Metrics;
 use commit::Pending;
 use engine::Engine;
 
+pub mod busy;
 mod check;
 mod commit;
 mod damaged;
@@ -101,6 +104,9 @@ pub enum StoreError {
     /// The metadata store failed outside a catalog operation.
     #[error("metadata store: {0}")]
     Meta(#[from] metakv::KvError),
+    /// Another operation is working on this environment or volume (see `busy`).
+    #[error("an operation on {0} is running")]
+    Busy(String),
 }
 
 impl From<catalog::BlockMapError> for StoreError {
@@ -138,6 +144,8 @@ pub struct Store {
     pub exports: exports::ExportRegistry,
     /// Sources with an ingest stream arriving right now.
     pub ingests: ActiveIngests,
+    /// Names an environment operation is working on (`busy`).
+    busy: busy::Busy,
     /// Writes waiting for the next group commit.
     queue: Mutex<Vec<Arc<Pending>>>,
     /// Held by the writer committing the queue.
@@ -255,6 +263,7 @@ impl Store {
             metrics: Metrics::new(),
             exports: Default::default(),
             ingests: Default::default(),
+            busy: Default::default(),
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
             unflushed: AtomicBool::new(false),

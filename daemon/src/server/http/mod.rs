@@ -26,6 +26,7 @@ use crate::server::events::{Events, HookFailed};
 use crate::store::{Store, StoreError};
 
 mod data;
+mod environments;
 mod extract;
 mod hooks;
 mod ingest;
@@ -70,7 +71,11 @@ impl From<StoreError> for ApiError {
                 | C::IngestRunning(_)
                 | C::NoIngest(_) => StatusCode::CONFLICT,
                 C::Map(_) | C::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                C::UnknownEnvironment(_) => StatusCode::NOT_FOUND,
+                C::MemberWithoutSnapshot { .. } | C::BadEnvironment(_) => StatusCode::BAD_REQUEST,
+                C::EnvironmentTaken(_) | C::InEnvironment { .. } => StatusCode::CONFLICT,
             },
+            StoreError::Busy(_) => StatusCode::CONFLICT,
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -146,6 +151,12 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(volumes::refresh))
         .routes(routes!(volumes::bookmark))
         .routes(routes!(volumes::tree))
+        .routes(routes!(environments::list, environments::create))
+        .routes(routes!(environments::show, environments::remove))
+        .routes(routes!(environments::snapshot))
+        .routes(routes!(environments::clone_environment))
+        .routes(routes!(environments::rewind))
+        .routes(routes!(environments::refresh))
         .routes(routes!(data::read_data, data::write_data))
         .routes(routes!(data::zero))
         .routes(routes!(data::flush))

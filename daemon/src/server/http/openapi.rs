@@ -36,6 +36,7 @@ use crate::api::volumes::{
     ),
     tags(
         (name = "volumes", description = "Catalog operations: durable when they return"),
+        (name = "environments", description = "Groups of volumes snapshotted, cloned, rewound, refreshed and deleted as one"),
         (name = "data", description = "A volume's bytes"),
         (name = "ingest", description = "Feeding sources"),
         (name = "scrub", description = "Checking every stored block against its checksum"),
@@ -92,15 +93,31 @@ fn answers() -> [Cow<'static, str>; 20] {
     ]
 }
 
-/// The fields of an answer that are absent by rule: a volume carries exactly one of them.
-const SOMETIMES_ABSENT: [&str; 2] = ["snapshots", "snapshot_count"];
+/// The answers of the environment routes (see [`answers`]).
+fn environment_answers() -> [Cow<'static, str>; 8] {
+    use crate::api::environments as e;
+    [
+        e::Environment::name(),
+        e::EnvSnapshot::name(),
+        e::EnvironmentList::name(),
+        e::EnvSnapshotTaken::name(),
+        e::EnvCloned::name(),
+        e::EnvMoved::name(),
+        e::EnvDeleted::name(),
+        e::TreeEnvironment::name(),
+    ]
+}
+
+/// The fields of an answer that are absent by rule: a volume carries exactly one of the
+/// first two, and `environment` only where set.
+const SOMETIMES_ABSENT: [&str; 3] = ["snapshots", "snapshot_count", "environment"];
 
 /// Complete the generated document: every field of an answer is required, and has no
 /// default (the defaults are what a client assumes when a field is missing, not values the
 /// daemon sends).
 pub(super) fn finish(doc: &mut utoipa::openapi::OpenApi) {
     let Some(components) = doc.components.as_mut() else { return };
-    for name in answers() {
+    for name in answers().into_iter().chain(environment_answers()) {
         if let Some(RefOr::T(schema)) = components.schemas.get_mut(name.as_ref()) {
             make_whole(schema);
         }

@@ -42,6 +42,7 @@ pub(super) fn volume(
         clone_from: v.clone_from_masked.then(|| "masked".to_string()),
         masked_from: v.masked_from.clone(),
         created_at: format_time(v.created_at),
+        environment: cat.environment_of(&v.name).map(|e| e.name.clone()),
         exports: Exports { iscsi: format!("iqn.2026-11.dev.forkd:{}", v.name), nbd: v.name.clone() },
         ingest_pending_bytes: v.staging.as_ref().map(|st| st.allocated_blocks * catalog::BLOCK_SIZE),
         ingest_running: v.staging.is_some(),
@@ -282,7 +283,8 @@ pub(super) async fn tree(State(s): State<Shared>) -> ApiResult<Json<Tree>> {
     blocking(&s, |st| {
         let cat = st.catalog();
         let volumes = cat.volumes().values().map(tree_volume).collect();
-        Ok(Json(Tree { volumes }))
+        let environments = cat.environments().values().map(super::environments::tree_environment).collect();
+        Ok(Json(Tree { environments, volumes }))
     })
     .await
 }
