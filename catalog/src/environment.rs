@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    format_time, k, parse_time, reference, validate_name, BlockMap, Catalog, CatalogError, Kind, Reference, Result,
-    SnapSel, SnapshotId, Volume,
+    format_time, k, parse_time, reference, validate_name, BlockMap, Catalog, CatalogError, HookSetting, Kind,
+    Reference, Result, SnapSel, SnapshotId, Volume,
 };
 
 const K_ENV: &[u8] = b"cE";
@@ -43,6 +43,9 @@ pub struct Environment {
     pub next_snapshot: u64,
     /// Its environment snapshots, oldest first.
     pub snapshots: Vec<EnvSnapshot>,
+    /// Hook scripts by event (a clone starts with its source's: see `hooks`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hooks: BTreeMap<String, HookSetting>,
 }
 
 /// `ENV@N`: one snapshot of every member, taken at one instant.
@@ -144,7 +147,7 @@ impl Catalog {
     }
 
     /// Stage an environment record (None: its removal) for the open `commit_with`.
-    fn stage_env(&mut self, name: &str, env: Option<Environment>) {
+    pub(crate) fn stage_env(&mut self, name: &str, env: Option<Environment>) {
         self.env_pending.push((name.to_string(), env));
     }
 
@@ -221,6 +224,7 @@ impl Catalog {
             origin: None,
             next_snapshot: 1,
             snapshots: Vec::new(),
+            hooks: BTreeMap::new(),
         };
         self.commit_with(|cat| {
             cat.stage_env(name, Some(env.clone()));
@@ -306,10 +310,12 @@ impl Catalog {
     pub fn env_clone(&mut self, from: &str, name: &str) -> Result<(Environment, EnvPoint)> {
         let point = self.env_resolve(from)?;
         self.new_env_name(name)?;
+        let hooks = crate::hooks::inherited(&self.environment(&point.environment)?.hooks);
         let mut plan = Vec::new();
         for (member, sid) in &point.members {
             let clone = format!("{name}.{member}");
             self.new_name(&clone)?;
+            self.downstream(&sid.to_string())?;
             plan.push((member.clone(), clone, self.volume(&sid.volume)?.clone(), sid.id));
         }
         self.commit_with(|cat| {
@@ -320,6 +326,7 @@ impl Catalog {
                 origin: Some(point.label.clone()),
                 next_snapshot: 1,
                 snapshots: Vec::new(),
+                hooks,
             };
             let mut clones = Vec::new();
             for (member, clone, parent, id) in &plan {

@@ -2,8 +2,8 @@
 //!
 //! A setting names a script in the daemon's hooks directory (never code, never a path; the
 //! daemon checks the file when it is set and again when it runs) and a timeout. Settings live
-//! in the volume's record, so they commit, and go, with the volume. A clone starts with a copy
-//! of its parent's settings (a `configure-clone` set on a source configures every clone made
+//! in the volume's (or environment's) record, so they commit, and go, with it. A clone starts
+//! with a copy of its parent's settings (an environment clone, of its source environment's) (a `configure-clone` set on a source configures every clone made
 //! from it), except `post-ingest` and `mask`, which only a source's own operations fire.
 
 use std::collections::BTreeMap;
@@ -53,27 +53,54 @@ pub fn check_event(event: &str) -> Result<()> {
 }
 
 impl Catalog {
-    /// Set the hook of `event` on `volume` (replacing one set before). The caller has checked
-    /// the script.
-    pub fn set_hook(&mut self, volume: &str, event: &str, setting: HookSetting) -> Result<()> {
+    /// Set the hook of `event` on `owner`, a volume or an environment (replacing one set
+    /// before). The caller has checked the script.
+    pub fn set_hook(&mut self, owner: &str, event: &str, setting: HookSetting) -> Result<()> {
         check_event(event)?;
-        let mut v = self.volume(volume)?.clone();
-        v.hooks.insert(event.to_string(), setting);
-        self.commit_with(|_| Ok((vec![v], vec![], ())))
+        self.change_hooks(owner, |hooks| {
+            hooks.insert(event.to_string(), setting);
+            Ok(())
+        })
     }
 
-    /// Remove the hook of `event` from `volume`; an error if none was set.
-    pub fn unset_hook(&mut self, volume: &str, event: &str) -> Result<()> {
+    /// Remove the hook of `event` from `owner`; an error if none was set.
+    pub fn unset_hook(&mut self, owner: &str, event: &str) -> Result<()> {
         check_event(event)?;
-        let mut v = self.volume(volume)?.clone();
-        if v.hooks.remove(event).is_none() {
-            return Err(CatalogError::NoHook { owner: v.name, event: event.to_string() });
+        self.change_hooks(owner, |hooks| match hooks.remove(event) {
+            Some(_) => Ok(()),
+            None => Err(CatalogError::NoHook { owner: owner.to_string(), event: event.to_string() }),
+        })
+    }
+
+    /// Change the hook settings of volume or environment `owner` and commit them.
+    fn change_hooks(
+        &mut self,
+        owner: &str,
+        change: impl FnOnce(&mut BTreeMap<String, HookSetting>) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(env) = self.environments().get(owner) {
+            let mut env = env.clone();
+            change(&mut env.hooks)?;
+            return self.commit_with(|cat| {
+                cat.stage_env(owner, Some(env));
+                Ok((vec![], vec![], ()))
+            });
         }
+        let mut v = self.volume(owner)?.clone();
+        change(&mut v.hooks)?;
         self.commit_with(|_| Ok((vec![v], vec![], ())))
     }
 
-    /// The hook of `event` on `volume`, if one is set.
-    pub fn hook(&self, volume: &str, event: &str) -> Option<&HookSetting> {
-        self.volumes.get(volume).and_then(|v| v.hooks.get(event))
+    /// The hook settings of volume or environment `owner`.
+    pub fn hooks_of(&self, owner: &str) -> Result<&BTreeMap<String, HookSetting>> {
+        match self.environments().get(owner) {
+            Some(env) => Ok(&env.hooks),
+            None => Ok(&self.volume(owner)?.hooks),
+        }
+    }
+
+    /// The hook of `event` on volume or environment `owner`, if one is set.
+    pub fn hook(&self, owner: &str, event: &str) -> Option<&HookSetting> {
+        self.hooks_of(owner).ok().and_then(|h| h.get(event))
     }
 }

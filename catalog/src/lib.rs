@@ -11,10 +11,10 @@
 
 #![forbid(unsafe_code)]
 
+mod environment;
 mod hooks;
 mod masking;
 mod oplog;
-mod environment;
 mod reference;
 mod undo;
 
@@ -22,10 +22,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
+pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
-pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 use serde::{Deserialize, Serialize};
 
@@ -437,15 +437,8 @@ impl Catalog {
         }
         let log = oplog::OpLog::load(&map)?;
         let environments = environment::load(&map)?;
-        let mut cat = Catalog {
-            map,
-            volumes,
-            last_time,
-            staged: BTreeMap::new(),
-            log,
-            environments,
-            env_pending: Vec::new(),
-        };
+        let mut cat =
+            Catalog { map, volumes, last_time, staged: BTreeMap::new(), log, environments, env_pending: Vec::new() };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }

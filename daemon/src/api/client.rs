@@ -25,11 +25,11 @@ use serde_json::Value;
 
 use super::upload::UploadError;
 use crate::api::data::{Empty, Extents, Written, Zeroed};
-use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
 use crate::api::environments::{
     CreateEnvironment, EnvCloneRequest, EnvCloned, EnvDeleted, EnvMoveRequest, EnvMoved, EnvSnapshotRequest,
     EnvSnapshotTaken, Environment, EnvironmentList,
 };
+use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::log::{LogEntries, LogQuery};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};

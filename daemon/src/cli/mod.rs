@@ -27,8 +27,8 @@ use crate::server::config::ServeArgs;
 
 pub mod commands;
 pub mod dump;
-pub mod hooks;
 pub mod env;
+pub mod hooks;
 pub mod render;
 pub mod scrub;
 

@@ -11,8 +11,11 @@
 //!
 //! Variables: `FORKD_EVENT`, `FORKD_VOLUME`, `FORKD_SNAPSHOT`, `FORKD_ORIGIN`, and where hosts
 //! (or, for a volume only the hook may reach, the hook alone) attach it: `FORKD_NBD_URI`,
-//! `FORKD_ISCSI_TARGET`, `FORKD_ISCSI_PORTAL`. Listener addresses bound to every interface
-//! are given as loopback: hooks run on the daemon's host.
+//! `FORKD_ISCSI_TARGET`, `FORKD_ISCSI_PORTAL`. An environment's operation runs the
+//! environment's hooks with `FORKD_ENV` and, per member M (upper-cased, other characters as
+//! `_`), `FORKD_M_VOLUME`, `FORKD_M_NBD_URI`, `FORKD_M_ISCSI_TARGET`; its `FORKD_VOLUME` is
+//! empty. Listener addresses bound to every interface are given as loopback: hooks run on the
+//! daemon's host.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,8 +41,29 @@ pub struct Facts {
     /// The export name to reach the volume by, when it differs from the volume's name (a
     /// hook-only capability name).
     pub export: Option<String>,
-    /// More variables (an environment's), added as they are.
-    pub extra: Vec<(String, String)>,
+    /// The environment acted on, for an environment's operation (its hooks run, and
+    /// `FORKD_ENV` and the members' variables are set).
+    pub env: Option<String>,
+    /// The environment's members.
+    pub members: Vec<Member>,
+}
+
+/// An environment member as its hooks see it.
+#[derive(Debug, Clone, Default)]
+pub struct Member {
+    /// The member's name in the environment (`db`).
+    pub name: String,
+    /// Its volume (`dev.db`).
+    pub volume: String,
+    /// The export name to reach it by (the volume's, or a hook-only capability name).
+    pub export: String,
+}
+
+impl Facts {
+    /// Whose hooks run: the environment's, else the volume's.
+    pub fn owner(&self) -> &str {
+        self.env.as_deref().unwrap_or(&self.volume)
+    }
 }
 
 /// Hooks of this daemon: the runner and the addresses hooks attach volumes at.
@@ -63,7 +87,7 @@ impl Events {
 
     /// Run the hook set for `event` on `facts.volume`, if one is set.
     pub fn fire(&self, store: &Store, event: &str, facts: &Facts) -> Result<Option<HookRun>, HookFailed> {
-        let Some(setting) = store.catalog().hook(&facts.volume, event).cloned() else {
+        let Some(setting) = store.catalog().hook(facts.owner(), event).cloned() else {
             return Ok(None);
         };
         let timeout = Duration::from_secs(setting.timeout_secs);
@@ -80,13 +104,13 @@ impl Events {
         facts: &Facts,
     ) -> Result<HookRun, HookFailed> {
         let vars = self.variables(event, facts);
-        let what = format!("the {event} hook `{script}` of `{}`", facts.volume);
+        let what = format!("the {event} hook `{script}` of `{}`", facts.owner());
         let at = crate::store::now_ms();
         let run = match self.runner.run(script, &vars, timeout) {
             Ok(run) => run,
             Err(e) => {
                 store.metrics.hook_runs.with_label_values(&[event, "refused"]).inc();
-                tracing::warn!(event, volume = %facts.volume, error = %e, "hook refused");
+                tracing::warn!(event, owner = facts.owner(), error = %e, "hook refused");
                 let failed = HookFailed(format!("{what} could not run: {e}"));
                 store.log_operation(log_entry(at, event, facts, script, None, Some(&failed)));
                 return Err(failed);
@@ -99,7 +123,7 @@ impl Events {
         };
         store.metrics.hook_runs.with_label_values(&[event, result]).inc();
         store.metrics.hook_seconds.with_label_values(&[event]).observe(run.duration_ms as f64 / 1000.0);
-        tracing::info!(event, volume = %facts.volume, script, result, ms = run.duration_ms, "hook ran");
+        tracing::info!(event, owner = facts.owner(), script, result, ms = run.duration_ms, "hook ran");
         let failed = (!run.succeeded()).then(|| {
             let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
             let said = if last.is_empty() { String::new() } else { format!(": {last}") };
@@ -124,7 +148,16 @@ impl Events {
             ("FORKD_ISCSI_TARGET".to_string(), target_name(&export)),
             ("FORKD_ISCSI_PORTAL".to_string(), self.iscsi.clone()),
         ];
-        vars.extend(f.extra.iter().cloned());
+        if let Some(env) = &f.env {
+            vars.push(("FORKD_ENV".to_string(), env.clone()));
+        }
+        for m in &f.members {
+            let key: String =
+                m.name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+            vars.push((format!("FORKD_{key}_VOLUME"), m.volume.clone()));
+            vars.push((format!("FORKD_{key}_NBD_URI"), self.nbd_uri(&m.export)));
+            vars.push((format!("FORKD_{key}_ISCSI_TARGET"), target_name(&m.export)));
+        }
         vars
     }
 
@@ -169,7 +202,7 @@ fn log_entry(
         at,
         who: "hook".into(),
         what: format!("hook {event}"),
-        target: Some(facts.volume.clone()),
+        target: Some(facts.owner().to_string()),
         duration_ms: run.map_or(0, |r| r.duration_ms),
         result: if failed.is_some() { "failed" } else { "ok" }.into(),
         error: failed.map(|f| f.0.clone()),

@@ -27,9 +27,9 @@ pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Run a `post-*` hook: its failure is reported, not returned.
-fn post(ev: &Events, st: &Store, event: &str, facts: &Facts) {
+pub fn post(ev: &Events, st: &Store, event: &str, facts: &Facts) {
     if let Err(e) = ev.fire(st, event, facts) {
-        tracing::warn!(event, volume = %facts.volume, error = %e, "post hook failed; the operation stands");
+        tracing::warn!(event, owner = facts.owner(), error = %e, "post hook failed; the operation stands");
     }
 }
 
@@ -66,7 +66,7 @@ pub fn clone(st: &Store, ev: &Events, from: &str, name: &str) -> Result<Snapshot
     if let Err(e) = ev.fire(st, "configure-clone", &facts) {
         // The clone goes, and with it a snapshot taken only to clone from (unless something
         // else uses it by now).
-        undo(st, name, |cat| {
+        undo(st, &[name], |cat| {
             cat.restore(&[], &[name.to_string()])?;
             if implicit && cat.dependents(&made_from).is_empty() {
                 cat.delete(&made_from.to_string())?;
@@ -88,7 +88,8 @@ pub enum Move {
 }
 
 impl Move {
-    fn name(self) -> &'static str {
+    /// `rewind` or `refresh`, as in the hook events' names.
+    pub fn name(self) -> &'static str {
         match self {
             Move::Rewind => "rewind",
             Move::Refresh => "refresh",
@@ -123,7 +124,7 @@ pub fn move_head(
     facts.origin = st.catalog().volume(name).ok().and_then(|v| v.origin.as_ref().map(ToString::to_string));
     let configure = Facts { export: Some(gate.export.clone()), ..facts.clone() };
     if let Err(e) = ev.fire(st, "configure-clone", &configure) {
-        undo(st, name, |cat| cat.restore(std::slice::from_ref(&before), &[]));
+        undo(st, &[name], |cat| cat.restore(std::slice::from_ref(&before), &[]));
         return Err(e.into());
     }
     drop(gate);
@@ -157,11 +158,17 @@ pub fn gate<'a>(st: &'a Store, volume: &str) -> Result<crate::store::exports::Ho
     })
 }
 
-/// Put things back after a failed hook: close what the hook left connected to `volume`, then
-/// `restore`. A failure here is logged: the hook's error is what the caller reports.
-pub fn undo(st: &Store, volume: &str, restore: impl FnOnce(&mut Catalog) -> std::result::Result<(), CatalogError>) {
-    let _fence = st.exports.fence_and_drain(volume, Scope::Volume, DRAIN);
+/// Put things back after a failed hook: close what the hook left connected to `volumes`,
+/// then `restore`. A failure here is logged: the hook's error is what the caller reports.
+pub fn undo<S: AsRef<str>>(
+    st: &Store,
+    volumes: &[S],
+    restore: impl FnOnce(&mut Catalog) -> std::result::Result<(), CatalogError>,
+) {
+    let _fences: Vec<_> =
+        volumes.iter().map(|v| st.exports.fence_and_drain(v.as_ref(), Scope::Volume, DRAIN)).collect();
     if let Err(e) = st.op_freeing(restore) {
-        tracing::error!(volume, error = %e, "could not undo after a failed hook");
+        let volumes: Vec<&str> = volumes.iter().map(AsRef::as_ref).collect();
+        tracing::error!(?volumes, error = %e, "could not undo after a failed hook");
     }
 }

@@ -41,7 +41,7 @@ pub fn mask(st: &Store, ev: &Events, req: &MaskRequest) -> Result<MaskAnswer, Ap
     let run = match run {
         Ok(run) => run,
         Err(e) => {
-            undo(st, &req.into, |cat| match &before {
+            undo(st, &[&req.into], |cat| match &before {
                 Some(b) => cat.restore(std::slice::from_ref(b), &[]),
                 None => cat.restore(&[], &[req.into.clone()]),
             });

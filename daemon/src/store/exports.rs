@@ -64,6 +64,13 @@ pub struct HookGate<'a> {
     pub export: String,
 }
 
+impl HookGate<'_> {
+    /// The volume it opens to a hook.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+}
+
 impl Drop for HookGate<'_> {
     fn drop(&mut self) {
         self.reg.gates.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.volume);

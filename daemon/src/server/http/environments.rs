@@ -4,29 +4,30 @@
 //!
 //! Every handler that changes something is the same short sequence: claim the environment
 //! and its member volumes ([`Store::claim_busy`]: a second operation on them is refused with
-//! 409 until the first answered), fence and drain the member exports it switches (rewind,
-//! refresh, delete), run ONE catalog operation (all members in one transaction), answer. The
-//! `// hooks:` comments mark where hook runs go (issue 11): `pre-*` hooks after the claim and
-//! before the operation, `configure-clone` and `post-*` hooks after it, all under the claim.
+//! 409 until the first answered), run the environment's `pre-*` hook, fence and drain the
+//! member exports it switches (rewind, refresh, delete), run ONE catalog operation (all
+//! members in one transaction), run `configure-clone` (clone, rewind, refresh: the members
+//! open to the hook alone; a failure undoes the operation) and `post-*`, answer.
 
 use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
-use catalog::{format_time, Catalog, SnapshotId};
+use axum::{Extension, Json};
+use catalog::{format_time, Catalog, CatalogError, MemberMove, SnapshotId};
 
 use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
-use super::{bad, blocking, ApiResult, Shared};
-use crate::server::lifecycle::DRAIN;
+use super::{bad, blocking, blocking_api, ApiResult, Hooks, Shared};
 use crate::api::environments::{
     CreateEnvironment, EnvCloneRequest, EnvCloned, EnvDeleteQuery, EnvDeleted, EnvMoveRequest, EnvMoved, EnvSnapshot,
     EnvSnapshotRequest, EnvSnapshotTaken, Environment, EnvironmentList, TreeEnvironment,
 };
 use crate::api::error::ErrorBody;
 use crate::api::volumes::Moved;
+use crate::server::events::{Events, Facts, Member};
+use crate::server::lifecycle::{self, Move, DRAIN};
 use crate::store::busy::{env_key, BusyGuard};
-use crate::store::exports::{Fence, Scope};
+use crate::store::exports::{Fence, HookGate, Scope};
 use crate::store::{Store, StoreError};
 
 /// The API's view of a catalog environment.
@@ -137,15 +138,18 @@ pub(super) async fn create(
         (status = 409, description = "the bookmark is taken, or an operation on it is running", body = ErrorBody)))]
 pub(super) async fn snapshot(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     OptionalJson(body): OptionalJson<EnvSnapshotRequest>,
 ) -> ApiResult<(StatusCode, Json<EnvSnapshotTaken>)> {
     let bookmark = body.and_then(|b| b.bookmark);
-    let taken = blocking(&s, move |st| {
+    let taken = blocking_api(&s, move |st| {
         let _claim = claim(st, &name, &[])?;
-        // hooks: pre-snapshot (environment, then members)
+        let mut facts = env_facts(st, &name, &[])?;
+        ev.fire(st, "pre-snapshot", &facts)?;
         let point = st.op(|cat| cat.env_snapshot(&name, bookmark.as_deref()))?;
-        // hooks: post-snapshot
+        facts.snapshot = Some(point.label.clone());
+        lifecycle::post(&ev, st, "post-snapshot", &facts);
         Ok(EnvSnapshotTaken { members: names(&point.members), snapshot: point.label })
     })
     .await?;
@@ -159,15 +163,25 @@ pub(super) async fn snapshot(
         (status = 409, description = "a name is taken, or an operation on it is running", body = ErrorBody)))]
 pub(super) async fn clone_environment(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     JsonBody(body): JsonBody<EnvCloneRequest>,
 ) -> ApiResult<(StatusCode, Json<EnvCloned>)> {
     let EnvCloneRequest { from, name } = body;
     check_routable(&name)?;
-    let cloned = blocking(&s, move |st| {
+    let cloned = blocking_api(&s, move |st| {
         // The source is only read (in one transaction): clones of one environment may run at once.
         let _claim = st.claim_busy(&[env_key(&name)])?;
+        // Every new member is open to the configure-clone hook alone until it succeeded.
+        let members: Vec<String> = st.catalog().env_resolve(&from)?.members.into_keys().collect();
+        let volumes: Vec<String> = members.iter().map(|m| format!("{name}.{m}")).collect();
+        let gates = volumes.iter().map(|v| lifecycle::gate(st, v)).collect::<ApiResult<Vec<_>>>()?;
         let (e, point) = st.op(|cat| cat.env_clone(&from, &name))?;
-        // hooks: configure-clone (every member in place, before hosts use them)
+        let mut facts = env_facts(st, &name, &gates)?;
+        (facts.snapshot, facts.origin) = (Some(point.label.clone()), Some(point.label.clone()));
+        if let Err(err) = ev.fire(st, "configure-clone", &facts) {
+            lifecycle::undo(st, &volumes, |cat| cat.env_delete(&name, false).map(drop));
+            return Err(err.into());
+        }
         Ok(EnvCloned { environment: environment(&e), made_from: names(&point.members) })
     })
     .await?;
@@ -182,17 +196,15 @@ pub(super) async fn clone_environment(
         (status = 409, description = "an operation on it is running", body = ErrorBody)))]
 pub(super) async fn rewind(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     JsonBody(body): JsonBody<EnvMoveRequest>,
 ) -> ApiResult<Json<EnvMoved>> {
     let to = body.to.ok_or_else(|| bad("rewind needs \"to\": an environment snapshot or a time"))?;
-    blocking(&s, move |st| {
-        let (_claim, volumes) = claim(st, &name, &[])?;
-        // hooks: pre-rewind
-        let _fences = fence_all(st, &volumes, Scope::Head);
-        let (point, moves) = st.op(|cat| cat.env_rewind(&name, &to))?;
-        // hooks: configure-clone, post-rewind
-        Ok(Json(moved(&name, Some(point.label), &moves)))
+    blocking_api(&s, move |st| {
+        let step = |cat: &mut Catalog| cat.env_rewind(&name, &to).map(|(point, moves)| (Some(point.label), moves));
+        let (target, moves) = env_move(st, &ev, &name, Some(&to), Move::Rewind, step)?;
+        Ok(Json(moved(&name, target, &moves)))
     })
     .await
 }
@@ -203,16 +215,67 @@ pub(super) async fn rewind(
         (status = 400, description = "a member is not a clone", body = ErrorBody),
         (status = 404, description = "no such environment, or an origin without snapshots", body = ErrorBody),
         (status = 409, description = "an operation on it is running", body = ErrorBody)))]
-pub(super) async fn refresh(State(s): State<Shared>, ApiPath(name): ApiPath<String>) -> ApiResult<Json<EnvMoved>> {
-    blocking(&s, move |st| {
-        let (_claim, volumes) = claim(st, &name, &[])?;
-        // hooks: pre-refresh
-        let _fences = fence_all(st, &volumes, Scope::Head);
-        let moves = st.op(|cat| cat.env_refresh(&name))?;
-        // hooks: configure-clone, post-refresh
+pub(super) async fn refresh(
+    State(s): State<Shared>,
+    Extension(ev): Hooks,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<EnvMoved>> {
+    blocking_api(&s, move |st| {
+        let step = |cat: &mut Catalog| cat.env_refresh(&name).map(|moves| (None, moves));
+        let (_, moves) = env_move(st, &ev, &name, None, Move::Refresh, step)?;
         Ok(Json(moved(&name, None, &moves)))
     })
     .await
+}
+
+/// Rewind or refresh every member of `name` as one operation, between the environment's
+/// hooks: `pre-*`; fence, switch (members open to hooks alone), `configure-clone` (on failure
+/// every member's record before the switch comes back); `post-*`.
+fn env_move(
+    st: &Store,
+    ev: &Events,
+    name: &str,
+    to: Option<&str>,
+    kind: Move,
+    step: impl FnOnce(&mut Catalog) -> Result<(Option<String>, Vec<MemberMove>), CatalogError>,
+) -> ApiResult<(Option<String>, Vec<MemberMove>)> {
+    let (_claim, volumes) = claim(st, name, &[])?;
+    let before: Vec<catalog::Volume> =
+        volumes.iter().map(|v| st.catalog().volume(v).cloned()).collect::<Result<_, CatalogError>>()?;
+    let mut facts = env_facts(st, name, &[])?;
+    facts.snapshot = to.map(str::to_string);
+    ev.fire(st, &format!("pre-{}", kind.name()), &facts)?;
+    let gates = volumes.iter().map(|v| lifecycle::gate(st, v)).collect::<ApiResult<Vec<_>>>()?;
+    let (target, moves) = {
+        let _fences = fence_all(st, &volumes, Scope::Head);
+        st.op(step)?
+    };
+    let mut configure = env_facts(st, name, &gates)?;
+    configure.snapshot = target.clone();
+    if let Err(e) = ev.fire(st, "configure-clone", &configure) {
+        lifecycle::undo(st, &volumes, |cat| cat.restore(&before, &[]));
+        return Err(e.into());
+    }
+    drop(gates);
+    facts.snapshot = target.clone();
+    lifecycle::post(ev, st, &format!("post-{}", kind.name()), &facts);
+    Ok((target, moves))
+}
+
+/// What environment `name`'s hooks are told: its members, reached through `gates` where the
+/// operation holds them (else by their own names).
+fn env_facts(st: &Store, name: &str, gates: &[HookGate<'_>]) -> Result<Facts, StoreError> {
+    let cat = st.catalog();
+    let env = cat.environment(name)?;
+    let members = env
+        .members
+        .iter()
+        .map(|(m, v)| {
+            let gate = gates.iter().find(|g| g.volume() == v);
+            Member { name: m.clone(), volume: v.clone(), export: gate.map_or_else(|| v.clone(), |g| g.export.clone()) }
+        })
+        .collect();
+    Ok(Facts { env: Some(name.to_string()), origin: env.origin.clone(), members, ..Facts::default() })
 }
 
 /// The answer of a rewind or refresh.
@@ -234,13 +297,14 @@ fn moved(env: &str, target: Option<String>, moves: &[catalog::MemberMove]) -> En
         (status = 409, description = "clones outside it depend on a member, or an operation on it is running", body = ErrorBody)))]
 pub(super) async fn remove(
     State(s): State<Shared>,
+    Extension(ev): Hooks,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<EnvDeleteQuery>,
 ) -> ApiResult<Json<EnvDeleted>> {
     let keep = q.keep_volumes == Some(true);
-    blocking(&s, move |st| {
+    blocking_api(&s, move |st| {
         let (_claim, volumes) = claim(st, &name, &[])?;
-        // hooks: pre-delete
+        ev.fire(st, "pre-delete", &env_facts(st, &name, &[])?)?;
         let before = st.metrics.freed_bytes.get();
         let _fences = if keep { Vec::new() } else { fence_all(st, &volumes, Scope::Volume) };
         let volumes = st.op_freeing(|cat: &mut Catalog| cat.env_delete(&name, keep))?;

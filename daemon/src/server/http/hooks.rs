@@ -26,15 +26,14 @@ const MAX_TIMEOUT_SECS: u64 = 86_400;
 pub(super) async fn list(State(s): State<Shared>, ApiQuery(q): ApiQuery<HookQuery>) -> ApiResult<Json<HookList>> {
     blocking(&s, move |st| {
         let cat = st.catalog();
-        if let Some(owner) = &q.owner {
-            cat.volume(owner)?;
-        }
-        let hooks = cat
-            .volumes()
-            .values()
-            .filter(|v| q.owner.as_ref().is_none_or(|o| *o == v.name))
-            .flat_map(|v| v.hooks.iter().map(|(event, h)| hook(&v.name, event, h)))
-            .collect();
+        let hooks = match &q.owner {
+            Some(owner) => cat.hooks_of(owner)?.iter().map(|(event, h)| hook(owner, event, h)).collect(),
+            None => {
+                let volumes = cat.volumes().values().map(|v| (&v.name, &v.hooks));
+                let envs = cat.environments().values().map(|e| (&e.name, &e.hooks));
+                volumes.chain(envs).flat_map(|(o, hs)| hs.iter().map(|(event, h)| hook(o, event, h))).collect()
+            }
+        };
         Ok(Json(HookList { hooks }))
     })
     .await
@@ -45,7 +44,7 @@ fn hook(owner: &str, event: &str, h: &catalog::HookSetting) -> Hook {
 }
 
 #[utoipa::path(put, path = "/v1/hooks/{owner}/{event}", tag = "hooks",
-    params(("owner" = String, Path, description = "volume name"), ("event" = String, Path, description = "hook event")),
+    params(("owner" = String, Path, description = "volume or environment name"), ("event" = String, Path, description = "hook event")),
     request_body = HookRequest,
     responses((status = 200, description = "the setting", body = Hook),
         (status = 400, description = "unknown event, a script that cannot be used, or a bad timeout", body = ErrorBody),
@@ -62,7 +61,7 @@ pub(super) async fn set(
     }
     blocking_api(&s, move |st| {
         catalog::check_event(&event)?;
-        st.catalog().volume(&owner)?;
+        st.catalog().hooks_of(&owner)?;
         ev.check(&body.script).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
         let setting = catalog::HookSetting { script: body.script, timeout_secs };
         st.op(|cat| cat.set_hook(&owner, &event, setting.clone()))?;
@@ -72,7 +71,7 @@ pub(super) async fn set(
 }
 
 #[utoipa::path(delete, path = "/v1/hooks/{owner}/{event}", tag = "hooks",
-    params(("owner" = String, Path, description = "volume name"), ("event" = String, Path, description = "hook event")),
+    params(("owner" = String, Path, description = "volume or environment name"), ("event" = String, Path, description = "hook event")),
     responses((status = 200, description = "the setting removed", body = Hook),
         (status = 400, description = "unknown event", body = ErrorBody),
         (status = 404, description = "no such volume, or no hook of that event", body = ErrorBody)))]
@@ -82,7 +81,7 @@ pub(super) async fn unset(
 ) -> ApiResult<Json<Hook>> {
     blocking(&s, move |st| {
         catalog::check_event(&event)?;
-        let old = st.catalog().volume(&owner)?.hooks.get(&event).cloned();
+        let old = st.catalog().hooks_of(&owner)?.get(&event).cloned();
         let old = old.ok_or_else(|| catalog::CatalogError::NoHook { owner: owner.clone(), event: event.clone() })?;
         st.op(|cat| cat.unset_hook(&owner, &event))?;
         Ok(Json(hook(&owner, &event, &old)))
