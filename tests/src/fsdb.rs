@@ -290,7 +290,11 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start(data: &Path, sock: &Path) -> Postgres {
-        let port = free_port();
+        Postgres::start_on(data, sock, free_port())
+    }
+
+    /// [`Postgres::start`] on a chosen port.
+    pub fn start_on(data: &Path, sock: &Path, port: u16) -> Postgres {
         let mut pg = Postgres { data: data.to_path_buf(), sock: sock.to_path_buf(), port, running: true };
         let log = sock.join(format!("pg-{port}.log"));
         let out = run_bounded(

@@ -53,11 +53,8 @@ fn setup(root: &Path) -> (Daemon, PathBuf, PathBuf) {
     script(&hooks, "fail", "echo 'masking rules missing' >&2; exit 1");
     script(&hooks, "slow", "sleep 300");
     script(&hooks, "killed", "kill -9 $$");
-    let d = Daemon::start_with(
-        root,
-        "127.0.0.1",
-        &["--hooks-dir", hooks.to_str().expect("utf-8"), "--hook-user", "root"],
-    );
+    let d =
+        Daemon::start_with(root, "127.0.0.1", &["--hooks-dir", hooks.to_str().expect("utf-8"), "--hook-user", "root"]);
     let mut img = vec![0u8; 4 << 20];
     img[..ADDRESSES.len()].copy_from_slice(ADDRESSES);
     img[1 << 20..(1 << 20) + ADDRESSES.len()].copy_from_slice(ADDRESSES);
@@ -141,7 +138,8 @@ fn masking_fails_closed() {
     d.cli_ok(&["clone", "prod-masked@latest", "dev1"]);
     for off in [0u64, 1 << 20] {
         let got = d.api().read("dev1", off, ADDRESSES.len() as u64);
-        let want: Vec<u8> = ADDRESSES.iter().map(|&c| if c == b',' || c == b';' || c == b'@' { c } else { b'x' }).collect();
+        let want: Vec<u8> =
+            ADDRESSES.iter().map(|&c| if c == b',' || c == b';' || c == b'@' { c } else { b'x' }).collect();
         assert_eq!(got, want, "at {off}: {}", String::from_utf8_lossy(&got));
     }
     let dump = t.path().join("dev1.img");

@@ -43,7 +43,7 @@ pub fn mask(st: &Store, ev: &Events, req: &MaskRequest) -> Result<MaskAnswer, Ap
         Err(e) => {
             undo(st, &[&req.into], |cat| match &before {
                 Some(b) => cat.restore(std::slice::from_ref(b), &[]),
-                None => cat.restore(&[], &[req.into.clone()]),
+                None => cat.restore(&[], std::slice::from_ref(&req.into)),
             });
             tracing::warn!(into = %req.into, error = %e, "masking failed: no masked snapshot was taken");
             return Err(e.into());
