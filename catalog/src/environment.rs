@@ -176,7 +176,7 @@ impl Catalog {
     }
 
     /// Check a new environment's name: valid, and neither a volume's nor an environment's.
-    fn new_env_name(&self, name: &str) -> Result<()> {
+    pub(crate) fn new_env_name(&self, name: &str) -> Result<()> {
         validate_name("environment", name)?;
         if self.volumes.contains_key(name) {
             return Err(CatalogError::NameTaken(name.to_string()));
@@ -243,7 +243,9 @@ impl Catalog {
         }
         let mut volumes: Vec<(String, Volume)> = Vec::new();
         for (member, volume) in &env.members {
-            volumes.push((member.clone(), self.volume(volume)?.clone()));
+            let v = self.volume(volume)?.clone();
+            Self::not_masked(&v, "snapshotted")?;
+            volumes.push((member.clone(), v));
         }
         self.commit_with(|cat| {
             let created_at = cat.now();
@@ -371,6 +373,7 @@ impl Catalog {
             if v.kind != Kind::Clone {
                 return Err(CatalogError::NotAClone(v.name, verb));
             }
+            Self::not_masked(&v, verb)?;
             let target = targets.get(member).ok_or_else(|| CatalogError::UnknownSnapshot(member.clone()))?;
             volumes.push((member.clone(), v, target.clone()));
         }

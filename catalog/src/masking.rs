@@ -13,7 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Catalog, CatalogError, Kind, Result, SnapSel, SnapshotId, Volume};
+use std::collections::BTreeMap;
+
+use crate::{Catalog, CatalogError, Environment, Kind, Result, SnapSel, SnapshotId, Volume};
 
 /// What a masked snapshot was made from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +141,51 @@ impl Catalog {
                 s.masked = Some(record);
             }
             Ok((vec![v], vec![], id))
+        })
+    }
+
+    /// Snapshot the masked volumes of an environment's members after their hooks succeeded
+    /// (`members`: member, masked volume, record), and make them environment `env` (created
+    /// on first use, from `origin`), in one commit.
+    pub fn mask_finish_env(
+        &mut self,
+        env: &str,
+        origin: &str,
+        members: Vec<(String, String, MaskRecord)>,
+    ) -> Result<Vec<SnapshotId>> {
+        let names: BTreeMap<String, String> = members.iter().map(|(m, v, _)| (m.clone(), v.clone())).collect();
+        let record = match self.environments().get(env) {
+            Some(e) if e.members == names => e.clone(),
+            Some(_) => {
+                return Err(CatalogError::BadEnvironment(format!(
+                    "`{env}` exists with other members: choose another name to mask into"
+                )))
+            }
+            None => {
+                self.new_env_name(env)?;
+                Environment {
+                    name: env.to_string(),
+                    members: names,
+                    created_at: self.now(),
+                    origin: Some(origin.to_string()),
+                    next_snapshot: 1,
+                    snapshots: Vec::new(),
+                    hooks: BTreeMap::new(),
+                }
+            }
+        };
+        let mut volumes: Vec<Volume> =
+            members.iter().map(|(_, v, _)| self.volume(v).cloned()).collect::<Result<_>>()?;
+        self.commit_with(|cat| {
+            let mut ids = Vec::new();
+            for (v, (_, _, rec)) in volumes.iter_mut().zip(members) {
+                ids.push(cat.take_snapshot(v, "mask", None)?);
+                if let Some(s) = v.snapshots.last_mut() {
+                    s.masked = Some(rec);
+                }
+            }
+            cat.stage_env(env, Some(record));
+            Ok((volumes, vec![], ids))
         })
     }
 

@@ -248,4 +248,18 @@ fn database_and_application_cloned_configured_and_masked_together() {
     m.unmount();
     lo.detach();
     qsd.stop();
+
+    // The whole environment: db through its mask hook, app (no policy, no hook) as is; its
+    // clone is a masked database with its application.
+    d.cli_ok(&["hook", "set", "db", "mask", "mask-db", "--timeout", "300s"]);
+    let masked = d.cli_json(&["mask", "shop@latest", "--into", "shop-masked"]);
+    assert_eq!(masked["members"]["db"], "shop-masked.db@1", "{masked}");
+    d.cli_ok(&["env", "clone", "shop-masked@latest", "mqa"]);
+    let (qsd, lo, m) = attach(&d, root, "mqa.db", DB_SIZE);
+    let pg = Postgres::start(&root.join("mnt-mqa.db").join("pg").join("data"), &sock);
+    assert_eq!(pg.query("select count(*) from users where email like '%@masked.invalid'"), "300");
+    pg.stop();
+    m.unmount();
+    lo.detach();
+    qsd.stop();
 }

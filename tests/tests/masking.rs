@@ -184,4 +184,33 @@ fn masking_fails_closed() {
     d.cli_ok(&["policy", "set", "prod", "clone_from=any"]);
     d.cli_ok(&["clone", "prod@1", "dev3"]);
     assert_eq!(d.api().read("dev3", 0, 5), b"alice");
+    mask_an_environment(&d);
+}
+
+/// An environment is masked member by member, with each member volume's mask hook; a member
+/// without one is copied as is, unless its source lets only masked data out: then nothing is
+/// done at all.
+fn mask_an_environment(d: &Daemon) {
+    d.cli_ok(&["source", "create", "crm", "--size", "1M"]);
+    d.cli_ok(&["snapshot", "crm"]);
+    d.cli_ok(&["env", "create", "sys", "prod=prod", "crm=crm"]);
+    d.cli_ok(&["policy", "set", "prod", "clone_from=masked"]);
+    let err = fails(d, &["mask", "sys@latest", "--into", "sys-masked"]);
+    assert!(err.contains("member `prod` has no mask hook"), "{err}");
+    assert!(
+        !d.cli(&["env", "show", "sys-masked"]).status.success(),
+        "a refused environment masking left an environment"
+    );
+    assert!(!d.cli(&["show", "sys-masked.crm"]).status.success(), "a refused environment masking left a member");
+    let err = fails(d, &["mask", "sys@latest", "--with", "masker", "--into", "sys-masked"]);
+    assert!(err.contains("leave out --with"), "{err}");
+
+    d.cli_ok(&["hook", "set", "prod", "mask", "masker"]);
+    let a = d.cli_json(&["mask", "sys@latest", "--into", "sys-masked"]);
+    assert_eq!(a["members"]["prod"], "sys-masked.prod@1", "{a}");
+    assert_eq!(a["members"]["crm"], "sys-masked.crm@1", "{a}");
+    d.cli_ok(&["env", "clone", "sys-masked@latest", "sysdev"]);
+    assert_eq!(d.api().read("sysdev.prod", 0, 5), b"xxxxx", "the masked environment's clone is masked");
+    let err = fails(d, &["env", "clone", "sys@latest", "sysraw"]);
+    assert!(err.contains("clone_from=masked"), "{err}");
 }

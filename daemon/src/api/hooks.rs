@@ -45,11 +45,16 @@ pub struct HookQuery {
 /// `POST /v1/mask`: mask a snapshot into a masked volume.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MaskRequest {
-    /// The snapshot to mask (`VOLUME@N`, `@latest`, `@BOOKMARK`, `@TIME`).
+    /// The snapshot to mask (`VOLUME@N`, `@latest`, `@BOOKMARK`, `@TIME`), or an environment's
+    /// point in time (`ENV@N`, `ENV@latest`, `ENV@TIME`).
     pub snapshot: String,
-    /// The masking script's name in the hooks directory.
-    pub script: String,
-    /// The masked volume (created on first use).
+    /// The masking script's name in the hooks directory; without it, the `mask` hook set on the
+    /// snapshot's volume (for an environment: on each member volume; a member without one is
+    /// copied as is, refused if its source's policy is `clone_from = "masked"`).
+    #[serde(default)]
+    pub script: Option<String>,
+    /// The masked volume (created on first use); for an environment, the masked environment
+    /// (members `INTO.MEMBER`).
     pub into: String,
     /// Seconds before the script is killed (default 300).
     #[serde(default)]
@@ -67,8 +72,11 @@ pub struct MaskAnswer {
     pub script: String,
     /// SHA-256 of the script when it ran.
     pub script_sha256: String,
-    /// How long the script ran, in milliseconds.
+    /// How long the script ran, in milliseconds (for an environment: all members' scripts).
     pub duration_ms: u64,
+    /// For an environment: each member's new masked snapshot.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub members: std::collections::BTreeMap<String, String>,
 }
 
 /// `PUT /v1/volumes/{name}/policy`.

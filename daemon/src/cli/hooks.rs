@@ -65,9 +65,10 @@ pub struct MaskArgs {
     /// Snapshot to mask (VOLUME@N, @latest, @BOOKMARK, @TIME)
     #[arg(value_name = "SNAPSHOT")]
     pub snapshot: String,
-    /// The masking script's file name in the hooks directory
+    /// The masking script's file name in the hooks directory [default: the snapshot's volume's
+    /// mask hook; for an environment, each member's]
     #[arg(long = "with", value_name = "SCRIPT_NAME")]
-    pub script: String,
+    pub script: Option<String>,
     /// The masked volume to put the result in (created on first use)
     #[arg(long, value_name = "MASKED_VOLUME")]
     pub into: String,
@@ -105,7 +106,18 @@ pub fn mask(client: &Client, json: bool, args: &MaskArgs) -> anyhow::Result<()> 
     };
     let a = client.mask(&req)?;
     report(json, &a, || {
-        format!("masked {} into {} with {} in {}", a.source, a.snapshot, a.script, human_duration_ms(a.duration_ms))
+        if a.members.is_empty() {
+            format!("masked {} into {} with {} in {}", a.source, a.snapshot, a.script, human_duration_ms(a.duration_ms))
+        } else {
+            let members: Vec<String> = a.members.iter().map(|(m, s)| format!("{m}: {s}")).collect();
+            format!(
+                "masked {} into {} ({}) in {}",
+                a.source,
+                args.into,
+                members.join(", "),
+                human_duration_ms(a.duration_ms)
+            )
+        }
     })
 }
 
