@@ -145,6 +145,17 @@ fn every_event_fires_in_order_with_its_variables() {
     let m = d.metrics();
     assert_eq!(metric_value(&m, "forkd_hook_runs_total{event=\"configure-clone\",result=\"ok\"}"), 3.0);
     assert_eq!(metric_value(&m, "forkd_hook_duration_seconds_count{event=\"post-ingest\"}"), 2.0);
+    // Every run is in the operation log, in order, as `hook EVENT` on its volume.
+    let log = d.cli_json(&["log"]);
+    let runs: Vec<String> = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["who"] == "hook")
+        .map(|e| format!("{} {} {}", e["what"].as_str().unwrap_or(""), e["target"].as_str().unwrap_or(""), e["result"]))
+        .collect();
+    let want: Vec<String> = fields.iter().map(|f| format!("hook {} {} \"ok\"", f[0], f[1])).collect();
+    assert_eq!(runs, want);
 }
 
 /// `forkd show NAME --json` without the parts a failed operation may legitimately touch.
@@ -228,6 +239,21 @@ fn a_hanging_hook_is_killed_with_its_children_at_its_timeout() {
     assert_eq!(d.cli_json(&["show", "dev1"])["snapshots"].as_array().map(Vec::len), Some(0));
     let m = d.metrics();
     assert_eq!(metric_value(&m, "forkd_hook_runs_total{event=\"pre-snapshot\",result=\"timeout\"}"), 1.0);
+    // The log keeps the run with a bounded piece of its 3 MB of output.
+    let log = d.cli_json(&["log", "--volume", "dev1"]);
+    let entries = log["entries"].as_array().expect("entries");
+    let run = entries.iter().find(|e| e["what"] == "hook pre-snapshot").expect("the hook run is logged");
+    assert_eq!(run["result"], "failed");
+    assert!(run["error"].as_str().is_some_and(|e| e.contains("timed out")), "{run}");
+    let detail = run["detail"].as_str().expect("detail");
+    assert!(
+        detail.len() < 16 << 10 && detail.contains("bytes of output dropped"),
+        "{} bytes: {}",
+        detail.len(),
+        &detail[..200.min(detail.len())]
+    );
+    let op = entries.iter().find(|e| e["what"] == "snapshot").expect("the snapshot operation is logged");
+    assert_eq!(op["result"], "failed");
 }
 
 #[test]
