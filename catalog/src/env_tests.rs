@@ -3,23 +3,8 @@
 //! changes nothing, also after a restart), rewind, refresh and delete.
 
 use super::*;
-use crate::{Entry, IngestSummary};
-
-fn open(dir: &std::path::Path) -> Catalog {
-    let kv = metakv::open(metakv::Engine::DEFAULT, &dir.join("meta")).unwrap();
-    Catalog::open(kv).unwrap()
-}
-
-/// Write block `b` of `vol` with crc `tag` (into its running ingest with `staging`).
-fn put(cat: &mut Catalog, vol: &str, b: u64, tag: u32, staging: bool) {
-    let slot = cat.map_mut().alloc(1).unwrap()[0];
-    cat.write(vol, b, &[Some(Entry { slot, crc: tag, digest: u64::from(tag) })], staging).unwrap();
-}
-
-fn crc(cat: &Catalog, reference: &str, b: u64) -> Option<u32> {
-    let t = cat.target(reference).unwrap();
-    cat.map().lookup(t.root, b, 1).unwrap()[0].map(|e| e.crc)
-}
+use crate::tests::{crc, open, put};
+use crate::IngestSummary;
 
 /// An ingest into `src` that writes block 0 with `tag`; waits so the next time differs.
 fn ingest(cat: &mut Catalog, src: &str, tag: u32) -> SnapshotId {

@@ -177,14 +177,7 @@ impl Catalog {
 
     /// Check a new environment's name: valid, and neither a volume's nor an environment's.
     pub(crate) fn new_env_name(&self, name: &str) -> Result<()> {
-        validate_name("environment", name)?;
-        if self.volumes.contains_key(name) {
-            return Err(CatalogError::NameTaken(name.to_string()));
-        }
-        if self.environments.contains_key(name) {
-            return Err(CatalogError::EnvironmentTaken(name.to_string()));
-        }
-        Ok(())
+        self.unused_name("environment", name)
     }
 
     /// Check the members of a new environment: at least one, valid member names, existing

@@ -563,7 +563,13 @@ impl Catalog {
     }
 
     fn new_name(&self, name: &str) -> Result<()> {
-        validate_name("volume", name)?;
+        self.unused_name("volume", name)
+    }
+
+    /// Check a new volume's or environment's name: valid, and neither a volume's nor an
+    /// environment's (`kind` says which, for the error).
+    fn unused_name(&self, kind: &str, name: &str) -> Result<()> {
+        validate_name(kind, name)?;
         if self.volumes.contains_key(name) {
             return Err(CatalogError::NameTaken(name.to_string()));
         }

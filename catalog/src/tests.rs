@@ -2,17 +2,18 @@
 
 use super::*;
 
-fn open(dir: &std::path::Path) -> Catalog {
+pub(crate) fn open(dir: &std::path::Path) -> Catalog {
     let kv = metakv::open(metakv::Engine::DEFAULT, &dir.join("meta")).unwrap();
     Catalog::open(kv).unwrap()
 }
 
-fn put(cat: &mut Catalog, vol: &str, b: u64, tag: u32, staging: bool) {
+/// Write block `b` of `vol` with crc `tag` (into its running ingest with `staging`).
+pub(crate) fn put(cat: &mut Catalog, vol: &str, b: u64, tag: u32, staging: bool) {
     let slot = cat.map_mut().alloc(1).unwrap()[0];
     cat.write(vol, b, &[Some(Entry { slot, crc: tag, digest: u64::from(tag) })], staging).unwrap();
 }
 
-fn crc(cat: &Catalog, reference: &str, b: u64) -> Option<u32> {
+pub(crate) fn crc(cat: &Catalog, reference: &str, b: u64) -> Option<u32> {
     let t = cat.target(reference).unwrap();
     cat.map().lookup(t.root, b, 1).unwrap()[0].map(|e| e.crc)
 }
