@@ -85,7 +85,7 @@ impl Events {
         self.runner.resolve(script)
     }
 
-    /// Run the hook set for `event` on `facts.volume`, if one is set.
+    /// Run the hook set for `event` on the operation's volume or environment, if one is set.
     pub fn fire(&self, store: &Store, event: &str, facts: &Facts) -> Result<Option<HookRun>, HookFailed> {
         let Some(setting) = store.catalog().hook(facts.owner(), event).cloned() else {
             return Ok(None);
@@ -125,7 +125,8 @@ impl Events {
         store.metrics.hook_seconds.with_label_values(&[event]).observe(run.duration_ms as f64 / 1000.0);
         tracing::info!(event, owner = facts.owner(), script, result, ms = run.duration_ms, "hook ran");
         let failed = (!run.succeeded()).then(|| {
-            let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+            let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            let last: String = last.chars().take(300).collect();
             let said = if last.is_empty() { String::new() } else { format!(": {last}") };
             HookFailed(format!("{what} {}{said}", run.outcome()))
         });
