@@ -47,7 +47,7 @@ struct Prepared<'a> {
     before: Option<catalog::Volume>,
     record: MaskRecord,
     duration_ms: u64,
-    _gate: HookGate<'a>,
+    gate: HookGate<'a>,
 }
 
 impl Prepared<'_> {
@@ -78,13 +78,13 @@ fn prepare<'a>(
     let gate = gate(st, into)?;
     let (source, before) = st.op(|cat| cat.mask_begin(snapshot, into))?;
     let record = MaskRecord { source: source.clone(), script: script.unwrap_or_default().to_string(), script_sha256 };
-    let mut p = Prepared { into: into.to_string(), before, record, duration_ms: 0, _gate: gate };
+    let mut p = Prepared { into: into.to_string(), before, record, duration_ms: 0, gate };
     let Some(script) = script else { return Ok(p) };
     let facts = Facts {
         volume: into.to_string(),
         snapshot: Some(source.to_string()),
         origin: Some(source.to_string()),
-        export: Some(p._gate.export.clone()),
+        export: Some(p.gate.export.clone()),
         ..Facts::default()
     };
     let run = ev.run(st, "mask", script, timeout, &facts);
