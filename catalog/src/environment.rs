@@ -410,7 +410,21 @@ impl Catalog {
     /// snapshots, in one transaction. Refused, naming them, while clones outside the
     /// environment depend on a member. Returns the volumes deleted.
     pub fn env_delete(&mut self, name: &str, keep_volumes: bool) -> Result<Vec<String>> {
-        let env = self.environment(name)?.clone();
+        let members = self.check_env_delete(name, keep_volumes)?;
+        self.commit_with(|cat| {
+            for root in members.iter().flat_map(Volume::roots) {
+                cat.map.release(root)?;
+            }
+            cat.stage_env(name, None);
+            let removed: Vec<String> = members.iter().map(|v| v.name.clone()).collect();
+            Ok((vec![], removed.clone(), removed))
+        })
+    }
+
+    /// The member volumes deleting environment `name` would delete (none with
+    /// `keep_volumes`), or why it is refused, without changing anything.
+    pub fn check_env_delete(&self, name: &str, keep_volumes: bool) -> Result<Vec<Volume>> {
+        let env = self.environment(name)?;
         let members: Vec<Volume> = if keep_volumes {
             Vec::new()
         } else {
@@ -428,14 +442,7 @@ impl Catalog {
         if !deps.is_empty() {
             return Err(CatalogError::HasDependents { what: format!("environment `{name}`"), dependents: deps });
         }
-        self.commit_with(|cat| {
-            for root in members.iter().flat_map(Volume::roots) {
-                cat.map.release(root)?;
-            }
-            cat.stage_env(name, None);
-            let removed: Vec<String> = members.iter().map(|v| v.name.clone()).collect();
-            Ok((vec![], removed.clone(), removed))
-        })
+        Ok(members)
     }
 }
 

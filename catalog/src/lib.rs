@@ -365,6 +365,15 @@ fn sel_text(sel: &SnapSel) -> String {
     }
 }
 
+/// What a delete removes (see [`Catalog::check_delete`]).
+#[derive(Clone, Debug)]
+pub enum Deletion {
+    /// One snapshot of a volume (the volume's record as it is).
+    Snapshot(Volume, Snapshot),
+    /// A volume with its snapshots.
+    Volume(Volume),
+}
+
 /// What a reference resolves to for I/O.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -820,48 +829,55 @@ impl Catalog {
     /// Delete a volume (with its snapshots) or one snapshot. Refused, naming them, while
     /// clones depend on what would go.
     pub fn delete(&mut self, reference: &str) -> Result<()> {
-        let r = Reference::parse(reference)?;
-        let v = self.volume(&r.volume)?.clone();
-        match &r.snapshot {
-            Some(sel) => {
-                let s = v.find(sel)?.clone();
-                let sid = SnapshotId { volume: v.name.clone(), id: s.id };
-                let deps = self.dependents(&sid);
-                if !deps.is_empty() {
-                    return Err(CatalogError::HasDependents { what: sid.to_string(), dependents: deps });
-                }
-                let mut v = v;
+        match self.check_delete(reference)? {
+            Deletion::Snapshot(mut v, s) => {
                 v.snapshots.retain(|x| x.id != s.id);
                 self.commit_with(|cat| {
                     cat.map.release(s.root)?;
                     Ok((vec![v], vec![], ()))
                 })
             }
-            None => {
-                if let Some(env) = self.environment_of(&v.name) {
-                    return Err(CatalogError::InEnvironment {
-                        volume: v.name.clone(),
-                        environment: env.name.clone(),
-                        hint: "; delete the environment first (with --keep-volumes to keep its volumes)",
-                    });
+            Deletion::Volume(v) => self.commit_with(|cat| {
+                for root in v.roots() {
+                    cat.map.release(root)?;
                 }
-                let deps: Vec<String> = self
-                    .volumes
-                    .values()
-                    .filter(|c| c.name != v.name && c.origin.as_ref().is_some_and(|o| o.volume == v.name))
-                    .map(|c| c.name.clone())
-                    .collect();
-                if !deps.is_empty() {
-                    return Err(CatalogError::HasDependents { what: v.name.clone(), dependents: deps });
-                }
-                self.commit_with(|cat| {
-                    for root in v.roots() {
-                        cat.map.release(root)?;
-                    }
-                    Ok((vec![], vec![v.name.clone()], ()))
-                })
-            }
+                Ok((vec![], vec![v.name.clone()], ()))
+            }),
         }
+    }
+
+    /// What deleting `reference` would delete, or why it is refused (unknown, clones depend
+    /// on it, a member of an environment), without changing anything: so a `pre-delete` hook
+    /// runs only for a delete that will happen.
+    pub fn check_delete(&self, reference: &str) -> Result<Deletion> {
+        let r = Reference::parse(reference)?;
+        let v = self.volume(&r.volume)?.clone();
+        if let Some(sel) = &r.snapshot {
+            let s = v.find(sel)?.clone();
+            let sid = SnapshotId { volume: v.name.clone(), id: s.id };
+            let deps = self.dependents(&sid);
+            if !deps.is_empty() {
+                return Err(CatalogError::HasDependents { what: sid.to_string(), dependents: deps });
+            }
+            return Ok(Deletion::Snapshot(v, s));
+        }
+        if let Some(env) = self.environment_of(&v.name) {
+            return Err(CatalogError::InEnvironment {
+                volume: v.name.clone(),
+                environment: env.name.clone(),
+                hint: "; delete the environment first (with --keep-volumes to keep its volumes)",
+            });
+        }
+        let deps: Vec<String> = self
+            .volumes
+            .values()
+            .filter(|c| c.name != v.name && c.origin.as_ref().is_some_and(|o| o.volume == v.name))
+            .map(|c| c.name.clone())
+            .collect();
+        if !deps.is_empty() {
+            return Err(CatalogError::HasDependents { what: v.name.clone(), dependents: deps });
+        }
+        Ok(Deletion::Volume(v))
     }
 
     // ----- data plane ---------------------------------------------------------------

@@ -168,7 +168,9 @@ fn state(d: &Daemon, name: &str) -> Value {
 #[test]
 fn a_failing_pre_or_configure_hook_changes_nothing() {
     let t = tempfile::tempdir().expect("tempdir");
-    let hooks = hooks_dir(t.path(), &[("fail", "echo 'not today' >&2; exit 3"), ("ok", "exit 0")]);
+    let marker = t.path().join("pre-delete-ran");
+    let touch = format!("touch {}", marker.display());
+    let hooks = hooks_dir(t.path(), &[("fail", "echo 'not today' >&2; exit 3"), ("ok", "exit 0"), ("touch", &touch)]);
     let d = daemon(t.path(), &hooks);
     source(&d, t.path(), b"first");
     d.cli_ok(&["clone", "prod@1", "dev1"]);
@@ -202,6 +204,12 @@ fn a_failing_pre_or_configure_hook_changes_nothing() {
     let names: Vec<&str> =
         list["volumes"].as_array().expect("list").iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, ["dev1", "prod"]);
+
+    // A delete that would be refused anyway does not run its pre-delete hook.
+    d.cli_ok(&["hook", "set", "prod", "pre-delete", "touch"]);
+    let err = fails(&d, &["delete", "prod"]);
+    assert!(err.contains("clones depend on it"), "{err}");
+    assert!(!marker.exists(), "pre-delete ran for a delete that was refused");
 
     d.cli_ok(&["hook", "set", "dev1", "pre-delete", "fail"]);
     fails(&d, &["delete", "dev1"]);

@@ -135,7 +135,7 @@ pub fn move_head(
 /// Delete a volume or snapshot after its `pre-delete` hook.
 pub fn delete(st: &Store, ev: &Events, reference: &str) -> Result<()> {
     let r = catalog::Reference::parse(reference)?;
-    st.catalog().volume(&r.volume)?;
+    st.catalog().check_delete(reference)?;
     let facts = Facts {
         volume: r.volume.clone(),
         snapshot: r.snapshot.is_some().then(|| reference.to_string()),

@@ -304,6 +304,7 @@ pub(super) async fn remove(
     let keep = q.keep_volumes == Some(true);
     blocking_api(&s, move |st| {
         let (_claim, volumes) = claim(st, &name, &[])?;
+        st.catalog().check_env_delete(&name, keep)?;
         ev.fire(st, "pre-delete", &env_facts(st, &name, &[])?)?;
         let before = st.metrics.freed_bytes.get();
         let _fences = if keep { Vec::new() } else { fence_all(st, &volumes, Scope::Volume) };
