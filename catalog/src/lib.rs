@@ -369,7 +369,7 @@ fn sel_text(sel: &SnapSel) -> String {
 #[derive(Clone, Debug)]
 pub enum Deletion {
     /// One snapshot of a volume (the volume's record as it is).
-    Snapshot(Volume, Snapshot),
+    Snapshot(Volume, Box<Snapshot>),
     /// A volume with its snapshots.
     Volume(Volume),
 }
@@ -859,7 +859,7 @@ impl Catalog {
             if !deps.is_empty() {
                 return Err(CatalogError::HasDependents { what: sid.to_string(), dependents: deps });
             }
-            return Ok(Deletion::Snapshot(v, s));
+            return Ok(Deletion::Snapshot(v, Box::new(s)));
         }
         if let Some(env) = self.environment_of(&v.name) {
             return Err(CatalogError::InEnvironment {
