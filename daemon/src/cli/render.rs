@@ -171,6 +171,12 @@ pub(super) fn render_show(v: &Volume) -> String {
     if let Some(env) = &v.environment {
         fields.push(("environment", env.clone()));
     }
+    if let Some(policy) = &v.clone_from {
+        fields.push(("policy", format!("clone_from={policy}")));
+    }
+    if let Some(source) = &v.masked_from {
+        fields.push(("masked from", format!("{source} (only its masked snapshots are served)")));
+    }
     let key_width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in &fields {
@@ -205,7 +211,14 @@ fn snapshot_table(snapshots: &[Snapshot]) -> String {
                 cell(&s.created_at),
                 s.timeflow.to_string(),
                 cell(&bookmarks(&s.bookmarks)),
-                cell(&s.reason),
+                match &s.mask {
+                    Some(m) => format!(
+                        "mask of {} by {}",
+                        m.source,
+                        if m.script.is_empty() { "(copied as is)" } else { &m.script }
+                    ),
+                    None => cell(&s.reason),
+                },
                 humanize(s.allocated_bytes),
                 humanize(s.unique_bytes.unwrap_or(0)),
             ];
