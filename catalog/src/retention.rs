@@ -24,6 +24,10 @@ use crate::{Catalog, Result, Snapshot, SnapshotId};
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 
+/// Which bucket a time falls in (its hour, day or week); `None` for `keep-last`, which counts
+/// snapshots rather than buckets.
+type Bucket = Option<fn(i64) -> i64>;
+
 /// A volume's retention rules (`forkd retention set`). `None` is a rule not set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {
@@ -47,9 +51,9 @@ impl Retention {
         self.rules().is_empty()
     }
 
-    /// The rules that are set, as `(name, N, bucket of a time)`; `None` buckets by snapshot.
-    fn rules(&self) -> Vec<(&'static str, u32, Option<fn(i64) -> i64>)> {
-        let all: [(&'static str, Option<u32>, Option<fn(i64) -> i64>); 4] = [
+    /// The rules that are set, as `(name, N, bucket)`.
+    fn rules(&self) -> Vec<(&'static str, u32, Bucket)> {
+        let all: [(&'static str, Option<u32>, Bucket); 4] = [
             ("keep-last", self.keep_last, None),
             ("keep-hourly", self.keep_hourly, Some(|t| t.div_euclid(HOUR_MS))),
             ("keep-daily", self.keep_daily, Some(|t| t.div_euclid(DAY_MS))),

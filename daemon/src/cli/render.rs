@@ -171,6 +171,12 @@ pub(super) fn render_show(v: &Volume) -> String {
     if let Some(env) = &v.environment {
         fields.push(("environment", env.clone()));
     }
+    if let Some(from) = &v.detached_from {
+        fields.push(("detached from", from.clone()));
+    }
+    if let Some(r) = &v.retention {
+        fields.push(("retention", super::retention::describe(r)));
+    }
     let key_width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in &fields {
