@@ -94,3 +94,42 @@ pub fn detach(client: &Client, json: bool, clone: &str) -> anyhow::Result<()> {
         format!("detached {clone} from {from}: nothing was copied; {from} can now be deleted")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn retention_prune_detach_parse() {
+        let cli = Cli::try_parse_from(["forkd", "retention", "set", "prod", "--keep-last", "3", "--keep-daily", "7"])
+            .expect("set");
+        assert!(matches!(
+            cli.command,
+            Command::Retention {
+                cmd: RetentionCmd::Set {
+                    keep_last: Some(3),
+                    keep_daily: Some(7),
+                    keep_hourly: None,
+                    keep_weekly: None,
+                    none: false,
+                    ..
+                }
+            }
+        ));
+        assert!(Cli::try_parse_from(["forkd", "retention", "set", "prod", "--none", "--keep-last", "1"]).is_err());
+        assert!(Cli::try_parse_from(["forkd", "retention", "set", "prod", "--keep-last", "-1"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["forkd", "prune", "prod"]).expect("prune").command,
+            Command::Prune { .. }
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["forkd", "detach", "dev1"]).expect("detach").command,
+            Command::Detach { .. }
+        ));
+        let r = RetentionRules { keep_last: Some(3), keep_weekly: Some(4), ..RetentionRules::default() };
+        assert_eq!(describe(&r), "keep-last 3, keep-weekly 4");
+    }
+}
