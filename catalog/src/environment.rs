@@ -395,10 +395,7 @@ impl Catalog {
         let mut targets = BTreeMap::new();
         for (member, volume) in &env.members {
             let v = self.volume(volume)?;
-            let origin = match (&v.kind, &v.origin) {
-                (Kind::Clone, Some(o)) => o,
-                _ => return Err(CatalogError::NotAClone(v.name.clone(), "refreshed")),
-            };
+            let origin = Self::refresh_origin(v)?;
             let src = self.volume(&origin.volume)?;
             let s = src.find(&SnapSel::Latest)?;
             targets.insert(member.clone(), SnapshotId { volume: src.name.clone(), id: s.id });

@@ -11,11 +11,13 @@
 
 #![forbid(unsafe_code)]
 
+mod detach;
 mod environment;
 mod hooks;
 mod masking;
 mod oplog;
 mod reference;
+mod retention;
 mod undo;
 
 use std::collections::BTreeMap;
@@ -27,6 +29,7 @@ pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
+pub use retention::{plan as retention_plan, Pruned, Retention};
 use serde::{Deserialize, Serialize};
 
 /// Errors of catalog operations. Each is one line a user can act on.
@@ -201,6 +204,16 @@ pub enum CatalogError {
         /// The source being masked.
         of: String,
     },
+    /// A clone cut loose from its origin (`forkd detach`).
+    #[error("`{clone}` was detached from {from}: {why}")]
+    Detached {
+        /// The clone.
+        clone: String,
+        /// The snapshot it came from.
+        from: String,
+        /// What it therefore cannot do.
+        why: &'static str,
+    },
 }
 
 fn masked_hint(source: &str, masked: &[String]) -> String {
@@ -318,6 +331,12 @@ pub struct Volume {
     /// The policy `clone_from = "masked"` on a source: only masked data flows downstream.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clone_from_masked: bool,
+    /// Retention rules applied after every snapshot and by `prune` (see `retention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// The origin a detached clone came from (see `detach`); its `origin` is then `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_from: Option<SnapshotId>,
     /// Blocks holding data in the head (stored under its own key, updated with every write).
     #[serde(skip)]
     pub allocated_blocks: u64,
@@ -637,6 +656,8 @@ impl Catalog {
             hooks: BTreeMap::new(),
             masked_from: None,
             clone_from_masked: false,
+            retention: None,
+            detached_from: None,
         };
         self.commit_with(|_| Ok((vec![v.clone()], vec![], ())))?;
         Ok(v)
@@ -712,6 +733,8 @@ impl Catalog {
             hooks: hooks::inherited(&parent.hooks),
             masked_from: None,
             clone_from_masked: false,
+            retention: None,
+            detached_from: None,
         })
     }
 
@@ -810,10 +833,7 @@ impl Catalog {
     /// target and the snapshot that keeps the pre-refresh state.
     pub fn refresh(&mut self, clone: &str, to: Option<&str>) -> Result<(SnapshotId, SnapshotId)> {
         let v = self.volume(clone)?;
-        let origin = match (&v.kind, &v.origin) {
-            (Kind::Clone, Some(o)) => o.clone(),
-            _ => return Err(CatalogError::NotAClone(v.name.clone(), "refreshed")),
-        };
+        let origin = Self::refresh_origin(v)?;
         let target = match to {
             Some(to) => self.resolve_move_target(v, to)?,
             None => {

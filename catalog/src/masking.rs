@@ -72,7 +72,7 @@ impl Catalog {
             if cur.kind == Kind::Source {
                 return cur.clone_from_masked.then_some(cur);
             }
-            cur = self.volumes.get(&cur.origin.as_ref()?.volume)?;
+            cur = self.volumes.get(&cur.origin.as_ref().or(cur.detached_from.as_ref())?.volume)?;
         }
         None
     }

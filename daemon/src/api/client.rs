@@ -32,6 +32,7 @@ use crate::api::environments::{
 use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::log::{LogEntries, LogQuery};
+use crate::api::retention::{PruneAnswer, RetentionRules};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,
@@ -311,6 +312,21 @@ impl Client {
     pub fn set_policy(&self, name: &str, clone_from: &str) -> anyhow::Result<Volume> {
         let req = PolicyRequest { clone_from: clone_from.to_string() };
         self.send("PUT", &format!("/v1/volumes/{}/policy", enc(name)), &req)
+    }
+
+    /// `PUT /v1/volumes/{name}/retention`: set (no rule: clear) a volume's retention rules.
+    pub fn set_retention(&self, volume: &str, rules: &RetentionRules) -> anyhow::Result<Volume> {
+        self.send("PUT", &format!("/v1/volumes/{}/retention", enc(volume)), rules)
+    }
+
+    /// `POST /v1/volumes/{name}/prune`: apply its retention rules now.
+    pub fn prune(&self, volume: &str) -> anyhow::Result<PruneAnswer> {
+        self.post(&format!("/v1/volumes/{}/prune", enc(volume)), &serde_json::json!({}))
+    }
+
+    /// `POST /v1/volumes/{name}/detach`: cut a clone loose from its origin.
+    pub fn detach(&self, clone: &str) -> anyhow::Result<Volume> {
+        self.post(&format!("/v1/volumes/{}/detach", enc(clone)), &serde_json::json!({}))
     }
 
     /// `GET path` and read the answer as `T`.

@@ -12,6 +12,7 @@ pub mod frames;
 pub mod hooks;
 pub mod ingest;
 pub mod log;
+pub mod retention;
 pub mod scrub;
 pub mod token;
 mod upload;

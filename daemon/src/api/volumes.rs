@@ -137,6 +137,9 @@ pub struct Volume {
     /// When it was created (RFC 3339, milliseconds, UTC).
     #[serde(default)]
     pub created_at: String,
+    /// On a detached clone: the snapshot it was cut loose from (`VOLUME@ID`); absent else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_from: Option<String>,
     /// The environment it is a member of: present only where set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
@@ -162,6 +165,9 @@ pub struct Volume {
     /// The snapshot a clone derives from (`VOLUME@ID`); null for a source.
     #[serde(default)]
     pub origin: Option<String>,
+    /// Its retention rules: present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::api::retention::RetentionRules>,
     /// Its size in bytes.
     pub size_bytes: u64,
     /// How many snapshots it has: present (instead of `snapshots`) in `GET /v1/volumes`.

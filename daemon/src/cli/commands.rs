@@ -81,6 +81,9 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             report(cli.json, &v, || render_log(&v, *verbose))
         }
         Command::Env { cmd } => super::env::run(&client, cli.json, cmd),
+        Command::Retention { cmd } => super::retention::retention(&client, cli.json, cmd),
+        Command::Prune { volume } => super::retention::prune(&client, cli.json, volume),
+        Command::Detach { clone } => super::retention::detach(&client, cli.json, clone),
         Command::Delete { reference } => {
             let v = client.delete(reference)?;
             report(cli.json, &v, || {

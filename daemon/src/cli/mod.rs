@@ -30,6 +30,7 @@ pub mod dump;
 pub mod env;
 pub mod hooks;
 pub mod render;
+pub mod retention;
 pub mod scrub;
 
 pub use commands::run_client;
@@ -119,6 +120,27 @@ pub enum Command {
         /// Snapshot to refresh to instead of the newest one
         #[arg(long, value_name = "SNAPSHOT")]
         to: Option<String>,
+    },
+
+    /// Cut a clone loose from its origin snapshot (nothing is copied; the origin can then go)
+    Detach {
+        /// Clone to detach
+        #[arg(value_name = "CLONE")]
+        clone: String,
+    },
+
+    /// Set a volume's retention rules
+    Retention {
+        /// What to do with retention
+        #[command(subcommand)]
+        cmd: retention::RetentionCmd,
+    },
+
+    /// Apply a volume's retention rules now, listing what goes and why
+    Prune {
+        /// The volume
+        #[arg(value_name = "VOLUME")]
+        volume: String,
     },
 
     /// Add a bookmark name to an existing snapshot

@@ -177,6 +177,12 @@ pub(super) fn render_show(v: &Volume) -> String {
     if let Some(source) = &v.masked_from {
         fields.push(("masked from", format!("{source} (only its masked snapshots are served)")));
     }
+    if let Some(from) = &v.detached_from {
+        fields.push(("detached from", from.clone()));
+    }
+    if let Some(r) = &v.retention {
+        fields.push(("retention", super::retention::describe(r)));
+    }
     let key_width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in &fields {

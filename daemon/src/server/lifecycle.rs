@@ -3,13 +3,13 @@
 //! close connections before a head switches, and the undo when a hook fails (PRODUCT.md,
 //! "Hook events").
 //!
-//! - snapshot: `pre-snapshot`, the snapshot, `post-snapshot`.
+//! - snapshot: `pre-snapshot`, the snapshot, `post-snapshot`, then retention (`retention`).
 //! - clone: the clone (gated to its hook), `configure-clone`; on failure the clone is removed
 //!   (and a snapshot taken only to clone from is dropped again).
 //! - rewind and refresh: `pre-*`, fence and switch (gated), `configure-clone`, `post-*`; on
 //!   failure the clone's record before the switch comes back.
 //! - delete: `pre-delete`, fence, delete.
-//! - ingest: `post-ingest` once the new snapshot is recorded.
+//! - ingest: `post-ingest` once the new snapshot is recorded, then retention.
 //!
 //! A `post-*` hook that fails does not undo its operation, which succeeded: the failure is
 //! logged and counted. Every function runs on a blocking thread.
@@ -37,6 +37,7 @@ pub fn post(ev: &Events, st: &Store, event: &str, facts: &Facts) {
 pub fn post_ingest(st: &Store, ev: &Events, source: &str, snapshot: &str) {
     let facts = Facts { volume: source.to_string(), snapshot: Some(snapshot.to_string()), ..Facts::default() };
     post(ev, st, "post-ingest", &facts);
+    crate::server::retention::after_snapshot(st, source);
 }
 
 /// Snapshot `volume` between its `pre-snapshot` and `post-snapshot` hooks.
@@ -47,6 +48,7 @@ pub fn snapshot(st: &Store, ev: &Events, volume: &str, bookmark: Option<&str>) -
     let id = st.op(|cat| cat.snapshot(volume, bookmark))?;
     facts.snapshot = Some(id.to_string());
     post(ev, st, "post-snapshot", &facts);
+    crate::server::retention::after_snapshot(st, volume);
     Ok(id)
 }
 

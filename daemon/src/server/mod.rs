@@ -8,7 +8,8 @@
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
 //!   spans, close reasons, drain on shutdown);
 //! - [`auth`]: the API's bearer token; [`hooks`]: finding and running hook scripts;
-//! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon.
+//! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon;
+//! - [`retention`]: applying retention rules after snapshots and on `forkd prune`.
 
 pub mod auth;
 pub mod config;
@@ -21,4 +22,5 @@ pub mod listener;
 pub mod masking;
 pub mod nbd;
 pub mod offline;
+pub mod retention;
 pub mod serve;

@@ -150,6 +150,9 @@ pub(super) async fn snapshot(
         let point = st.op(|cat| cat.env_snapshot(&name, bookmark.as_deref()))?;
         facts.snapshot = Some(point.label.clone());
         lifecycle::post(&ev, st, "post-snapshot", &facts);
+        for member in point.members.values() {
+            crate::server::retention::after_snapshot(st, &member.volume);
+        }
         Ok(EnvSnapshotTaken { members: names(&point.members), snapshot: point.label })
     })
     .await?;

@@ -34,6 +34,7 @@ mod log;
 mod openapi;
 mod oplog;
 mod resize;
+mod retention;
 mod scrub;
 mod volumes;
 
@@ -74,6 +75,7 @@ impl From<StoreError> for ApiError {
                 C::UnknownEnvironment(_) => StatusCode::NOT_FOUND,
                 C::MemberWithoutSnapshot { .. } | C::BadEnvironment(_) => StatusCode::BAD_REQUEST,
                 C::EnvironmentTaken(_) | C::InEnvironment { .. } => StatusCode::CONFLICT,
+                C::Detached { .. } => StatusCode::BAD_REQUEST,
             },
             StoreError::Busy(_) => StatusCode::CONFLICT,
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -151,6 +153,9 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(volumes::refresh))
         .routes(routes!(volumes::bookmark))
         .routes(routes!(volumes::tree))
+        .routes(routes!(retention::set))
+        .routes(routes!(retention::prune))
+        .routes(routes!(retention::detach))
         .routes(routes!(environments::list, environments::create))
         .routes(routes!(environments::show, environments::remove))
         .routes(routes!(environments::snapshot))

@@ -109,8 +109,8 @@ fn environment_answers() -> [Cow<'static, str>; 8] {
 }
 
 /// The fields of an answer that are absent by rule: a volume carries exactly one of the
-/// first two, and `environment` only where set.
-const SOMETIMES_ABSENT: [&str; 3] = ["snapshots", "snapshot_count", "environment"];
+/// first two, and `environment`, `retention` and `detached_from` only where set.
+const SOMETIMES_ABSENT: [&str; 5] = ["snapshots", "snapshot_count", "environment", "retention", "detached_from"];
 
 /// Complete the generated document: every field of an answer is required, and has no
 /// default (the defaults are what a client assumes when a field is missing, not values the
