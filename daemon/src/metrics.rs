@@ -171,7 +171,11 @@ impl Metrics {
                 "Bytes of meta/ a compaction could give back",
             ),
             meta_compactions: counter(&r, "forkd_meta_compactions_total", "Compactions of meta/ by the upkeep"),
-            leases_expiring: gauge(&r, "forkd_leases_expiring", "Clones warned of their lease's expiry, not yet expired"),
+            leases_expiring: gauge(
+                &r,
+                "forkd_leases_expiring",
+                "Clones warned of their lease's expiry, not yet expired",
+            ),
             lease_expiries: counter_vec(
                 &r,
                 "forkd_lease_expiries_total",

@@ -9,22 +9,22 @@ use super::commands::report;
 
 /// The arguments of `forkd lease`: exactly one change.
 #[derive(Debug, clap::Args)]
-#[group(id = "change", required = true, multiple = false)]
+#[command(group(clap::ArgGroup::new("change").required(true).args(["extend", "expires", "none", "idle"])))]
 pub struct LeaseArgs {
     /// The clone
     #[arg(value_name = "CLONE")]
     pub clone: String,
     /// Move the expiry this much later (from now if there is none): 24h, 90m, 7d
-    #[arg(long, value_name = "DURATION", group = "change")]
+    #[arg(long, value_name = "DURATION")]
     pub extend: Option<String>,
     /// Expire at this time (RFC 3339, e.g. 2026-12-31T18:00:00Z)
-    #[arg(long, value_name = "TIME", group = "change")]
+    #[arg(long, value_name = "TIME")]
     pub expires: Option<String>,
     /// Remove the lease (refused while the source has a max_lease)
-    #[arg(long, group = "change")]
+    #[arg(long)]
     pub none: bool,
     /// Expire after this long with no connection and no I/O: 2h
-    #[arg(long, value_name = "DURATION", group = "change")]
+    #[arg(long, value_name = "DURATION")]
     pub idle: Option<String>,
 }
 

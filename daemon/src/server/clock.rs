@@ -44,7 +44,15 @@ impl Clock {
         let Some(file) = &self.file else { return crate::store::now_ms() };
         let read = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read the clock file {}: {e}", file.display()))
-            .and_then(|text| parse(&text).ok_or_else(|| format!("the clock file {} holds `{}`, not a time (RFC 3339 or unix milliseconds)", file.display(), text.trim())));
+            .and_then(|text| {
+                parse(&text).ok_or_else(|| {
+                    format!(
+                        "the clock file {} holds `{}`, not a time (RFC 3339 or unix milliseconds)",
+                        file.display(),
+                        text.trim()
+                    )
+                })
+            });
         let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
         match read {
             Ok(ms) => {

@@ -205,7 +205,8 @@ async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
     let reaper = tokio::spawn(reaper.run(plan.leases.tick, shutdown.clone()));
     let api_result = serve_api(listeners.api, store, plan.token, events, clock, shutdown.clone()).await;
     shutdown.cancel();
-    let tasks = [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic), ("lease reaper", reaper)];
+    let tasks =
+        [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic), ("lease reaper", reaper)];
     for (what, task) in tasks {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "the {what} failed");
