@@ -117,7 +117,7 @@ pub enum LeaseChange {
 /// A span in milliseconds as the largest whole unit: `72h`, `30d`, `90m`, `45s`, `500ms`.
 pub fn format_span(ms: u64) -> String {
     const UNITS: [(u64, &str); 4] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s")];
-    match UNITS.iter().find(|(unit, _)| ms >= *unit && ms % unit == 0) {
+    match UNITS.iter().find(|(unit, _)| ms >= *unit && ms.is_multiple_of(*unit)) {
         Some((unit, name)) => format!("{}{name}", ms / unit),
         None => format!("{ms}ms"),
     }
