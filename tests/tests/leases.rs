@@ -2,7 +2,8 @@
 //! hours: the `lease-expiring` hook runs before the expiry and the clone survives it; at the
 //! expiry the clone is deleted after its `pre-delete` hook and a connected NBD client is
 //! disconnected; a failing `pre-delete` hook keeps the clone; an idle timeout spares a clone
-//! with an open connection and takes the one without; bad leases are refused with one line.
+//! with an open connection and takes the one without; a clock that jumps forward expires what
+//! is due by then, one that jumps back expires nothing; bad leases are refused with one line.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -247,4 +248,28 @@ fn bad_leases_are_refused_with_one_line() {
     d.cli_ok(&["policy", "set", "prod", "max_lease=none"]);
     d.cli_ok(&["lease", "dev", "--none"]);
     assert!(d.cli_json(&["show", "dev"]).get("lease").is_none());
+}
+
+#[test]
+fn the_clock_jumping_forward_expires_what_is_due_and_back_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    d.cli_ok(&["clone", "prod@1", "short", "--lease", "72h"]);
+    d.cli_ok(&["clone", "prod@1", "long", "--lease", "10d"]);
+    env.at(5 * 24 * H);
+    env.wait("the expiry after the jump", || !env.exists("short"));
+    assert_eq!(env.events(), vec!["lease-expiring|short".to_string(), "pre-delete|short".to_string()], "warned first");
+    assert!(env.exists("long"));
+    env.at(-10 * 24 * H);
+    env.wait("the jump back in the daemon's log", || d.log().contains("the clock went back"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.exists("long"), "nothing is due after a jump back");
+    assert_eq!(env.events().len(), 2);
+    // A clock file that cannot be read: logged, and the system clock (before T0) is used.
+    std::fs::write(t.path().join("now"), "next tuesday").expect("clock");
+    env.wait("the bad clock file in the daemon's log", || d.log().contains("not a time"));
+    assert!(env.exists("long"));
+    env.at(10 * 24 * H);
+    env.wait("the second expiry", || !env.exists("long"));
 }

@@ -111,6 +111,10 @@ impl Reaper {
             let active = state.last_active.get(&name).copied().unwrap_or(state.started);
             let connected = self.store.exports.connected(&name);
             if let Some(why) = lease.due(now, Some(active), connected) {
+                if why == Expiry::Time && !lease.warned {
+                    // The clock jumped past the warning (or the daemon was down): warn first.
+                    self.warn(&name, &lease);
+                }
                 self.expire(&mut state, &name, why);
                 continue;
             }
