@@ -306,6 +306,18 @@ mod tests {
     }
 
     #[test]
+    fn lease_settings_are_checked() {
+        let s = lease_settings(&Config::default()).expect("defaults");
+        assert_eq!((s.warning_ms, s.tick), (3_600_000, std::time::Duration::from_secs(5)));
+        assert!(s.clock.file().is_none());
+        for (warning, tick) in [("1x", "5s"), ("1h", "0s"), ("1h", "soon")] {
+            let c = Config { lease_warning: warning.into(), lease_tick: tick.into(), ..Config::default() };
+            let err = lease_settings(&c).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.starts_with("lease_"), "{warning} {tick}: {err}");
+        }
+    }
+
+    #[test]
     fn token_required_off_loopback() {
         let c = Config::default();
         assert!(api_token(&c, addr("127.0.0.1:7480")).expect("loopback").is_none());
