@@ -14,6 +14,7 @@
 mod detach;
 mod environment;
 mod hooks;
+mod lease;
 mod masking;
 mod oplog;
 mod reference;
@@ -26,6 +27,7 @@ use std::fmt;
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
 pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
+pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
@@ -214,6 +216,39 @@ pub enum CatalogError {
         /// What it therefore cannot do.
         why: &'static str,
     },
+    /// A lease that would end at or before now.
+    #[error("the lease of `{clone}` cannot end at {at}: that is not in the future")]
+    LeaseInPast {
+        /// The clone.
+        clone: String,
+        /// The time asked for.
+        at: String,
+    },
+    /// A lease longer than the source's `max_lease`.
+    #[error("a lease of {asked} for `{clone}` is longer than max_lease={max} of `{policy_source}`")]
+    LeaseTooLong {
+        /// The clone.
+        clone: String,
+        /// The lease asked for, from now.
+        asked: String,
+        /// The source with the policy.
+        policy_source: String,
+        /// Its maximum.
+        max: String,
+    },
+    /// Removing the lease of a clone whose source has a `max_lease`.
+    #[error("`{clone}` must keep a lease: `{policy_source}` has max_lease={max}; extend or shorten it instead")]
+    LeaseRequired {
+        /// The clone.
+        clone: String,
+        /// The source with the policy.
+        policy_source: String,
+        /// Its maximum.
+        max: String,
+    },
+    /// A lease policy that contradicts itself.
+    #[error("lease policy: {0}")]
+    BadLeasePolicy(String),
 }
 
 fn masked_hint(source: &str, masked: &[String]) -> String {
@@ -337,6 +372,12 @@ pub struct Volume {
     /// The origin a detached clone came from (see `detach`); its `origin` is then `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detached_from: Option<SnapshotId>,
+    /// A clone's lease (see `lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// A source's lease policy: default and maximum leases of clones made from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_policy: Option<LeasePolicy>,
     /// Blocks holding data in the head (stored under its own key, updated with every write).
     #[serde(skip)]
     pub allocated_blocks: u64,
@@ -658,6 +699,8 @@ impl Catalog {
             clone_from_masked: false,
             retention: None,
             detached_from: None,
+            lease: None,
+            lease_policy: None,
         };
         self.commit_with(|_| Ok((vec![v.clone()], vec![], ())))?;
         Ok(v)
@@ -692,6 +735,17 @@ impl Catalog {
     /// Returns the clone and the snapshot it was made from. Refused for data that may not
     /// flow downstream (see `masking`).
     pub fn clone_volume(&mut self, from: &str, name: &str) -> Result<(Volume, SnapshotId)> {
+        self.clone_volume_leased(from, name, None)
+    }
+
+    /// [`Catalog::clone_volume`], the clone holding `lease` from its first commit (see
+    /// [`Catalog::lease_for_clone`]).
+    pub fn clone_volume_leased(
+        &mut self,
+        from: &str,
+        name: &str,
+        lease: Option<Lease>,
+    ) -> Result<(Volume, SnapshotId)> {
         self.new_name(name)?;
         self.downstream(from)?;
         let r = Reference::parse(from)?;
@@ -706,7 +760,8 @@ impl Catalog {
                     id
                 }
             };
-            let clone = cat.clone_in(&parent, snap_id.id, name)?;
+            let mut clone = cat.clone_in(&parent, snap_id.id, name)?;
+            clone.lease = lease;
             changed.push(clone.clone());
             Ok((changed, vec![], (clone, snap_id)))
         })
@@ -735,6 +790,8 @@ impl Catalog {
             clone_from_masked: false,
             retention: None,
             detached_from: None,
+            lease: None,
+            lease_policy: None,
         })
     }
 

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub hook_runs: IntCounterVec,
     /// Hook run durations by event, in seconds.
     pub hook_seconds: HistogramVec,
+    /// Clones whose `lease-expiring` hook ran and that have not expired yet.
+    pub leases_expiring: IntGauge,
+    /// Clones deleted because their lease expired, by reason (`expired`, `idle`).
+    pub lease_expiries: IntCounterVec,
 }
 
 /// The two metrics every protocol listener keeps: open connections, and closed ones by reason.
@@ -167,6 +171,17 @@ impl Metrics {
                 "Bytes of meta/ a compaction could give back",
             ),
             meta_compactions: counter(&r, "forkd_meta_compactions_total", "Compactions of meta/ by the upkeep"),
+            leases_expiring: gauge(
+                &r,
+                "forkd_leases_expiring",
+                "Clones warned of their lease's expiry, not yet expired",
+            ),
+            lease_expiries: counter_vec(
+                &r,
+                "forkd_lease_expiries_total",
+                "Clones deleted at their lease's expiry, by reason",
+                "reason",
+            ),
             registry: r,
         }
     }

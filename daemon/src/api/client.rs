@@ -124,7 +124,18 @@ impl Client {
     /// `POST /v1/clones`: a writable clone `name` of `from` (a snapshot, or a volume that is
     /// snapshotted first). Not `clone`: that would shadow [`Clone::clone`].
     pub fn clone_volume(&self, from: &str, name: &str) -> anyhow::Result<CloneAnswer> {
-        self.post("/v1/clones", &CloneRequest { from: from.to_string(), name: name.to_string() })
+        self.clone_leased(from, name, None)
+    }
+
+    /// [`Client::clone_volume`] with a lease (`72h`) instead of the source's default.
+    pub fn clone_leased(&self, from: &str, name: &str, lease: Option<&str>) -> anyhow::Result<CloneAnswer> {
+        let req = CloneRequest { from: from.to_string(), name: name.to_string(), lease: lease.map(str::to_string) };
+        self.post("/v1/clones", &req)
+    }
+
+    /// `PUT /v1/volumes/{name}/lease`: one change to a clone's lease.
+    pub fn set_lease(&self, clone: &str, req: &crate::api::leases::LeaseRequest) -> anyhow::Result<Volume> {
+        self.send("PUT", &format!("/v1/volumes/{}/lease", enc(clone)), req)
     }
 
     /// `POST /v1/volumes/{name}/rewind` to a snapshot or a time.
@@ -309,9 +320,8 @@ impl Client {
     }
 
     /// `PUT /v1/volumes/{name}/policy`.
-    pub fn set_policy(&self, name: &str, clone_from: &str) -> anyhow::Result<Volume> {
-        let req = PolicyRequest { clone_from: clone_from.to_string() };
-        self.send("PUT", &format!("/v1/volumes/{}/policy", enc(name)), &req)
+    pub fn set_policy(&self, name: &str, req: &PolicyRequest) -> anyhow::Result<Volume> {
+        self.send("PUT", &format!("/v1/volumes/{}/policy", enc(name)), req)
     }
 
     /// `PUT /v1/volumes/{name}/retention`: set (no rule: clear) a volume's retention rules.

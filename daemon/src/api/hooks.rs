@@ -79,9 +79,16 @@ pub struct MaskAnswer {
     pub members: std::collections::BTreeMap<String, String>,
 }
 
-/// `PUT /v1/volumes/{name}/policy`.
+/// `PUT /v1/volumes/{name}/policy`: at least one setting; those not given stay as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PolicyRequest {
     /// `masked`: only masked snapshots of this source may flow downstream; `any`: no limit.
-    pub clone_from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<String>,
+    /// The lease a new clone gets when it asks for none (`72h`), or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_lease: Option<String>,
+    /// The longest lease, from now, a clone may hold (`30d`), or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lease: Option<String>,
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod frames;
 pub mod hooks;
 pub mod ingest;
+pub mod leases;
 pub mod log;
 pub mod retention;
 pub mod scrub;

@@ -152,6 +152,15 @@ pub struct Volume {
     /// On a masked volume: the source whose data it masks; absent else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked_from: Option<String>,
+    /// A clone's lease: present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::api::leases::LeaseInfo>,
+    /// A source's `default_lease` (`72h`): present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_lease: Option<String>,
+    /// A source's `max_lease` (`30d`): present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lease: Option<String>,
     /// Bytes a running or interrupted ingest has staged; null when there is none.
     #[serde(default)]
     pub ingest_pending_bytes: Option<u64>,
@@ -281,6 +290,9 @@ pub struct CloneRequest {
     pub from: String,
     /// The new clone's name.
     pub name: String,
+    /// Its lease from now (`72h`); without it, the source's `default_lease`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// The answer of `POST /v1/clones`: the new clone, plus the snapshot it was made from (among

@@ -39,12 +39,14 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Clone { from, name } => {
-            let v = client.clone_volume(from, name)?;
+        Command::Clone { from, name, lease } => {
+            let v = client.clone_leased(from, name, lease.as_deref())?;
             report(cli.json, &v, || {
                 let made_from =
                     if v.made_from.is_empty() { v.volume.origin.as_deref().unwrap_or(from) } else { &v.made_from };
-                format!("created clone {} from {made_from}", or(&v.volume.name, name))
+                let expires = v.volume.lease.as_ref().and_then(|l| l.expires_at.as_deref());
+                let expires = expires.map(|at| format!(", expires {at}")).unwrap_or_default();
+                format!("created clone {} from {made_from}{expires}", or(&v.volume.name, name))
             })
         }
         Command::Rewind { clone, to } => {
@@ -74,6 +76,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Hook { cmd } => super::hooks::hook(&client, cli.json, cmd),
         Command::Mask(args) => super::hooks::mask(&client, cli.json, args),
+        Command::Lease(args) => super::lease::lease(&client, cli.json, args),
         Command::Policy { cmd } => super::hooks::policy(&client, cli.json, cmd),
         Command::Log { volume, since, limit, verbose } => {
             let query = LogQuery { volume: volume.clone(), since: since.clone(), limit: *limit };

@@ -1,12 +1,12 @@
-//! `forkd hook`, `forkd mask` and `forkd policy`: hook settings, masking runs and the
-//! `clone_from` policy, each one call to the daemon's API.
+//! `forkd hook`, `forkd mask` and `forkd policy`: hook settings, masking runs and a source's
+//! policy (`clone_from`, `default_lease`, `max_lease`), each one call to the daemon's API.
 
 use anyhow::anyhow;
 use clap::Subcommand;
 
 use super::commands::report;
 use crate::api::client::Client;
-use crate::api::hooks::{HookList, HookRequest, MaskRequest};
+use crate::api::hooks::{HookList, HookRequest, MaskRequest, PolicyRequest};
 use crate::units::human_duration_ms;
 
 /// `forkd hook ...`
@@ -48,14 +48,15 @@ pub enum HookCmd {
 /// `forkd policy ...`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
-    /// Set a source's policy: clone_from=masked lets only masked snapshots flow downstream
+    /// Set a source's policy: clone_from=masked lets only masked snapshots flow downstream;
+    /// default_lease=72h gives new clones a lease; max_lease=30d bounds every clone's lease
     Set {
         /// The source
         #[arg(value_name = "SOURCE")]
         source: String,
-        /// clone_from=masked or clone_from=any
-        #[arg(value_name = "SETTING")]
-        setting: String,
+        /// clone_from=masked|any, default_lease=DURATION|none, max_lease=DURATION|none
+        #[arg(value_name = "SETTING", required = true)]
+        settings: Vec<String>,
     },
 }
 
@@ -123,13 +124,23 @@ pub fn mask(client: &Client, json: bool, args: &MaskArgs) -> anyhow::Result<()> 
 
 /// `forkd policy ...`.
 pub fn policy(client: &Client, json: bool, cmd: &PolicyCmd) -> anyhow::Result<()> {
-    let PolicyCmd::Set { source, setting } = cmd;
-    let value = match setting.split_once('=') {
-        Some(("clone_from", v)) if v == "masked" || v == "any" => v,
-        _ => return Err(anyhow!("policy `{setting}`: give clone_from=masked or clone_from=any")),
-    };
-    let v = client.set_policy(source, value)?;
-    report(json, &v, || format!("{source}: clone_from={value}"))
+    let PolicyCmd::Set { source, settings } = cmd;
+    let mut req = PolicyRequest::default();
+    for setting in settings {
+        let slot = match setting.split_once('=') {
+            Some(("clone_from", v)) if v == "masked" || v == "any" => &mut req.clone_from,
+            Some(("default_lease", _)) => &mut req.default_lease,
+            Some(("max_lease", _)) => &mut req.max_lease,
+            _ => {
+                return Err(anyhow!(
+                    "policy `{setting}`: give clone_from=masked|any, default_lease=DURATION|none or max_lease=DURATION|none"
+                ))
+            }
+        };
+        *slot = setting.split_once('=').map(|(_, v)| v.to_string());
+    }
+    let v = client.set_policy(source, &req)?;
+    report(json, &v, || format!("{source}: {}", settings.join(" ")))
 }
 
 fn render(list: &HookList) -> String {

@@ -29,6 +29,7 @@ pub mod commands;
 pub mod dump;
 pub mod env;
 pub mod hooks;
+pub mod lease;
 pub mod render;
 pub mod retention;
 pub mod scrub;
@@ -100,6 +101,10 @@ pub enum Command {
         /// Name of the new clone
         #[arg(value_name = "NEWNAME")]
         name: String,
+        /// Delete it this long from now (after its pre-delete hook): 72h, 90m, 7d [default:
+        /// the source's default_lease, if any]
+        #[arg(long, value_name = "DURATION")]
+        lease: Option<String>,
     },
 
     /// Make a clone's contents those of an earlier snapshot (the current state is kept)
@@ -193,7 +198,10 @@ pub enum Command {
     /// Mask a snapshot into a masked volume with a masking script (fails closed)
     Mask(hooks::MaskArgs),
 
-    /// Set a source's policy (clone_from=masked|any)
+    /// Change a clone's lease: --extend 24h, --expires TIME, --none or --idle 2h
+    Lease(lease::LeaseArgs),
+
+    /// Set a source's policy (clone_from=masked|any, default_lease=DURATION, max_lease=DURATION)
     Policy {
         /// What to set
         #[command(subcommand)]
@@ -376,8 +384,14 @@ mod tests {
     #[test]
     fn other_commands_parse() {
         let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1"]).expect("clone");
-        assert!(matches!(cli.command, Command::Clone { ref from, ref name }
+        assert!(matches!(cli.command, Command::Clone { ref from, ref name, lease: None }
             if from == "prod@3" && name == "dev1"));
+        let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1", "--lease", "72h"]).expect("clone");
+        assert!(matches!(cli.command, Command::Clone { lease: Some(ref l), .. } if l == "72h"));
+        let cli = Cli::try_parse_from(["forkd", "lease", "dev1", "--idle", "2h"]).expect("lease");
+        assert!(matches!(cli.command, Command::Lease(ref a) if a.idle.as_deref() == Some("2h")));
+        assert!(Cli::try_parse_from(["forkd", "lease", "dev1"]).is_err(), "a change is required");
+        assert!(Cli::try_parse_from(["forkd", "lease", "dev1", "--none", "--extend", "1h"]).is_err());
         let cli = Cli::try_parse_from(["forkd", "source", "create", "prod", "--size", "10G"]).expect("source");
         assert!(matches!(cli.command,
             Command::Source { cmd: SourceCmd::Create { ref size, .. } } if size == "10G"));

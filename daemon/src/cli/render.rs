@@ -168,6 +168,10 @@ pub(super) fn render_show(v: &Volume) -> String {
     if v.ingest_running {
         fields.push(("ingest", "running".to_string()));
     }
+    if v.lease.is_some() {
+        let line = super::lease::line(&v.name, v);
+        fields.push(("lease", line.split_once(": ").map_or(line.clone(), |(_, l)| l.to_string())));
+    }
     if let Some(env) = &v.environment {
         fields.push(("environment", env.clone()));
     }

@@ -39,6 +39,12 @@ pub struct Config {
     pub log_retention: String,
     /// At most this many operation log entries are kept (the oldest go first).
     pub log_max_entries: u64,
+    /// How long before a lease's expiry its `lease-expiring` hook runs: a span such as `1h`.
+    pub lease_warning: String,
+    /// How often the lease reaper looks at leases: a span such as `5s`.
+    pub lease_tick: String,
+    /// For tests: the daemon's "now" is the time written in this file ([`crate::server::clock`]).
+    pub clock_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -57,6 +63,9 @@ impl Default for Config {
             hook_user: None,
             log_retention: "30d".into(),
             log_max_entries: 100_000,
+            lease_warning: "1h".into(),
+            lease_tick: "5s".into(),
+            clock_file: None,
         }
     }
 }
@@ -98,6 +107,15 @@ impl Config {
         if let Some(n) = args.log_max_entries {
             c.log_max_entries = n;
         }
+        if let Some(w) = &args.lease_warning {
+            c.lease_warning = w.clone();
+        }
+        if let Some(t) = &args.lease_tick {
+            c.lease_tick = t.clone();
+        }
+        if let Some(f) = &args.clock_file {
+            c.clock_file = Some(f.clone());
+        }
         Ok(c)
     }
 
@@ -136,6 +154,12 @@ pub struct ServeArgs {
     pub log_retention: Option<String>,
     /// How many operation log entries are kept (`--log-max-entries N`).
     pub log_max_entries: Option<u64>,
+    /// How long before a lease's expiry its hook runs (`--lease-warning SPAN`).
+    pub lease_warning: Option<String>,
+    /// How often leases are looked at (`--lease-tick SPAN`).
+    pub lease_tick: Option<String>,
+    /// The file the daemon's time is read from, for tests (`--clock-file FILE`).
+    pub clock_file: Option<PathBuf>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -169,6 +193,15 @@ struct ServeFlags {
     /// How many operation log entries are kept, the oldest going first [default: 100000]
     #[arg(long, value_name = "N", env = "FORKD_LOG_MAX_ENTRIES")]
     log_max_entries: Option<u64>,
+    /// How long before a lease's expiry the lease-expiring hook runs, e.g. 1h [default: 1h]
+    #[arg(long, value_name = "SPAN", env = "FORKD_LEASE_WARNING")]
+    lease_warning: Option<String>,
+    /// How often expired leases are looked for [default: 5s] (tests make it short)
+    #[arg(long, value_name = "SPAN", hide = true)]
+    lease_tick: Option<String>,
+    /// A test aid: read the daemon's "now" from FILE (RFC 3339 or unix ms) at every tick
+    #[arg(long, value_name = "FILE", env = "FORKD_CLOCK_FILE", hide = true)]
+    clock_file: Option<PathBuf>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -203,6 +236,9 @@ impl FromArgMatches for ServeArgs {
             hook_user: flags.hook_user,
             log_retention: flags.log_retention,
             log_max_entries: flags.log_max_entries,
+            lease_warning: flags.lease_warning,
+            lease_tick: flags.lease_tick,
+            clock_file: flags.clock_file,
         })
     }
 

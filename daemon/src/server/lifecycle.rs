@@ -52,12 +52,25 @@ pub fn snapshot(st: &Store, ev: &Events, volume: &str, bookmark: Option<&str>) -
     Ok(id)
 }
 
-/// Clone `from` as `name`, then run its `configure-clone` hook while only the hook can reach
-/// it; a failing hook removes the clone again.
-pub fn clone(st: &Store, ev: &Events, from: &str, name: &str) -> Result<SnapshotId> {
+/// The lease a new clone asks for (none: its source's default, if any), and "now" by the
+/// daemon's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseAsk {
+    /// Milliseconds from now.
+    pub ms: Option<u64>,
+    /// Now, unix milliseconds.
+    pub now: i64,
+}
+
+/// Clone `from` as `name` (with its lease, in the same commit), then run its `configure-clone`
+/// hook while only the hook can reach it; a failing hook removes the clone again.
+pub fn clone(st: &Store, ev: &Events, from: &str, name: &str, lease: LeaseAsk) -> Result<SnapshotId> {
     let implicit = catalog::Reference::parse(from)?.snapshot.is_none();
     let gate = gate(st, name)?;
-    let (_, made_from) = st.op(|cat| cat.clone_volume(from, name))?;
+    let (_, made_from) = st.op(|cat| {
+        let l = cat.lease_for_clone(from, name, lease.ms, lease.now)?;
+        cat.clone_volume_leased(from, name, l)
+    })?;
     let facts = Facts {
         volume: name.to_string(),
         snapshot: Some(made_from.to_string()),

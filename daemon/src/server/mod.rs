@@ -8,15 +8,18 @@
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
 //!   spans, close reasons, drain on shutdown);
 //! - [`auth`]: the API's bearer token; [`hooks`]: finding and running hook scripts;
+//! - [`leases`]: the lease reaper; [`clock`]: the daemon's "now" (injectable for tests);
 //! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon;
 //! - [`retention`]: applying retention rules after snapshots and on `forkd prune`.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod events;
 pub mod hooks;
 pub mod http;
 pub mod iscsi;
+pub mod leases;
 pub mod lifecycle;
 pub mod listener;
 pub mod masking;

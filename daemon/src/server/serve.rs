@@ -1,8 +1,8 @@
 //! `forkd serve`: start-up and shutdown of the daemon (settings: [`super::config`]).
 //!
 //! Start-up, in order: every setting is checked ([`Plan`]), the store is opened, the three
-//! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush and
-//! the HTTP API run until SIGINT or SIGTERM.
+//! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush, the
+//! lease reaper ([`crate::server::leases`]) and the HTTP API run until SIGINT or SIGTERM.
 //!
 //! Shutdown: the API stops accepting requests and running ones finish (a running scrub stops at
 //! its next batch); every NBD and iSCSI connection is told to stop, answers what it had
@@ -23,9 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Config, ServeArgs};
 use crate::server::auth::Token;
+use crate::server::clock::Clock;
 use crate::server::events::Events;
 use crate::server::hooks::HookRunner;
 use crate::server::iscsi::access::AccessRules;
+use crate::server::leases::Reaper;
 use crate::server::listener::Limits;
 use crate::server::{iscsi, nbd};
 use crate::store::Store;
@@ -61,6 +63,7 @@ struct Plan {
     meta_engine: Option<crate::store::MetaEngine>,
     hooks: HookRunner,
     log_retention: catalog::LogRetention,
+    leases: LeaseSettings,
 }
 
 impl Plan {
@@ -79,6 +82,7 @@ impl Plan {
             hooks: HookRunner::new(&config.hooks_dir, config.hook_user.as_deref())
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
             log_retention: log_retention(config)?,
+            leases: lease_settings(config)?,
         })
     }
 }
@@ -103,6 +107,36 @@ fn log_retention(config: &Config) -> anyhow::Result<catalog::LogRetention> {
         anyhow::bail!("log_max_entries 0: keep at least 1 entry");
     }
     Ok(catalog::LogRetention { max_age_ms, max_entries: config.log_max_entries })
+}
+
+/// The lease reaper's settings and the daemon's clock.
+struct LeaseSettings {
+    warning_ms: u64,
+    tick: std::time::Duration,
+    clock: Arc<Clock>,
+}
+
+/// `lease_warning`, `lease_tick` and `clock_file`, checked.
+fn lease_settings(config: &Config) -> anyhow::Result<LeaseSettings> {
+    let span = |key: &str, text: &str| {
+        catalog::parse_span(text).ok_or_else(|| anyhow::anyhow!("{key} {text}: not a span such as 1h, 5s or 200ms"))
+    };
+    let tick = span("lease_tick", &config.lease_tick)?;
+    if tick == 0 {
+        anyhow::bail!("lease_tick {}: give a positive span such as 5s", config.lease_tick);
+    }
+    let clock = match &config.clock_file {
+        Some(f) => {
+            tracing::warn!(file = %f.display(), "the daemon's time is read from a clock file (a test aid)");
+            Clock::from_file(f)
+        }
+        None => Clock::system(),
+    };
+    Ok(LeaseSettings {
+        warning_ms: span("lease_warning", &config.lease_warning)?,
+        tick: std::time::Duration::from_millis(tick),
+        clock: Arc::new(clock),
+    })
 }
 
 fn address(value: &str, flag: &str, example: &str) -> anyhow::Result<SocketAddr> {
@@ -166,9 +200,14 @@ async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
     ));
     let periodic = tokio::spawn(periodic_flush(store.clone(), shutdown.clone()));
     let events = Arc::new(Events::new(plan.hooks, nbd_addr, iscsi_addr));
-    let api_result = serve_api(listeners.api, store, plan.token, events, shutdown.clone()).await;
+    let clock = plan.leases.clock.clone();
+    let reaper = Arc::new(Reaper::new(store.clone(), events.clone(), clock.clone(), plan.leases.warning_ms));
+    let reaper = tokio::spawn(reaper.run(plan.leases.tick, shutdown.clone()));
+    let api_result = serve_api(listeners.api, store, plan.token, events, clock, shutdown.clone()).await;
     shutdown.cancel();
-    for (what, task) in [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic)] {
+    let tasks =
+        [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic), ("lease reaper", reaper)];
+    for (what, task) in tasks {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "the {what} failed");
         }
@@ -182,10 +221,11 @@ async fn serve_api(
     store: Arc<Store>,
     token: Option<Arc<Token>>,
     events: Arc<Events>,
+    clock: Arc<Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app =
-        crate::server::http::router(store.clone(), token, events).into_make_service_with_connect_info::<SocketAddr>();
+    let app = crate::server::http::router(store.clone(), token, events, clock)
+        .into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -262,6 +302,18 @@ mod tests {
             let c = Config { log_retention: span.into(), log_max_entries: max, ..Config::default() };
             let err = log_retention(&c).expect_err(span).to_string();
             assert!(err.starts_with("log_"), "{err}");
+        }
+    }
+
+    #[test]
+    fn lease_settings_are_checked() {
+        let s = lease_settings(&Config::default()).expect("defaults");
+        assert_eq!((s.warning_ms, s.tick), (3_600_000, std::time::Duration::from_secs(5)));
+        assert!(s.clock.file().is_none());
+        for (warning, tick) in [("1x", "5s"), ("1h", "0s"), ("1h", "soon")] {
+            let c = Config { lease_warning: warning.into(), lease_tick: tick.into(), ..Config::default() };
+            let err = lease_settings(&c).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.starts_with("lease_"), "{warning} {tick}: {err}");
         }
     }
 

@@ -20,6 +20,9 @@
 //! key made for that run ([`ExportRegistry::open_for_hook`]); and data that may not flow
 //! downstream (the head of a masked volume, unmasked data of a `clone_from = "masked"`
 //! source) is refused with the catalog's reason.
+//!
+//! For idle leases it tells which volumes have a connection open ([`ExportRegistry::connected`])
+//! and which had one close since the lease reaper last asked ([`ExportRegistry::take_activity`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -53,6 +56,10 @@ pub struct ExportRegistry {
     fenced: Mutex<HashSet<String>>,
     /// Volumes open only to a hook, with the key of its capability name.
     gates: Mutex<HashMap<String, String>>,
+    /// Volumes a connection to closed, or that had other I/O, since the lease reaper last
+    /// looked ([`ExportRegistry::take_activity`]); an open connection counts as activity by
+    /// itself, so requests never touch this.
+    activity: Mutex<HashSet<String>>,
 }
 
 /// A volume open only to a hook (see [`ExportRegistry::open_for_hook`]); dropping it ends that.
@@ -103,7 +110,9 @@ pub struct ConnGuard<'a> {
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
-        self.reg.lock_conns().remove(&self.id);
+        if let Some(c) = self.reg.lock_conns().remove(&self.id) {
+            self.reg.touch(&c.volume);
+        }
     }
 }
 
@@ -188,6 +197,21 @@ impl ExportRegistry {
             (_, Some(_)) => Err(Denied::Unknown),
             (None, None) => Ok(None),
         }
+    }
+
+    /// Whether any connection to `volume` (its head or a snapshot) is open right now.
+    pub fn connected(&self, volume: &str) -> bool {
+        self.lock_conns().values().any(|c| c.volume == volume)
+    }
+
+    /// Note I/O on `volume` outside a registered connection (and a connection's close).
+    pub fn touch(&self, volume: &str) {
+        self.activity.lock().unwrap_or_else(|p| p.into_inner()).insert(volume_of(volume).to_string());
+    }
+
+    /// The volumes active since the last call (see `activity`).
+    pub fn take_activity(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.activity.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Connections to `export` right now.

@@ -34,6 +34,7 @@ pub(super) async fn read_data(
     let data = blocking(&s, move |st| {
         st.catalog().downstream(&name)?;
         let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+        st.exports.touch(&name);
         st.read(&name, offset, &mut buf)?;
         Ok(buf)
     })
@@ -59,6 +60,7 @@ pub(super) async fn write_data(
     let written = body.len() as u64;
     blocking(&s, move |st| {
         st.catalog().downstream(&name)?;
+        st.exports.touch(&name);
         st.write(&name, offset, &body)
     })
     .await?;
@@ -79,6 +81,7 @@ pub(super) async fn zero(
     let (offset, length) = (q.offset.unwrap_or(0), q.length.ok_or_else(|| bad("zero needs ?offset=O&length=L"))?);
     blocking(&s, move |st| {
         st.catalog().downstream(&name)?;
+        st.exports.touch(&name);
         st.zero(&name, offset, length)
     })
     .await?;

@@ -1,5 +1,6 @@
-//! Hook settings (`/v1/hooks`), masking (`POST /v1/mask`) and the `clone_from` policy
-//! (`PUT /v1/volumes/{name}/policy`): docs/api.md, "Hooks" and "Masking".
+//! Hook settings (`/v1/hooks`), masking (`POST /v1/mask`) and a source's policy, `clone_from`
+//! and the lease defaults (`PUT /v1/volumes/{name}/policy`): docs/api.md, "Hooks", "Masking"
+//! and "Leases".
 //!
 //! A hook is set by naming a script in the daemon's hooks directory; the script is checked
 //! when it is set (and again whenever it runs), so a missing, non-executable or
@@ -107,22 +108,45 @@ pub(super) async fn mask(
 #[utoipa::path(put, path = "/v1/volumes/{name}/policy", tag = "hooks",
     params(("name" = String, Path, description = "source name")), request_body = PolicyRequest,
     responses((status = 200, description = "the source", body = Volume),
-        (status = 400, description = "not a source, or an unknown policy", body = ErrorBody),
+        (status = 400, description = "not a source, an unknown policy, a bad duration, or default_lease beyond max_lease", body = ErrorBody),
         (status = 404, description = "no such volume", body = ErrorBody)))]
 pub(super) async fn policy(
     State(s): State<Shared>,
     ApiPath(name): ApiPath<String>,
     JsonBody(body): JsonBody<PolicyRequest>,
 ) -> ApiResult<Json<Volume>> {
-    let masked_only = match body.clone_from.as_str() {
-        "masked" => true,
-        "any" => false,
-        other => return Err(super::bad(format!("clone_from is `masked` or `any`, not `{other}`"))),
+    if body.clone_from.is_none() && body.default_lease.is_none() && body.max_lease.is_none() {
+        return Err(super::bad("give clone_from, default_lease or max_lease"));
+    }
+    let masked_only = match body.clone_from.as_deref() {
+        None => None,
+        Some("masked") => Some(true),
+        Some("any") => Some(false),
+        Some(other) => return Err(super::bad(format!("clone_from is `masked` or `any`, not `{other}`"))),
     };
+    let default_ms = body.default_lease.as_deref().map(|t| lease_setting("default_lease", t)).transpose()?;
+    let max_ms = body.max_lease.as_deref().map(|t| lease_setting("max_lease", t)).transpose()?;
     blocking(&s, move |st| {
-        st.op(|cat| cat.set_clone_from_masked(&name, masked_only))?;
+        st.op(|cat| {
+            let mut p = cat.volume(&name)?.lease_policy.unwrap_or_default();
+            p.default_ms = default_ms.unwrap_or(p.default_ms);
+            p.max_ms = max_ms.unwrap_or(p.max_ms);
+            cat.set_lease_policy(&name, p)?;
+            match masked_only {
+                Some(m) => cat.set_clone_from_masked(&name, m),
+                None => Ok(()),
+            }
+        })?;
         let cat = st.catalog();
         Ok(Json(volume(&cat, cat.volume(&name)?, true, true)?))
     })
     .await
+}
+
+/// A lease setting of the policy: a duration, or `none` to remove it.
+fn lease_setting(key: &str, text: &str) -> Result<Option<u64>, ApiError> {
+    match text {
+        "none" => Ok(None),
+        t => crate::server::leases::span(key, t).map(Some).map_err(super::bad),
+    }
 }

@@ -30,6 +30,7 @@ mod environments;
 mod extract;
 mod hooks;
 mod ingest;
+mod leases;
 mod log;
 mod openapi;
 mod oplog;
@@ -76,6 +77,9 @@ impl From<StoreError> for ApiError {
                 C::MemberWithoutSnapshot { .. } | C::BadEnvironment(_) => StatusCode::BAD_REQUEST,
                 C::EnvironmentTaken(_) | C::InEnvironment { .. } => StatusCode::CONFLICT,
                 C::Detached { .. } => StatusCode::BAD_REQUEST,
+                C::LeaseInPast { .. } | C::LeaseTooLong { .. } | C::LeaseRequired { .. } | C::BadLeasePolicy(_) => {
+                    StatusCode::BAD_REQUEST
+                }
             },
             StoreError::Busy(_) => StatusCode::CONFLICT,
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -174,6 +178,7 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(hooks::set, hooks::unset))
         .routes(routes!(hooks::mask))
         .routes(routes!(hooks::policy))
+        .routes(routes!(leases::set_lease))
         .routes(routes!(log::log))
         .routes(routes!(metrics))
         .routes(routes!(openapi::document))
@@ -188,13 +193,19 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// Build the router. With `auth`, every request (`/metrics`, the document and unknown paths
 /// included) must carry that bearer token (see [`crate::server::auth`]).
-pub fn router(store: Shared, auth: Option<Arc<crate::server::auth::Token>>, events: Arc<Events>) -> Router {
+pub fn router(
+    store: Shared,
+    auth: Option<Arc<crate::server::auth::Token>>,
+    events: Arc<Events>,
+    clock: Arc<crate::server::clock::Clock>,
+) -> Router {
     let (router, mut doc) = routes().split_for_parts();
     openapi::finish(&mut doc);
     let routed = router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint (see docs/api.md)".into()) })
         .layer(Extension(openapi::Document::render(&doc)))
         .layer(Extension(events))
+        .layer(Extension(clock))
         .with_state(store.clone());
     // Around the whole router, not each route: a 405 gets its `Allow` header only on the way
     // out of the route's method router.

@@ -10,6 +10,7 @@ use catalog::{format_time, Catalog, CatalogError, SnapshotId};
 use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, blocking_api, ApiResult, Hooks, Shared};
 use crate::api::error::ErrorBody;
+use crate::api::leases::LeaseInfo;
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, Exports, IngestSummary, MaskInfo, MoveRequest,
     Moved, ShowQuery, Size, Snapshot, SnapshotRequest, SnapshotTaken, Tree, TreeSnapshot, TreeVolume, Volume,
@@ -41,6 +42,9 @@ pub(super) fn volume(
         allocated_bytes: v.allocated_blocks * catalog::BLOCK_SIZE,
         clone_from: v.clone_from_masked.then(|| "masked".to_string()),
         masked_from: v.masked_from.clone(),
+        lease: v.lease.as_ref().map(lease),
+        default_lease: v.lease_policy.and_then(|p| p.default_ms).map(catalog::format_span),
+        max_lease: v.lease_policy.and_then(|p| p.max_ms).map(catalog::format_span),
         created_at: format_time(v.created_at),
         detached_from: v.detached_from.as_ref().map(ToString::to_string),
         environment: cat.environment_of(&v.name).map(|e| e.name.clone()),
@@ -57,6 +61,11 @@ pub(super) fn volume(
         timeflow: v.timeflow,
         unique_bytes: unique(&v.roots())?,
     })
+}
+
+/// The API's view of a clone's lease.
+fn lease(l: &catalog::Lease) -> LeaseInfo {
+    LeaseInfo { expires_at: l.expires_at.map(format_time), idle: l.idle_ms.map(catalog::format_span) }
 }
 
 fn snapshot(volume: &str, s: &catalog::Snapshot, unique_bytes: Option<u64>) -> Snapshot {
@@ -174,17 +183,20 @@ pub(super) async fn snapshot_volume(
 
 #[utoipa::path(post, path = "/v1/clones", tag = "volumes", request_body = CloneRequest,
     responses((status = 201, description = "the new clone, plus `made_from`", body = CloneAnswer),
-        (status = 400, description = "invalid name or reference", body = ErrorBody),
+        (status = 400, description = "invalid name or reference, or a lease beyond the source's max_lease", body = ErrorBody),
         (status = 404, description = "no such volume or snapshot", body = ErrorBody),
         (status = 409, description = "the name is taken", body = ErrorBody)))]
 pub(super) async fn clone_volume(
     State(s): State<Shared>,
     Extension(ev): Hooks,
+    Extension(clock): super::leases::Now,
     JsonBody(body): JsonBody<CloneRequest>,
 ) -> ApiResult<(StatusCode, Json<CloneAnswer>)> {
-    let CloneRequest { from, name } = body;
+    let CloneRequest { from, name, lease } = body;
+    let lease_ms = lease.map(|l| crate::server::leases::span("lease", &l)).transpose().map_err(bad)?;
     let answer = blocking_api(&s, move |st| {
-        let made_from = lifecycle::clone(st, &ev, &from, &name)?;
+        let ask = lifecycle::LeaseAsk { ms: lease_ms, now: clock.now_ms() };
+        let made_from = lifecycle::clone(st, &ev, &from, &name, ask)?;
         let cat = st.catalog();
         Ok(CloneAnswer { volume: volume(&cat, cat.volume(&name)?, true, true)?, made_from: made_from.to_string() })
     })

@@ -1,0 +1,275 @@
+//! Leases with a real daemon whose time the test sets (`--clock-file`), never sleeping for
+//! hours: the `lease-expiring` hook runs before the expiry and the clone survives it; at the
+//! expiry the clone is deleted after its `pre-delete` hook and a connected NBD client is
+//! disconnected; a failing `pre-delete` hook keeps the clone; an idle timeout spares a clone
+//! with an open connection and takes the one without; a clock that jumps forward expires what
+//! is due by then, one that jumps back expires nothing; bad leases are refused with one line.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use forkd_tests::rawnbd::Client;
+use forkd_tests::{metric_value, Daemon};
+use serde_json::Value;
+
+const H: i64 = 3_600_000;
+/// The test's "now" at the start: 2027-01-15T08:00:00Z.
+const T0: i64 = 1_800_000_000_000;
+/// How long a test waits for the reaper (which ticks every 100 ms here) to act.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A daemon with hooks from `root/hooks` (each script records its event and volume in
+/// `root/events.log`, `fail-delete` fails) and its time read from `root/now`, set to `T0`.
+struct Env {
+    d: Daemon,
+    root: PathBuf,
+}
+
+impl Env {
+    fn start(root: &Path) -> Env {
+        let hooks = root.join("hooks");
+        std::fs::create_dir_all(&hooks).expect("hooks dir");
+        std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let log = root.join("events.log");
+        let record = format!("echo \"$FORKD_EVENT|$FORKD_VOLUME\" >> {}", log.display());
+        script(&hooks, "record", &record);
+        script(&hooks, "fail-delete", &format!("{record}\necho 'the database is still in use' >&2\nexit 1"));
+        let clock = root.join("now");
+        std::fs::write(&clock, T0.to_string()).expect("clock");
+        let flags = [
+            "--hooks-dir",
+            hooks.to_str().expect("utf-8"),
+            "--hook-user",
+            "root",
+            "--clock-file",
+            clock.to_str().expect("utf-8"),
+            "--lease-tick",
+            "100ms",
+        ];
+        let d = Daemon::start_with(root, "127.0.0.1", &flags);
+        let env = Env { d, root: root.to_path_buf() };
+        env.source();
+        env
+    }
+
+    /// Set the daemon's time to `T0 + offset`.
+    fn at(&self, offset: i64) {
+        let tmp = self.root.join("now.tmp");
+        std::fs::write(&tmp, format!("{}\n", T0 + offset)).expect("clock");
+        std::fs::rename(&tmp, self.root.join("now")).expect("clock");
+    }
+
+    /// A source `prod` with one snapshot; every clone inherits its `record` hooks.
+    fn source(&self) {
+        let img = self.root.join("prod.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).expect("image");
+        self.d.cli_ok(&["source", "create", "prod", "--size", "1M"]);
+        self.d.cli_ok(&["ingest", "prod", "--from", img.to_str().expect("utf-8")]);
+        for event in ["lease-expiring", "pre-delete"] {
+            self.d.cli_ok(&["hook", "set", "prod", event, "record"]);
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.root.join("events.log")).unwrap_or_default();
+        text.lines().map(str::to_string).collect()
+    }
+
+    fn exists(&self, volume: &str) -> bool {
+        self.d.cli(&["show", volume]).status.success()
+    }
+
+    /// Wait (bounded) until `cond` holds.
+    fn wait(&self, what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < WAIT, "{what} did not happen within {WAIT:?}\n{}", self.d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The operation log's entries of the lease reaper on `volume`.
+    fn reaper_log(&self, volume: &str) -> Vec<Value> {
+        let log = self.d.api().get_json(&format!("/v1/log?volume={volume}"));
+        let entries = log["entries"].as_array().cloned().unwrap_or_default();
+        entries.into_iter().filter(|e| e["who"] == "lease").collect()
+    }
+
+    /// The CLI's stderr for a command that must fail, checked to be one line.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.d.cli(args);
+        assert!(!out.status.success(), "forkd {} should have failed", args.join(" "));
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err
+    }
+}
+
+fn script(dir: &Path, name: &str, body: &str) {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn time(ms: i64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{}", ms / 1000), "+%Y-%m-%dT%H:%M:%S.000Z"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn expiry_warns_then_deletes_after_pre_delete_and_disconnects() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    d.cli_ok(&["clone", "prod@1", "dev", "--lease", "72h"]);
+    let shown = d.cli_json(&["show", "dev"]);
+    assert_eq!(shown["lease"]["expires_at"], time(T0 + 72 * H), "{shown}");
+    assert_eq!(shown["lease"]["idle"], Value::Null);
+    let mut client = Client::open(&d.nbd_addr(), "dev", false);
+    assert!(client.read(0, 4096).is_ok());
+
+    env.at(70 * H);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.events().is_empty(), "nothing runs 2h before the expiry: {:?}", env.events());
+    env.at(71 * H);
+    env.wait("the lease-expiring hook", || env.events().contains(&"lease-expiring|dev".to_string()));
+    assert!(env.exists("dev"), "a warning deletes nothing");
+    assert_eq!(metric_value(&d.metrics(), "forkd_leases_expiring"), 1.0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(env.events(), vec!["lease-expiring|dev".to_string()], "the warning runs once");
+
+    env.at(72 * H + 1000);
+    env.wait("the expiry", || !env.exists("dev"));
+    assert_eq!(env.events(), vec!["lease-expiring|dev".to_string(), "pre-delete|dev".to_string()]);
+    assert!(client.wait_closed(Duration::from_secs(10)), "the NBD client was disconnected");
+    let logged = env.reaper_log("dev");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!((logged[0]["what"].as_str(), logged[0]["result"].as_str()), (Some("delete"), Some("ok")));
+    let m = d.metrics();
+    assert_eq!(metric_value(&m, "forkd_lease_expiries_total{reason=\"expired\"}"), 1.0);
+    assert_eq!(metric_value(&m, "forkd_leases_expiring"), 0.0);
+    assert!(env.exists("prod"));
+}
+
+#[test]
+fn a_failing_pre_delete_hook_keeps_the_clone() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    d.cli_ok(&["clone", "prod@1", "dev", "--lease", "1h"]);
+    d.cli_ok(&["hook", "set", "dev", "pre-delete", "fail-delete"]);
+    env.at(2 * H);
+    env.wait("a failed expiry in the operation log", || !env.reaper_log("dev").is_empty());
+    let logged = env.reaper_log("dev");
+    assert_eq!(logged[0]["result"], "failed", "{logged:?}");
+    assert!(logged[0]["error"].as_str().is_some_and(|e| e.contains("still in use")), "{logged:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(env.exists("dev"), "the clone stays");
+    assert_eq!(env.reaper_log("dev").len(), 1, "not tried again at every tick");
+    assert!(d.log().contains("could not be deleted"), "logged");
+    // Extending the lease makes it no longer due; the clone keeps serving.
+    let out = d.cli_ok(&["lease", "dev", "--extend", "24h"]);
+    assert!(out.contains(&time(T0 + 26 * H)), "{out}");
+}
+
+#[test]
+fn idle_expiry_spares_a_clone_with_an_open_connection() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    for name in ["busy", "quiet"] {
+        d.cli_ok(&["clone", "prod@1", name]);
+        d.cli_ok(&["lease", name, "--idle", "1h"]);
+        assert_eq!(d.cli_json(&["show", name])["lease"]["idle"], "1h");
+    }
+    let mut client = Client::open(&d.nbd_addr(), "busy", false);
+    env.at(30 * 60_000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.exists("quiet"), "not idle long enough yet");
+    env.at(2 * H);
+    env.wait("the idle clone's expiry", || !env.exists("quiet"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.exists("busy"), "a clone with an open connection is not idle");
+    assert!(client.read(0, 4096).is_ok(), "and its client still reads");
+    assert_eq!(metric_value(&d.metrics(), "forkd_lease_expiries_total{reason=\"idle\"}"), 1.0);
+    // Idleness counts from the connection's close.
+    client.disconnect();
+    std::thread::sleep(Duration::from_millis(500));
+    env.at(2 * H + 50 * 60_000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.exists("busy"), "50 minutes after its last connection");
+    env.at(3 * H + 10 * 60_000);
+    env.wait("the expiry an hour after the close", || !env.exists("busy"));
+    assert_eq!(env.events(), vec!["pre-delete|quiet".to_string(), "pre-delete|busy".to_string()]);
+}
+
+#[test]
+fn bad_leases_are_refused_with_one_line() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    d.cli_ok(&["clone", "prod@1", "free"]);
+    let err = env.fails(&["lease", "free", "--expires", &time(T0 - H)]);
+    assert!(err.contains("not in the future"), "{err}");
+    let err = env.fails(&["lease", "prod", "--idle", "1h"]);
+    assert!(err.contains("is a source"), "{err}");
+    let err = env.fails(&["lease", "free", "--extend", "soon"]);
+    assert!(err.contains("72h"), "{err}");
+    let err = env.fails(&["clone", "prod@1", "zero", "--lease", "0h"]);
+    assert!(err.contains("positive"), "{err}");
+    let err = env.fails(&["lease", "free", "--expires", "tomorrow"]);
+    assert!(err.contains("RFC 3339"), "{err}");
+    let two =
+        d.api().request("PUT", "/v1/volumes/free/lease", Some(("application/json", br#"{"none":true,"idle":"1h"}"#)));
+    assert_eq!(two.expect("answer").status, 400);
+
+    let err = env.fails(&["policy", "set", "prod", "default_lease=40d", "max_lease=30d"]);
+    assert!(err.contains("longer than max_lease"), "{err}");
+    let src = d.cli_json(&["policy", "set", "prod", "default_lease=72h", "max_lease=30d"]);
+    assert_eq!((src["default_lease"].as_str(), src["max_lease"].as_str()), (Some("3d"), Some("30d")));
+    let err = env.fails(&["clone", "prod@1", "long", "--lease", "31d"]);
+    assert!(err.contains("longer than max_lease=30d of `prod`"), "{err}");
+    assert!(!env.exists("long"), "nothing was made");
+    d.cli_ok(&["clone", "prod@1", "dev"]);
+    assert_eq!(d.cli_json(&["show", "dev"])["lease"]["expires_at"], time(T0 + 72 * H));
+    d.cli_ok(&["clone", "dev", "dev2"]);
+    assert_eq!(d.cli_json(&["show", "dev2"])["lease"]["expires_at"], time(T0 + 72 * H), "up the origin chain");
+    let err = env.fails(&["lease", "dev", "--none"]);
+    assert!(err.contains("must keep a lease"), "{err}");
+    let err = env.fails(&["lease", "dev", "--extend", "30d"]);
+    assert!(err.contains("longer than max_lease"), "{err}");
+    d.cli_ok(&["lease", "dev", "--expires", &time(T0 + 24 * H)]);
+    // The clone made before the policy keeps no lease; it may not take one beyond the maximum.
+    assert!(d.cli_json(&["show", "free"]).get("lease").is_none());
+    d.cli_ok(&["policy", "set", "prod", "max_lease=none"]);
+    d.cli_ok(&["lease", "dev", "--none"]);
+    assert!(d.cli_json(&["show", "dev"]).get("lease").is_none());
+}
+
+#[test]
+fn the_clock_jumping_forward_expires_what_is_due_and_back_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    d.cli_ok(&["clone", "prod@1", "short", "--lease", "72h"]);
+    d.cli_ok(&["clone", "prod@1", "long", "--lease", "10d"]);
+    env.at(5 * 24 * H);
+    env.wait("the expiry after the jump", || !env.exists("short"));
+    assert_eq!(env.events(), vec!["lease-expiring|short".to_string(), "pre-delete|short".to_string()], "warned first");
+    assert!(env.exists("long"));
+    env.at(-10 * 24 * H);
+    env.wait("the jump back in the daemon's log", || d.log().contains("the clock went back"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.exists("long"), "nothing is due after a jump back");
+    assert_eq!(env.events().len(), 2);
+    // A clock file that cannot be read: logged, and the system clock (before T0) is used.
+    std::fs::write(t.path().join("now"), "next tuesday").expect("clock");
+    env.wait("the bad clock file in the daemon's log", || d.log().contains("not a time"));
+    assert!(env.exists("long"));
+    env.at(10 * 24 * H);
+    env.wait("the second expiry", || !env.exists("long"));
+}
