@@ -273,3 +273,51 @@ fn bad_schedules_are_refused_with_one_line() {
     assert!(env.fails(&["schedule", "delete", "nope"]).contains("no schedule named `nope`"));
     assert_eq!(env.d.cli_json(&["schedule", "list"])["schedules"].as_array().map(Vec::len), Some(1));
 }
+
+#[test]
+fn a_stop_during_a_run_ends_it_before_its_next_step() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let mut env = Env::start(t.path());
+    env.d.cli_ok(&["hook", "set", "prod", "pre-snapshot", "slow"]);
+    let steps = ["--step", "snapshot prod", "--step", "snapshot prod"];
+    env.d.cli_ok(&[&["schedule", "add", "twice", "--cron", "0 2 * * *"][..], &steps].concat());
+    let mut run = Command::new(env.d.bin())
+        .args(["--api", &env.d.url(), "schedule", "run", "twice"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("schedule run");
+    env.wait("the run in progress", || env.schedule("twice")["running"] == true);
+    assert!(env.d.stop().success(), "a clean stop");
+    let _ = run.wait();
+    env.restart();
+    let s = env.schedule("twice");
+    assert_eq!(s["last_run"]["result"], "interrupted", "{s}");
+    assert!(s["last_run"]["error"].as_str().is_some_and(|e| e.contains("before step 2 of 2")), "{s}");
+    assert_eq!(env.snapshots("prod"), 2, "the step in progress finished, the next one did not start");
+}
+
+#[test]
+fn an_ingest_step_uses_the_daemons_token() {
+    const TOKEN: &str = "schedule-test-token-0123456789";
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    let token = root.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let d = Daemon::start_with(root, "0.0.0.0", &["--token-file", token.to_str().expect("utf-8")]);
+    let image = root.join("prod.img");
+    std::fs::write(&image, vec![5u8; 1 << 20]).expect("image");
+    let cli = |args: &[&str]| {
+        let out = d.cli_env(args, &[("FORKD_TOKEN", TOKEN)]);
+        assert!(out.status.success(), "forkd {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    cli(&["source", "create", "prod", "--size", "1M"]);
+    let ingest = format!("ingest prod --from {}", image.display());
+    cli(&["schedule", "add", "nightly", "--cron", "0 2 * * *", "--step", &ingest]);
+    let out = cli(&["schedule", "run", "nightly"]);
+    assert!(out.contains("nightly: ok"), "{out}");
+    let shown: Value = serde_json::from_str(&cli(&["show", "prod", "--json"])).expect("json");
+    assert_eq!(shown["snapshots"].as_array().map(Vec::len), Some(1), "{shown}");
+}

@@ -20,6 +20,11 @@
 //! given to the scheduler by the binary's entry point ([`IngestRunner`]) because this room does
 //! not use the agent's. Each step's volumes are checked again just before it runs.
 //!
+//! Shutdown: once the daemon is told to stop, no run starts (503) and a run in progress stops
+//! before its next step (`interrupted`); the scheduler's task ends when no run is left, before
+//! the daemon's final flush. A step in progress finishes first (an ingest step is an API request,
+//! which the API's drain lets finish).
+//!
 //! At start-up ([`Scheduler::new`]): a schedule still marked `running` was cut short by a stop or
 //! a crash; it is recorded as `interrupted` (logged as `schedule-failed`, counted). A fire time
 //! missed while the daemon was down runs once at the first tick (`catch_up = "once"`) or is
@@ -82,6 +87,8 @@ pub struct Scheduler {
     api: String,
     token: Option<String>,
     ingest: IngestRunner,
+    /// The daemon's shutdown.
+    stop: CancellationToken,
     /// Schedules with a run in progress.
     running: Mutex<HashSet<String>>,
 }
@@ -99,17 +106,19 @@ impl Drop for Claim<'_> {
 }
 
 impl Scheduler {
-    /// A scheduler for the daemon whose API is at `api`; records runs a stop interrupted and
-    /// skips missed fire times of `catch_up = "skip"` schedules.
+    /// A scheduler for the daemon whose API is at `api` (URL and token), until `stop`; records
+    /// runs a stop interrupted and skips missed fire times of `catch_up = "skip"` schedules.
     pub fn new(
         store: Arc<Store>,
         events: Arc<Events>,
         clock: Arc<Clock>,
         api: (String, Option<String>),
         ingest: IngestRunner,
+        stop: CancellationToken,
     ) -> Scheduler {
         let (api, token) = api;
-        let s = Scheduler { store, events, clock, api, token, ingest, running: Mutex::new(HashSet::new()) };
+        let running = Mutex::new(HashSet::new());
+        let s = Scheduler { store, events, clock, api, token, ingest, stop, running };
         s.recover();
         s
     }
@@ -119,13 +128,13 @@ impl Scheduler {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
     }
 
-    /// Tick every `interval` until `stop`.
-    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+    /// Tick every `interval` until the daemon stops, then wait for the runs in progress.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = self.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             for (name, fire) in self.due() {
@@ -136,6 +145,9 @@ impl Scheduler {
                     }
                 });
             }
+        }
+        while !self.running.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -160,8 +172,11 @@ impl Scheduler {
         let started_at = self.clock.now_ms();
         let steps = self.start(name, fire, started_at)?;
         tracing::info!(schedule = name, "schedule run started");
-        let error = self.steps(name, &steps).err();
-        let result = if error.is_some() { "failed" } else { "ok" };
+        let (result, error) = match self.steps(name, &steps) {
+            Ok(()) => ("ok", None),
+            Err(e) if self.stop.is_cancelled() => ("interrupted", Some(e)),
+            Err(e) => ("failed", Some(e)),
+        };
         let run = ScheduleRun { started_at, finished_at: self.clock.now_ms(), result: result.into(), error };
         self.finish(name, &run);
         Ok(run)
@@ -169,6 +184,9 @@ impl Scheduler {
 
     fn claim(&self, name: &str) -> Result<Claim<'_>, ApiError> {
         let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stop.is_cancelled() {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping".into()));
+        }
         if !set.insert(name.to_string()) {
             return Err(ApiError(StatusCode::CONFLICT, format!("schedule `{name}` is already running")));
         }
@@ -194,6 +212,9 @@ impl Scheduler {
     /// Run `steps` in order, each logged; the first failure ends the run.
     fn steps(&self, name: &str, steps: &[Step]) -> Result<(), String> {
         for (i, step) in steps.iter().enumerate() {
+            if self.stop.is_cancelled() {
+                return Err(format!("interrupted: the daemon stopped before step {} of {}", i + 1, steps.len()));
+            }
             let (at, t) = (now_ms(), Instant::now());
             let result = self.step(step);
             self.store.log_operation(LogEntry {

@@ -2,10 +2,11 @@
 //!
 //! Start-up, in order: every setting is checked ([`Plan`]), the store is opened, the three
 //! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush, the
-//! lease reaper ([`crate::server::leases`]) and the HTTP API run until SIGINT or SIGTERM.
+//! lease reaper ([`crate::server::leases`]), the scheduler ([`crate::server::scheduler`], which
+//! reaches the API at its bound address) and the HTTP API run until SIGINT or SIGTERM.
 //!
 //! Shutdown: the API stops accepting requests and running ones finish (a running scrub stops at
-//! its next batch); every NBD and iSCSI connection is told to stop, answers what it had
+//! its next batch, a schedule's run before its next step); every NBD and iSCSI connection is told to stop, answers what it had
 //! received and closes, and both listeners wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
 //! only then is the store flushed, so every write acknowledged before the exit is durable.
 //!
@@ -206,8 +207,9 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
     let reaper = Arc::new(Reaper::new(store.clone(), events.clone(), clock.clone(), plan.leases.warning_ms));
     let reaper = tokio::spawn(reaper.run(plan.leases.tick, shutdown.clone()));
     let own_api = (own_api_url(listeners.api.local_addr()?), plan.token.as_ref().map(|t| t.text()));
-    let scheduler = Arc::new(Scheduler::new(store.clone(), events.clone(), clock.clone(), own_api, ingest));
-    let schedules = tokio::spawn(scheduler.clone().run(plan.leases.tick, shutdown.clone()));
+    let scheduler =
+        Arc::new(Scheduler::new(store.clone(), events.clone(), clock.clone(), own_api, ingest, shutdown.clone()));
+    let schedules = tokio::spawn(scheduler.clone().run(plan.leases.tick));
     let api = Api { token: plan.token, events, clock, scheduler };
     let api_result = serve_api(listeners.api, store, api, shutdown.clone()).await;
     shutdown.cancel();
