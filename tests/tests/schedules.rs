@@ -3,7 +3,9 @@
 //! a failing step ends the run, in the operation log and `schedule list`; a run missed while
 //! the daemon was down catches up exactly once after a restart (or is skipped); `schedule run`
 //! runs now and a second run of the same schedule is refused (409); a daemon killed during a
-//! run reports it interrupted at its next start; bad input is refused with one line.
+//! run reports it interrupted at its next start, one stopped ends it before its next step;
+//! snapshot, mask and prune steps run as their operations; an ingest step reaches a daemon that
+//! requires a token (listening on 0.0.0.0); bad input is refused with one line.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,7 @@ const T0: i64 = 1_800_000_000_000;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A daemon with its time read from `root/now` (set to `T0`), hooks from `root/hooks` (`slow`
-/// sleeps 3 s), a source `prod` fed from `root/prod.img` (all 7s) and a clone `dev1`.
+/// sleeps 3 s, `noop` succeeds), a source `prod` fed from `root/prod.img` (all 7s) and a clone `dev1`.
 struct Env {
     d: Daemon,
     root: PathBuf,
@@ -35,6 +37,9 @@ impl Env {
         let slow = hooks.join("slow");
         std::fs::write(&slow, "#!/bin/sh\nsleep 3\n").expect("script");
         std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let noop = hooks.join("noop");
+        std::fs::write(&noop, "#!/bin/sh\nexit 0\n").expect("script");
+        std::fs::set_permissions(&noop, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         std::fs::write(root.join("now"), T0.to_string()).expect("clock");
         let flags: Vec<String> = [
             "--hooks-dir",
@@ -320,4 +325,28 @@ fn an_ingest_step_uses_the_daemons_token() {
     assert!(out.contains("nightly: ok"), "{out}");
     let shown: Value = serde_json::from_str(&cli(&["show", "prod", "--json"])).expect("json");
     assert_eq!(shown["snapshots"].as_array().map(Vec::len), Some(1), "{shown}");
+}
+
+#[test]
+fn snapshot_mask_and_prune_steps_run_as_their_operations() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    d.cli_ok(&["retention", "set", "prod", "--keep-last", "1"]);
+    let steps = ["snapshot prod", "snapshot prod", "mask prod@latest --into prodm --with noop", "prune prod"];
+    let mut args = vec!["schedule", "add", "weekly", "--cron", "0 3 * * 0"];
+    for s in &steps {
+        args.extend(["--step", s]);
+    }
+    d.cli_ok(&args);
+    let run = d.cli_json(&["schedule", "run", "weekly"]);
+    assert_eq!(run["result"], "ok", "{run}");
+    assert_eq!(env.snapshots("prod"), 2, "the newest, and prod@1 that dev1 was made from");
+    assert_eq!(env.snapshots("prodm"), 1, "the masked snapshot");
+    let shown = d.cli_json(&["show", "prodm"]);
+    assert_eq!(shown["snapshots"][0]["masked"], true, "{shown}");
+    assert_eq!(shown["snapshots"][0]["mask"]["source"], "prod@3", "{shown}");
+    let mut want: Vec<_> = steps.iter().map(|s| pair(s, "ok")).collect();
+    want.push(pair("schedule-ok", "ok"));
+    assert_eq!(env.logged("weekly"), want);
 }
