@@ -89,17 +89,17 @@ pub struct Scheduler {
     ingest: IngestRunner,
     /// The daemon's shutdown.
     stop: CancellationToken,
-    /// Schedules with a run in progress.
-    running: Mutex<HashSet<String>>,
+    /// Schedules with a run in progress (claimed before the run's thread starts).
+    running: Arc<Mutex<HashSet<String>>>,
 }
 
 /// A schedule's name claimed for one run; released when dropped.
-struct Claim<'a> {
-    set: &'a Mutex<HashSet<String>>,
+struct Claim {
+    set: Arc<Mutex<HashSet<String>>>,
     name: String,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.name);
     }
@@ -117,7 +117,7 @@ impl Scheduler {
         stop: CancellationToken,
     ) -> Scheduler {
         let (api, token) = api;
-        let running = Mutex::new(HashSet::new());
+        let running = Arc::new(Mutex::new(HashSet::new()));
         let s = Scheduler { store, events, clock, api, token, ingest, stop, running };
         s.recover();
         s
@@ -138,10 +138,12 @@ impl Scheduler {
                 _ = tick.tick() => {}
             }
             for (name, fire) in self.due() {
+                // Claimed here, not on the run's thread: the next tick cannot start it again.
+                let Ok(claim) = self.claim(&name) else { continue };
                 let s = self.clone();
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = s.run_schedule(&name, Some(fire)) {
-                        tracing::debug!(schedule = %name, error = %e.1, "scheduled run not started");
+                    if let Err(e) = s.run_claimed(claim, Some(fire)) {
+                        tracing::warn!(schedule = %name, error = %e.1, "scheduled run not started");
                     }
                 });
             }
@@ -168,7 +170,12 @@ impl Scheduler {
     /// Run `name` now (`fire`: the fire time it covers, none for `forkd schedule run`) and
     /// return how it ended; refused (409) while a run of it is in progress.
     pub fn run_schedule(&self, name: &str, fire: Option<i64>) -> Result<ScheduleRun, ApiError> {
-        let _claim = self.claim(name)?;
+        self.run_claimed(self.claim(name)?, fire)
+    }
+
+    /// [`Scheduler::run_schedule`] once its name is claimed (released at the end).
+    fn run_claimed(&self, claim: Claim, fire: Option<i64>) -> Result<ScheduleRun, ApiError> {
+        let name = claim.name.as_str();
         let started_at = self.clock.now_ms();
         let steps = self.start(name, fire, started_at)?;
         tracing::info!(schedule = name, "schedule run started");
@@ -182,7 +189,7 @@ impl Scheduler {
         Ok(run)
     }
 
-    fn claim(&self, name: &str) -> Result<Claim<'_>, ApiError> {
+    fn claim(&self, name: &str) -> Result<Claim, ApiError> {
         let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if self.stop.is_cancelled() {
             return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping".into()));
@@ -190,7 +197,7 @@ impl Scheduler {
         if !set.insert(name.to_string()) {
             return Err(ApiError(StatusCode::CONFLICT, format!("schedule `{name}` is already running")));
         }
-        Ok(Claim { set: &self.running, name: name.to_string() })
+        Ok(Claim { set: self.running.clone(), name: name.to_string() })
     }
 
     /// Mark the run durably (so a kill is seen at the next start); its steps.
