@@ -19,6 +19,7 @@ mod masking;
 mod oplog;
 mod reference;
 mod retention;
+mod schedule;
 mod undo;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 pub use retention::{plan as retention_plan, Pruned, Retention};
+pub use schedule::{CatchUp, Schedule, ScheduleRun, Step};
 use serde::{Deserialize, Serialize};
 
 /// Errors of catalog operations. Each is one line a user can act on.
@@ -138,6 +140,15 @@ pub enum CatalogError {
     /// No environment has this name.
     #[error("no environment named `{0}`")]
     UnknownEnvironment(String),
+    /// No schedule has this name.
+    #[error("no schedule named `{0}`")]
+    UnknownSchedule(String),
+    /// The name is already used by a schedule.
+    #[error("a schedule named `{0}` already exists")]
+    ScheduleTaken(String),
+    /// A schedule's cron expression, step or setting is not valid.
+    #[error("{0}")]
+    BadSchedule(String),
     /// The name is already used by an environment.
     #[error("an environment named `{0}` already exists")]
     EnvironmentTaken(String),
@@ -477,6 +488,8 @@ pub struct Catalog {
     environments: BTreeMap<String, Environment>,
     /// Environment records the open `commit_with` commits with its volumes (None: removed).
     env_pending: Vec<(String, Option<Environment>)>,
+    /// Schedules, by name (`schedule.rs`).
+    schedules: BTreeMap<String, Schedule>,
 }
 
 impl Catalog {
@@ -506,8 +519,17 @@ impl Catalog {
         }
         let log = oplog::OpLog::load(&map)?;
         let environments = environment::load(&map)?;
-        let mut cat =
-            Catalog { map, volumes, last_time, staged: BTreeMap::new(), log, environments, env_pending: Vec::new() };
+        let schedules = schedule::load(&map)?;
+        let mut cat = Catalog {
+            map,
+            volumes,
+            last_time,
+            staged: BTreeMap::new(),
+            log,
+            environments,
+            env_pending: Vec::new(),
+            schedules,
+        };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }

@@ -14,7 +14,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match &cli.command {
-        Command::Serve(args) => forkd::server::serve::run(args),
+        Command::Serve(args) => forkd::server::serve::run(args, forkd::agent::ingest_step),
         Command::Ingest(args) => client(&cli).and_then(|c| forkd::agent::ingest::run(&c, args, cli.json)),
         Command::Dump { reference, file } => {
             client(&cli).and_then(|c| forkd::cli::dump::run(&c, reference, file, cli.json))

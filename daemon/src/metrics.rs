@@ -2,7 +2,7 @@
 //! operations, rendered as text for `GET /metrics`. Names start with `forkd_`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The daemon's metrics, registered in their own registry.
@@ -55,6 +55,36 @@ pub struct Metrics {
     pub leases_expiring: IntGauge,
     /// Clones deleted because their lease expired, by reason (`expired`, `idle`).
     pub lease_expiries: IntCounterVec,
+    /// Schedule runs.
+    pub schedules: ScheduleMetrics,
+}
+
+/// The scheduler's metrics (`server::scheduler`).
+#[derive(Debug)]
+pub struct ScheduleMetrics {
+    /// When each schedule's last successful run ended, unix seconds (for "no success for 26 h").
+    pub last_success: IntGaugeVec,
+    /// Schedule runs by schedule and result (`ok`, `failed`, `interrupted`).
+    pub runs: IntCounterVec,
+}
+
+impl ScheduleMetrics {
+    fn new(r: &Registry) -> ScheduleMetrics {
+        ScheduleMetrics {
+            last_success: gauge_vec(
+                r,
+                "forkd_schedule_last_success_timestamp_seconds",
+                "When each schedule's last successful run ended, unix seconds",
+                "schedule",
+            ),
+            runs: counter_vec2(
+                r,
+                "forkd_schedule_runs_total",
+                "Schedule runs by schedule and result",
+                &["schedule", "result"],
+            ),
+        }
+    }
 }
 
 /// The two metrics every protocol listener keeps: open connections, and closed ones by reason.
@@ -92,6 +122,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|_| unreachable_metric(name));
+    let _ = r.register(Box::new(g.clone()));
+    g
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|_| unreachable_metric(name));
     let _ = r.register(Box::new(g.clone()));
     g
 }
@@ -182,6 +218,7 @@ impl Metrics {
                 "Clones deleted at their lease's expiry, by reason",
                 "reason",
             ),
+            schedules: ScheduleMetrics::new(&r),
             registry: r,
         }
     }

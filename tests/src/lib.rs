@@ -1137,6 +1137,23 @@ impl Daemon {
         panic!("could not start forkd: {last_err}\n--- daemon log ---\n{}", read_log(&log));
     }
 
+    /// Start a daemon made by [`Daemon::start_with`] again, on the same port, with `extra`.
+    pub fn restart_with(&mut self, api_host: &str, extra: &[&str]) {
+        let mut last_err = String::new();
+        for attempt in 0..10 {
+            match self.try_spawn_with(api_host, extra) {
+                Ok(()) => return,
+                Err(e) => last_err = e,
+            }
+            std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
+        }
+        panic!(
+            "could not restart forkd on port {}: {last_err}\n--- daemon log ---\n{}",
+            self.port,
+            read_log(&self.log)
+        );
+    }
+
     fn try_spawn_with(&mut self, api_host: &str, extra: &[&str]) -> Result<(), String> {
         assert!(self.child.is_none(), "daemon already running");
         let log = OpenOptions::new()

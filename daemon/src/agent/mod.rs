@@ -51,3 +51,23 @@ pub struct IngestArgs {
     #[arg(long, conflicts_with = "abort")]
     pub resize: bool,
 }
+
+/// A schedule's `ingest SOURCE --from FROM` step, as the daemon runs it: `forkd ingest SOURCE
+/// --from FROM --json` against the daemon's own API at `api` (with its token), on the calling
+/// thread. The daemon's binary hands this to the server (`server::scheduler::IngestRunner`).
+pub fn ingest_step(api: &str, token: Option<String>, source: &str, from: &str) -> anyhow::Result<()> {
+    let client = crate::api::client::Client::with_token(api, token);
+    let args = IngestArgs {
+        name: source.to_string(),
+        from: Some(PathBuf::from(from)),
+        changed_blocks: None,
+        lvm: None,
+        freeze: None,
+        lvm_snapshot_size: "1G".into(),
+        lvm_prefix: "forkd-ingest".into(),
+        dirty_bitmap: None,
+        abort: false,
+        resize: false,
+    };
+    ingest::run(&client, &args, true)
+}

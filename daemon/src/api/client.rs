@@ -33,6 +33,7 @@ use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, Po
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::log::{LogEntries, LogQuery};
 use crate::api::retention::{PruneAnswer, RetentionRules};
+use crate::api::schedules::{Schedule, ScheduleDeleted, ScheduleList, ScheduleRequest, ScheduleRunInfo};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,
@@ -337,6 +338,26 @@ impl Client {
     /// `POST /v1/volumes/{name}/detach`: cut a clone loose from its origin.
     pub fn detach(&self, clone: &str) -> anyhow::Result<Volume> {
         self.post(&format!("/v1/volumes/{}/detach", enc(clone)), &serde_json::json!({}))
+    }
+
+    /// `POST /v1/schedules`: add a schedule.
+    pub fn add_schedule(&self, req: &ScheduleRequest) -> anyhow::Result<Schedule> {
+        self.post("/v1/schedules", req)
+    }
+
+    /// `GET /v1/schedules`: every schedule with its next and last runs.
+    pub fn schedules(&self) -> anyhow::Result<ScheduleList> {
+        self.get("/v1/schedules")
+    }
+
+    /// `POST /v1/schedules/{name}/run`: run a schedule now; answers when the run ended.
+    pub fn run_schedule(&self, name: &str) -> anyhow::Result<ScheduleRunInfo> {
+        self.post(&format!("/v1/schedules/{}/run", enc(name)), &serde_json::json!({}))
+    }
+
+    /// `DELETE /v1/schedules/{name}`: remove a schedule.
+    pub fn delete_schedule(&self, name: &str) -> anyhow::Result<ScheduleDeleted> {
+        self.delete_as(&format!("/v1/schedules/{}", enc(name)))
     }
 
     /// `GET path` and read the answer as `T`.

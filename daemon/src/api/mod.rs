@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod leases;
 pub mod log;
 pub mod retention;
+pub mod schedules;
 pub mod scrub;
 pub mod token;
 mod upload;

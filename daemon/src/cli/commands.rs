@@ -84,16 +84,18 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             report(cli.json, &v, || render_log(&v, *verbose))
         }
         Command::Env { cmd } => super::env::run(&client, cli.json, cmd),
+        Command::Schedule { cmd } => super::schedule::run(&client, cli.json, cmd),
         Command::Retention { cmd } => super::retention::retention(&client, cli.json, cmd),
         Command::Prune { volume } => super::retention::prune(&client, cli.json, volume),
         Command::Detach { clone } => super::retention::detach(&client, cli.json, clone),
-        Command::Delete { reference } => {
-            let v = client.delete(reference)?;
-            report(cli.json, &v, || {
-                format!("deleted {} (freed {})", or(&v.deleted, reference), humanize(v.freed_bytes))
-            })
-        }
+        Command::Delete { reference } => delete(&client, cli.json, reference),
     }
+}
+
+/// `forkd delete NAME_OR_SNAPSHOT`.
+fn delete(client: &crate::api::client::Client, json: bool, reference: &str) -> anyhow::Result<()> {
+    let v = client.delete(reference)?;
+    report(json, &v, || format!("deleted {} (freed {})", or(&v.deleted, reference), humanize(v.freed_bytes)))
 }
 
 /// `text`, or `default` when the daemon left it empty.

@@ -32,6 +32,7 @@ pub mod hooks;
 pub mod lease;
 pub mod render;
 pub mod retention;
+pub mod schedule;
 pub mod scrub;
 
 pub use commands::run_client;
@@ -223,6 +224,13 @@ pub enum Command {
         /// Show every entry's detail, not only those of failed operations and hooks
         #[arg(long, short)]
         verbose: bool,
+    },
+
+    /// Schedules: cron expressions (UTC) whose steps the daemon runs in order
+    Schedule {
+        /// What to do with schedules
+        #[command(subcommand)]
+        cmd: schedule::ScheduleCmd,
     },
 
     /// Manage environments: groups of volumes snapshotted, cloned, rewound, refreshed and

@@ -49,6 +49,15 @@ enum Align {
 /// A table with a header row, columns two spaces apart and as wide as their widest cell, no
 /// trailing spaces. `align` gives each column's alignment (missing entries are left).
 fn render_table(headers: &[&str], align: &[Align], rows: &[Vec<String>]) -> String {
+    render_columns(headers, align, rows)
+}
+
+/// A table whose columns are all left-aligned (for the other client commands' modules).
+pub(super) fn left_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    render_columns(headers, &[], rows)
+}
+
+fn render_columns(headers: &[&str], align: &[Align], rows: &[Vec<String>]) -> String {
     let columns = headers.len();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {

@@ -60,6 +60,11 @@ impl Token {
         Ok(token)
     }
 
+    /// The token's text, for the daemon's own client (a schedule's ingest step calls the API).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+
     /// Whether `presented` is this token, in time that depends only on the lengths.
     pub fn matches(&self, presented: &[u8]) -> bool {
         constant_time_eq(&self.0, presented)

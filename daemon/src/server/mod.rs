@@ -26,4 +26,5 @@ pub mod masking;
 pub mod nbd;
 pub mod offline;
 pub mod retention;
+pub mod scheduler;
 pub mod serve;

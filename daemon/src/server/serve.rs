@@ -2,10 +2,11 @@
 //!
 //! Start-up, in order: every setting is checked ([`Plan`]), the store is opened, the three
 //! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush, the
-//! lease reaper ([`crate::server::leases`]) and the HTTP API run until SIGINT or SIGTERM.
+//! lease reaper ([`crate::server::leases`]), the scheduler ([`crate::server::scheduler`], which
+//! reaches the API at its bound address) and the HTTP API run until SIGINT or SIGTERM.
 //!
 //! Shutdown: the API stops accepting requests and running ones finish (a running scrub stops at
-//! its next batch); every NBD and iSCSI connection is told to stop, answers what it had
+//! its next batch, a schedule's run before its next step); every NBD and iSCSI connection is told to stop, answers what it had
 //! received and closes, and both listeners wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
 //! only then is the store flushed, so every write acknowledged before the exit is durable.
 //!
@@ -29,6 +30,7 @@ use crate::server::hooks::HookRunner;
 use crate::server::iscsi::access::AccessRules;
 use crate::server::leases::Reaper;
 use crate::server::listener::Limits;
+use crate::server::scheduler::{IngestRunner, Scheduler};
 use crate::server::{iscsi, nbd};
 use crate::store::Store;
 
@@ -36,13 +38,14 @@ use crate::store::Store;
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Run the daemon until a shutdown signal.
-pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+/// `ingest` runs a schedule's ingest steps (the agent's run; see [`IngestRunner`]).
+pub fn run(args: &ServeArgs, ingest: IngestRunner) -> anyhow::Result<()> {
     let plan = Plan::new(&Config::load(args)?)?;
     let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
     store.set_log_retention(plan.log_retention);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    rt.block_on(serve(plan, store.clone()))?;
+    rt.block_on(serve(plan, store.clone(), ingest))?;
     // The listeners have drained (every connection ended, or the drain's bound passed with a
     // warning): what was acknowledged before now is made durable here.
     store.flush().context("final flush")?;
@@ -184,7 +187,7 @@ impl Listeners {
 }
 
 /// Serve until a shutdown signal, then wait for every listener and connection to end.
-async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
+async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&plan).await?;
     listeners.announce(&plan)?;
     let (nbd_addr, iscsi_addr) = (listeners.nbd.local_addr()?, listeners.iscsi.local_addr()?);
@@ -203,10 +206,20 @@ async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
     let clock = plan.leases.clock.clone();
     let reaper = Arc::new(Reaper::new(store.clone(), events.clone(), clock.clone(), plan.leases.warning_ms));
     let reaper = tokio::spawn(reaper.run(plan.leases.tick, shutdown.clone()));
-    let api_result = serve_api(listeners.api, store, plan.token, events, clock, shutdown.clone()).await;
+    let own_api = (own_api_url(listeners.api.local_addr()?), plan.token.as_ref().map(|t| t.text()));
+    let scheduler =
+        Arc::new(Scheduler::new(store.clone(), events.clone(), clock.clone(), own_api, ingest, shutdown.clone()));
+    let schedules = tokio::spawn(scheduler.clone().run(plan.leases.tick));
+    let api = Api { token: plan.token, events, clock, scheduler };
+    let api_result = serve_api(listeners.api, store, api, shutdown.clone()).await;
     shutdown.cancel();
-    let tasks =
-        [("NBD listener", nbd), ("iSCSI listener", iscsi), ("periodic flush", periodic), ("lease reaper", reaper)];
+    let tasks = [
+        ("NBD listener", nbd),
+        ("iSCSI listener", iscsi),
+        ("periodic flush", periodic),
+        ("lease reaper", reaper),
+        ("scheduler", schedules),
+    ];
     for (what, task) in tasks {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "the {what} failed");
@@ -215,16 +228,32 @@ async fn serve(plan: Plan, store: Arc<Store>) -> anyhow::Result<()> {
     api_result
 }
 
+/// The daemon's own API as a client reaches it: a wildcard address becomes loopback.
+fn own_api_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// What the API's handlers share besides the store.
+struct Api {
+    token: Option<Arc<Token>>,
+    events: Arc<Events>,
+    clock: Arc<Clock>,
+    scheduler: Arc<Scheduler>,
+}
+
 /// The HTTP API until a shutdown signal (which it passes on to `shutdown`).
 async fn serve_api(
     listener: TcpListener,
     store: Arc<Store>,
-    token: Option<Arc<Token>>,
-    events: Arc<Events>,
-    clock: Arc<Clock>,
+    api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = crate::server::http::router(store.clone(), token, events, clock)
+    let app = crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler)
         .into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -36,6 +36,7 @@ mod openapi;
 mod oplog;
 mod resize;
 mod retention;
+mod schedules;
 mod scrub;
 mod volumes;
 
@@ -76,7 +77,9 @@ impl From<StoreError> for ApiError {
                 C::UnknownEnvironment(_) => StatusCode::NOT_FOUND,
                 C::MemberWithoutSnapshot { .. } | C::BadEnvironment(_) => StatusCode::BAD_REQUEST,
                 C::EnvironmentTaken(_) | C::InEnvironment { .. } => StatusCode::CONFLICT,
-                C::Detached { .. } => StatusCode::BAD_REQUEST,
+                C::Detached { .. } | C::BadSchedule(_) => StatusCode::BAD_REQUEST,
+                C::UnknownSchedule(_) => StatusCode::NOT_FOUND,
+                C::ScheduleTaken(_) => StatusCode::CONFLICT,
                 C::LeaseInPast { .. } | C::LeaseTooLong { .. } | C::LeaseRequired { .. } | C::BadLeasePolicy(_) => {
                     StatusCode::BAD_REQUEST
                 }
@@ -180,6 +183,9 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(hooks::policy))
         .routes(routes!(leases::set_lease))
         .routes(routes!(log::log))
+        .routes(routes!(schedules::list, schedules::add))
+        .routes(routes!(schedules::run))
+        .routes(routes!(schedules::remove))
         .routes(routes!(metrics))
         .routes(routes!(openapi::document))
 }
@@ -198,6 +204,7 @@ pub fn router(
     auth: Option<Arc<crate::server::auth::Token>>,
     events: Arc<Events>,
     clock: Arc<crate::server::clock::Clock>,
+    scheduler: Arc<crate::server::scheduler::Scheduler>,
 ) -> Router {
     let (router, mut doc) = routes().split_for_parts();
     openapi::finish(&mut doc);
@@ -206,6 +213,7 @@ pub fn router(
         .layer(Extension(openapi::Document::render(&doc)))
         .layer(Extension(events))
         .layer(Extension(clock))
+        .layer(Extension(scheduler))
         .with_state(store.clone());
     // Around the whole router, not each route: a 405 gets its `Allow` header only on the way
     // out of the route's method router.

@@ -76,6 +76,9 @@ impl Operation {
             ("DELETE", ["v1", "sources", v, "ingest"]) => Operation::new("abort ingest", Some(v)),
             ("POST", ["v1", "sources", v, "resize"]) => Operation::new("resize", Some(v)),
             ("POST", ["v1", "scrub"]) => Operation::new("scrub", None),
+            ("POST", ["v1", "schedules"]) => Operation::new("schedule add", None),
+            ("POST", ["v1", "schedules", _, "run"]) => Operation::new("schedule run", None),
+            ("DELETE", ["v1", "schedules", _]) => Operation::new("schedule delete", None),
             _ => Operation::new(&format!("{m} {path}"), None),
         }
     }
