@@ -61,6 +61,18 @@ pub struct EnvSnapshot {
     pub bookmarks: Vec<String>,
 }
 
+impl crate::Point for EnvSnapshot {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn created_at(&self) -> i64 {
+        self.created_at
+    }
+    fn bookmarks(&self) -> &[String] {
+        &self.bookmarks
+    }
+}
+
 /// What an environment reference resolves to: a snapshot per member.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnvPoint {
@@ -89,17 +101,7 @@ impl Environment {
     /// The environment snapshot `sel` names (`Latest`: the newest; `At`: the newest at or
     /// before that time).
     fn find(&self, sel: &SnapSel) -> Result<&EnvSnapshot> {
-        let missing = || CatalogError::UnknownSnapshot(format!("{}@{}", self.name, crate::sel_text(sel)));
-        match sel {
-            SnapSel::Id(n) => self.snapshots.iter().find(|s| s.id == *n).ok_or_else(missing),
-            SnapSel::Latest => self.snapshots.last().ok_or_else(missing),
-            SnapSel::Bookmark(b) => self.snapshots.iter().find(|s| s.bookmarks.contains(b)).ok_or_else(missing),
-            SnapSel::At(t) => {
-                self.snapshots.iter().rev().find(|s| s.created_at <= *t).ok_or_else(|| {
-                    CatalogError::BeforeFirstSnapshot { volume: self.name.clone(), time: format_time(*t) }
-                })
-            }
-        }
+        crate::select(&self.name, &self.snapshots, sel)
     }
 }
 

@@ -398,6 +398,30 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// A new volume with no snapshots, no data counted, no origin and no settings.
+    fn new(name: &str, kind: Kind, size_bytes: u64, root: NodeId, created_at: i64) -> Volume {
+        Volume {
+            name: name.to_string(),
+            kind,
+            size_bytes,
+            root,
+            origin: None,
+            created_at,
+            timeflow: 1,
+            next_snapshot: 1,
+            snapshots: Vec::new(),
+            allocated_blocks: 0,
+            staging: None,
+            hooks: BTreeMap::new(),
+            masked_from: None,
+            clone_from_masked: false,
+            retention: None,
+            detached_from: None,
+            lease: None,
+            lease_policy: None,
+        }
+    }
+
     /// Blocks in the volume.
     pub fn nblocks(&self) -> u64 {
         self.size_bytes / BLOCK_SIZE
@@ -405,17 +429,7 @@ impl Volume {
 
     /// Find a snapshot by selector.
     pub fn find(&self, sel: &SnapSel) -> Result<&Snapshot> {
-        let missing = || CatalogError::UnknownSnapshot(format!("{}@{}", self.name, sel_text(sel)));
-        match sel {
-            SnapSel::Id(n) => self.snapshots.iter().find(|s| s.id == *n).ok_or_else(missing),
-            SnapSel::Latest => self.snapshots.last().ok_or_else(missing),
-            SnapSel::Bookmark(b) => self.snapshots.iter().find(|s| s.bookmarks.contains(b)).ok_or_else(missing),
-            SnapSel::At(t) => {
-                self.snapshots.iter().rev().find(|s| s.created_at <= *t).ok_or_else(|| {
-                    CatalogError::BeforeFirstSnapshot { volume: self.name.clone(), time: format_time(*t) }
-                })
-            }
-        }
+        select(&self.name, &self.snapshots, sel)
     }
 
     /// Every root this volume holds a reference on.
@@ -424,6 +438,44 @@ impl Volume {
         r.push(self.root);
         r.extend(self.staging.as_ref().map(|s| s.root));
         r
+    }
+}
+
+/// A point in time of a volume or an environment, as a selector finds it.
+pub(crate) trait Point {
+    /// Its number.
+    fn id(&self) -> u64;
+    /// When it was taken, unix milliseconds.
+    fn created_at(&self) -> i64;
+    /// Its bookmark names.
+    fn bookmarks(&self) -> &[String];
+}
+
+impl Point for Snapshot {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn created_at(&self) -> i64 {
+        self.created_at
+    }
+    fn bookmarks(&self) -> &[String] {
+        &self.bookmarks
+    }
+}
+
+/// The point of `points` (oldest first) that `sel` names, on volume or environment `name`:
+/// by number, the newest, by bookmark, or the newest at or before a time.
+pub(crate) fn select<'a, P: Point>(name: &str, points: &'a [P], sel: &SnapSel) -> Result<&'a P> {
+    let missing = || CatalogError::UnknownSnapshot(format!("{name}@{}", sel_text(sel)));
+    match sel {
+        SnapSel::Id(n) => points.iter().find(|s| s.id() == *n).ok_or_else(missing),
+        SnapSel::Latest => points.last().ok_or_else(missing),
+        SnapSel::Bookmark(b) => points.iter().find(|s| s.bookmarks().contains(b)).ok_or_else(missing),
+        SnapSel::At(t) => points
+            .iter()
+            .rev()
+            .find(|s| s.created_at() <= *t)
+            .ok_or_else(|| CatalogError::BeforeFirstSnapshot { volume: name.to_string(), time: format_time(*t) }),
     }
 }
 
@@ -703,27 +755,7 @@ impl Catalog {
     pub fn create_source(&mut self, name: &str, size_bytes: u64) -> Result<Volume> {
         self.new_name(name)?;
         check_size(size_bytes)?;
-        let created_at = self.now();
-        let v = Volume {
-            name: name.to_string(),
-            kind: Kind::Source,
-            size_bytes,
-            root: 0,
-            origin: None,
-            created_at,
-            timeflow: 1,
-            next_snapshot: 1,
-            snapshots: Vec::new(),
-            allocated_blocks: 0,
-            staging: None,
-            hooks: BTreeMap::new(),
-            masked_from: None,
-            clone_from_masked: false,
-            retention: None,
-            detached_from: None,
-            lease: None,
-            lease_policy: None,
-        };
+        let v = Volume::new(name, Kind::Source, size_bytes, 0, self.now());
         self.commit_with(|_| Ok((vec![v.clone()], vec![], ())))?;
         Ok(v)
     }
@@ -794,26 +826,11 @@ impl Catalog {
     fn clone_in(&mut self, parent: &Volume, id: u64, name: &str) -> Result<Volume> {
         let snap = parent.find(&SnapSel::Id(id))?;
         self.map.share(snap.root)?;
-        let created_at = self.now();
         Ok(Volume {
-            name: name.to_string(),
-            kind: Kind::Clone,
-            size_bytes: snap.size_bytes,
-            root: snap.root,
             origin: Some(SnapshotId { volume: parent.name.clone(), id }),
-            created_at,
-            timeflow: 1,
-            next_snapshot: 1,
-            snapshots: Vec::new(),
             allocated_blocks: snap.allocated_blocks,
-            staging: None,
             hooks: hooks::inherited(&parent.hooks),
-            masked_from: None,
-            clone_from_masked: false,
-            retention: None,
-            detached_from: None,
-            lease: None,
-            lease_policy: None,
+            ..Volume::new(name, Kind::Clone, snap.size_bytes, snap.root, self.now())
         })
     }
 

@@ -8,6 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -348,9 +349,15 @@ impl Daemon {
 
     /// Start the daemon again on the same data directory and port (after a stop or a kill).
     pub fn restart(&mut self) {
+        self.respawn(Daemon::try_spawn);
+    }
+
+    /// Spawn again with `spawn`, retrying with a growing pause (the port may still be held by
+    /// the daemon that just went), panicking with the log after ten tries.
+    fn respawn(&mut self, mut spawn: impl FnMut(&mut Daemon) -> Result<(), String>) {
         let mut last_err = String::new();
         for attempt in 0..10 {
-            match self.try_spawn() {
+            match spawn(self) {
                 Ok(()) => return,
                 Err(e) => last_err = e,
             }
@@ -486,6 +493,25 @@ fn read_log(p: &Path) -> String {
 }
 
 /// The last `n` lines of `s`.
+/// A hooks directory `root/hooks` (mode 755) holding `scripts` (name, shell body), each made
+/// an executable `#!/bin/sh` script.
+pub fn hooks_dir(root: &Path, scripts: &[(&str, &str)]) -> PathBuf {
+    let dir = root.join("hooks");
+    std::fs::create_dir_all(&dir).expect("hooks dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod hooks dir");
+    for (name, body) in scripts {
+        write_script(&dir, name, body);
+    }
+    dir
+}
+
+/// Write `dir/name` as `#!/bin/sh` followed by `body`, mode 755.
+pub fn write_script(dir: &Path, name: &str, body: &str) {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -1139,19 +1165,7 @@ impl Daemon {
 
     /// Start a daemon made by [`Daemon::start_with`] again, on the same port, with `extra`.
     pub fn restart_with(&mut self, api_host: &str, extra: &[&str]) {
-        let mut last_err = String::new();
-        for attempt in 0..10 {
-            match self.try_spawn_with(api_host, extra) {
-                Ok(()) => return,
-                Err(e) => last_err = e,
-            }
-            std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
-        }
-        panic!(
-            "could not restart forkd on port {}: {last_err}\n--- daemon log ---\n{}",
-            self.port,
-            read_log(&self.log)
-        );
+        self.respawn(|d| d.try_spawn_with(api_host, extra));
     }
 
     fn try_spawn_with(&mut self, api_host: &str, extra: &[&str]) -> Result<(), String> {

@@ -5,29 +5,12 @@
 //! set and again when run; the hook metrics count every run.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use forkd_tests::{metric_value, Daemon};
+use forkd_tests::{hooks_dir, metric_value, write_script, Daemon};
 use serde_json::Value;
-
-/// A hooks directory in `root` with `scripts` (name, shell body) made executable.
-fn hooks_dir(root: &Path, scripts: &[(&str, &str)]) -> PathBuf {
-    let dir = root.join("hooks");
-    std::fs::create_dir_all(&dir).expect("hooks dir");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    for (name, body) in scripts {
-        write_script(&dir, name, body);
-    }
-    dir
-}
-
-fn write_script(dir: &Path, name: &str, body: &str) {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
-}
 
 /// A daemon running hooks from `hooks` (as root when the tests run as root).
 fn daemon(root: &Path, hooks: &Path) -> Daemon {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkd_tests::rawnbd::Client;
-use forkd_tests::{metric_value, Daemon};
+use forkd_tests::{metric_value, write_script, Daemon};
 use serde_json::Value;
 
 const H: i64 = 3_600_000;
@@ -33,8 +33,8 @@ impl Env {
         std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let log = root.join("events.log");
         let record = format!("echo \"$FORKD_EVENT|$FORKD_VOLUME\" >> {}", log.display());
-        script(&hooks, "record", &record);
-        script(&hooks, "fail-delete", &format!("{record}\necho 'the database is still in use' >&2\nexit 1"));
+        write_script(&hooks, "record", &record);
+        write_script(&hooks, "fail-delete", &format!("{record}\necho 'the database is still in use' >&2\nexit 1"));
         let clock = root.join("now");
         std::fs::write(&clock, T0.to_string()).expect("clock");
         let flags = [
@@ -104,12 +104,6 @@ impl Env {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         err
     }
-}
-
-fn script(dir: &Path, name: &str, body: &str) {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
 fn time(ms: i64) -> String {

@@ -14,15 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use forkd_tests::iscsi_raw::{target_name, Initiator, LoginOptions};
-use forkd_tests::Daemon;
+use forkd_tests::{write_script, Daemon};
 
 const ADDRESSES: &[u8] = b"alice@example.com,bob.smith@corp.example.org;carol+x@mail.test";
-
-fn script(dir: &Path, name: &str, body: &str) {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-}
 
 /// The masking script: says it is ready, waits for the test's go (bounded), then replaces every
 /// character of every e-mail address but the `@` with `x`, over the NBD URI it was given.
@@ -49,10 +43,10 @@ fn setup(root: &Path) -> (Daemon, PathBuf, PathBuf) {
     std::fs::create_dir_all(&flags).expect("flags");
     std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&flags, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    script(&hooks, "masker", &masker(&flags));
-    script(&hooks, "fail", "echo 'masking rules missing' >&2; exit 1");
-    script(&hooks, "slow", "sleep 300");
-    script(&hooks, "killed", "kill -9 $$");
+    write_script(&hooks, "masker", &masker(&flags));
+    write_script(&hooks, "fail", "echo 'masking rules missing' >&2; exit 1");
+    write_script(&hooks, "slow", "sleep 300");
+    write_script(&hooks, "killed", "kill -9 $$");
     let d =
         Daemon::start_with(root, "127.0.0.1", &["--hooks-dir", hooks.to_str().expect("utf-8"), "--hook-user", "root"]);
     let mut img = vec![0u8; 4 << 20];

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forkd_tests::{metric_value, Daemon};
+use forkd_tests::{hooks_dir, metric_value, Daemon};
 use serde_json::{json, Value};
 
 const H: i64 = 3_600_000;
@@ -31,15 +31,7 @@ struct Env {
 
 impl Env {
     fn start(root: &Path) -> Env {
-        let hooks = root.join("hooks");
-        std::fs::create_dir_all(&hooks).expect("hooks dir");
-        std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let slow = hooks.join("slow");
-        std::fs::write(&slow, "#!/bin/sh\nsleep 3\n").expect("script");
-        std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let noop = hooks.join("noop");
-        std::fs::write(&noop, "#!/bin/sh\nexit 0\n").expect("script");
-        std::fs::set_permissions(&noop, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let hooks = hooks_dir(root, &[("slow", "sleep 3"), ("noop", "exit 0")]);
         std::fs::write(root.join("now"), T0.to_string()).expect("clock");
         let flags: Vec<String> = [
             "--hooks-dir",
