@@ -708,6 +708,44 @@ impl BlockMap {
         Ok(unique)
     }
 
+    /// Data-holding blocks of `first..first+count` whose slots rewriting or trimming them in
+    /// the tree at `root` would free: those reached through nodes only this tree holds and
+    /// held by no other leaf. What a write there gives back before it takes new slots.
+    pub fn exclusive_blocks(&self, root: NodeId, first: u64, count: u64) -> Result<u64> {
+        if root == 0 || count == 0 || self.node_rc(root)? != 1 {
+            return Ok(0);
+        }
+        let mut slots = Vec::new();
+        let mut failed = None;
+        let mut enter = |id: NodeId, _: u8, _: u64| match self.node_rc(id) {
+            Ok(n) => n == 1,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        };
+        let mut entry = |_: NodeId, _: u64, e: Entry| {
+            if e.has_data() {
+                slots.push(e.slot);
+            }
+        };
+        self.walk_range(root, first, first.saturating_add(count), &mut enter, &mut entry)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let mut n = 0;
+        for slot in slots {
+            n += u64::from(self.slot_refs(slot)? == 1);
+        }
+        Ok(n)
+    }
+
+    /// Slots freed so far in the open transaction: their last reference went. The difference
+    /// across a write is what it gave back.
+    pub fn freed_in_transaction(&self) -> usize {
+        self.txn_freed.len()
+    }
+
     // ----- slots --------------------------------------------------------------------
 
     /// Hand out `n` slots for new data, lowest free ones first, then fresh ones (contiguous,

@@ -138,3 +138,35 @@ fn walk_range_sees_the_range_and_skips_what_enter_refuses() {
     assert!(offered.contains(&(1, 16_384)) && offered.contains(&(0, 64)), "{offered:?}");
     assert_eq!(map.walk_range(0, 0, n, &mut |_, _, _| true, &mut |_, _, _| panic!("empty tree")).ok(), Some(()));
 }
+
+#[test]
+fn exclusive_blocks_are_what_an_overwrite_frees() {
+    let (_d, mut map) = open();
+    let n = 100_000;
+    let mut a = 0;
+    for b in [0, 1, 2, 70, 99_999] {
+        data(&mut map, &mut a, n, b, 1);
+    }
+    map.set(&mut a, n, 3, Some(Entry::ZERO)).unwrap();
+    map.commit().unwrap();
+    // Nothing shares the tree: every data block in range is exclusive, zeros and holes are not.
+    assert_eq!(map.exclusive_blocks(a, 0, 100).unwrap(), 4);
+    assert_eq!(map.exclusive_blocks(a, 1, 2).unwrap(), 2);
+    assert_eq!(map.exclusive_blocks(a, 3, 60).unwrap(), 0);
+    // A snapshot shares the root: nothing is exclusive until the head copies what it writes.
+    let snap = a;
+    map.share(snap).unwrap();
+    assert_eq!(map.exclusive_blocks(a, 0, n).unwrap(), 0);
+    data(&mut map, &mut a, n, 1, 2);
+    map.commit().unwrap();
+    // Block 1's new slot is the head's alone; block 0 is still the snapshot's too (its leaf
+    // was copied, so the slot has two references); block 70's leaf is still shared.
+    assert_eq!(map.exclusive_blocks(a, 0, n).unwrap(), 1);
+    // Checked against what an overwrite of everything really frees.
+    let before = map.freed_in_transaction();
+    for b in [0, 1, 2, 70, 99_999] {
+        map.set(&mut a, n, b, Some(Entry::ZERO)).unwrap();
+    }
+    assert_eq!(map.freed_in_transaction() - before, 1);
+    map.rollback();
+}

@@ -321,7 +321,7 @@ mod tests {
         cat.set_lease_policy("db", policy).unwrap();
         let lease = cat.lease_for_clone("db@1", "dev", None, T0).unwrap().unwrap();
         assert_eq!(lease.expires_at, Some(T0 + 72 * 3_600_000));
-        let (_, _) = cat.clone_volume_leased("db@1", "dev", Some(lease)).unwrap();
+        let (_, _) = cat.clone_volume_leased("db@1", "dev", Some(lease), None).unwrap();
         assert!(matches!(
             cat.lease_for_clone("dev", "dev2", Some(101 * H), T0),
             Err(CatalogError::LeaseTooLong { .. })

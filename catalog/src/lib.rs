@@ -17,12 +17,13 @@ mod hooks;
 mod lease;
 mod masking;
 mod oplog;
+mod quota;
 mod reference;
 mod retention;
 mod schedule;
 mod undo;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
@@ -30,6 +31,7 @@ pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
 pub use masking::MaskRecord;
+pub use quota::QuotaUse;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 pub use retention::{plan as retention_plan, Pruned, Retention};
@@ -247,6 +249,22 @@ pub enum CatalogError {
         /// Its maximum.
         max: String,
     },
+    /// A write would take a clone past its quota on unique bytes.
+    #[error(
+        "`{volume}` is at its quota: it holds {} alone, its quota is {}, and this write needs {} more; \
+         trim, delete its snapshots or raise the quota (`forkd quota`)",
+        quota::mib(*used), quota::mib(*limit), quota::mib(*needed)
+    )]
+    QuotaExceeded {
+        /// The clone.
+        volume: String,
+        /// Its unique bytes.
+        used: u64,
+        /// Its quota.
+        limit: u64,
+        /// The unique bytes the write would add.
+        needed: u64,
+    },
     /// Removing the lease of a clone whose source has a `max_lease`.
     #[error("`{clone}` must keep a lease: `{policy_source}` has max_lease={max}; extend or shorten it instead")]
     LeaseRequired {
@@ -389,6 +407,16 @@ pub struct Volume {
     /// A source's lease policy: default and maximum leases of clones made from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_policy: Option<LeasePolicy>,
+    /// A clone's quota on its unique bytes (see `quota`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+    /// A source's `default_quota`: the quota new clones made from it get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_quota: Option<u64>,
+    /// For a volume with a quota, the blocks it holds alone, kept across writes and counted
+    /// afresh after other operations (see `quota`); `None` without a quota. Not stored.
+    #[serde(skip)]
+    pub quota_used: Option<u64>,
     /// Blocks holding data in the head (stored under its own key, updated with every write).
     #[serde(skip)]
     pub allocated_blocks: u64,
@@ -419,6 +447,9 @@ impl Volume {
             detached_from: None,
             lease: None,
             lease_policy: None,
+            quota_bytes: None,
+            default_quota: None,
+            quota_used: None,
         }
     }
 
@@ -586,6 +617,7 @@ impl Catalog {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }
         cat.map.collect_garbage()?;
+        cat.recount(&BTreeSet::new(), &BTreeSet::new())?;
         Ok(cat)
     }
 
@@ -687,6 +719,12 @@ impl Catalog {
         });
         match result {
             Ok((changed, removed, out)) => {
+                let touched: BTreeSet<String> = changed.iter().map(|v| v.name.clone()).chain(removed.clone()).collect();
+                let gone: BTreeSet<String> = removed
+                    .iter()
+                    .filter_map(|n| self.volumes.get(n))
+                    .flat_map(|v| [&v.origin, &v.detached_from].into_iter().flatten().map(|o| o.volume.clone()))
+                    .collect();
                 for name in removed {
                     self.volumes.remove(&name);
                 }
@@ -695,6 +733,7 @@ impl Catalog {
                 }
                 self.apply_environments();
                 self.map.collect_garbage()?;
+                self.recount(&touched, &gone)?;
                 Ok(out)
             }
             Err(e) => {
@@ -789,7 +828,7 @@ impl Catalog {
     /// Returns the clone and the snapshot it was made from. Refused for data that may not
     /// flow downstream (see `masking`).
     pub fn clone_volume(&mut self, from: &str, name: &str) -> Result<(Volume, SnapshotId)> {
-        self.clone_volume_leased(from, name, None)
+        self.clone_volume_leased(from, name, None, None)
     }
 
     /// [`Catalog::clone_volume`], the clone holding `lease` from its first commit (see
@@ -799,6 +838,7 @@ impl Catalog {
         from: &str,
         name: &str,
         lease: Option<Lease>,
+        quota_bytes: Option<u64>,
     ) -> Result<(Volume, SnapshotId)> {
         self.new_name(name)?;
         self.downstream(from)?;
@@ -816,6 +856,7 @@ impl Catalog {
             };
             let mut clone = cat.clone_in(&parent, snap_id.id, name)?;
             clone.lease = lease;
+            clone.quota_bytes = quota_bytes.or(clone.quota_bytes);
             changed.push(clone.clone());
             Ok((changed, vec![], (clone, snap_id)))
         })
@@ -830,6 +871,7 @@ impl Catalog {
             origin: Some(SnapshotId { volume: parent.name.clone(), id }),
             allocated_blocks: snap.allocated_blocks,
             hooks: hooks::inherited(&parent.hooks),
+            quota_bytes: self.default_quota_for(parent),
             ..Volume::new(name, Kind::Clone, snap.size_bytes, snap.root, self.now())
         })
     }
@@ -1051,11 +1093,17 @@ impl Catalog {
                 _ => (&mut v.root, &mut v.allocated_blocks),
             };
             let before = *root;
+            let freed_before = self.map.freed_in_transaction();
             let r = self.map.set_range(root, nblocks, first, entries, staging);
             if let Ok(delta) = r {
                 *allocated = allocated.saturating_add_signed(delta);
             }
             moved |= *root != before;
+            if r.is_ok() && !staging {
+                let added = entries.iter().filter(|e| e.is_some_and(|e| e.has_data())).count() as u64;
+                let freed = self.map.freed_in_transaction().saturating_sub(freed_before) as u64;
+                Self::count_write(&mut v, added, freed);
+            }
             r
         };
         self.staged.insert(v.name.clone(), (v, moved));

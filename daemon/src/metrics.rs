@@ -57,6 +57,36 @@ pub struct Metrics {
     pub lease_expiries: IntCounterVec,
     /// Schedule runs.
     pub schedules: ScheduleMetrics,
+    /// Free space, the low-space threshold and quotas.
+    pub space: SpaceMetrics,
+}
+
+/// The space gauges, refreshed at each scrape (`store::pool`).
+#[derive(Debug)]
+pub struct SpaceMetrics {
+    /// Free bytes on the data directory's filesystem.
+    pub free: IntGauge,
+    /// The low-space threshold in bytes.
+    pub threshold: IntGauge,
+    /// Each quota'd clone's unique bytes.
+    pub quota_used: IntGaugeVec,
+    /// Each quota'd clone's quota.
+    pub quota_limit: IntGaugeVec,
+}
+
+impl SpaceMetrics {
+    fn new(r: &Registry) -> SpaceMetrics {
+        SpaceMetrics {
+            free: gauge(r, "forkd_pool_free_bytes", "Free bytes on the data directory's filesystem"),
+            threshold: gauge(
+                r,
+                "forkd_pool_low_space_threshold_bytes",
+                "Below this much free space new clones and ingests are refused",
+            ),
+            quota_used: gauge_vec(r, "forkd_quota_used_bytes", "Unique bytes of each clone with a quota", "volume"),
+            quota_limit: gauge_vec(r, "forkd_quota_limit_bytes", "Quota of each clone with one", "volume"),
+        }
+    }
 }
 
 /// The scheduler's metrics (`server::scheduler`).
@@ -219,6 +249,7 @@ impl Metrics {
                 "reason",
             ),
             schedules: ScheduleMetrics::new(&r),
+            space: SpaceMetrics::new(&r),
             registry: r,
         }
     }

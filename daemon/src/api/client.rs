@@ -125,13 +125,18 @@ impl Client {
     /// `POST /v1/clones`: a writable clone `name` of `from` (a snapshot, or a volume that is
     /// snapshotted first). Not `clone`: that would shadow [`Clone::clone`].
     pub fn clone_volume(&self, from: &str, name: &str) -> anyhow::Result<CloneAnswer> {
-        self.clone_leased(from, name, None)
+        self.clone_with(&CloneRequest { from: from.to_string(), name: name.to_string(), lease: None, quota: None })
     }
 
-    /// [`Client::clone_volume`] with a lease (`72h`) instead of the source's default.
-    pub fn clone_leased(&self, from: &str, name: &str, lease: Option<&str>) -> anyhow::Result<CloneAnswer> {
-        let req = CloneRequest { from: from.to_string(), name: name.to_string(), lease: lease.map(str::to_string) };
-        self.post("/v1/clones", &req)
+    /// [`Client::clone_volume`] with a lease (`72h`) and a quota (`20G`) instead of the source's
+    /// defaults.
+    pub fn clone_with(&self, req: &CloneRequest) -> anyhow::Result<CloneAnswer> {
+        self.post("/v1/clones", req)
+    }
+
+    /// `PUT /v1/volumes/{name}/quota`: set or remove a clone's quota.
+    pub fn set_quota(&self, clone: &str, req: &crate::api::quotas::QuotaRequest) -> anyhow::Result<Volume> {
+        self.send("PUT", &format!("/v1/volumes/{}/quota", enc(clone)), req)
     }
 
     /// `PUT /v1/volumes/{name}/lease`: one change to a clone's lease.

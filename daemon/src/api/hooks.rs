@@ -91,4 +91,7 @@ pub struct PolicyRequest {
     /// The longest lease, from now, a clone may hold (`30d`), or `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lease: Option<String>,
+    /// The quota a new clone gets when it asks for none (`20G`), or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_quota: Option<String>,
 }

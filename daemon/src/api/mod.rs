@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod ingest;
 pub mod leases;
 pub mod log;
+pub mod quotas;
 pub mod retention;
 pub mod schedules;
 pub mod scrub;

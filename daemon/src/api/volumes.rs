@@ -161,6 +161,12 @@ pub struct Volume {
     /// A source's `max_lease` (`30d`): present only where set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lease: Option<String>,
+    /// A clone's quota on its unique bytes: present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+    /// A source's `default_quota`, the quota its new clones get, in bytes: present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_quota_bytes: Option<u64>,
     /// Bytes a running or interrupted ingest has staged; null when there is none.
     #[serde(default)]
     pub ingest_pending_bytes: Option<u64>,
@@ -293,6 +299,9 @@ pub struct CloneRequest {
     /// Its lease from now (`72h`); without it, the source's `default_lease`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<String>,
+    /// Its quota on unique bytes (`20G`); without it, the source's `default_quota`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
 }
 
 /// The answer of `POST /v1/clones`: the new clone, plus the snapshot it was made from (among

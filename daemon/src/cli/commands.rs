@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::render::{render_list, render_log, render_show, render_tree};
 use super::{client, Cli, Command, SourceCmd};
 use crate::api::log::LogQuery;
-use crate::api::volumes::{Moved, Size};
+use crate::api::volumes::{CloneRequest, Moved, Size};
 use crate::units::humanize;
 
 /// Run a client command (everything except `serve`, `ingest`, `dump` and `scrub`) against the daemon
@@ -39,8 +39,9 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Clone { from, name, lease } => {
-            let v = client.clone_leased(from, name, lease.as_deref())?;
+        Command::Clone { from, name, lease, quota } => {
+            let req = CloneRequest { from: from.clone(), name: name.clone(), lease: lease.clone(), quota: quota.clone() };
+            let v = client.clone_with(&req)?;
             report(cli.json, &v, || {
                 let made_from =
                     if v.made_from.is_empty() { v.volume.origin.as_deref().unwrap_or(from) } else { &v.made_from };
@@ -77,6 +78,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         Command::Hook { cmd } => super::hooks::hook(&client, cli.json, cmd),
         Command::Mask(args) => super::hooks::mask(&client, cli.json, args),
         Command::Lease(args) => super::lease::lease(&client, cli.json, args),
+        Command::Quota(args) => super::quota::quota(&client, cli.json, args),
         Command::Policy { cmd } => super::hooks::policy(&client, cli.json, cmd),
         Command::Log { volume, since, limit, verbose } => {
             let query = LogQuery { volume: volume.clone(), since: since.clone(), limit: *limit };

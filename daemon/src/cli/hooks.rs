@@ -49,12 +49,14 @@ pub enum HookCmd {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
     /// Set a source's policy: clone_from=masked lets only masked snapshots flow downstream;
-    /// default_lease=72h gives new clones a lease; max_lease=30d bounds every clone's lease
+    /// default_lease=72h gives new clones a lease; max_lease=30d bounds every clone's lease;
+    /// default_quota=20G gives new clones a quota on their unique bytes
     Set {
         /// The source
         #[arg(value_name = "SOURCE")]
         source: String,
-        /// clone_from=masked|any, default_lease=DURATION|none, max_lease=DURATION|none
+        /// clone_from=masked|any, default_lease=DURATION|none, max_lease=DURATION|none,
+        /// default_quota=SIZE|none
         #[arg(value_name = "SETTING", required = true)]
         settings: Vec<String>,
     },
@@ -131,9 +133,11 @@ pub fn policy(client: &Client, json: bool, cmd: &PolicyCmd) -> anyhow::Result<()
             Some(("clone_from", v)) if v == "masked" || v == "any" => &mut req.clone_from,
             Some(("default_lease", _)) => &mut req.default_lease,
             Some(("max_lease", _)) => &mut req.max_lease,
+            Some(("default_quota", _)) => &mut req.default_quota,
             _ => {
                 return Err(anyhow!(
-                    "policy `{setting}`: give clone_from=masked|any, default_lease=DURATION|none or max_lease=DURATION|none"
+                    "policy `{setting}`: give clone_from=masked|any, default_lease=DURATION|none, \
+                     max_lease=DURATION|none or default_quota=SIZE|none"
                 ))
             }
         };

@@ -30,6 +30,7 @@ pub mod dump;
 pub mod env;
 pub mod hooks;
 pub mod lease;
+pub mod quota;
 pub mod render;
 pub mod retention;
 pub mod schedule;
@@ -106,6 +107,9 @@ pub enum Command {
         /// the source's default_lease, if any]
         #[arg(long, value_name = "DURATION")]
         lease: Option<String>,
+        /// Limit its unique bytes: 20G, 512M [default: the source's default_quota, if any]
+        #[arg(long, value_name = "SIZE")]
+        quota: Option<String>,
     },
 
     /// Make a clone's contents those of an earlier snapshot (the current state is kept)
@@ -202,7 +206,11 @@ pub enum Command {
     /// Change a clone's lease: --extend 24h, --expires TIME, --none or --idle 2h
     Lease(lease::LeaseArgs),
 
-    /// Set a source's policy (clone_from=masked|any, default_lease=DURATION, max_lease=DURATION)
+    /// Limit a clone's unique bytes (20G), or remove the limit (--none)
+    Quota(quota::QuotaArgs),
+
+    /// Set a source's policy (clone_from=masked|any, default_lease=DURATION, max_lease=DURATION,
+    /// default_quota=SIZE)
     Policy {
         /// What to set
         #[command(subcommand)]
@@ -392,10 +400,16 @@ mod tests {
     #[test]
     fn other_commands_parse() {
         let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1"]).expect("clone");
-        assert!(matches!(cli.command, Command::Clone { ref from, ref name, lease: None }
+        assert!(matches!(cli.command, Command::Clone { ref from, ref name, lease: None, quota: None }
             if from == "prod@3" && name == "dev1"));
         let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1", "--lease", "72h"]).expect("clone");
         assert!(matches!(cli.command, Command::Clone { lease: Some(ref l), .. } if l == "72h"));
+        let cli = Cli::try_parse_from(["forkd", "clone", "prod@3", "dev1", "--quota", "20G"]).expect("clone");
+        assert!(matches!(cli.command, Command::Clone { quota: Some(ref q), .. } if q == "20G"));
+        let cli = Cli::try_parse_from(["forkd", "quota", "dev1", "20G"]).expect("quota");
+        assert!(matches!(cli.command, Command::Quota(ref a) if a.size.as_deref() == Some("20G")));
+        assert!(Cli::try_parse_from(["forkd", "quota", "dev1"]).is_err(), "a size or --none is required");
+        assert!(Cli::try_parse_from(["forkd", "quota", "dev1", "1G", "--none"]).is_err());
         let cli = Cli::try_parse_from(["forkd", "lease", "dev1", "--idle", "2h"]).expect("lease");
         assert!(matches!(cli.command, Command::Lease(ref a) if a.idle.as_deref() == Some("2h")));
         assert!(Cli::try_parse_from(["forkd", "lease", "dev1"]).is_err(), "a change is required");

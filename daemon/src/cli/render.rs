@@ -181,6 +181,12 @@ pub(super) fn render_show(v: &Volume) -> String {
         let line = super::lease::line(&v.name, v);
         fields.push(("lease", line.split_once(": ").map_or(line.clone(), |(_, l)| l.to_string())));
     }
+    if let Some(q) = v.quota_bytes {
+        fields.push(("quota", format!("{} ({} used)", humanize(q), humanize(v.unique_bytes.unwrap_or(0)))));
+    }
+    if let Some(q) = v.default_quota_bytes {
+        fields.push(("default quota", humanize(q)));
+    }
     if let Some(env) = &v.environment {
         fields.push(("environment", env.clone()));
     }

@@ -45,6 +45,9 @@ pub struct Config {
     pub lease_tick: String,
     /// For tests: the daemon's "now" is the time written in this file ([`crate::server::clock`]).
     pub clock_file: Option<PathBuf>,
+    /// Below this much free space new clones and ingests are refused: `5%` of the filesystem,
+    /// a size such as `10G`, or `0` for no threshold ([`crate::store::pool`]).
+    pub low_space_threshold: String,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             lease_warning: "1h".into(),
             lease_tick: "5s".into(),
             clock_file: None,
+            low_space_threshold: "5%".into(),
         }
     }
 }
@@ -116,6 +120,9 @@ impl Config {
         if let Some(f) = &args.clock_file {
             c.clock_file = Some(f.clone());
         }
+        if let Some(t) = &args.low_space_threshold {
+            c.low_space_threshold = t.clone();
+        }
         Ok(c)
     }
 
@@ -160,6 +167,8 @@ pub struct ServeArgs {
     pub lease_tick: Option<String>,
     /// The file the daemon's time is read from, for tests (`--clock-file FILE`).
     pub clock_file: Option<PathBuf>,
+    /// Free space below which new clones and ingests are refused (`--low-space-threshold`).
+    pub low_space_threshold: Option<String>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -202,6 +211,10 @@ struct ServeFlags {
     /// A test aid: read the daemon's "now" from FILE (RFC 3339 or unix ms) at every tick
     #[arg(long, value_name = "FILE", env = "FORKD_CLOCK_FILE", hide = true)]
     clock_file: Option<PathBuf>,
+    /// Refuse new clones and ingests below this much free space: a share of the filesystem
+    /// (5%), a size (10G), or 0 for none [default: 5%]
+    #[arg(long, value_name = "SIZE|PCT", env = "FORKD_LOW_SPACE_THRESHOLD")]
+    low_space_threshold: Option<String>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -239,6 +252,7 @@ impl FromArgMatches for ServeArgs {
             lease_warning: flags.lease_warning,
             lease_tick: flags.lease_tick,
             clock_file: flags.clock_file,
+            low_space_threshold: flags.low_space_threshold,
         })
     }
 

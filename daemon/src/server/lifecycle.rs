@@ -52,24 +52,28 @@ pub fn snapshot(st: &Store, ev: &Events, volume: &str, bookmark: Option<&str>) -
     Ok(id)
 }
 
-/// The lease a new clone asks for (none: its source's default, if any), and "now" by the
-/// daemon's clock.
+/// The lease and quota a new clone asks for (none: its source's defaults, if any), and "now"
+/// by the daemon's clock.
 #[derive(Debug, Clone, Copy)]
-pub struct LeaseAsk {
-    /// Milliseconds from now.
-    pub ms: Option<u64>,
+pub struct CloneAsk {
+    /// Its lease, milliseconds from now.
+    pub lease_ms: Option<u64>,
     /// Now, unix milliseconds.
     pub now: i64,
+    /// Its quota on unique bytes.
+    pub quota_bytes: Option<u64>,
 }
 
-/// Clone `from` as `name` (with its lease, in the same commit), then run its `configure-clone`
-/// hook while only the hook can reach it; a failing hook removes the clone again.
-pub fn clone(st: &Store, ev: &Events, from: &str, name: &str, lease: LeaseAsk) -> Result<SnapshotId> {
+/// Clone `from` as `name` (with its lease and quota, in the same commit), then run its
+/// `configure-clone` hook while only the hook can reach it; a failing hook removes the clone
+/// again. Refused while the pool is below its low-space threshold.
+pub fn clone(st: &Store, ev: &Events, from: &str, name: &str, ask: CloneAsk) -> Result<SnapshotId> {
     let implicit = catalog::Reference::parse(from)?.snapshot.is_none();
+    st.check_pool("clones")?;
     let gate = gate(st, name)?;
     let (_, made_from) = st.op(|cat| {
-        let l = cat.lease_for_clone(from, name, lease.ms, lease.now)?;
-        cat.clone_volume_leased(from, name, l)
+        let l = cat.lease_for_clone(from, name, ask.lease_ms, ask.now)?;
+        cat.clone_volume_leased(from, name, l, ask.quota_bytes)
     })?;
     let facts = Facts {
         volume: name.to_string(),

@@ -43,6 +43,7 @@ pub fn run(args: &ServeArgs, ingest: IngestRunner) -> anyhow::Result<()> {
     let plan = Plan::new(&Config::load(args)?)?;
     let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
     store.set_log_retention(plan.log_retention);
+    store.set_low_space_threshold(plan.low_space_threshold);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(serve(plan, store.clone(), ingest))?;
@@ -67,6 +68,7 @@ struct Plan {
     hooks: HookRunner,
     log_retention: catalog::LogRetention,
     leases: LeaseSettings,
+    low_space_threshold: crate::store::pool::Threshold,
 }
 
 impl Plan {
@@ -86,6 +88,8 @@ impl Plan {
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
             log_retention: log_retention(config)?,
             leases: lease_settings(config)?,
+            low_space_threshold: crate::store::pool::Threshold::parse(&config.low_space_threshold)
+                .map_err(|e| anyhow::anyhow!("config: {e}"))?,
         })
     }
 }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
 
+use super::quota::Admitted;
 use super::{check_range, slot_offset, usize_of, Result, Store, StoreError, MAX_IO};
 
 /// A write waiting for a group commit, and its outcome.
@@ -121,6 +122,7 @@ impl Store {
         let mut cat = self.catalog_mut();
         let mut segment: Vec<Prepared> = Vec::new();
         let mut touched: HashSet<(String, u64)> = HashSet::new();
+        let mut admitted = Admitted::default();
         for p in batch {
             // A read-modify-write of a block written earlier in this batch must see that
             // write: commit what came before first.
@@ -131,9 +133,10 @@ impl Store {
                 if edges.iter().any(|&b| touched.contains(&(p.volume.clone(), b))) {
                     self.commit_segment(&mut cat, std::mem::take(&mut segment));
                     touched.clear();
+                    admitted.clear();
                 }
             }
-            match self.prepare(&cat, &p) {
+            match self.prepare(&cat, &p, &mut admitted) {
                 Ok(Some(prep)) => {
                     for b in prep.first..prep.first + (prep.blocks.len() as u64 / BLOCK_SIZE) {
                         touched.insert((p.volume.clone(), b));
@@ -147,9 +150,9 @@ impl Store {
         self.commit_segment(&mut cat, segment);
     }
 
-    /// Check one write and assemble its whole blocks (edges of an unaligned write keep their
-    /// current bytes). `None` for an empty write.
-    fn prepare(&self, cat: &Catalog, p: &Arc<Pending>) -> Result<Option<Prepared>> {
+    /// Check one write (its range, and a clone's quota) and assemble its whole blocks (edges of
+    /// an unaligned write keep their current bytes). `None` for an empty write.
+    fn prepare(&self, cat: &Catalog, p: &Arc<Pending>, admitted: &mut Admitted) -> Result<Option<Prepared>> {
         let (volume, offset, len) = (p.volume.as_str(), p.offset, p.data.len() as u64);
         if len > MAX_IO {
             return Err(StoreError::TooLarge(len));
@@ -187,6 +190,9 @@ impl Store {
             whole[head..head + p.data.len()].copy_from_slice(&p.data);
             bytes::Bytes::from(whole)
         };
+        if !p.staging {
+            admitted.admit(cat, volume, root, first, &blocks)?;
+        }
         Ok(Some(Prepared { pending: p.clone(), first, blocks }))
     }
 

@@ -32,6 +32,8 @@
 //! - `oplog`: the operation log, appended durably and never failing the operation it records;
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
 //!   drain before they switch a head;
+//! - `pool`: the low-space threshold that refuses new clones and ingests, and the space gauges;
+//! - `quota`: the check that refuses a write taking a clone past its quota;
 //! - `busy`: the names (environments, their members) an operation is working on, so two
 //!   environment operations never overlap.
 
@@ -58,6 +60,8 @@ mod flush;
 mod format;
 mod generation;
 mod oplog;
+pub mod pool;
+mod quota;
 mod read;
 mod reclaim;
 mod scrub;
@@ -104,6 +108,16 @@ pub enum StoreError {
     /// The metadata store failed outside a catalog operation.
     #[error("metadata store: {0}")]
     Meta(#[from] metakv::KvError),
+    /// Free space is below the low-space threshold: new clones and ingests are refused (`pool`).
+    #[error("{}", pool::low_space_message(*free, *threshold, what))]
+    LowSpace {
+        /// Free bytes on the data directory's filesystem.
+        free: u64,
+        /// The threshold, in bytes.
+        threshold: u64,
+        /// What was refused (`clones`, `ingests`).
+        what: &'static str,
+    },
     /// Another operation is working on this environment or volume (see `busy`).
     #[error("an operation on {0} is running")]
     Busy(String),
@@ -138,6 +152,8 @@ pub struct Store {
     reserve_bytes: u64,
     /// Set while the reserve is released: new data is refused until it can be re-created.
     low_space: AtomicBool,
+    /// Below this many free bytes, new clones and ingests are refused (`pool`).
+    low_space_threshold: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// Live protocol connections per export, for rewind/refresh/delete.
@@ -260,6 +276,7 @@ impl Store {
             reserve: Mutex::new(reserve),
             reserve_bytes,
             low_space: AtomicBool::new(short),
+            low_space_threshold: AtomicU64::new(0),
             metrics: Metrics::new(),
             exports: Default::default(),
             ingests: Default::default(),
@@ -279,6 +296,7 @@ impl Store {
         store.flush()?;
         store.punch_beyond_high_water();
         store.metrics.update_volumes(&store.catalog());
+        store.set_low_space_threshold(pool::Threshold::default());
         Ok(store)
     }
 

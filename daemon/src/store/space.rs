@@ -126,7 +126,7 @@ fn release(reserve: &File) {
 }
 
 /// Free space on the filesystem holding `dir`, as an unprivileged writer sees it.
-fn free_bytes(dir: &Path) -> u64 {
+pub(super) fn free_bytes(dir: &Path) -> u64 {
     nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0)
 }
 

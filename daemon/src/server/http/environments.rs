@@ -174,6 +174,7 @@ pub(super) async fn clone_environment(
     let cloned = blocking_api(&s, move |st| {
         // The source is only read (in one transaction): clones of one environment may run at once.
         let _claim = st.claim_busy(&[env_key(&name)])?;
+        st.check_pool("clones")?;
         // Every new member is open to the configure-clone hook alone until it succeeded.
         let members: Vec<String> = st.catalog().env_resolve(&from)?.members.into_keys().collect();
         let volumes: Vec<String> = members.iter().map(|m| format!("{name}.{m}")).collect();

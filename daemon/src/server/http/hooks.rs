@@ -108,15 +108,16 @@ pub(super) async fn mask(
 #[utoipa::path(put, path = "/v1/volumes/{name}/policy", tag = "hooks",
     params(("name" = String, Path, description = "source name")), request_body = PolicyRequest,
     responses((status = 200, description = "the source", body = Volume),
-        (status = 400, description = "not a source, an unknown policy, a bad duration, or default_lease beyond max_lease", body = ErrorBody),
+        (status = 400, description = "not a source, an unknown policy, a bad duration, default_lease beyond max_lease, or a bad default_quota", body = ErrorBody),
         (status = 404, description = "no such volume", body = ErrorBody)))]
 pub(super) async fn policy(
     State(s): State<Shared>,
     ApiPath(name): ApiPath<String>,
     JsonBody(body): JsonBody<PolicyRequest>,
 ) -> ApiResult<Json<Volume>> {
-    if body.clone_from.is_none() && body.default_lease.is_none() && body.max_lease.is_none() {
-        return Err(super::bad("give clone_from, default_lease or max_lease"));
+    let given = [&body.clone_from, &body.default_lease, &body.max_lease, &body.default_quota];
+    if given.iter().all(|g| g.is_none()) {
+        return Err(super::bad("give clone_from, default_lease, max_lease or default_quota"));
     }
     let masked_only = match body.clone_from.as_deref() {
         None => None,
@@ -126,12 +127,16 @@ pub(super) async fn policy(
     };
     let default_ms = body.default_lease.as_deref().map(|t| lease_setting("default_lease", t)).transpose()?;
     let max_ms = body.max_lease.as_deref().map(|t| lease_setting("max_lease", t)).transpose()?;
+    let quota = body.default_quota.as_deref().map(|t| super::quotas::setting("default_quota", t)).transpose()?;
     blocking(&s, move |st| {
         st.op(|cat| {
             let mut p = cat.volume(&name)?.lease_policy.unwrap_or_default();
             p.default_ms = default_ms.unwrap_or(p.default_ms);
             p.max_ms = max_ms.unwrap_or(p.max_ms);
             cat.set_lease_policy(&name, p)?;
+            if let Some(q) = quota {
+                cat.set_default_quota(&name, q)?;
+            }
             match masked_only {
                 Some(m) => cat.set_clone_from_masked(&name, m),
                 None => Ok(()),

@@ -140,7 +140,11 @@ async fn receive(store: Shared, name: String, body: Body) -> Result<IngestAnswer
         return Err(ApiError(StatusCode::CONFLICT, format!("an ingest into `{name}` is already running")));
     };
     let n = name.clone();
-    let resumed = blocking(&store, move |st| st.op(|cat| cat.begin_ingest(&n))).await?;
+    let resumed = blocking(&store, move |st| {
+        st.check_pool("ingests")?;
+        st.op(|cat| cat.begin_ingest(&n))
+    })
+    .await?;
     if resumed {
         tracing::info!(source = %name, "resuming an interrupted ingest");
     }

@@ -34,6 +34,7 @@ mod leases;
 mod log;
 mod openapi;
 mod oplog;
+mod quotas;
 mod resize;
 mod retention;
 mod schedules;
@@ -52,7 +53,9 @@ impl From<StoreError> for ApiError {
         use CatalogError as C;
         let status = match &e {
             e if crate::store::is_enospc(e) => StatusCode::INSUFFICIENT_STORAGE,
+            StoreError::LowSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
             StoreError::Catalog(c) => match c {
+                C::QuotaExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
                 C::UnknownVolume(_) | C::UnknownSnapshot(_) => StatusCode::NOT_FOUND,
                 C::BadReference { .. }
                 | C::InvalidName { .. }
@@ -182,6 +185,7 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(hooks::mask))
         .routes(routes!(hooks::policy))
         .routes(routes!(leases::set_lease))
+        .routes(routes!(quotas::set_quota))
         .routes(routes!(log::log))
         .routes(routes!(schedules::list, schedules::add))
         .routes(routes!(schedules::run))
@@ -231,6 +235,7 @@ pub fn router(
     responses((status = 200, description = "Prometheus text format (`forkd_*` counters and gauges)",
         content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    s.update_space_metrics();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 

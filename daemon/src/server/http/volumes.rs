@@ -45,6 +45,8 @@ pub(super) fn volume(
         lease: v.lease.as_ref().map(lease),
         default_lease: v.lease_policy.and_then(|p| p.default_ms).map(catalog::format_span),
         max_lease: v.lease_policy.and_then(|p| p.max_ms).map(catalog::format_span),
+        quota_bytes: v.quota_bytes,
+        default_quota_bytes: v.default_quota,
         created_at: format_time(v.created_at),
         detached_from: v.detached_from.as_ref().map(ToString::to_string),
         environment: cat.environment_of(&v.name).map(|e| e.name.clone()),
@@ -185,17 +187,19 @@ pub(super) async fn snapshot_volume(
     responses((status = 201, description = "the new clone, plus `made_from`", body = CloneAnswer),
         (status = 400, description = "invalid name or reference, or a lease beyond the source's max_lease", body = ErrorBody),
         (status = 404, description = "no such volume or snapshot", body = ErrorBody),
-        (status = 409, description = "the name is taken", body = ErrorBody)))]
+        (status = 409, description = "the name is taken", body = ErrorBody),
+        (status = 507, description = "the pool is below its low-space threshold, or the disk is full", body = ErrorBody)))]
 pub(super) async fn clone_volume(
     State(s): State<Shared>,
     Extension(ev): Hooks,
     Extension(clock): super::leases::Now,
     JsonBody(body): JsonBody<CloneRequest>,
 ) -> ApiResult<(StatusCode, Json<CloneAnswer>)> {
-    let CloneRequest { from, name, lease } = body;
+    let CloneRequest { from, name, lease, quota } = body;
     let lease_ms = lease.map(|l| crate::server::leases::span("lease", &l)).transpose().map_err(bad)?;
+    let quota_bytes = quota.map(|q| super::quotas::size("quota", &q)).transpose()?;
     let answer = blocking_api(&s, move |st| {
-        let ask = lifecycle::LeaseAsk { ms: lease_ms, now: clock.now_ms() };
+        let ask = lifecycle::CloneAsk { lease_ms, now: clock.now_ms(), quota_bytes };
         let made_from = lifecycle::clone(st, &ev, &from, &name, ask)?;
         let cat = st.catalog();
         Ok(CloneAnswer { volume: volume(&cat, cat.volume(&name)?, true, true)?, made_from: made_from.to_string() })

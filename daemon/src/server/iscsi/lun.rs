@@ -125,6 +125,7 @@ impl<'a> VolumeLun<'a> {
 fn backend_error(e: &StoreError) -> BackendError {
     match e {
         e if crate::store::is_enospc(e) => BackendError::NoSpace,
+        StoreError::Catalog(catalog::CatalogError::QuotaExceeded { .. }) => BackendError::NoSpace,
         StoreError::Catalog(catalog::CatalogError::ReadOnly(_)) => BackendError::ReadOnly,
         _ => {
             tracing::warn!(error = %e, "iSCSI I/O failed");

@@ -183,6 +183,7 @@ pub fn errno_of(e: &StoreError) -> u32 {
     use catalog::CatalogError as C;
     match e {
         e if crate::store::is_enospc(e) => NBD_ENOSPC,
+        StoreError::Catalog(C::QuotaExceeded { .. }) => NBD_ENOSPC,
         StoreError::Catalog(C::ReadOnly(_)) => NBD_EPERM,
         StoreError::Catalog(C::OutOfRange { .. } | C::BadReference { .. }) => NBD_EINVAL,
         StoreError::TooLarge(_) => NBD_EOVERFLOW,
@@ -195,7 +196,7 @@ pub(super) fn errno_text(errno: u32) -> &'static str {
     match errno {
         NBD_EPERM => "EPERM (read-only export)",
         NBD_EINVAL => "EINVAL (invalid request)",
-        NBD_ENOSPC => "ENOSPC (beyond the end or no space)",
+        NBD_ENOSPC => "ENOSPC (beyond the end, no space, or past the clone's quota)",
         NBD_EOVERFLOW => "EOVERFLOW (request too large)",
         _ => "EIO",
     }
