@@ -1142,8 +1142,13 @@ impl Daemon {
     /// flags after `serve` (e.g. `--token-file FILE`). It counts as ready when its API answers
     /// at all, `401` included. [`Daemon::restart`] would start it without `extra`, on loopback.
     pub fn start_with(root: &Path, api_host: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_at(&root.join("data"), &root.join("daemon.log"), api_host, extra)
+    }
+
+    /// [`Daemon::start_with`] on the data directory `data_dir`, logging to `log`.
+    pub fn start_at(data_dir: &Path, log: &Path, api_host: &str, extra: &[&str]) -> Daemon {
         let bin = forkd_bin();
-        let (data_dir, log) = (root.join("data"), root.join("daemon.log"));
+        let (data_dir, log) = (data_dir.to_path_buf(), log.to_path_buf());
         let mut last_err = String::new();
         for _attempt in 0..8 {
             let port = free_port();
@@ -1321,5 +1326,39 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A small ext4 filesystem in a loop-mounted image, mounted for the life of the value.
+#[derive(Debug)]
+pub struct LoopFs {
+    /// Where it is mounted.
+    pub mnt: PathBuf,
+}
+
+impl LoopFs {
+    /// Make a `mib` MiB ext4 image in `root` and mount it on `root/mnt`. Needs root.
+    pub fn mount(root: &Path, mib: u64) -> LoopFs {
+        let img = root.join("fs.img");
+        let f = std::fs::File::create(&img).expect("create image");
+        f.set_len(mib << 20).expect("size image");
+        let mnt = root.join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir");
+        let limit = Duration::from_secs(60);
+        let mkfs = run_bounded(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img), limit);
+        assert!(mkfs.status.success(), "mkfs.ext4 failed: {mkfs:?}");
+        let mount = run_bounded(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt), limit);
+        assert!(
+            mount.status.success(),
+            "this test needs root to loop-mount an ext4 image (CI runs as root): {}",
+            String::from_utf8_lossy(&mount.stderr)
+        );
+        LoopFs { mnt }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
     }
 }

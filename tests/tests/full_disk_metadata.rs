@@ -10,38 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use forkd_tests::{run_bounded, Daemon};
-
-/// A small ext4 filesystem in a loop-mounted image, mounted for the life of the value.
-struct LoopFs {
-    mnt: PathBuf,
-}
-
-impl LoopFs {
-    fn mount(root: &Path, mib: u64) -> LoopFs {
-        let img = root.join("fs.img");
-        let f = std::fs::File::create(&img).expect("create image");
-        f.set_len(mib << 20).expect("size image");
-        let mnt = root.join("mnt");
-        std::fs::create_dir(&mnt).expect("mkdir");
-        let limit = Duration::from_secs(60);
-        let mkfs = run_bounded(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img), limit);
-        assert!(mkfs.status.success(), "mkfs.ext4 failed: {mkfs:?}");
-        let mount = run_bounded(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt), limit);
-        assert!(
-            mount.status.success(),
-            "this test needs root to loop-mount an ext4 image (CI runs as root): {}",
-            String::from_utf8_lossy(&mount.stderr)
-        );
-        LoopFs { mnt }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-    }
-}
+use forkd_tests::{run_bounded, Daemon, LoopFs};
 
 fn random(len: usize) -> Vec<u8> {
     let mut data = vec![0u8; len];
