@@ -31,7 +31,7 @@ pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
 pub use masking::MaskRecord;
-pub use quota::QuotaUse;
+pub use quota::{mib as format_mib, QuotaUse};
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 pub use retention::{plan as retention_plan, Pruned, Retention};

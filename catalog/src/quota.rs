@@ -37,7 +37,7 @@ impl QuotaUse {
 }
 
 /// Bytes as MiB with one decimal, for messages.
-pub(crate) fn mib(bytes: u64) -> String {
+pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
 }
 

@@ -6,7 +6,7 @@
 //! restart work and every byte written before is intact. Needs root (to mount); fails with a
 //! clear message otherwise (CI runs as root).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 

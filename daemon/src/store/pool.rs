@@ -6,8 +6,9 @@
 
 use std::sync::atomic::Ordering;
 
+use catalog::format_mib;
+
 use super::{Result, Store, StoreError};
-use crate::units::humanize;
 
 /// `low_space_threshold`: a share of the filesystem or a size.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,8 +87,8 @@ pub(super) fn low_space_message(free: u64, threshold: u64, what: &str) -> String
     format!(
         "the pool is low on space: {} free, below low_space_threshold ({}): new {what} are refused until \
          space is freed (delete clones or snapshots, trim, or lower low_space_threshold)",
-        humanize(free),
-        humanize(threshold)
+        format_mib(free),
+        format_mib(threshold)
     )
 }
 
