@@ -92,10 +92,7 @@ impl Catalog {
     /// A clone's unique bytes and quota; `None` when it has no quota (or does not exist).
     pub fn quota_use(&self, volume: &str) -> Option<QuotaUse> {
         let v = self.staged_volume(volume).ok()?;
-        Some(QuotaUse {
-            used_bytes: v.quota_used?.saturating_mul(BLOCK_SIZE),
-            limit_bytes: v.quota_bytes?,
-        })
+        Some(QuotaUse { used_bytes: v.quota_used?.saturating_mul(BLOCK_SIZE), limit_bytes: v.quota_bytes? })
     }
 
     /// Every clone with a quota and its use, by name.

@@ -40,7 +40,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
             })
         }
         Command::Clone { from, name, lease, quota } => {
-            let req = CloneRequest { from: from.clone(), name: name.clone(), lease: lease.clone(), quota: quota.clone() };
+            let req =
+                CloneRequest { from: from.clone(), name: name.clone(), lease: lease.clone(), quota: quota.clone() };
             let v = client.clone_with(&req)?;
             report(cli.json, &v, || {
                 let made_from =

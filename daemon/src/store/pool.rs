@@ -11,10 +11,10 @@ use catalog::format_mib;
 use super::{Result, Store, StoreError};
 
 /// `low_space_threshold`: a share of the filesystem or a size.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Threshold {
-    /// Percent of the filesystem's size (0 turns the check off).
-    Percent(f64),
+    /// Hundredths of a percent of the filesystem's size (0 turns the check off).
+    BasisPoints(u64),
     /// Bytes.
     Bytes(u64),
 }
@@ -25,8 +25,8 @@ impl Threshold {
         let t = text.trim();
         let bad = || format!("low_space_threshold `{text}`: give a percentage of the filesystem (5%) or a size (10G)");
         match t.strip_suffix('%') {
-            Some(p) => match p.trim().parse::<f64>() {
-                Ok(p) if (0.0..100.0).contains(&p) => Ok(Threshold::Percent(p)),
+            Some(p) => match basis_points(p.trim()) {
+                Some(bp) if bp < 10_000 => Ok(Threshold::BasisPoints(bp)),
                 _ => Err(bad()),
             },
             None if t == "0" => Ok(Threshold::Bytes(0)),
@@ -35,9 +35,20 @@ impl Threshold {
     }
 }
 
+/// `5` → 500, `0.25` → 25: a percentage with at most two decimals, in hundredths.
+fn basis_points(p: &str) -> Option<u64> {
+    let (whole, frac) = p.split_once('.').unwrap_or((p, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || (p.contains('.') && !digits(frac)) || frac.len() > 2 {
+        return None;
+    }
+    let frac: u64 = format!("{frac:0<2}").parse().ok()?;
+    whole.parse::<u64>().ok()?.checked_mul(100)?.checked_add(frac)
+}
+
 impl Default for Threshold {
     fn default() -> Self {
-        Threshold::Percent(5.0)
+        Threshold::BasisPoints(500)
     }
 }
 
@@ -46,10 +57,9 @@ impl Store {
     pub fn set_low_space_threshold(&self, t: Threshold) {
         let bytes = match t {
             Threshold::Bytes(b) => b,
-            Threshold::Percent(p) => {
+            Threshold::BasisPoints(bp) => {
                 let total = nix::sys::statvfs::statvfs(&self.dir).map(|s| s.blocks() * s.fragment_size()).unwrap_or(0);
-                let share = (total as f64 * p / 100.0) as u128;
-                u64::try_from(share).unwrap_or(u64::MAX)
+                u64::try_from(u128::from(total) * u128::from(bp) / 10_000).unwrap_or(u64::MAX)
             }
         };
         self.low_space_threshold.store(bytes, Ordering::SeqCst);
@@ -98,11 +108,12 @@ mod tests {
 
     #[test]
     fn thresholds_parse() {
-        assert_eq!(Threshold::parse("5%"), Ok(Threshold::Percent(5.0)));
-        assert_eq!(Threshold::parse("0.5 %"), Ok(Threshold::Percent(0.5)));
+        assert_eq!(Threshold::parse("5%"), Ok(Threshold::BasisPoints(500)));
+        assert_eq!(Threshold::parse("0.5 %"), Ok(Threshold::BasisPoints(50)));
+        assert_eq!(Threshold::parse("12.25%"), Ok(Threshold::BasisPoints(1225)));
         assert_eq!(Threshold::parse("10G"), Ok(Threshold::Bytes(10 << 30)));
         assert_eq!(Threshold::parse("0"), Ok(Threshold::Bytes(0)));
-        for bad in ["100%", "-1%", "x%", "lots", ""] {
+        for bad in ["100%", "-1%", "x%", "1.234%", ".5%", "5.%", "lots", ""] {
             assert!(Threshold::parse(bad).is_err(), "{bad}");
         }
     }
