@@ -109,6 +109,8 @@ impl Catalog {
                 let mut v = cat.clone_in(&parent, id.id, into)?;
                 v.masked_from = Some(source);
                 v.hooks.clear();
+                // The pipeline's own volume: a source's default_quota is for its users' clones.
+                v.quota_bytes = None;
                 Ok((vec![v], vec![], ()))
             })?;
             return Ok((id, None));

@@ -63,10 +63,23 @@ fn install_signal_thread() -> anyhow::Result<()> {
     err.map_or(Ok(()), Err)
 }
 
-/// Run a command; `Err` is one line: the last line of its stderr, or how it failed.
+/// Run a command; `Err` is one line: the last line of its stderr, or how it failed. A program
+/// file that another process still holds open for writing (ETXTBSY: one forked while it was
+/// being written, not yet at its own exec) is tried again for up to about a second.
 fn run(argv: &[String]) -> Result<(), String> {
     let (prog, rest) = argv.split_first().ok_or("empty command")?;
-    match Command::new(prog).args(rest).stdin(std::process::Stdio::null()).output() {
+    let output = || Command::new(prog).args(rest).stdin(std::process::Stdio::null()).output();
+    let mut result = output();
+    for attempt in 1..=10 {
+        match &result {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+                result = output();
+            }
+            _ => break,
+        }
+    }
+    match result {
         Err(e) => Err(format!("cannot run {prog}: {e}")),
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => {
