@@ -3,9 +3,13 @@
 //!
 //! Every tick (the lease reaper's `lease_tick`, 5 s by default) it reads "now" from the daemon's [`Clock`]; a
 //! schedule is due when the first fire time after its `last_fire` (or after it was added) is at
-//! or before now. Several fire times passed at once (the clock jumped forward, or a tick came
-//! late) make one run. A clock that goes back runs nothing until it passes `last_fire` again.
-//! Each due schedule runs on its own blocking thread, so a long ingest does not hold up others.
+//! or before now. That fire time depends only on the cron expression and the time it counts
+//! from, so it is kept in memory and worked out again only when one of them changed: parsing
+//! every schedule's expression on every tick was nearly all of an idle daemon's CPU with 100
+//! schedules (bench/scheduler-results.md). Several fire times passed at once (the clock jumped
+//! forward, or a tick came late) make one run. A clock that goes back runs nothing until it
+//! passes `last_fire` again. Each due schedule runs on its own blocking thread, so a long ingest
+//! does not hold up others.
 //!
 //! A run: claim the name in memory (a second run of the same schedule is refused: 409), write
 //! `running` (and the fire time it covers) durably, run the steps in order, each with its own
@@ -30,7 +34,7 @@
 //! missed while the daemon was down runs once at the first tick (`catch_up = "once"`) or is
 //! skipped (`"skip"`: `last_fire` moves to the latest missed one).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,6 +95,17 @@ pub struct Scheduler {
     stop: CancellationToken,
     /// Schedules with a run in progress (claimed before the run's thread starts).
     running: Arc<Mutex<HashSet<String>>>,
+    /// Each schedule's next fire time, by name (only the tick uses it).
+    next: Mutex<HashMap<String, NextFire>>,
+}
+
+/// A schedule's next fire time and what it was worked out from.
+#[derive(Debug)]
+struct NextFire {
+    cron: String,
+    /// `last_fire`, or when the schedule was added.
+    from: i64,
+    at: Option<i64>,
 }
 
 /// A schedule's name claimed for one run; released when dropped.
@@ -118,7 +133,8 @@ impl Scheduler {
     ) -> Scheduler {
         let (api, token) = api;
         let running = Arc::new(Mutex::new(HashSet::new()));
-        let s = Scheduler { store, events, clock, api, token, ingest, stop, running };
+        let next = Mutex::new(HashMap::new());
+        let s = Scheduler { store, events, clock, api, token, ingest, stop, running, next };
         s.recover();
         s
     }
@@ -157,10 +173,21 @@ impl Scheduler {
     fn due(&self) -> Vec<(String, i64)> {
         let now = self.clock.now_ms();
         let cat = self.store.catalog();
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        next.retain(|name, _| cat.schedules().contains_key(name));
         let mut out = Vec::new();
         for s in cat.schedules().values().filter(|s| !self.is_running(&s.name)) {
-            let Ok(cron) = parse_cron(&s.cron) else { continue };
-            if next_fire(s).is_some_and(|t| t <= now) {
+            let from = s.last_fire.unwrap_or(s.created_at);
+            let at = match next.get(&s.name) {
+                Some(n) if n.cron == s.cron && n.from == from => n.at,
+                _ => {
+                    let at = next_fire(s);
+                    next.insert(s.name.clone(), NextFire { cron: s.cron.clone(), from, at });
+                    at
+                }
+            };
+            if at.is_some_and(|t| t <= now) {
+                let Ok(cron) = parse_cron(&s.cron) else { continue };
                 out.push((s.name.clone(), last_at_or_before(&cron, now).unwrap_or(now)));
             }
         }
