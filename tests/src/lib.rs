@@ -256,6 +256,11 @@ impl Api {
     }
 }
 
+/// The low-space threshold of the tests' daemons (a `--low-space-threshold` flag overrides it):
+/// none, so that how full the machine's disk is (builds share it) decides no test. The tests of
+/// the threshold set their own.
+const LOW_SPACE_THRESHOLD: &str = "0";
+
 /// A running (or stopped) `forkd serve` on one data directory and one API port.
 #[derive(Debug)]
 pub struct Daemon {
@@ -317,6 +322,7 @@ impl Daemon {
             .arg("--iscsi")
             .arg("127.0.0.1:0")
             .env_remove("FORKD_API")
+            .env("FORKD_LOW_SPACE_THRESHOLD", LOW_SPACE_THRESHOLD)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -1190,6 +1196,7 @@ impl Daemon {
             .args(["--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
             .args(extra)
             .env_remove("FORKD_API")
+            .env("FORKD_LOW_SPACE_THRESHOLD", LOW_SPACE_THRESHOLD)
             .env_remove("FORKD_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
