@@ -9,7 +9,12 @@
 //!
 //! A run writes `running` (its start) before its first step and clears it when it ends, so a
 //! record still `running` at open was cut short by a stop or a crash: the daemon reports it as
-//! interrupted. Environments are not accepted as step targets yet (refused when added).
+//! interrupted.
+//!
+//! A snapshot or refresh step may name an environment instead of a volume (the environment's
+//! operation, all members as one); ingest, mask and prune act on one volume and refuse an
+//! environment's name. Volumes and environments share one namespace, so a step's name is one or
+//! the other, whichever it is when checked.
 //!
 //! Locking: part of the [`Catalog`], behind the store's lock; write with no transaction open.
 
@@ -43,14 +48,15 @@ pub enum Step {
         /// The script; none: the volume's `mask` hook.
         script: Option<String>,
     },
-    /// `snapshot VOLUME`.
+    /// `snapshot VOLUME_OR_ENV`.
     Snapshot {
-        /// The volume.
+        /// The volume, or an environment (`ENV@N`).
         volume: String,
     },
-    /// `refresh CLONE...`: each clone to the newest snapshot of its origin volume, in order.
+    /// `refresh CLONE_OR_ENV...`: each clone (or every member of an environment, as one) to the
+    /// newest snapshot of its origin volume, in order.
     Refresh {
-        /// The clones.
+        /// The clones and environments.
         clones: Vec<String>,
     },
     /// `prune VOLUME`: apply its retention rules.
@@ -62,7 +68,7 @@ pub enum Step {
 
 /// The step forms, for errors.
 const FORMS: &str = "ingest SOURCE --from PATH_OR_NBD_URI | mask SNAPSHOT --into VOLUME [--with SCRIPT] | \
-                     snapshot VOLUME | refresh CLONE... | prune VOLUME";
+                     snapshot VOLUME_OR_ENV | refresh CLONE_OR_ENV... | prune VOLUME";
 
 fn bad_step(text: &str, why: &str) -> CatalogError {
     CatalogError::BadSchedule(format!("step `{}`: {why} (steps: {FORMS})", text.trim()))
@@ -98,7 +104,18 @@ impl Step {
         }
     }
 
-    /// The volume the step acts on first (for the operation log).
+    /// The step's first word: `ingest`, `mask`, `snapshot`, `refresh` or `prune`.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Step::Ingest { .. } => "ingest",
+            Step::Mask { .. } => "mask",
+            Step::Snapshot { .. } => "snapshot",
+            Step::Refresh { .. } => "refresh",
+            Step::Prune { .. } => "prune",
+        }
+    }
+
+    /// The volume or environment the step acts on first (for the operation log).
     pub fn target(&self) -> Option<&str> {
         match self {
             Step::Ingest { source, .. } => Some(source),
@@ -263,24 +280,33 @@ impl Catalog {
         Ok(())
     }
 
-    /// Whether `step` names volumes that exist and suit it (checked when added; a run checks
-    /// again as it goes). Environments are refused: schedules do not run their steps yet.
+    /// Whether `step` names volumes (or, for snapshot and refresh, environments) that exist and
+    /// suit it (checked when added; a run checks again as it goes).
     pub fn check_step(&self, step: &Step) -> Result<()> {
         match step {
-            Step::Ingest { source, .. } => self.step_volume(source, Some(Kind::Source)),
+            Step::Ingest { source, .. } => self.step_volume(step, source, Some(Kind::Source)),
             Step::Mask { snapshot, into, .. } => {
                 crate::validate_name("volume", into)?;
-                self.step_volume(&Reference::parse(snapshot)?.volume, None)
+                self.step_volume(step, &Reference::parse(snapshot)?.volume, None)
             }
-            Step::Snapshot { volume } | Step::Prune { volume } => self.step_volume(volume, None),
-            Step::Refresh { clones } => clones.iter().try_for_each(|c| self.step_volume(c, Some(Kind::Clone))),
+            Step::Prune { volume } => self.step_volume(step, volume, None),
+            Step::Snapshot { volume } if self.environments.contains_key(volume) => Ok(()),
+            Step::Snapshot { volume } => self.step_volume(step, volume, None),
+            Step::Refresh { clones } => clones.iter().try_for_each(|c| match self.environments.get(c) {
+                Some(env) => env.members.values().try_for_each(|v| self.refreshable(c, v)),
+                None => self.step_volume(step, c, Some(Kind::Clone)),
+            }),
         }
     }
 
-    fn step_volume(&self, name: &str, kind: Option<Kind>) -> Result<()> {
+    /// Volume `name` exists and is of `kind`; an environment is refused, as `step` acts on
+    /// one volume.
+    fn step_volume(&self, step: &Step, name: &str, kind: Option<Kind>) -> Result<()> {
         if self.environments.contains_key(name) {
             return Err(CatalogError::BadSchedule(format!(
-                "`{name}` is an environment: schedule steps act on volumes only (for now)"
+                "`{name}` is an environment: a {} step acts on one volume (environments: snapshot and refresh \
+                 steps only)",
+                step.verb()
             )));
         }
         let v = self.volume(name)?;
@@ -289,6 +315,16 @@ impl Catalog {
             Some(Kind::Clone) if v.kind != Kind::Clone => Err(CatalogError::NotAClone(name.to_string(), "refreshed")),
             _ => Ok(()),
         }
+    }
+
+    /// Member `volume` of environment `env` can be refreshed: it exists and is a clone.
+    fn refreshable(&self, env: &str, volume: &str) -> Result<()> {
+        if self.volume(volume)?.kind != Kind::Clone {
+            return Err(CatalogError::BadSchedule(format!(
+                "environment `{env}` cannot be refreshed: its member `{volume}` is a source, not a clone"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -347,5 +383,35 @@ mod tests {
         assert_eq!(cat.schedule("nightly").expect("kept").steps.len(), 2);
         cat.remove_schedule("nightly").expect("remove");
         assert!(matches!(cat.schedule("nightly"), Err(CatalogError::UnknownSchedule(_))));
+    }
+
+    #[test]
+    fn environments_are_accepted_by_snapshot_and_refresh_steps_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv = metakv::open(metakv::Engine::DEFAULT, &dir.path().join("meta")).expect("open meta");
+        let mut cat = Catalog::open(kv).expect("open catalog");
+        for v in ["db", "app"] {
+            cat.create_source(v, 1 << 20).expect("source");
+            cat.snapshot(v, None).expect("snapshot");
+        }
+        let members = |pairs: &[(&str, &str)]| pairs.iter().map(|(m, v)| (m.to_string(), v.to_string())).collect();
+        cat.env_create("shop", &members(&[("db", "db"), ("app", "app")])).expect("env");
+        cat.env_clone("shop", "dev").expect("env clone");
+        let check = |cat: &Catalog, text: &str| cat.check_step(&Step::parse(text).expect(text));
+        for ok in ["snapshot shop", "snapshot dev", "refresh dev", "refresh dev dev.db", "snapshot dev.app"] {
+            check(&cat, ok).expect(ok);
+        }
+        for (text, verb) in
+            [("prune shop", "prune"), ("ingest dev --from /x", "ingest"), ("mask shop@latest --into m", "mask")]
+        {
+            let err = check(&cat, text).expect_err(text).to_string();
+            let name = if verb == "ingest" { "dev" } else { "shop" };
+            assert!(err.starts_with(&format!("`{name}` is an environment: a {verb} step acts on one volume")), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        let err = check(&cat, "refresh shop").expect_err("members are sources").to_string();
+        assert!(err.contains("environment `shop` cannot be refreshed: its member `app` is a source"), "{err}");
+        assert!(matches!(check(&cat, "snapshot nope"), Err(CatalogError::UnknownVolume(_))));
+        assert!(matches!(check(&cat, "refresh nope"), Err(CatalogError::UnknownVolume(_))));
     }
 }

@@ -14,11 +14,16 @@
 //! counted in `forkd_schedule_runs_total{schedule,result}`; a success sets
 //! `forkd_schedule_last_success_timestamp_seconds{schedule}`.
 //!
-//! Steps act as the API's operations do, with their hooks: snapshot ([`lifecycle::snapshot`]),
-//! refresh ([`lifecycle::move_head`]), mask ([`masking::mask`]), prune ([`retention::apply`]).
+//! Steps act as the API's operations do, with their hooks: snapshot ([`lifecycle::snapshot`],
+//! or [`env_lifecycle::snapshot`] for an environment), refresh ([`lifecycle::move_head`], or
+//! [`env_lifecycle::refresh`] for an environment), mask ([`masking::mask`]), prune
+//! ([`retention::apply`]). A step's name is an environment or a volume as the catalog has it
+//! when the step runs.
 //! An ingest step is the agent's ingest run against this daemon's own API (with its token),
 //! given to the scheduler by the binary's entry point ([`IngestRunner`]) because this room does
-//! not use the agent's. Each step's volumes are checked again just before it runs.
+//! not use the agent's. Each step's volumes and environments are checked again just before it
+//! runs ([`catalog::Catalog::check_step`]): a name that is gone, or no longer suits the step (a
+//! clone become a source, an environment whose members are not all clones), fails the step.
 //!
 //! Shutdown: once the daemon is told to stop, no run starts (503) and a run in progress stops
 //! before its next step (`interrupted`); the scheduler's task ends when no run is left, before
@@ -46,7 +51,7 @@ use crate::server::clock::Clock;
 use crate::server::events::Events;
 use crate::server::http::ApiError;
 use crate::server::lifecycle::{self, Move};
-use crate::server::{masking, retention};
+use crate::server::{env_lifecycle, masking, retention};
 use crate::store::{now_ms, Store};
 
 /// Runs an `ingest SOURCE --from FROM` step against the daemon's API at `api` with `token`.
@@ -75,6 +80,12 @@ fn last_at_or_before(cron: &Cron, ms: i64) -> Option<i64> {
 /// The next fire time of `s` (after its last fire, or after it was added).
 pub fn next_fire(s: &Schedule) -> Option<i64> {
     next_after(&parse_cron(&s.cron).ok()?, s.last_fire.unwrap_or(s.created_at))
+}
+
+/// Whether `name` names an environment now (a step's target is an environment or a volume,
+/// whichever the name is when the step runs).
+fn is_environment(st: &Store, name: &str) -> bool {
+    st.catalog().environments().contains_key(name)
 }
 
 /// The scheduler and what its runs work with.
@@ -259,11 +270,17 @@ impl Scheduler {
                 };
                 masking::mask(st, ev, &req).map(drop).map_err(api)
             }
+            Step::Snapshot { volume } if is_environment(st, volume) => {
+                env_lifecycle::snapshot(st, ev, volume, None).map(drop).map_err(api)
+            }
             Step::Snapshot { volume } => lifecycle::snapshot(st, ev, volume, None).map(drop).map_err(api),
             Step::Refresh { clones } => clones.iter().try_for_each(|c| {
-                lifecycle::move_head(st, ev, c, Move::Refresh, None, |cat, n| cat.refresh(n, None))
-                    .map(drop)
-                    .map_err(|e| format!("{c}: {}", e.1))
+                let refreshed = if is_environment(st, c) {
+                    env_lifecycle::refresh(st, ev, c).map(drop)
+                } else {
+                    lifecycle::move_head(st, ev, c, Move::Refresh, None, |cat, n| cat.refresh(n, None)).map(drop)
+                };
+                refreshed.map_err(|e| format!("{c}: {}", e.1))
             }),
             Step::Prune { volume } => retention::apply(st, volume).map(drop).map_err(|e| e.to_string()),
         }
