@@ -304,8 +304,8 @@ impl Catalog {
     fn step_volume(&self, step: &Step, name: &str, kind: Option<Kind>) -> Result<()> {
         if self.environments.contains_key(name) {
             return Err(CatalogError::BadSchedule(format!(
-                "`{name}` is an environment: a {} step acts on one volume (environments: snapshot and refresh \
-                 steps only)",
+                "`{name}` is an environment: the {} step acts on one volume (only snapshot and refresh steps take \
+                 an environment)",
                 step.verb()
             )));
         }
@@ -406,7 +406,10 @@ mod tests {
         {
             let err = check(&cat, text).expect_err(text).to_string();
             let name = if verb == "ingest" { "dev" } else { "shop" };
-            assert!(err.starts_with(&format!("`{name}` is an environment: a {verb} step acts on one volume")), "{err}");
+            assert!(
+                err.starts_with(&format!("`{name}` is an environment: the {verb} step acts on one volume")),
+                "{err}"
+            );
             assert_eq!(err.lines().count(), 1, "{err}");
         }
         let err = check(&cat, "refresh shop").expect_err("members are sources").to_string();
