@@ -18,7 +18,7 @@
 //!
 //! Locking: part of the [`Catalog`], behind the store's lock; write with no transaction open.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -115,6 +115,15 @@ impl Step {
         }
     }
 
+    /// The names that may be a volume or an environment: a snapshot step's, a refresh step's.
+    pub fn volume_or_env_names(&self) -> &[String] {
+        match self {
+            Step::Snapshot { volume } => std::slice::from_ref(volume),
+            Step::Refresh { clones } => clones,
+            Step::Ingest { .. } | Step::Mask { .. } | Step::Prune { .. } => &[],
+        }
+    }
+
     /// The volume or environment the step acts on first (for the operation log).
     pub fn target(&self) -> Option<&str> {
         match self {
@@ -206,6 +215,10 @@ pub struct Schedule {
     /// When the last successful run ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_at: Option<i64>,
+    /// The names in its snapshot and refresh steps that were environments when it was added
+    /// (the others were volumes): a name that changed kind since fails its step.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub environments: BTreeSet<String>,
     /// The start of the run in progress (kept durable: still set at open means interrupted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<i64>,
@@ -240,8 +253,9 @@ impl Catalog {
         self.schedules.get(name).ok_or_else(|| CatalogError::UnknownSchedule(name.to_string()))
     }
 
-    /// Add a new schedule after checking its name and every step.
-    pub fn add_schedule(&mut self, schedule: Schedule) -> Result<()> {
+    /// Add a new schedule after checking its name and every step; records which of its steps'
+    /// names are environments.
+    pub fn add_schedule(&mut self, mut schedule: Schedule) -> Result<()> {
         crate::validate_name("schedule", &schedule.name)?;
         if self.schedules.contains_key(&schedule.name) {
             return Err(CatalogError::ScheduleTaken(schedule.name));
@@ -252,6 +266,8 @@ impl Catalog {
         for step in &schedule.steps {
             self.check_step(step)?;
         }
+        let names = schedule.steps.iter().flat_map(Step::volume_or_env_names);
+        schedule.environments = names.filter(|n| self.environments.contains_key(*n)).cloned().collect();
         self.put_schedule(schedule)
     }
 
@@ -297,6 +313,27 @@ impl Catalog {
                 None => self.step_volume(step, c, Some(Kind::Clone)),
             }),
         }
+    }
+
+    /// Whether `step` of `schedule` can run now: [`Catalog::check_step`], and each name still
+    /// the kind it was when the schedule was added (an environment, or a volume).
+    pub fn check_scheduled_step(&self, schedule: &Schedule, step: &Step) -> Result<()> {
+        let kind = |env: bool| if env { "an environment" } else { "a volume" };
+        for name in step.volume_or_env_names() {
+            let (was, is) = (schedule.environments.contains(name), self.environments.contains_key(name));
+            if was && !is && !self.volumes.contains_key(name) {
+                return Err(CatalogError::UnknownEnvironment(name.clone()));
+            }
+            if was != is {
+                return Err(CatalogError::BadSchedule(format!(
+                    "`{name}` was {} when schedule `{}` was added and is {} now: add the schedule again",
+                    kind(was),
+                    schedule.name,
+                    kind(is)
+                )));
+            }
+        }
+        self.check_step(step)
     }
 
     /// Volume `name` exists and is of `kind`; an environment is refused, as `step` acts on
@@ -386,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn environments_are_accepted_by_snapshot_and_refresh_steps_only() {
+    fn environments_in_steps_are_checked_when_added_and_when_run() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kv = metakv::open(metakv::Engine::DEFAULT, &dir.path().join("meta")).expect("open meta");
         let mut cat = Catalog::open(kv).expect("open catalog");
@@ -416,5 +453,35 @@ mod tests {
         assert!(err.contains("environment `shop` cannot be refreshed: its member `app` is a source"), "{err}");
         assert!(matches!(check(&cat, "snapshot nope"), Err(CatalogError::UnknownVolume(_))));
         assert!(matches!(check(&cat, "refresh nope"), Err(CatalogError::UnknownVolume(_))));
+
+        // Which names were environments is recorded; a run refuses a name that changed kind.
+        cat.create_source("x", 1 << 20).expect("source");
+        let steps = ["snapshot shop", "refresh dev dev.db", "snapshot x"];
+        let sched = Schedule {
+            name: "s".into(),
+            cron: "0 2 * * *".into(),
+            steps: steps.iter().map(|s| Step::parse(s).expect("step")).collect(),
+            ..Schedule::default()
+        };
+        cat.add_schedule(sched).expect("add");
+        let s = cat.schedule("s").expect("added").clone();
+        assert_eq!(s.environments, ["dev", "shop"].iter().map(|n| n.to_string()).collect());
+        for step in &s.steps {
+            cat.check_scheduled_step(&s, step).expect("unchanged");
+        }
+        cat.env_delete("dev", false).expect("env delete");
+        let gone = cat.check_scheduled_step(&s, &s.steps[1]).expect_err("gone");
+        assert!(matches!(gone, CatalogError::UnknownEnvironment(_)), "{gone}");
+        cat.clone_volume("db", "dev").expect("a volume by the same name");
+        let err = cat.check_scheduled_step(&s, &s.steps[1]).expect_err("changed kind").to_string();
+        assert_eq!(
+            err,
+            "`dev` was an environment when schedule `s` was added and is a volume now: add the schedule again"
+        );
+        cat.delete("x").expect("delete x");
+        cat.env_delete("shop", true).expect("env delete, volumes kept");
+        cat.env_create("x", &members(&[("app", "app")])).expect("an environment by the same name");
+        let err = cat.check_scheduled_step(&s, &s.steps[2]).expect_err("changed kind").to_string();
+        assert!(err.starts_with("`x` was a volume when schedule `s` was added and is an environment now"), "{err}");
     }
 }

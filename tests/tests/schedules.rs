@@ -6,7 +6,7 @@
 //! run reports it interrupted at its next start, one stopped ends it before its next step;
 //! snapshot, mask and prune steps run as their operations; snapshot and refresh steps naming an
 //! environment run its operation (every member as one), other steps refuse one, and one gone
-//! since fails its step; an ingest step reaches a daemon that requires a token (listening on
+//! or turned into a volume since fails its step; an ingest step reaches a daemon that requires a token (listening on
 //! 0.0.0.0); bad input is refused with one line.
 
 use std::os::unix::fs::PermissionsExt;
@@ -401,10 +401,16 @@ fn snapshot_and_refresh_steps_take_environments() {
     let err = add("refresh shop");
     assert!(err.contains("environment `shop` cannot be refreshed: its member `app` is a source"), "{err}");
 
-    // An environment gone since the schedule was added fails the step, logged.
+    // An environment gone since the schedule was added fails the step, logged; so does a
+    // volume that took its name.
     d.cli_ok(&["env", "delete", "shopdev"]);
     let err = env.fails(&["schedule", "run", "refresh-only"]);
-    assert!(err.contains("step 1 of 1 (`refresh shopdev`)") && err.contains("`shopdev`"), "{err}");
+    assert!(err.contains("step 1 of 1 (`refresh shopdev`): no environment named `shopdev`"), "{err}");
     assert_eq!(env.schedule("refresh-only")["last_run"]["result"], "failed");
     assert_eq!(env.logged("refresh-only"), [pair("refresh shopdev", "failed"), pair("schedule-failed", "failed")]);
+    d.cli_ok(&["clone", "prod@1", "shopdev"]);
+    let err = env.fails(&["schedule", "run", "refresh-only"]);
+    let changed = "`shopdev` was an environment when schedule `refresh-only` was added and is a volume now";
+    assert!(err.contains(changed), "{err}");
+    assert_eq!(env.runs("refresh-only", "failed"), 2.0);
 }
