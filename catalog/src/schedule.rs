@@ -13,8 +13,9 @@
 //!
 //! A snapshot or refresh step may name an environment instead of a volume (the environment's
 //! operation, all members as one); ingest, mask and prune act on one volume and refuse an
-//! environment's name. Volumes and environments share one namespace, so a step's name is one or
-//! the other, whichever it is when checked.
+//! environment's name. Volumes and environments share one namespace; which names were
+//! environments when the schedule was added is kept in its record ([`Schedule::environments`]),
+//! so a run refuses a name that changed kind since ([`Catalog::check_scheduled_step`]).
 //!
 //! Locking: part of the [`Catalog`], behind the store's lock; write with no transaction open.
 
