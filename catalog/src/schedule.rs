@@ -9,11 +9,17 @@
 //!
 //! A run writes `running` (its start) before its first step and clears it when it ends, so a
 //! record still `running` at open was cut short by a stop or a crash: the daemon reports it as
-//! interrupted. Environments are not accepted as step targets yet (refused when added).
+//! interrupted.
+//!
+//! A snapshot or refresh step may name an environment instead of a volume (the environment's
+//! operation, all members as one); ingest, mask and prune act on one volume and refuse an
+//! environment's name. Volumes and environments share one namespace; which names were
+//! environments when the schedule was added is kept in its record ([`Schedule::environments`]),
+//! so a run refuses a name that changed kind since ([`Catalog::check_scheduled_step`]).
 //!
 //! Locking: part of the [`Catalog`], behind the store's lock; write with no transaction open.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -43,14 +49,15 @@ pub enum Step {
         /// The script; none: the volume's `mask` hook.
         script: Option<String>,
     },
-    /// `snapshot VOLUME`.
+    /// `snapshot VOLUME_OR_ENV`.
     Snapshot {
-        /// The volume.
+        /// The volume, or an environment (`ENV@N`).
         volume: String,
     },
-    /// `refresh CLONE...`: each clone to the newest snapshot of its origin volume, in order.
+    /// `refresh CLONE_OR_ENV...`: each clone (or every member of an environment, as one) to the
+    /// newest snapshot of its origin volume, in order.
     Refresh {
-        /// The clones.
+        /// The clones and environments.
         clones: Vec<String>,
     },
     /// `prune VOLUME`: apply its retention rules.
@@ -62,7 +69,7 @@ pub enum Step {
 
 /// The step forms, for errors.
 const FORMS: &str = "ingest SOURCE --from PATH_OR_NBD_URI | mask SNAPSHOT --into VOLUME [--with SCRIPT] | \
-                     snapshot VOLUME | refresh CLONE... | prune VOLUME";
+                     snapshot VOLUME_OR_ENV | refresh CLONE_OR_ENV... | prune VOLUME";
 
 fn bad_step(text: &str, why: &str) -> CatalogError {
     CatalogError::BadSchedule(format!("step `{}`: {why} (steps: {FORMS})", text.trim()))
@@ -98,7 +105,27 @@ impl Step {
         }
     }
 
-    /// The volume the step acts on first (for the operation log).
+    /// The step's first word: `ingest`, `mask`, `snapshot`, `refresh` or `prune`.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Step::Ingest { .. } => "ingest",
+            Step::Mask { .. } => "mask",
+            Step::Snapshot { .. } => "snapshot",
+            Step::Refresh { .. } => "refresh",
+            Step::Prune { .. } => "prune",
+        }
+    }
+
+    /// The names that may be a volume or an environment: a snapshot step's, a refresh step's.
+    pub fn volume_or_env_names(&self) -> &[String] {
+        match self {
+            Step::Snapshot { volume } => std::slice::from_ref(volume),
+            Step::Refresh { clones } => clones,
+            Step::Ingest { .. } | Step::Mask { .. } | Step::Prune { .. } => &[],
+        }
+    }
+
+    /// The volume or environment the step acts on first (for the operation log).
     pub fn target(&self) -> Option<&str> {
         match self {
             Step::Ingest { source, .. } => Some(source),
@@ -189,6 +216,10 @@ pub struct Schedule {
     /// When the last successful run ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_at: Option<i64>,
+    /// The names in its snapshot and refresh steps that were environments when it was added
+    /// (the others were volumes): a name that changed kind since fails its step.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub environments: BTreeSet<String>,
     /// The start of the run in progress (kept durable: still set at open means interrupted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<i64>,
@@ -223,8 +254,9 @@ impl Catalog {
         self.schedules.get(name).ok_or_else(|| CatalogError::UnknownSchedule(name.to_string()))
     }
 
-    /// Add a new schedule after checking its name and every step.
-    pub fn add_schedule(&mut self, schedule: Schedule) -> Result<()> {
+    /// Add a new schedule after checking its name and every step; records which of its steps'
+    /// names are environments.
+    pub fn add_schedule(&mut self, mut schedule: Schedule) -> Result<()> {
         crate::validate_name("schedule", &schedule.name)?;
         if self.schedules.contains_key(&schedule.name) {
             return Err(CatalogError::ScheduleTaken(schedule.name));
@@ -235,6 +267,8 @@ impl Catalog {
         for step in &schedule.steps {
             self.check_step(step)?;
         }
+        let names = schedule.steps.iter().flat_map(Step::volume_or_env_names);
+        schedule.environments = names.filter(|n| self.environments.contains_key(*n)).cloned().collect();
         self.put_schedule(schedule)
     }
 
@@ -263,24 +297,54 @@ impl Catalog {
         Ok(())
     }
 
-    /// Whether `step` names volumes that exist and suit it (checked when added; a run checks
-    /// again as it goes). Environments are refused: schedules do not run their steps yet.
+    /// Whether `step` names volumes (or, for snapshot and refresh, environments) that exist and
+    /// suit it (checked when added; a run checks again as it goes).
     pub fn check_step(&self, step: &Step) -> Result<()> {
         match step {
-            Step::Ingest { source, .. } => self.step_volume(source, Some(Kind::Source)),
+            Step::Ingest { source, .. } => self.step_volume(step, source, Some(Kind::Source)),
             Step::Mask { snapshot, into, .. } => {
                 crate::validate_name("volume", into)?;
-                self.step_volume(&Reference::parse(snapshot)?.volume, None)
+                self.step_volume(step, &Reference::parse(snapshot)?.volume, None)
             }
-            Step::Snapshot { volume } | Step::Prune { volume } => self.step_volume(volume, None),
-            Step::Refresh { clones } => clones.iter().try_for_each(|c| self.step_volume(c, Some(Kind::Clone))),
+            Step::Prune { volume } => self.step_volume(step, volume, None),
+            Step::Snapshot { volume } if self.environments.contains_key(volume) => Ok(()),
+            Step::Snapshot { volume } => self.step_volume(step, volume, None),
+            Step::Refresh { clones } => clones.iter().try_for_each(|c| match self.environments.get(c) {
+                Some(env) => env.members.values().try_for_each(|v| self.refreshable(c, v)),
+                None => self.step_volume(step, c, Some(Kind::Clone)),
+            }),
         }
     }
 
-    fn step_volume(&self, name: &str, kind: Option<Kind>) -> Result<()> {
+    /// Whether `step` of `schedule` can run now: [`Catalog::check_step`], and each name still
+    /// the kind it was when the schedule was added (an environment, or a volume).
+    pub fn check_scheduled_step(&self, schedule: &Schedule, step: &Step) -> Result<()> {
+        let kind = |env: bool| if env { "an environment" } else { "a volume" };
+        for name in step.volume_or_env_names() {
+            let (was, is) = (schedule.environments.contains(name), self.environments.contains_key(name));
+            if was && !is && !self.volumes.contains_key(name) {
+                return Err(CatalogError::UnknownEnvironment(name.clone()));
+            }
+            if was != is {
+                return Err(CatalogError::BadSchedule(format!(
+                    "`{name}` was {} when schedule `{}` was added and is {} now: add the schedule again",
+                    kind(was),
+                    schedule.name,
+                    kind(is)
+                )));
+            }
+        }
+        self.check_step(step)
+    }
+
+    /// Volume `name` exists and is of `kind`; an environment is refused, as `step` acts on
+    /// one volume.
+    fn step_volume(&self, step: &Step, name: &str, kind: Option<Kind>) -> Result<()> {
         if self.environments.contains_key(name) {
             return Err(CatalogError::BadSchedule(format!(
-                "`{name}` is an environment: schedule steps act on volumes only (for now)"
+                "`{name}` is an environment: the {} step acts on one volume (only snapshot and refresh steps take \
+                 an environment)",
+                step.verb()
             )));
         }
         let v = self.volume(name)?;
@@ -289,6 +353,16 @@ impl Catalog {
             Some(Kind::Clone) if v.kind != Kind::Clone => Err(CatalogError::NotAClone(name.to_string(), "refreshed")),
             _ => Ok(()),
         }
+    }
+
+    /// Member `volume` of environment `env` can be refreshed: it exists and is a clone.
+    fn refreshable(&self, env: &str, volume: &str) -> Result<()> {
+        if self.volume(volume)?.kind != Kind::Clone {
+            return Err(CatalogError::BadSchedule(format!(
+                "environment `{env}` cannot be refreshed: its member `{volume}` is a source, not a clone"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -347,5 +421,68 @@ mod tests {
         assert_eq!(cat.schedule("nightly").expect("kept").steps.len(), 2);
         cat.remove_schedule("nightly").expect("remove");
         assert!(matches!(cat.schedule("nightly"), Err(CatalogError::UnknownSchedule(_))));
+    }
+
+    #[test]
+    fn environments_in_steps_are_checked_when_added_and_when_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv = metakv::open(metakv::Engine::DEFAULT, &dir.path().join("meta")).expect("open meta");
+        let mut cat = Catalog::open(kv).expect("open catalog");
+        for v in ["db", "app"] {
+            cat.create_source(v, 1 << 20).expect("source");
+            cat.snapshot(v, None).expect("snapshot");
+        }
+        let members = |pairs: &[(&str, &str)]| pairs.iter().map(|(m, v)| (m.to_string(), v.to_string())).collect();
+        cat.env_create("shop", &members(&[("db", "db"), ("app", "app")])).expect("env");
+        cat.env_clone("shop", "dev").expect("env clone");
+        let check = |cat: &Catalog, text: &str| cat.check_step(&Step::parse(text).expect(text));
+        for ok in ["snapshot shop", "snapshot dev", "refresh dev", "refresh dev dev.db", "snapshot dev.app"] {
+            check(&cat, ok).expect(ok);
+        }
+        for (text, verb) in
+            [("prune shop", "prune"), ("ingest dev --from /x", "ingest"), ("mask shop@latest --into m", "mask")]
+        {
+            let err = check(&cat, text).expect_err(text).to_string();
+            let name = if verb == "ingest" { "dev" } else { "shop" };
+            assert!(
+                err.starts_with(&format!("`{name}` is an environment: the {verb} step acts on one volume")),
+                "{err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        let err = check(&cat, "refresh shop").expect_err("members are sources").to_string();
+        assert!(err.contains("environment `shop` cannot be refreshed: its member `app` is a source"), "{err}");
+        assert!(matches!(check(&cat, "snapshot nope"), Err(CatalogError::UnknownVolume(_))));
+        assert!(matches!(check(&cat, "refresh nope"), Err(CatalogError::UnknownVolume(_))));
+
+        // Which names were environments is recorded; a run refuses a name that changed kind.
+        cat.create_source("x", 1 << 20).expect("source");
+        let steps = ["snapshot shop", "refresh dev dev.db", "snapshot x"];
+        let sched = Schedule {
+            name: "s".into(),
+            cron: "0 2 * * *".into(),
+            steps: steps.iter().map(|s| Step::parse(s).expect("step")).collect(),
+            ..Schedule::default()
+        };
+        cat.add_schedule(sched).expect("add");
+        let s = cat.schedule("s").expect("added").clone();
+        assert_eq!(s.environments, ["dev", "shop"].iter().map(|n| n.to_string()).collect());
+        for step in &s.steps {
+            cat.check_scheduled_step(&s, step).expect("unchanged");
+        }
+        cat.env_delete("dev", false).expect("env delete");
+        let gone = cat.check_scheduled_step(&s, &s.steps[1]).expect_err("gone");
+        assert!(matches!(gone, CatalogError::UnknownEnvironment(_)), "{gone}");
+        cat.clone_volume("db", "dev").expect("a volume by the same name");
+        let err = cat.check_scheduled_step(&s, &s.steps[1]).expect_err("changed kind").to_string();
+        assert_eq!(
+            err,
+            "`dev` was an environment when schedule `s` was added and is a volume now: add the schedule again"
+        );
+        cat.delete("x").expect("delete x");
+        cat.env_delete("shop", true).expect("env delete, volumes kept");
+        cat.env_create("x", &members(&[("app", "app")])).expect("an environment by the same name");
+        let err = cat.check_scheduled_step(&s, &s.steps[2]).expect_err("changed kind").to_string();
+        assert!(err.starts_with("`x` was a volume when schedule `s` was added and is an environment now"), "{err}");
     }
 }

@@ -4,8 +4,10 @@
 //! the daemon was down catches up exactly once after a restart (or is skipped); `schedule run`
 //! runs now and a second run of the same schedule is refused (409); a daemon killed during a
 //! run reports it interrupted at its next start, one stopped ends it before its next step;
-//! snapshot, mask and prune steps run as their operations; an ingest step reaches a daemon that
-//! requires a token (listening on 0.0.0.0); bad input is refused with one line.
+//! snapshot, mask and prune steps run as their operations; snapshot and refresh steps naming an
+//! environment run its operation (every member as one), other steps refuse one, and one gone
+//! or turned into a volume since fails its step; an ingest step reaches a daemon that requires a token (listening on
+//! 0.0.0.0); bad input is refused with one line.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -341,4 +343,74 @@ fn snapshot_mask_and_prune_steps_run_as_their_operations() {
     let mut want: Vec<_> = steps.iter().map(|s| pair(s, "ok")).collect();
     want.push(pair("schedule-ok", "ok"));
     assert_eq!(env.logged("weekly"), want);
+}
+
+#[test]
+fn snapshot_and_refresh_steps_take_environments() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    let app_image = env.root.join("app.img");
+    std::fs::write(&app_image, vec![3u8; 1 << 20]).expect("image");
+    let app_from = app_image.to_str().expect("utf-8").to_string();
+    d.cli_ok(&["source", "create", "app", "--size", "1M"]);
+    d.cli_ok(&["ingest", "app", "--from", &app_from]);
+    d.cli_ok(&["env", "create", "shop", "db=prod", "app=app"]);
+    d.cli_ok(&["env", "clone", "shop@latest", "shopdev"]);
+    // New data in both sources' images, ingested by the run itself.
+    let mut image = vec![7u8; 1 << 20];
+    image[..4096].fill(9);
+    std::fs::write(env.image(), &image).expect("new data");
+    let mut image = vec![3u8; 1 << 20];
+    image[..4096].fill(4);
+    std::fs::write(&app_image, &image).expect("new data");
+    let steps = [
+        format!("ingest prod --from {}", env.image_str()),
+        format!("ingest app --from {app_from}"),
+        "snapshot shop".to_string(),
+        "refresh shopdev".to_string(),
+    ];
+    let mut args = vec!["schedule", "add", "shop-nightly", "--cron", "0 2 * * *"];
+    for s in &steps {
+        args.extend(["--step", s.as_str()]);
+    }
+    d.cli_ok(&args);
+    d.cli_ok(&["schedule", "add", "refresh-only", "--cron", "0 3 * * *", "--step", "refresh shopdev"]);
+
+    let run = d.cli_json(&["schedule", "run", "shop-nightly"]);
+    assert_eq!(run["result"], "ok", "{run}");
+    let shop = d.cli_json(&["env", "show", "shop"]);
+    assert_eq!(shop["snapshots"].as_array().map(Vec::len), Some(1), "{shop}");
+    assert_eq!(shop["snapshots"][0]["name"], "shop@1", "{shop}");
+    assert_eq!(shop["snapshots"][0]["members"], json!({"db": "prod@3", "app": "app@3"}), "{shop}");
+    assert_eq!(d.api().read("shopdev.db", 0, 4096), vec![9u8; 4096], "the db member sees the new data");
+    assert_eq!(d.api().read("shopdev.db", 4096, 4096), vec![7u8; 4096]);
+    assert_eq!(d.api().read("shopdev.app", 0, 4096), vec![4u8; 4096], "the app member sees the new data");
+    assert_eq!(d.cli_json(&["show", "shopdev.app"])["origin"], "app@3");
+    assert_eq!(env.schedule("shop-nightly")["last_run"]["result"], "ok");
+    let mut want: Vec<_> = steps.iter().map(|s| pair(s, "ok")).collect();
+    want.push(pair("schedule-ok", "ok"));
+    assert_eq!(env.logged("shop-nightly"), want);
+
+    // Only snapshot and refresh take an environment; refresh needs clones in it.
+    let add = |step: &str| env.fails(&["schedule", "add", "bad", "--cron", "0 2 * * *", "--step", step]);
+    let err = add("prune shop");
+    assert!(err.contains("`shop` is an environment: the prune step acts on one volume"), "{err}");
+    assert!(add("mask shop@latest --into shopm").contains("the mask step acts on one volume"));
+    assert!(add("ingest shopdev --from /x").contains("`shopdev` is an environment: the ingest step"));
+    let err = add("refresh shop");
+    assert!(err.contains("environment `shop` cannot be refreshed: its member `app` is a source"), "{err}");
+
+    // An environment gone since the schedule was added fails the step, logged; so does a
+    // volume that took its name.
+    d.cli_ok(&["env", "delete", "shopdev"]);
+    let err = env.fails(&["schedule", "run", "refresh-only"]);
+    assert!(err.contains("step 1 of 1 (`refresh shopdev`): no environment named `shopdev`"), "{err}");
+    assert_eq!(env.schedule("refresh-only")["last_run"]["result"], "failed");
+    assert_eq!(env.logged("refresh-only"), [pair("refresh shopdev", "failed"), pair("schedule-failed", "failed")]);
+    d.cli_ok(&["clone", "prod@1", "shopdev"]);
+    let err = env.fails(&["schedule", "run", "refresh-only"]);
+    let changed = "`shopdev` was an environment when schedule `refresh-only` was added and is a volume now";
+    assert!(err.contains(changed), "{err}");
+    assert_eq!(env.runs("refresh-only", "failed"), 2.0);
 }

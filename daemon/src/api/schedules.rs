@@ -19,8 +19,8 @@ pub struct ScheduleRequest {
     /// The schedule's name.
     pub name: String,
     /// The steps, in order: `ingest SOURCE --from PATH_OR_NBD_URI`,
-    /// `mask SNAPSHOT --into VOLUME [--with SCRIPT]`, `snapshot VOLUME`, `refresh CLONE...`,
-    /// `prune VOLUME`.
+    /// `mask SNAPSHOT --into VOLUME [--with SCRIPT]`, `snapshot VOLUME_OR_ENV`,
+    /// `refresh CLONE_OR_ENV...`, `prune VOLUME` (an environment's name runs its operation).
     pub steps: Vec<String>,
 }
 

@@ -20,8 +20,8 @@ pub enum ScheduleCmd {
         #[arg(long, value_name = "EXPR")]
         cron: String,
         /// A step, repeated in order: "ingest SOURCE --from PATH_OR_NBD_URI",
-        /// "mask SNAPSHOT --into VOLUME [--with SCRIPT]", "snapshot VOLUME", "refresh CLONE...",
-        /// "prune VOLUME"
+        /// "mask SNAPSHOT --into VOLUME [--with SCRIPT]", "snapshot VOLUME_OR_ENV",
+        /// "refresh CLONE_OR_ENV...", "prune VOLUME"
         #[arg(long = "step", value_name = "STEP", required = true)]
         steps: Vec<String>,
         /// A run missed while the daemon was down: run it once at start-up, or skip it

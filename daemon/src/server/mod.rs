@@ -10,11 +10,14 @@
 //! - [`auth`]: the API's bearer token; [`hooks`]: finding and running hook scripts;
 //! - [`leases`]: the lease reaper; [`clock`]: the daemon's "now" (injectable for tests);
 //! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon;
-//! - [`retention`]: applying retention rules after snapshots and on `forkd prune`.
+//! - [`retention`]: applying retention rules after snapshots and on `forkd prune`;
+//! - [`lifecycle`] and [`env_lifecycle`]: what an operation on a volume or an environment does
+//!   around its catalog step (hooks, gates, fences, undo), for the API and the scheduler.
 
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod env_lifecycle;
 pub mod events;
 pub mod hooks;
 pub mod http;

@@ -18,11 +18,17 @@
 //! counted in `forkd_schedule_runs_total{schedule,result}`; a success sets
 //! `forkd_schedule_last_success_timestamp_seconds{schedule}`.
 //!
-//! Steps act as the API's operations do, with their hooks: snapshot ([`lifecycle::snapshot`]),
-//! refresh ([`lifecycle::move_head`]), mask ([`masking::mask`]), prune ([`retention::apply`]).
+//! Steps act as the API's operations do, with their hooks: snapshot ([`lifecycle::snapshot`],
+//! or [`env_lifecycle::snapshot`] for an environment), refresh ([`lifecycle::move_head`], or
+//! [`env_lifecycle::refresh`] for an environment), mask ([`masking::mask`]), prune
+//! ([`retention::apply`]). Whether a step's name is an environment or a volume was recorded
+//! when the schedule was added (`Schedule::environments`).
 //! An ingest step is the agent's ingest run against this daemon's own API (with its token),
 //! given to the scheduler by the binary's entry point ([`IngestRunner`]) because this room does
-//! not use the agent's. Each step's volumes are checked again just before it runs.
+//! not use the agent's. Each step's volumes and environments are checked again just before it
+//! runs ([`catalog::Catalog::check_scheduled_step`]): a name that is gone, changed kind (an
+//! environment then, a volume now, or the other way), or no longer suits the step (a clone
+//! become a source, an environment whose members are not all clones) fails the step.
 //!
 //! Shutdown: once the daemon is told to stop, no run starts (503) and a run in progress stops
 //! before its next step (`interrupted`); the scheduler's task ends when no run is left, before
@@ -50,7 +56,7 @@ use crate::server::clock::Clock;
 use crate::server::events::Events;
 use crate::server::http::ApiError;
 use crate::server::lifecycle::{self, Move};
-use crate::server::{masking, retention};
+use crate::server::{env_lifecycle, masking, retention};
 use crate::store::{now_ms, Store};
 
 /// Runs an `ingest SOURCE --from FROM` step against the daemon's API at `api` with `token`.
@@ -204,9 +210,9 @@ impl Scheduler {
     fn run_claimed(&self, claim: Claim, fire: Option<i64>) -> Result<ScheduleRun, ApiError> {
         let name = claim.name.as_str();
         let started_at = self.clock.now_ms();
-        let steps = self.start(name, fire, started_at)?;
+        let schedule = self.start(name, fire, started_at)?;
         tracing::info!(schedule = name, "schedule run started");
-        let (result, error) = match self.steps(name, &steps) {
+        let (result, error) = match self.steps(&schedule) {
             Ok(()) => ("ok", None),
             Err(e) if self.stop.is_cancelled() => ("interrupted", Some(e)),
             Err(e) => ("failed", Some(e)),
@@ -227,30 +233,30 @@ impl Scheduler {
         Ok(Claim { set: self.running.clone(), name: name.to_string() })
     }
 
-    /// Mark the run durably (so a kill is seen at the next start); its steps.
-    fn start(&self, name: &str, fire: Option<i64>, started_at: i64) -> Result<Vec<Step>, ApiError> {
-        let steps = self.store.op(|cat| {
+    /// Mark the run durably (so a kill is seen at the next start); the schedule as it starts.
+    fn start(&self, name: &str, fire: Option<i64>, started_at: i64) -> Result<Schedule, ApiError> {
+        let schedule = self.store.op(|cat| {
             let mut s = cat.schedule(name)?.clone();
             s.running = Some(started_at);
             if let Some(f) = fire {
                 s.last_fire = Some(s.last_fire.map_or(f, |l| l.max(f)));
             }
-            let steps = s.steps.clone();
-            cat.put_schedule(s)?;
-            Ok(steps)
+            cat.put_schedule(s.clone())?;
+            Ok(s)
         })?;
         self.store.flush()?;
-        Ok(steps)
+        Ok(schedule)
     }
 
-    /// Run `steps` in order, each logged; the first failure ends the run.
-    fn steps(&self, name: &str, steps: &[Step]) -> Result<(), String> {
+    /// Run the steps of `schedule` in order, each logged; the first failure ends the run.
+    fn steps(&self, schedule: &Schedule) -> Result<(), String> {
+        let (name, steps) = (&schedule.name, &schedule.steps);
         for (i, step) in steps.iter().enumerate() {
             if self.stop.is_cancelled() {
                 return Err(format!("interrupted: the daemon stopped before step {} of {}", i + 1, steps.len()));
             }
             let (at, t) = (now_ms(), Instant::now());
-            let result = self.step(step);
+            let result = self.step(schedule, step);
             self.store.log_operation(LogEntry {
                 at,
                 who: format!("schedule {name}"),
@@ -268,10 +274,12 @@ impl Scheduler {
         Ok(())
     }
 
-    /// One step, as its API operation does it.
-    fn step(&self, step: &Step) -> Result<(), String> {
+    /// One step of `schedule`, as its API operation does it: on an environment when its name was
+    /// one when the schedule was added (and, checked first, still is).
+    fn step(&self, schedule: &Schedule, step: &Step) -> Result<(), String> {
         let (st, ev) = (&*self.store, &*self.events);
-        st.catalog().check_step(step).map_err(|e| e.to_string())?;
+        st.catalog().check_scheduled_step(schedule, step).map_err(|e| e.to_string())?;
+        let is_environment = |name: &String| schedule.environments.contains(name);
         let api = |e: ApiError| e.1;
         match step {
             Step::Ingest { source, from } => {
@@ -286,11 +294,17 @@ impl Scheduler {
                 };
                 masking::mask(st, ev, &req).map(drop).map_err(api)
             }
+            Step::Snapshot { volume } if is_environment(volume) => {
+                env_lifecycle::snapshot(st, ev, volume, None).map(drop).map_err(api)
+            }
             Step::Snapshot { volume } => lifecycle::snapshot(st, ev, volume, None).map(drop).map_err(api),
             Step::Refresh { clones } => clones.iter().try_for_each(|c| {
-                lifecycle::move_head(st, ev, c, Move::Refresh, None, |cat, n| cat.refresh(n, None))
-                    .map(drop)
-                    .map_err(|e| format!("{c}: {}", e.1))
+                let refreshed = if is_environment(c) {
+                    env_lifecycle::refresh(st, ev, c).map(drop)
+                } else {
+                    lifecycle::move_head(st, ev, c, Move::Refresh, None, |cat, n| cat.refresh(n, None)).map(drop)
+                };
+                refreshed.map_err(|e| format!("{c}: {}", e.1))
             }),
             Step::Prune { volume } => retention::apply(st, volume).map(drop).map_err(|e| e.to_string()),
         }

@@ -2,19 +2,16 @@
 //! rewind, refresh and delete; and the one place a catalog environment becomes the API's
 //! [`Environment`].
 //!
-//! Every handler that changes something is the same short sequence: claim the environment
-//! and its member volumes ([`Store::claim_busy`]: a second operation on them is refused with
-//! 409 until the first answered), run the environment's `pre-*` hook, fence and drain the
-//! member exports it switches (rewind, refresh, delete), run ONE catalog operation (all
-//! members in one transaction), run `configure-clone` (clone, rewind, refresh: the members
-//! open to the hook alone; a failure undoes the operation) and `post-*`, answer.
+//! Every handler that changes something parses its request, calls the operation in
+//! [`crate::server::env_lifecycle`] (claim, hooks, fences, one catalog operation, undo) on a
+//! blocking thread, and answers. Creating an environment runs no hook: it is here.
 
 use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use catalog::{format_time, Catalog, CatalogError, MemberMove, SnapshotId};
+use catalog::{format_time, SnapshotId};
 
 use super::extract::{ApiPath, ApiQuery, JsonBody, OptionalJson};
 use super::{bad, blocking, blocking_api, ApiResult, Hooks, Shared};
@@ -24,10 +21,8 @@ use crate::api::environments::{
 };
 use crate::api::error::ErrorBody;
 use crate::api::volumes::Moved;
-use crate::server::events::{Events, Facts, Member};
-use crate::server::lifecycle::{self, Move, DRAIN};
-use crate::store::busy::{env_key, BusyGuard};
-use crate::store::exports::{Fence, HookGate, Scope};
+use crate::server::env_lifecycle;
+use crate::store::busy::env_key;
 use crate::store::{Store, StoreError};
 
 /// The API's view of a catalog environment.
@@ -60,21 +55,6 @@ pub(super) fn tree_environment(e: &catalog::Environment) -> TreeEnvironment {
 /// Member name to `VOLUME@N`.
 fn names(members: &BTreeMap<String, SnapshotId>) -> BTreeMap<String, String> {
     members.iter().map(|(m, s)| (m.clone(), s.to_string())).collect()
-}
-
-/// Claim environment `env` and its member volumes, plus `more` names. Returns the claim and
-/// the member volumes.
-fn claim<'a>(st: &'a Store, env: &str, more: &[String]) -> Result<(BusyGuard<'a>, Vec<String>), StoreError> {
-    let volumes: Vec<String> = st.catalog().environment(env)?.members.values().cloned().collect();
-    let mut keys = vec![env_key(env)];
-    keys.extend(volumes.iter().cloned());
-    keys.extend(more.iter().cloned());
-    Ok((st.claim_busy(&keys)?, volumes))
-}
-
-/// Fence and drain the exports of every volume in `volumes` (all fenced before any switch).
-fn fence_all<'a>(st: &'a Store, volumes: &[String], scope: Scope) -> Vec<Fence<'a>> {
-    volumes.iter().map(|v| st.exports.fence_and_drain(v, scope, DRAIN)).collect()
 }
 
 /// Refuse `clones` as an environment name: `/v1/environments/clones` is the clone route.
@@ -144,15 +124,7 @@ pub(super) async fn snapshot(
 ) -> ApiResult<(StatusCode, Json<EnvSnapshotTaken>)> {
     let bookmark = body.and_then(|b| b.bookmark);
     let taken = blocking_api(&s, move |st| {
-        let _claim = claim(st, &name, &[])?;
-        let mut facts = env_facts(st, &name, &[])?;
-        ev.fire(st, "pre-snapshot", &facts)?;
-        let point = st.op(|cat| cat.env_snapshot(&name, bookmark.as_deref()))?;
-        facts.snapshot = Some(point.label.clone());
-        lifecycle::post(&ev, st, "post-snapshot", &facts);
-        for member in point.members.values() {
-            crate::server::retention::after_snapshot(st, &member.volume);
-        }
+        let point = env_lifecycle::snapshot(st, &ev, &name, bookmark.as_deref())?;
         Ok(EnvSnapshotTaken { members: names(&point.members), snapshot: point.label })
     })
     .await?;
@@ -172,20 +144,7 @@ pub(super) async fn clone_environment(
     let EnvCloneRequest { from, name } = body;
     check_routable(&name)?;
     let cloned = blocking_api(&s, move |st| {
-        // The source is only read (in one transaction): clones of one environment may run at once.
-        let _claim = st.claim_busy(&[env_key(&name)])?;
-        st.check_pool("clones")?;
-        // Every new member is open to the configure-clone hook alone until it succeeded.
-        let members: Vec<String> = st.catalog().env_resolve(&from)?.members.into_keys().collect();
-        let volumes: Vec<String> = members.iter().map(|m| format!("{name}.{m}")).collect();
-        let gates = volumes.iter().map(|v| lifecycle::gate(st, v)).collect::<ApiResult<Vec<_>>>()?;
-        let (e, point) = st.op(|cat| cat.env_clone(&from, &name))?;
-        let mut facts = env_facts(st, &name, &gates)?;
-        (facts.snapshot, facts.origin) = (Some(point.label.clone()), Some(point.label.clone()));
-        if let Err(err) = ev.fire(st, "configure-clone", &facts) {
-            lifecycle::undo(st, &volumes, |cat| cat.env_delete(&name, false).map(drop));
-            return Err(err.into());
-        }
+        let (e, point) = env_lifecycle::clone(st, &ev, &from, &name)?;
         Ok(EnvCloned { environment: environment(&e), made_from: names(&point.members) })
     })
     .await?;
@@ -206,8 +165,7 @@ pub(super) async fn rewind(
 ) -> ApiResult<Json<EnvMoved>> {
     let to = body.to.ok_or_else(|| bad("rewind needs \"to\": an environment snapshot or a time"))?;
     blocking_api(&s, move |st| {
-        let step = |cat: &mut Catalog| cat.env_rewind(&name, &to).map(|(point, moves)| (Some(point.label), moves));
-        let (target, moves) = env_move(st, &ev, &name, Some(&to), Move::Rewind, step)?;
+        let (target, moves) = env_lifecycle::rewind(st, &ev, &name, &to)?;
         Ok(Json(moved(&name, target, &moves)))
     })
     .await
@@ -225,61 +183,10 @@ pub(super) async fn refresh(
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<EnvMoved>> {
     blocking_api(&s, move |st| {
-        let step = |cat: &mut Catalog| cat.env_refresh(&name).map(|moves| (None, moves));
-        let (_, moves) = env_move(st, &ev, &name, None, Move::Refresh, step)?;
+        let moves = env_lifecycle::refresh(st, &ev, &name)?;
         Ok(Json(moved(&name, None, &moves)))
     })
     .await
-}
-
-/// Rewind or refresh every member of `name` as one operation, between the environment's
-/// hooks: `pre-*`; fence, switch (members open to hooks alone), `configure-clone` (on failure
-/// every member's record before the switch comes back); `post-*`.
-fn env_move(
-    st: &Store,
-    ev: &Events,
-    name: &str,
-    to: Option<&str>,
-    kind: Move,
-    step: impl FnOnce(&mut Catalog) -> Result<(Option<String>, Vec<MemberMove>), CatalogError>,
-) -> ApiResult<(Option<String>, Vec<MemberMove>)> {
-    let (_claim, volumes) = claim(st, name, &[])?;
-    let before: Vec<catalog::Volume> =
-        volumes.iter().map(|v| st.catalog().volume(v).cloned()).collect::<Result<_, CatalogError>>()?;
-    let mut facts = env_facts(st, name, &[])?;
-    facts.snapshot = to.map(str::to_string);
-    ev.fire(st, &format!("pre-{}", kind.name()), &facts)?;
-    let gates = volumes.iter().map(|v| lifecycle::gate(st, v)).collect::<ApiResult<Vec<_>>>()?;
-    let (target, moves) = {
-        let _fences = fence_all(st, &volumes, Scope::Head);
-        st.op(step)?
-    };
-    let mut configure = env_facts(st, name, &gates)?;
-    configure.snapshot = target.clone();
-    if let Err(e) = ev.fire(st, "configure-clone", &configure) {
-        lifecycle::undo(st, &volumes, |cat| cat.restore(&before, &[]));
-        return Err(e.into());
-    }
-    drop(gates);
-    facts.snapshot = target.clone();
-    lifecycle::post(ev, st, &format!("post-{}", kind.name()), &facts);
-    Ok((target, moves))
-}
-
-/// What environment `name`'s hooks are told: its members, reached through `gates` where the
-/// operation holds them (else by their own names).
-fn env_facts(st: &Store, name: &str, gates: &[HookGate<'_>]) -> Result<Facts, StoreError> {
-    let cat = st.catalog();
-    let env = cat.environment(name)?;
-    let members = env
-        .members
-        .iter()
-        .map(|(m, v)| {
-            let gate = gates.iter().find(|g| g.volume() == v);
-            Member { name: m.clone(), volume: v.clone(), export: gate.map_or_else(|| v.clone(), |g| g.export.clone()) }
-        })
-        .collect();
-    Ok(Facts { env: Some(name.to_string()), origin: env.origin.clone(), members, ..Facts::default() })
 }
 
 /// The answer of a rewind or refresh.
@@ -307,13 +214,8 @@ pub(super) async fn remove(
 ) -> ApiResult<Json<EnvDeleted>> {
     let keep = q.keep_volumes == Some(true);
     blocking_api(&s, move |st| {
-        let (_claim, volumes) = claim(st, &name, &[])?;
-        st.catalog().check_env_delete(&name, keep)?;
-        ev.fire(st, "pre-delete", &env_facts(st, &name, &[])?)?;
-        let before = st.metrics.freed_bytes.get();
-        let _fences = if keep { Vec::new() } else { fence_all(st, &volumes, Scope::Volume) };
-        let volumes = st.op_freeing(|cat: &mut Catalog| cat.env_delete(&name, keep))?;
-        Ok(Json(EnvDeleted { deleted: name, freed_bytes: st.metrics.freed_bytes.get() - before, volumes }))
+        let (volumes, freed_bytes) = env_lifecycle::delete(st, &ev, &name, keep)?;
+        Ok(Json(EnvDeleted { deleted: name, freed_bytes, volumes }))
     })
     .await
 }

@@ -61,8 +61,8 @@ fn record(req: ScheduleRequest, now: i64) -> ApiResult<Record> {
 
 #[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = ScheduleRequest,
     responses((status = 200, description = "the schedule added", body = Schedule),
-        (status = 400, description = "an invalid name, cron expression, step or catch_up; a step on an environment", body = ErrorBody),
-        (status = 404, description = "a step names no volume", body = ErrorBody),
+        (status = 400, description = "an invalid name, cron expression, step or catch_up; an environment in an ingest, mask or prune step", body = ErrorBody),
+        (status = 404, description = "a step names neither a volume nor an environment", body = ErrorBody),
         (status = 409, description = "the name is taken", body = ErrorBody)))]
 pub(super) async fn add(
     State(s): State<Shared>,
