@@ -17,12 +17,13 @@ mod hooks;
 mod lease;
 mod masking;
 mod oplog;
+mod records;
 mod reference;
 mod retention;
 mod schedule;
 mod undo;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
@@ -313,7 +314,7 @@ pub struct IngestSummary {
 }
 
 /// An immutable point in time of a volume.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Number on its volume, counting up from 1.
     pub id: u64,
@@ -366,7 +367,9 @@ pub struct Volume {
     pub timeflow: u32,
     /// Number the next snapshot gets.
     pub next_snapshot: u64,
-    /// Its snapshots, oldest first.
+    /// Its snapshots, oldest first. Stored under their own keys, not in the record (`records`);
+    /// read from records written before format 3.
+    #[serde(default, skip_serializing)]
     pub snapshots: Vec<Snapshot>,
     /// Hook scripts by event (a clone starts with its parent's: see `hooks`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -510,10 +513,6 @@ pub struct Target {
     pub read_only: bool,
 }
 
-const K_VOLUME: &[u8] = b"cV";
-const K_ALLOCATED: &[u8] = b"cA";
-const K_STAGING: &[u8] = b"cI";
-
 fn k(prefix: &[u8], name: &str) -> Vec<u8> {
     let mut v = prefix.to_vec();
     v.extend_from_slice(name.as_bytes());
@@ -530,6 +529,8 @@ fn now_ms() -> i64 {
 pub struct Catalog {
     map: BlockMap,
     volumes: BTreeMap<String, Volume>,
+    /// Volumes whose stored record still carries their snapshots (`records`).
+    legacy: BTreeSet<String>,
     /// Last timestamp handed out, so snapshot times never go backwards.
     last_time: i64,
     /// Volumes changed by staged writes not yet committed (and whether a root moved).
@@ -548,33 +549,18 @@ impl Catalog {
     /// Load the catalog from `tree`, abandoning ingests a crash interrupted.
     pub fn open(kv: std::sync::Arc<dyn blockmap::MetaKv>) -> Result<Catalog> {
         let map = BlockMap::open(kv)?;
-        let mut volumes = BTreeMap::new();
-        let mut last_time = 0;
-        for (key, val) in map.scan_meta(K_VOLUME)? {
-            let name = String::from_utf8_lossy(&key[K_VOLUME.len()..]).into_owned();
-            let mut v: Volume = serde_json::from_slice(&val).map_err(|_| CatalogError::Corrupt(name.clone()))?;
-            if v.name != name {
-                return Err(CatalogError::Corrupt(name));
-            }
-            if let Some(a) = map.get_meta(&k(K_ALLOCATED, &name))? {
-                v.allocated_blocks = u64::from_le_bytes(
-                    a.as_slice().try_into().map_err(|_| CatalogError::Corrupt(format!("{name} (allocation)")))?,
-                );
-            }
-            if let Some(s) = map.get_meta(&k(K_STAGING, &name))? {
-                v.staging =
-                    Some(serde_json::from_slice(&s).map_err(|_| CatalogError::Corrupt(format!("{name} (ingest)")))?);
-            }
-            last_time = last_time.max(v.created_at);
-            last_time = v.snapshots.iter().map(|s| s.created_at).fold(last_time, i64::max);
-            volumes.insert(name, v);
-        }
+        let (volumes, legacy) = records::load(&map)?;
+        let last_time = volumes
+            .values()
+            .flat_map(|v| v.snapshots.iter().map(|s| s.created_at).chain([v.created_at]))
+            .fold(0, i64::max);
         let log = oplog::OpLog::load(&map)?;
         let environments = environment::load(&map)?;
         let schedules = schedule::load(&map)?;
         let mut cat = Catalog {
             map,
             volumes,
+            legacy,
             last_time,
             staged: BTreeMap::new(),
             log,
@@ -655,31 +641,18 @@ impl Catalog {
 
     // ----- committing ---------------------------------------------------------------
 
-    fn stage_record(&mut self, v: &Volume) -> Result<()> {
-        let json = serde_json::to_vec(v).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-        self.map.put_meta(&k(K_VOLUME, &v.name), json);
-        self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
-        match &v.staging {
-            Some(s) => {
-                let json = serde_json::to_vec(s).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-                self.map.put_meta(&k(K_STAGING, &v.name), json);
-            }
-            None => self.map.remove_meta(&k(K_STAGING, &v.name)),
-        }
-        Ok(())
-    }
-
     /// Commit map changes made by `build` with the volumes it returns (and removes), or
     /// roll everything back if any step fails.
     fn commit_with<T>(&mut self, build: impl FnOnce(&mut Self) -> Result<(Vec<Volume>, Vec<String>, T)>) -> Result<T> {
         let result = build(self).and_then(|(changed, removed, out)| {
-            for v in &changed {
+            // A volume returned twice is staged once, as it is last (as it is kept in memory).
+            let last: BTreeMap<&str, &Volume> = changed.iter().map(|v| (v.name.as_str(), v)).collect();
+            for v in last.into_values() {
                 self.stage_record(v)?;
+                self.stage_snapshots(v)?;
             }
             for name in &removed {
-                for p in [K_VOLUME, K_ALLOCATED, K_STAGING] {
-                    self.map.remove_meta(&k(p, name));
-                }
+                self.stage_removal(name);
             }
             self.stage_environments()?;
             self.map.commit()?;
@@ -687,6 +660,7 @@ impl Catalog {
         });
         match result {
             Ok((changed, removed, out)) => {
+                self.recorded(changed.iter().map(|v| &v.name).chain(&removed));
                 for name in removed {
                     self.volumes.remove(&name);
                 }
@@ -1067,17 +1041,15 @@ impl Catalog {
         let staged = std::mem::take(&mut self.staged);
         for (v, moved) in staged.values() {
             // The hot path: unless a root moved, only the small counters are rewritten.
+            // Staged writes change no snapshot: only a legacy record's are written (`records`).
             if *moved {
                 self.stage_record(v)?;
             } else {
-                self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
-                if v.staging.is_some() {
-                    let json = serde_json::to_vec(&v.staging).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-                    self.map.put_meta(&k(K_STAGING, &v.name), json);
-                }
+                self.stage_counters(v)?;
             }
         }
         self.map.commit()?;
+        self.recorded(staged.iter().filter(|(_, (_, moved))| *moved).map(|(name, _)| name));
         for (name, (v, _)) in staged {
             self.volumes.insert(name, v);
         }
