@@ -543,6 +543,9 @@ pub struct Catalog {
     env_pending: Vec<(String, Option<Environment>)>,
     /// Schedules, by name (`schedule.rs`).
     schedules: BTreeMap<String, Schedule>,
+    /// A shallow copy the open `commit_with` commits, holding only the snapshots it adds
+    /// (`records`).
+    appending: Option<Volume>,
 }
 
 impl Catalog {
@@ -567,6 +570,7 @@ impl Catalog {
             environments,
             env_pending: Vec::new(),
             schedules,
+            appending: None,
         };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
@@ -655,6 +659,7 @@ impl Catalog {
                 self.stage_removal(name);
             }
             self.stage_environments()?;
+            self.stage_appending()?;
             self.map.commit()?;
             Ok((changed, removed, out))
         });
@@ -668,11 +673,13 @@ impl Catalog {
                     self.volumes.insert(v.name.clone(), v);
                 }
                 self.apply_environments();
+                self.apply_appending();
                 self.map.collect_garbage()?;
                 Ok(out)
             }
             Err(e) => {
                 self.env_pending.clear();
+                self.appending = None;
                 self.map.rollback();
                 Err(e)
             }
@@ -700,7 +707,9 @@ impl Catalog {
     fn take_snapshot(&mut self, v: &mut Volume, reason: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
         if let Some(b) = bookmark {
             reference::validate_bookmark(b)?;
-            if let Some(s) = v.snapshots.iter().find(|s| s.bookmarks.iter().any(|x| x == b)) {
+            // `v` may be a shallow copy (`records`): the committed snapshots count too.
+            let committed = self.volumes.get(&v.name).map_or(&[][..], |c| &c.snapshots[..]);
+            if let Some(s) = v.snapshots.iter().chain(committed).find(|s| s.bookmarks.iter().any(|x| x == b)) {
                 return Err(CatalogError::BookmarkTaken { bookmark: b.into(), on: format!("{}@{}", v.name, s.id) });
             }
         }
@@ -736,12 +745,9 @@ impl Catalog {
 
     /// Snapshot a volume's current contents.
     pub fn snapshot(&mut self, volume: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
-        let mut v = self.volume(volume)?.clone();
-        Self::not_masked(&v, "snapshotted")?;
-        self.commit_with(|cat| {
-            let id = cat.take_snapshot(&mut v, "snapshot", bookmark)?;
-            Ok((vec![v], vec![], id))
-        })
+        Self::not_masked(self.volume(volume)?, "snapshotted")?;
+        let v = self.shallow(volume)?;
+        self.commit_appending(v, |cat, v| cat.take_snapshot(v, "snapshot", bookmark))
     }
 
     /// Add a bookmark to a snapshot.
@@ -1108,17 +1114,17 @@ impl Catalog {
 
     /// Finish an ingest: its staging tree becomes the head and a new snapshot.
     pub fn finish_ingest(&mut self, source: &str, summary: IngestSummary) -> Result<SnapshotId> {
-        let mut v = self.volume(source)?.clone();
+        let mut v = self.shallow(source)?;
         let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
-        self.commit_with(|cat| {
+        self.commit_appending(v, |cat, v| {
             cat.map.release(v.root)?;
             v.root = staging.root;
             v.allocated_blocks = staging.allocated_blocks;
-            let id = cat.take_snapshot(&mut v, "ingest", None)?;
+            let id = cat.take_snapshot(v, "ingest", None)?;
             if let Some(s) = v.snapshots.last_mut() {
                 s.ingest = Some(summary);
             }
-            Ok((vec![v], vec![], id))
+            Ok(id)
         })
     }
 

@@ -175,6 +175,60 @@ impl Catalog {
         Ok(())
     }
 
+    /// A copy of committed volume `name` without its snapshots, for an operation that only
+    /// adds snapshots (a snapshot, the end of an ingest): [`Catalog::commit_appending`] commits
+    /// it without the O(N) copy, comparison and drop of the whole list that a full copy costs.
+    pub(crate) fn shallow(&mut self, name: &str) -> Result<Volume> {
+        let v = self.volumes.get_mut(name).ok_or_else(|| CatalogError::UnknownVolume(name.to_string()))?;
+        let snapshots = std::mem::take(&mut v.snapshots);
+        let copy = v.clone();
+        v.snapshots = snapshots;
+        Ok(copy)
+    }
+
+    /// Commit the map changes `build` makes with `v`, a [`Catalog::shallow`] copy to which it
+    /// only adds snapshots, or roll everything back.
+    pub(crate) fn commit_appending<T>(
+        &mut self,
+        mut v: Volume,
+        build: impl FnOnce(&mut Self, &mut Volume) -> Result<T>,
+    ) -> Result<T> {
+        self.commit_with(|cat| {
+            let out = build(cat, &mut v)?;
+            cat.appending = Some(v);
+            Ok((vec![], vec![], out))
+        })
+    }
+
+    /// Stage the shallow copy being committed: its record and its new snapshots (all of them
+    /// if the stored record still carries the old ones). Called by `commit_with`.
+    pub(crate) fn stage_appending(&mut self) -> Result<()> {
+        let Some(v) = self.appending.take() else { return Ok(()) };
+        let result = self.stage_record(&v).and_then(|()| {
+            if self.legacy.contains(&v.name) {
+                let committed = self.volumes.get(&v.name).map(|c| c.snapshots.clone()).unwrap_or_default();
+                committed.iter().try_for_each(|s| self.put_snapshot(&v.name, s))
+            } else {
+                v.snapshots.iter().try_for_each(|s| self.put_snapshot(&v.name, s))
+            }
+        });
+        self.appending = Some(v);
+        result
+    }
+
+    /// The shallow copy was committed: it replaces the committed volume, with the committed
+    /// snapshots followed by its own. Called by `commit_with`.
+    pub(crate) fn apply_appending(&mut self) {
+        let Some(mut v) = self.appending.take() else { return };
+        if let Some(committed) = self.volumes.get_mut(&v.name) {
+            let mut snapshots = std::mem::take(&mut committed.snapshots);
+            snapshots.append(&mut v.snapshots);
+            v.snapshots = snapshots;
+        }
+        self.legacy.remove(&v.name);
+        self.volumes.insert(v.name.clone(), v);
+    }
+
     /// Stage the removal of volume `name`: its record, counter, ingest and snapshot keys.
     pub(crate) fn stage_removal(&mut self, name: &str) {
         for p in [K_VOLUME, K_ALLOCATED, K_STAGING] {

@@ -238,3 +238,39 @@ fn diff_finds_added_changed_and_gone_in_any_order() {
     assert_eq!(diff(&new, &[]).1, vec![2, 3, 4, 5]);
     assert!(diff(&new, &new).0.is_empty());
 }
+
+#[test]
+fn an_old_record_moves_on_a_snapshot_or_an_ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cat, rec) = open_recorded(dir.path());
+    for name in ["a", "b"] {
+        cat.create_source(name, 1 << 20).unwrap();
+        cat.snapshot(name, Some("first")).unwrap();
+        cat.snapshot(name, None).unwrap();
+    }
+    cat.map_mut().flush_store().unwrap();
+    drop(cat);
+    make_old_form(rec.inner.as_ref(), "a");
+    make_old_form(rec.inner.as_ref(), "b");
+    drop(rec);
+    let (mut cat, rec) = open_recorded(dir.path());
+    assert!(matches!(cat.snapshot("a", Some("first")), Err(CatalogError::BookmarkTaken { .. })));
+    cat.snapshot("a", None).unwrap();
+    let ops = rec.take();
+    assert_eq!(snapshot_keys(&ops).iter().map(|s| s.1).collect::<Vec<_>>(), vec![1, 2, 3]);
+    records_hold_no_snapshots(&ops);
+    cat.begin_ingest("b").unwrap();
+    put(&mut cat, "b", 0, 5, true);
+    cat.finish_ingest("b", IngestSummary { changed_bytes: 4096, ..IngestSummary::default() }).unwrap();
+    let ops = rec.take();
+    assert_eq!(snapshot_keys(&ops).iter().map(|s| s.1).collect::<Vec<_>>(), vec![1, 2, 3]);
+    records_hold_no_snapshots(&ops);
+    assert!(cat.legacy.is_empty());
+    let before: Vec<Vec<Snapshot>> = ["a", "b"].map(|n| cat.volume(n).unwrap().snapshots.clone()).into();
+    drop((cat, rec));
+    let (cat, _rec) = open_recorded(dir.path());
+    let after: Vec<Vec<Snapshot>> = ["a", "b"].map(|n| cat.volume(n).unwrap().snapshots.clone()).into();
+    assert_eq!(after, before);
+    assert_eq!(after[1][2].ingest.as_ref().map(|i| i.changed_bytes), Some(4096));
+    assert_eq!(crc(&cat, "b@3", 0), Some(5));
+}
