@@ -9,13 +9,15 @@
 //!   and with synthetic times one every 15 minutes, and `prune_plan` through the catalog;
 //! - setting the rules, and one `prune` commit (keep-daily 30) that deletes nearly all of them
 //!   (their real times all fall on the run's day or two), then a durable commit;
-//! - the process's peak resident memory.
+//! - the process's peak resident memory while building, its resident memory once reopened,
+//!   and its peak over the whole run (the plan timing holds two more copies of the list).
 //!
 //! It uses only catalog calls that existed before snapshots got their own keys, so the same
 //! file builds against the old layout for the before/after comparison
 //! (`bench/retention-bench.sh`). Output: a table on stdout and JSON to `--out`.
 //!
-//! Usage: `forkd-bench-retention --dir SCRATCH [--snapshots N] [--window W] [--out FILE]`.
+//! Usage: `forkd-bench-retention --dir SCRATCH [--snapshots N] [--marks 1000,10000,100000]
+//! [--window W] [--out FILE]`.
 
 // Counts and byte sizes here are far below the limits of the types they are converted to.
 #![allow(clippy::cast_possible_truncation)]
@@ -65,6 +67,8 @@ struct Args {
     dir: PathBuf,
     snapshots: u64,
     window: u64,
+    /// Numbers of existing snapshots at which a window is timed.
+    marks: Vec<u64>,
     out: Option<PathBuf>,
 }
 
@@ -74,10 +78,19 @@ fn parse_args() -> Result<Args> {
     let number = |flag: &str, default: u64| -> Result<u64> {
         value(flag).map_or(Ok(default), |v| v.parse().with_context(|| format!("{flag} takes a number")))
     };
+    let snapshots = number("--snapshots", 100_000)?;
+    let marks = match value("--marks") {
+        Some(list) => list
+            .split(',')
+            .map(|m| m.parse().with_context(|| format!("--marks: `{m}` is not a number")))
+            .collect::<Result<Vec<u64>>>()?,
+        None => vec![1_000, 10_000, 100_000],
+    };
     Ok(Args {
         dir: PathBuf::from(value("--dir").context("--dir SCRATCH is required")?),
-        snapshots: number("--snapshots", 100_000)?,
+        snapshots,
         window: number("--window", 200)?,
+        marks: marks.into_iter().filter(|&m| m <= snapshots).collect(),
         out: value("--out").map(PathBuf::from),
     })
 }
@@ -90,6 +103,11 @@ fn disk_writes() -> u64 {
 /// Peak resident memory (`VmHWM`), KiB.
 fn peak_rss_kib() -> u64 {
     proc_field("/proc/self/status", "VmHWM:")
+}
+
+/// Resident memory now (`VmRSS`), KiB.
+fn rss_kib() -> u64 {
+    proc_field("/proc/self/status", "VmRSS:")
 }
 
 fn proc_field(path: &str, name: &str) -> u64 {
@@ -123,8 +141,7 @@ impl Bench {
         self.cat.create_source("src", 1 << 30)?;
         self.cat.begin_ingest("src")?;
         let slots = self.cat.map_mut().alloc(16)?;
-        let entries: Vec<Option<Entry>> =
-            slots.iter().map(|&slot| Some(Entry { slot, crc: 1, digest: 1 })).collect();
+        let entries: Vec<Option<Entry>> = slots.iter().map(|&slot| Some(Entry { slot, crc: 1, digest: 1 })).collect();
         self.cat.write("src", 0, &entries, true)?;
         self.cat.finish_ingest("src", Default::default())?;
         self.cat.map_mut().flush_store()?;
@@ -221,10 +238,9 @@ fn run(args: &Args) -> Result<Value> {
     let meta = args.dir.join("meta");
     let mut b = Bench::open(&meta)?;
     b.source()?;
-    let marks: Vec<u64> = [1_000, 10_000, 100_000].into_iter().filter(|&m| m <= args.snapshots).collect();
     let mut windows = Vec::new();
     let t = Instant::now();
-    for &m in &marks {
+    for &m in &args.marks {
         b.build_to(m)?;
         eprintln!("{m} snapshots after {:.1} s", t.elapsed().as_secs_f64());
         windows.push(b.window(args.window)?);
@@ -232,10 +248,12 @@ fn run(args: &Args) -> Result<Value> {
     b.build_to(args.snapshots)?;
     let build_s = t.elapsed().as_secs_f64();
     let n = b.count();
+    let build_peak = peak_rss_kib();
     drop(b);
     let t = Instant::now();
     let mut b = Bench::open(&meta)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let open_rss = rss_kib();
     let rules = Retention { keep_daily: Some(30), ..Retention::default() };
     let snaps = b.cat.volume("src")?.snapshots.clone();
     let plans = plan_times(&snaps, &rules);
@@ -257,6 +275,8 @@ fn run(args: &Args) -> Result<Value> {
         "build_seconds": build_s,
         "windows": windows,
         "open_ms": open_ms,
+        "peak_rss_building_kib": build_peak,
+        "rss_after_open_kib": open_rss,
         "plan": plans,
         "set_retention_durable_ms": set_ms,
         "prune_plan_ms": prune_plan_ms,
@@ -277,7 +297,8 @@ fn print_table(r: &Value) {
     for w in r["windows"].as_array().into_iter().flatten() {
         println!(
             "| {} | {:.0} us | {:.0} us | {:.0} us | {:.0} | {:.0} |",
-            w["existing"], w["snapshot_us_mean"].as_f64().unwrap_or(0.0),
+            w["existing"],
+            w["snapshot_us_mean"].as_f64().unwrap_or(0.0),
             w["snapshot_durable_us_mean"].as_f64().unwrap_or(0.0),
             w["snapshot_durable_us_p99"].as_f64().unwrap_or(0.0),
             w["engine_bytes_per_snapshot"].as_f64().unwrap_or(0.0),
