@@ -11,11 +11,14 @@ use super::*;
 use crate::tests::{crc, put};
 use crate::{IngestSummary, Retention};
 
+/// One batch's operations: a key and its new value, or `None` for a removal.
+type Ops = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// A metadata engine that keeps every batch handed to it.
 #[derive(Debug)]
 struct Recorder {
     inner: Arc<dyn MetaKv>,
-    batches: Mutex<Vec<Vec<(Vec<u8>, Option<Vec<u8>>)>>>,
+    batches: Mutex<Vec<Ops>>,
 }
 
 impl MetaKv for Recorder {
@@ -39,7 +42,7 @@ impl MetaKv for Recorder {
 
 impl Recorder {
     /// The catalog keys written (`Some`) or removed (`None`) since the last call.
-    fn take(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    fn take(&self) -> Ops {
         let batches = std::mem::take(&mut *self.batches.lock().unwrap());
         batches.into_iter().flatten().filter(|(k, _)| k.starts_with(b"c")).collect()
     }
