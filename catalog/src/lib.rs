@@ -1022,7 +1022,7 @@ impl Catalog {
         Self::check_range(v, first, entries.len() as u64)?;
         let (mut v, mut moved) = match self.staged.remove(volume) {
             Some(x) => x,
-            None => (self.volume(volume)?.clone(), false),
+            None => (self.write_copy(volume)?, false),
         };
         let nblocks = v.nblocks();
         let result = {
@@ -1056,7 +1056,11 @@ impl Catalog {
         }
         self.map.commit()?;
         self.recorded(staged.iter().filter(|(_, (_, moved))| *moved).map(|(name, _)| name));
-        for (name, (v, _)) in staged {
+        for (name, (mut v, _)) in staged {
+            // The committed snapshots, unchanged by writes, go back into the (shallow) copy.
+            if let Some(committed) = self.volumes.get_mut(&name) {
+                v.snapshots = std::mem::take(&mut committed.snapshots);
+            }
             self.volumes.insert(name, v);
         }
         Ok(())

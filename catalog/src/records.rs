@@ -186,6 +186,16 @@ impl Catalog {
         Ok(copy)
     }
 
+    /// The copy a staged write works on: without its snapshots, which no write changes
+    /// (`commit_staged` puts the committed ones back), unless its stored record still carries
+    /// them, so that the commit that rewrites the record writes them all.
+    pub(crate) fn write_copy(&mut self, name: &str) -> Result<Volume> {
+        if self.legacy.contains(name) {
+            return self.volume(name).cloned();
+        }
+        self.shallow(name)
+    }
+
     /// Commit the map changes `build` makes with `v`, a [`Catalog::shallow`] copy to which it
     /// only adds snapshots, or roll everything back.
     pub(crate) fn commit_appending<T>(

@@ -156,6 +156,11 @@ fn an_old_record_is_read_and_moved_by_the_first_commit_that_writes_it() {
     records_hold_no_snapshots(&ops);
     assert!(!ops.iter().any(|(key, _)| key == &k(K_VOLUME, "db")), "db is untouched");
     assert_eq!(cat.legacy, ["db".to_string()].into());
+    // Moved: the next write works on a copy without the list, and gives it back.
+    put(&mut cat, "dev", 10, 100, false);
+    cat.map_mut().flush_store().unwrap();
+    assert!(snapshot_keys(&rec.take()).is_empty(), "a write writes no snapshot");
+    assert_eq!(cat.volume("dev").unwrap().snapshots, dev);
     // A bookmark on db moves all of db's.
     cat.bookmark("db@2", "golden").unwrap();
     let ops = rec.take();
