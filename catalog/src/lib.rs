@@ -18,6 +18,7 @@ mod lease;
 mod masking;
 mod oplog;
 mod quota;
+mod records;
 mod reference;
 mod retention;
 mod schedule;
@@ -331,7 +332,7 @@ pub struct IngestSummary {
 }
 
 /// An immutable point in time of a volume.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Number on its volume, counting up from 1.
     pub id: u64,
@@ -384,7 +385,9 @@ pub struct Volume {
     pub timeflow: u32,
     /// Number the next snapshot gets.
     pub next_snapshot: u64,
-    /// Its snapshots, oldest first.
+    /// Its snapshots, oldest first. Stored under their own keys, not in the record (`records`);
+    /// read from records written before format 3.
+    #[serde(default, skip_serializing)]
     pub snapshots: Vec<Snapshot>,
     /// Hook scripts by event (a clone starts with its parent's: see `hooks`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -541,10 +544,6 @@ pub struct Target {
     pub read_only: bool,
 }
 
-const K_VOLUME: &[u8] = b"cV";
-const K_ALLOCATED: &[u8] = b"cA";
-const K_STAGING: &[u8] = b"cI";
-
 fn k(prefix: &[u8], name: &str) -> Vec<u8> {
     let mut v = prefix.to_vec();
     v.extend_from_slice(name.as_bytes());
@@ -561,6 +560,8 @@ fn now_ms() -> i64 {
 pub struct Catalog {
     map: BlockMap,
     volumes: BTreeMap<String, Volume>,
+    /// Volumes whose stored record still carries their snapshots (`records`).
+    legacy: BTreeSet<String>,
     /// Last timestamp handed out, so snapshot times never go backwards.
     last_time: i64,
     /// Volumes changed by staged writes not yet committed (and whether a root moved).
@@ -573,45 +574,34 @@ pub struct Catalog {
     env_pending: Vec<(String, Option<Environment>)>,
     /// Schedules, by name (`schedule.rs`).
     schedules: BTreeMap<String, Schedule>,
+    /// A shallow copy the open `commit_with` commits, holding only the snapshots it adds
+    /// (`records`).
+    appending: Option<Volume>,
 }
 
 impl Catalog {
     /// Load the catalog from `tree`, abandoning ingests a crash interrupted.
     pub fn open(kv: std::sync::Arc<dyn blockmap::MetaKv>) -> Result<Catalog> {
         let map = BlockMap::open(kv)?;
-        let mut volumes = BTreeMap::new();
-        let mut last_time = 0;
-        for (key, val) in map.scan_meta(K_VOLUME)? {
-            let name = String::from_utf8_lossy(&key[K_VOLUME.len()..]).into_owned();
-            let mut v: Volume = serde_json::from_slice(&val).map_err(|_| CatalogError::Corrupt(name.clone()))?;
-            if v.name != name {
-                return Err(CatalogError::Corrupt(name));
-            }
-            if let Some(a) = map.get_meta(&k(K_ALLOCATED, &name))? {
-                v.allocated_blocks = u64::from_le_bytes(
-                    a.as_slice().try_into().map_err(|_| CatalogError::Corrupt(format!("{name} (allocation)")))?,
-                );
-            }
-            if let Some(s) = map.get_meta(&k(K_STAGING, &name))? {
-                v.staging =
-                    Some(serde_json::from_slice(&s).map_err(|_| CatalogError::Corrupt(format!("{name} (ingest)")))?);
-            }
-            last_time = last_time.max(v.created_at);
-            last_time = v.snapshots.iter().map(|s| s.created_at).fold(last_time, i64::max);
-            volumes.insert(name, v);
-        }
+        let (volumes, legacy) = records::load(&map)?;
+        let last_time = volumes
+            .values()
+            .flat_map(|v| v.snapshots.iter().map(|s| s.created_at).chain([v.created_at]))
+            .fold(0, i64::max);
         let log = oplog::OpLog::load(&map)?;
         let environments = environment::load(&map)?;
         let schedules = schedule::load(&map)?;
         let mut cat = Catalog {
             map,
             volumes,
+            legacy,
             last_time,
             staged: BTreeMap::new(),
             log,
             environments,
             env_pending: Vec::new(),
             schedules,
+            appending: None,
         };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
@@ -687,33 +677,21 @@ impl Catalog {
 
     // ----- committing ---------------------------------------------------------------
 
-    fn stage_record(&mut self, v: &Volume) -> Result<()> {
-        let json = serde_json::to_vec(v).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-        self.map.put_meta(&k(K_VOLUME, &v.name), json);
-        self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
-        match &v.staging {
-            Some(s) => {
-                let json = serde_json::to_vec(s).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-                self.map.put_meta(&k(K_STAGING, &v.name), json);
-            }
-            None => self.map.remove_meta(&k(K_STAGING, &v.name)),
-        }
-        Ok(())
-    }
-
     /// Commit map changes made by `build` with the volumes it returns (and removes), or
     /// roll everything back if any step fails.
     fn commit_with<T>(&mut self, build: impl FnOnce(&mut Self) -> Result<(Vec<Volume>, Vec<String>, T)>) -> Result<T> {
         let result = build(self).and_then(|(changed, removed, out)| {
-            for v in &changed {
+            // A volume returned twice is staged once, as it is last (as it is kept in memory).
+            let last: BTreeMap<&str, &Volume> = changed.iter().map(|v| (v.name.as_str(), v)).collect();
+            for v in last.into_values() {
                 self.stage_record(v)?;
+                self.stage_snapshots(v)?;
             }
             for name in &removed {
-                for p in [K_VOLUME, K_ALLOCATED, K_STAGING] {
-                    self.map.remove_meta(&k(p, name));
-                }
+                self.stage_removal(name);
             }
             self.stage_environments()?;
+            self.stage_appending()?;
             self.map.commit()?;
             Ok((changed, removed, out))
         });
@@ -725,6 +703,7 @@ impl Catalog {
                     .filter_map(|n| self.volumes.get(n))
                     .flat_map(|v| [&v.origin, &v.detached_from].into_iter().flatten().map(|o| o.volume.clone()))
                     .collect();
+                self.recorded(changed.iter().map(|v| &v.name).chain(&removed));
                 for name in removed {
                     self.volumes.remove(&name);
                 }
@@ -732,12 +711,14 @@ impl Catalog {
                     self.volumes.insert(v.name.clone(), v);
                 }
                 self.apply_environments();
+                self.apply_appending();
                 self.map.collect_garbage()?;
                 self.recount(&touched, &gone)?;
                 Ok(out)
             }
             Err(e) => {
                 self.env_pending.clear();
+                self.appending = None;
                 self.map.rollback();
                 Err(e)
             }
@@ -765,7 +746,9 @@ impl Catalog {
     fn take_snapshot(&mut self, v: &mut Volume, reason: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
         if let Some(b) = bookmark {
             reference::validate_bookmark(b)?;
-            if let Some(s) = v.snapshots.iter().find(|s| s.bookmarks.iter().any(|x| x == b)) {
+            // `v` may be a shallow copy (`records`): the committed snapshots count too.
+            let committed = self.volumes.get(&v.name).map_or(&[][..], |c| &c.snapshots[..]);
+            if let Some(s) = v.snapshots.iter().chain(committed).find(|s| s.bookmarks.iter().any(|x| x == b)) {
                 return Err(CatalogError::BookmarkTaken { bookmark: b.into(), on: format!("{}@{}", v.name, s.id) });
             }
         }
@@ -801,12 +784,9 @@ impl Catalog {
 
     /// Snapshot a volume's current contents.
     pub fn snapshot(&mut self, volume: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
-        let mut v = self.volume(volume)?.clone();
-        Self::not_masked(&v, "snapshotted")?;
-        self.commit_with(|cat| {
-            let id = cat.take_snapshot(&mut v, "snapshot", bookmark)?;
-            Ok((vec![v], vec![], id))
-        })
+        Self::not_masked(self.volume(volume)?, "snapshotted")?;
+        let v = self.shallow(volume)?;
+        self.commit_appending(v, |cat, v| cat.take_snapshot(v, "snapshot", bookmark))
     }
 
     /// Add a bookmark to a snapshot.
@@ -1084,7 +1064,7 @@ impl Catalog {
         Self::check_range(v, first, entries.len() as u64)?;
         let (mut v, mut moved) = match self.staged.remove(volume) {
             Some(x) => x,
-            None => (self.volume(volume)?.clone(), false),
+            None => (self.write_copy(volume)?, false),
         };
         let nblocks = v.nblocks();
         let result = {
@@ -1115,18 +1095,20 @@ impl Catalog {
         let staged = std::mem::take(&mut self.staged);
         for (v, moved) in staged.values() {
             // The hot path: unless a root moved, only the small counters are rewritten.
+            // Staged writes change no snapshot: only a legacy record's are written (`records`).
             if *moved {
                 self.stage_record(v)?;
             } else {
-                self.map.put_meta(&k(K_ALLOCATED, &v.name), v.allocated_blocks.to_le_bytes().to_vec());
-                if v.staging.is_some() {
-                    let json = serde_json::to_vec(&v.staging).map_err(|_| CatalogError::Corrupt(v.name.clone()))?;
-                    self.map.put_meta(&k(K_STAGING, &v.name), json);
-                }
+                self.stage_counters(v)?;
             }
         }
         self.map.commit()?;
-        for (name, (v, _)) in staged {
+        self.recorded(staged.iter().filter(|(_, (_, moved))| *moved).map(|(name, _)| name));
+        for (name, (mut v, _)) in staged {
+            // The committed snapshots, unchanged by writes, go back into the (shallow) copy.
+            if let Some(committed) = self.volumes.get_mut(&name) {
+                v.snapshots = std::mem::take(&mut committed.snapshots);
+            }
             self.volumes.insert(name, v);
         }
         Ok(())
@@ -1184,17 +1166,17 @@ impl Catalog {
 
     /// Finish an ingest: its staging tree becomes the head and a new snapshot.
     pub fn finish_ingest(&mut self, source: &str, summary: IngestSummary) -> Result<SnapshotId> {
-        let mut v = self.volume(source)?.clone();
+        let mut v = self.shallow(source)?;
         let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
-        self.commit_with(|cat| {
+        self.commit_appending(v, |cat, v| {
             cat.map.release(v.root)?;
             v.root = staging.root;
             v.allocated_blocks = staging.allocated_blocks;
-            let id = cat.take_snapshot(&mut v, "ingest", None)?;
+            let id = cat.take_snapshot(v, "ingest", None)?;
             if let Some(s) = v.snapshots.last_mut() {
                 s.ingest = Some(summary);
             }
-            Ok((vec![v], vec![], id))
+            Ok(id)
         })
     }
 

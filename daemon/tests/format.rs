@@ -1,7 +1,9 @@
 //! The data directory's `format` file (issue 10, item 6): a directory written before formats
 //! were recorded opens with everything in it; a newer format or an unknown engine is refused
 //! with a message saying so; a conversion of `meta/` interrupted at any step is finished (or
-//! its unfinished copy thrown away) at the next start, never half-applied.
+//! its unfinished copy thrown away) at the next start, never half-applied. Directories of
+//! formats 1 and 2, whose volume records hold their snapshots, open with every snapshot and are
+//! upgraded to format 3 (snapshots under their own keys).
 
 use std::path::Path;
 
@@ -31,6 +33,38 @@ fn format_text(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("format")).expect("the format file")
 }
 
+/// Put every volume's snapshots back into its record (`snapshots` array) and remove their own
+/// keys (`cS` + name + `\0` + id), as forkd stored them before format 3.
+fn inline_snapshots(dir: &Path, engine: MetaEngine) {
+    let kv = metakv::open(engine, &dir.join("meta")).expect("open meta");
+    let mut batch = metakv::Batch::default();
+    for (key, record) in metakv::collect_prefix(kv.as_ref(), b"cV").expect("scan") {
+        let mut prefix = b"cS".to_vec();
+        prefix.extend_from_slice(&key[2..]);
+        prefix.push(0);
+        let snaps = metakv::collect_prefix(kv.as_ref(), &prefix).expect("scan");
+        let mut record: serde_json::Value = serde_json::from_slice(&record).expect("record");
+        assert!(record.get("snapshots").is_none(), "format 3 records hold no snapshots");
+        let list = snaps.iter().map(|(_, v)| serde_json::from_slice(v).expect("snapshot")).collect();
+        record["snapshots"] = serde_json::Value::Array(list);
+        batch.put(&key, &serde_json::to_vec(&record).expect("json"));
+        for (k, _) in &snaps {
+            batch.delete(k);
+        }
+    }
+    kv.apply(&batch).expect("apply");
+    kv.commit().expect("commit");
+}
+
+/// Whether any volume record of `dir` still holds its snapshots.
+fn records_hold_snapshots(dir: &Path) -> bool {
+    let kv = metakv::open(MetaEngine::DEFAULT, &dir.join("meta")).expect("open meta");
+    let records = metakv::collect_prefix(kv.as_ref(), b"cV").expect("scan");
+    records
+        .iter()
+        .any(|(_, v)| serde_json::from_slice::<serde_json::Value>(v).expect("record").get("snapshots").is_some())
+}
+
 /// Make `dir` look exactly as forkd wrote it before formats were recorded: sled under
 /// `meta/`, no `format` file, the flush generation in sled's default tree.
 fn make_format_1(dir: &Path, engine: MetaEngine) {
@@ -52,19 +86,42 @@ fn a_format_1_directory_opens_with_everything_in_it() {
         drop(store);
     }
     populate(&d);
+    inline_snapshots(&d, MetaEngine::Sled);
     make_format_1(&d, MetaEngine::Sled);
     let store = Store::open(&d).expect("a format-1 directory opens");
     assert_intact(&store);
     assert_eq!(store.meta_engine(), MetaEngine::DEFAULT, "converted to the default engine on first start");
     drop(store);
     let text = format_text(&d);
-    assert!(text.contains("format 2") && text.contains(&format!("engine {}", MetaEngine::DEFAULT)), "{text}");
+    assert!(text.contains("format 3") && text.contains(&format!("engine {}", MetaEngine::DEFAULT)), "{text}");
     for leftover in ["meta.new", "meta.old", "converting"] {
         assert!(!d.join(leftover).exists(), "{leftover} is gone after the conversion");
     }
     // The generation moved with it: a restart still checks against `flushed`.
     let store = Store::open(&d).expect("reopen");
     assert_intact(&store);
+}
+
+#[test]
+fn a_format_2_directory_keeps_its_snapshots_and_moves_them_on_first_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("data");
+    populate(&d);
+    inline_snapshots(&d, MetaEngine::DEFAULT);
+    std::fs::write(d.join("format"), format!("forkd data directory\nformat 2\nengine {}\n", MetaEngine::DEFAULT))
+        .expect("write");
+    let store = Store::open(&d).expect("a format-2 directory opens");
+    assert_intact(&store);
+    assert!(format_text(&d).contains("format 3"), "upgraded, so an older forkd refuses it");
+    store.op(|c| c.snapshot("c", None)).expect("snapshot");
+    store.op(|c| c.snapshot("src", None)).expect("snapshot");
+    store.flush().expect("flush");
+    drop(store);
+    assert!(!records_hold_snapshots(&d), "the first commits moved them to their own keys");
+    let store = Store::open(&d).expect("reopen");
+    assert_intact(&store);
+    let snaps = |v: &str| store.catalog().volume(v).map(|v| v.snapshots.len()).expect("volume");
+    assert_eq!((snaps("src"), snaps("c")), (2, 2));
 }
 
 #[test]

@@ -5,12 +5,23 @@
 //!
 //! ```text
 //! forkd data directory
-//! format 2
-//! engine sled
+//! format 3
+//! engine redb
 //! ```
 //!
-//! A directory without it was written before formats were recorded: format 1, sled. A newer
-//! format, or an engine this binary was not built with, is refused with a message saying so.
+//! The formats:
+//! - 1: no `format` file, sled; snapshots inside their volume's record.
+//! - 2: the `format` file names the engine (redb by default); snapshots still inside their
+//!   volume's record.
+//! - 3: each snapshot under its own key (`catalog/src/records.rs`, issue 12), so a new snapshot
+//!   writes one small key instead of the whole list. A forkd that reads only 2 would find no
+//!   snapshots in the records and lose them, hence the new number that makes it refuse.
+//!
+//! This forkd reads all three: format 1 and 2 directories open as they are (converted first to
+//! the default engine if they are format 1), the file is rewritten as format 3, and the catalog
+//! moves a volume's snapshots to their own keys at the first commit that writes its record. A
+//! newer format, or an engine this binary was not built with, is refused with a message saying
+//! so.
 //!
 //! Conversion (an old directory on the first start of a forkd whose default engine differs,
 //! or an explicit `--meta-engine`): every record is copied into `meta.new/` with progress
@@ -29,8 +40,8 @@ use std::time::Instant;
 
 use metakv::{Batch, Engine, MetaKv};
 
-/// The format this forkd writes.
-pub(super) const CURRENT: u32 = 2;
+/// The format this forkd writes (and the newest it reads).
+pub(super) const CURRENT: u32 = 3;
 /// Records copied per batch while converting.
 const COPY_BATCH: usize = 50_000;
 
@@ -129,7 +140,7 @@ fn format_1(meta: &Path) -> Result<Engine, String> {
     Err(format!(
         "its `format` file is missing, and meta/ is not the sled store of a format-1 directory (it holds {}): \
          copy `format` back from where this directory came from (for a redb store it reads \
-         `forkd data directory`, `format 2`, `engine redb` on three lines)",
+         `forkd data directory`, `format {CURRENT}`, `engine redb` on three lines)",
         names.join(", ")
     ))
 }
