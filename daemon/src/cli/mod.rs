@@ -203,7 +203,7 @@ pub enum Command {
     /// Mask a snapshot into a masked volume with a masking script (fails closed)
     Mask(hooks::MaskArgs),
 
-    /// Change a clone's lease: --extend 24h, --expires TIME, --none or --idle 2h
+    /// Change a clone's or an environment's lease: --extend 24h, --expires TIME, --none or --idle 2h
     Lease(lease::LeaseArgs),
 
     /// Limit a clone's unique bytes (20G), or remove the limit (--none)
