@@ -401,3 +401,21 @@ fn bad_environment_leases_are_refused_with_one_line() {
     let err = env.fails(&["lease", "qa", "--none"]);
     assert!(err.contains("must keep a lease"), "{err}");
 }
+
+#[test]
+fn a_failing_pre_delete_hook_keeps_the_environment() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    env.shop();
+    d.cli_ok(&["env", "clone", "shop", "qa", "--lease", "1h"]);
+    d.cli_ok(&["hook", "set", "qa", "pre-delete", "fail-delete"]);
+    env.at(2 * H);
+    env.wait("a failed expiry in the operation log", || !env.reaper_log("qa").is_empty());
+    let logged = env.reaper_log("qa");
+    assert_eq!(logged[0]["result"], "failed", "{logged:?}");
+    assert!(logged[0]["error"].as_str().is_some_and(|e| e.contains("still in use")), "{logged:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(env.env_exists("qa") && env.exists("qa.db") && env.exists("qa.app"), "the environment stays whole");
+    assert_eq!(env.reaper_log("qa").len(), 1, "not tried again at every tick");
+}
