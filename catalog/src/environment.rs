@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    format_time, k, parse_time, reference, validate_name, BlockMap, Catalog, CatalogError, HookSetting, Kind,
+    format_time, k, parse_time, reference, validate_name, BlockMap, Catalog, CatalogError, HookSetting, Kind, Lease,
     Reference, Result, SnapSel, SnapshotId, Volume,
 };
 
@@ -46,6 +46,9 @@ pub struct Environment {
     /// Hook scripts by event (a clone starts with its source's: see `hooks`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub hooks: BTreeMap<String, HookSetting>,
+    /// An environment clone's lease (see `lease`): the environment is deleted as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
 }
 
 /// `ENV@N`: one snapshot of every member, taken at one instant.
@@ -220,6 +223,7 @@ impl Catalog {
             next_snapshot: 1,
             snapshots: Vec::new(),
             hooks: BTreeMap::new(),
+            lease: None,
         };
         self.commit_with(|cat| {
             cat.stage_env(name, Some(env.clone()));
@@ -305,6 +309,17 @@ impl Catalog {
     /// Clone every member of `from` (see [`Catalog::env_resolve`]) as `NAME.MEMBER`, and make
     /// them environment `name`. Every name is checked before anything changes.
     pub fn env_clone(&mut self, from: &str, name: &str) -> Result<(Environment, EnvPoint)> {
+        self.env_clone_leased(from, name, None)
+    }
+
+    /// [`Catalog::env_clone`], the new environment holding `lease` from its first commit (see
+    /// [`Catalog::lease_for_env_clone`]).
+    pub fn env_clone_leased(
+        &mut self,
+        from: &str,
+        name: &str,
+        lease: Option<Lease>,
+    ) -> Result<(Environment, EnvPoint)> {
         let point = self.env_resolve(from)?;
         self.new_env_name(name)?;
         let hooks = crate::hooks::inherited(&self.environment(&point.environment)?.hooks);
@@ -324,6 +339,7 @@ impl Catalog {
                 next_snapshot: 1,
                 snapshots: Vec::new(),
                 hooks,
+                lease,
             };
             let mut clones = Vec::new();
             for (member, clone, parent, id) in &plan {

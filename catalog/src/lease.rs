@@ -11,7 +11,8 @@
 //! up its origin chain with a policy) has `max_lease` may not hold a longer lease and may not
 //! drop its lease; a new clone gets `default_lease`, else `max_lease`, unless it asks for its
 //! own. A policy set later changes no existing lease. Environment members take no lease: the
-//! environment is deleted as a whole.
+//! environment is deleted as a whole, so an environment of clones holds one lease, in its
+//! record, under the same rules (`env_lease.rs`).
 
 use serde::{Deserialize, Serialize};
 
@@ -151,49 +152,14 @@ impl Catalog {
         now: i64,
     ) -> Result<Option<Lease>> {
         let parent = self.volume(&Reference::parse(from)?.volume)?;
-        let policy = self.lease_policy_of(parent);
-        let p = policy.as_ref().map(|(_, p)| *p).unwrap_or_default();
-        let Some(ms) = requested_ms.or(p.default_ms).or(p.max_ms) else { return Ok(None) };
-        let lease = Lease { expires_at: Some(add_ms(now, ms)), set_at: now, ..Lease::default() };
-        check_max(name, &lease, policy.as_ref(), now)?;
-        Ok(Some(lease))
+        new_lease(name, requested_ms, self.lease_policy_of(parent).as_ref(), now)
     }
 
     /// Change `clone`'s lease at `now` and return it (`None` once removed).
     pub fn set_lease(&mut self, clone: &str, change: LeaseChange, now: i64) -> Result<Option<Lease>> {
         let mut v = self.leasable(clone)?;
         let policy = self.lease_policy_of(&v);
-        let mut lease = v.lease.clone().unwrap_or(Lease { set_at: now, ..Lease::default() });
-        match change {
-            LeaseChange::Extend(ms) => {
-                let from = lease.expires_at.filter(|&at| at > now).unwrap_or(now);
-                lease.expires_at = Some(add_ms(from, ms));
-                lease.warned = false;
-            }
-            LeaseChange::Expires(at) if at <= now => {
-                return Err(CatalogError::LeaseInPast { clone: v.name, at: crate::format_time(at) })
-            }
-            LeaseChange::Expires(at) => {
-                lease.expires_at = Some(at);
-                lease.warned = false;
-            }
-            LeaseChange::Idle(ms) => {
-                lease.idle_ms = Some(ms);
-                lease.set_at = now;
-            }
-            LeaseChange::None => {
-                if let Some((source, LeasePolicy { max_ms: Some(max), .. })) = policy {
-                    return Err(CatalogError::LeaseRequired {
-                        clone: v.name,
-                        policy_source: source,
-                        max: format_span(max),
-                    });
-                }
-                lease = Lease::default();
-            }
-        }
-        check_max(&v.name, &lease, policy.as_ref(), now)?;
-        v.lease = (!lease.is_empty()).then_some(lease);
+        v.lease = changed(&v.name, v.lease.take(), change, policy.as_ref(), now)?;
         let out = v.lease.clone();
         self.commit_with(|_| Ok((vec![v], vec![], out)))
     }
@@ -208,7 +174,7 @@ impl Catalog {
             return Err(CatalogError::InEnvironment {
                 volume: v.name.clone(),
                 environment: env.name.clone(),
-                hint: ": an environment's members take no lease of their own",
+                hint: ": an environment's members take no lease of their own; lease the environment",
             });
         }
         Ok(v.clone())
@@ -255,6 +221,64 @@ impl Catalog {
         v.lease_policy = (!policy.is_empty()).then_some(policy);
         self.commit_with(|_| Ok((vec![v], vec![], ())))
     }
+}
+
+/// The lease a new clone (or environment clone) `name` gets at `now` under `policy`:
+/// `requested_ms` from now, else the policy's default, else its maximum; refused beyond the
+/// maximum.
+pub(crate) fn new_lease(
+    name: &str,
+    requested_ms: Option<u64>,
+    policy: Option<&(String, LeasePolicy)>,
+    now: i64,
+) -> Result<Option<Lease>> {
+    let p = policy.map(|(_, p)| *p).unwrap_or_default();
+    let Some(ms) = requested_ms.or(p.default_ms).or(p.max_ms) else { return Ok(None) };
+    let lease = Lease { expires_at: Some(add_ms(now, ms)), set_at: now, ..Lease::default() };
+    check_max(name, &lease, policy, now)?;
+    Ok(Some(lease))
+}
+
+/// `name`'s lease (`None`: it has none) after `change` at `now`, under `policy` (the name of
+/// the source it comes from, and the policy).
+pub(crate) fn changed(
+    name: &str,
+    lease: Option<Lease>,
+    change: LeaseChange,
+    policy: Option<&(String, LeasePolicy)>,
+    now: i64,
+) -> Result<Option<Lease>> {
+    let mut lease = lease.unwrap_or(Lease { set_at: now, ..Lease::default() });
+    match change {
+        LeaseChange::Extend(ms) => {
+            let from = lease.expires_at.filter(|&at| at > now).unwrap_or(now);
+            lease.expires_at = Some(add_ms(from, ms));
+            lease.warned = false;
+        }
+        LeaseChange::Expires(at) if at <= now => {
+            return Err(CatalogError::LeaseInPast { clone: name.to_string(), at: crate::format_time(at) })
+        }
+        LeaseChange::Expires(at) => {
+            lease.expires_at = Some(at);
+            lease.warned = false;
+        }
+        LeaseChange::Idle(ms) => {
+            lease.idle_ms = Some(ms);
+            lease.set_at = now;
+        }
+        LeaseChange::None => {
+            if let Some((source, LeasePolicy { max_ms: Some(max), .. })) = policy {
+                return Err(CatalogError::LeaseRequired {
+                    clone: name.to_string(),
+                    policy_source: source.clone(),
+                    max: format_span(*max),
+                });
+            }
+            lease = Lease::default();
+        }
+    }
+    check_max(name, &lease, policy, now)?;
+    Ok((!lease.is_empty()).then_some(lease))
 }
 
 /// Refuse `lease` when it ends more than the policy's maximum after `now`.

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod detach;
+mod env_lease;
 mod environment;
 mod hooks;
 mod lease;

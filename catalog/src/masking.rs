@@ -173,6 +173,7 @@ impl Catalog {
                     next_snapshot: 1,
                     snapshots: Vec::new(),
                     hooks: BTreeMap::new(),
+                    lease: None,
                 }
             }
         };

@@ -4,6 +4,8 @@
 //! disconnected; a failing `pre-delete` hook keeps the clone; an idle timeout spares a clone
 //! with an open connection and takes the one without; a clock that jumps forward expires what
 //! is due by then, one that jumps back expires nothing; bad leases are refused with one line.
+//! An environment clone's lease does the same for the whole environment: its own hooks, every
+//! member deleted in one operation, idleness over all its members.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ impl Env {
         let log = root.join("events.log");
         let record = format!("echo \"$FORKD_EVENT|$FORKD_VOLUME\" >> {}", log.display());
         write_script(&hooks, "record", &record);
+        write_script(&hooks, "record-env", &format!("echo \"$FORKD_EVENT|env:$FORKD_ENV\" >> {}", log.display()));
         write_script(&hooks, "fail-delete", &format!("{record}\necho 'the database is still in use' >&2\nexit 1"));
         let clock = root.join("now");
         std::fs::write(&clock, T0.to_string()).expect("clock");
@@ -69,6 +72,23 @@ impl Env {
         for event in ["lease-expiring", "pre-delete"] {
             self.d.cli_ok(&["hook", "set", "prod", event, "record"]);
         }
+    }
+
+    /// A second source `app` and environment `shop` (`db=prod`, `app=app`) whose
+    /// `lease-expiring` and `pre-delete` hooks record `EVENT|env:ENV`; its clones inherit them.
+    fn shop(&self) {
+        let img = self.root.join("app.img");
+        std::fs::write(&img, vec![9u8; 1 << 20]).expect("image");
+        self.d.cli_ok(&["source", "create", "app", "--size", "1M"]);
+        self.d.cli_ok(&["ingest", "app", "--from", img.to_str().expect("utf-8")]);
+        self.d.cli_ok(&["env", "create", "shop", "db=prod", "app=app"]);
+        for event in ["lease-expiring", "pre-delete"] {
+            self.d.cli_ok(&["hook", "set", "shop", event, "record-env"]);
+        }
+    }
+
+    fn env_exists(&self, env: &str) -> bool {
+        self.d.cli(&["env", "show", env]).status.success()
     }
 
     fn events(&self) -> Vec<String> {
@@ -266,4 +286,136 @@ fn the_clock_jumping_forward_expires_what_is_due_and_back_nothing() {
     assert!(env.exists("long"));
     env.at(10 * 24 * H);
     env.wait("the second expiry", || !env.exists("long"));
+}
+
+#[test]
+fn an_environment_lease_warns_then_deletes_the_whole_environment() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    env.shop();
+    let out = d.cli_ok(&["env", "clone", "shop@latest", "qa", "--lease", "72h"]);
+    assert!(out.contains(&time(T0 + 72 * H)), "{out}");
+    let shown = d.cli_json(&["env", "show", "qa"]);
+    assert_eq!(shown["lease"]["expires_at"], time(T0 + 72 * H), "{shown}");
+    assert!(d.cli_ok(&["env", "show", "qa"]).contains("lease:"));
+    let mut client = Client::open(&d.nbd_addr(), "qa.db", false);
+    assert!(client.read(0, 4096).is_ok());
+
+    env.at(70 * H);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.events().is_empty(), "nothing runs 2h before the expiry: {:?}", env.events());
+    env.at(71 * H);
+    env.wait("the environment's lease-expiring hook", || env.events().contains(&"lease-expiring|env:qa".to_string()));
+    assert!(env.env_exists("qa") && env.exists("qa.db"), "a warning deletes nothing");
+    assert_eq!(metric_value(&d.metrics(), "forkd_leases_expiring"), 1.0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(env.events(), vec!["lease-expiring|env:qa".to_string()], "the warning runs once");
+
+    env.at(72 * H + 1000);
+    env.wait("the environment's expiry", || !env.env_exists("qa"));
+    assert!(!env.exists("qa.db") && !env.exists("qa.app"), "both members went with it");
+    assert_eq!(env.events(), vec!["lease-expiring|env:qa".to_string(), "pre-delete|env:qa".to_string()]);
+    assert!(client.wait_closed(Duration::from_secs(10)), "the member's NBD client was disconnected");
+    let logged = env.reaper_log("qa");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!((logged[0]["what"].as_str(), logged[0]["result"].as_str()), (Some("env delete"), Some("ok")));
+    let m = d.metrics();
+    assert_eq!(metric_value(&m, "forkd_lease_expiries_total{reason=\"expired\"}"), 1.0);
+    assert_eq!(metric_value(&m, "forkd_leases_expiring"), 0.0);
+    assert!(env.env_exists("shop") && env.exists("prod") && env.exists("app"));
+}
+
+#[test]
+fn an_idle_environment_lease_spares_it_while_a_member_is_connected() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    env.shop();
+    for name in ["busy", "quiet"] {
+        d.cli_ok(&["env", "clone", "shop", name]);
+        let shown = d.cli_json(&["lease", name, "--idle", "1h"]);
+        assert_eq!(shown["lease"]["idle"], "1h", "{shown}");
+    }
+    let mut client = Client::open(&d.nbd_addr(), "busy.app", false);
+    env.at(30 * 60_000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.env_exists("quiet"), "not idle long enough yet");
+    env.at(2 * H);
+    env.wait("the idle environment's expiry", || !env.env_exists("quiet"));
+    assert!(!env.exists("quiet.db") && !env.exists("quiet.app"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.env_exists("busy"), "an environment with a member connected is not idle");
+    assert!(client.read(0, 4096).is_ok(), "and its client still reads");
+    assert_eq!(metric_value(&d.metrics(), "forkd_lease_expiries_total{reason=\"idle\"}"), 1.0);
+    client.disconnect();
+    std::thread::sleep(Duration::from_millis(500));
+    env.at(2 * H + 50 * 60_000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.env_exists("busy"), "50 minutes after its last connection");
+    env.at(3 * H + 10 * 60_000);
+    env.wait("the expiry an hour after the close", || !env.env_exists("busy"));
+    assert_eq!(env.events(), vec!["pre-delete|env:quiet".to_string(), "pre-delete|env:busy".to_string()]);
+}
+
+#[test]
+fn bad_environment_leases_are_refused_with_one_line() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    env.shop();
+    d.cli_ok(&["env", "clone", "shop", "qa"]);
+    assert!(d.cli_json(&["env", "show", "qa"]).get("lease").is_none(), "no policy, no lease");
+    let err = env.fails(&["lease", "qa", "--expires", &time(T0 - H)]);
+    assert!(err.contains("not in the future"), "{err}");
+    let err = env.fails(&["lease", "shop", "--idle", "1h"]);
+    assert!(err.contains("only an environment of clones"), "{err}");
+    let err = env.fails(&["lease", "qa.db", "--idle", "1h"]);
+    assert!(err.contains("take no lease of their own"), "{err}");
+    let err = env.fails(&["env", "clone", "shop", "zero", "--lease", "0h"]);
+    assert!(err.contains("positive"), "{err}");
+    let two = d.api().request(
+        "PUT",
+        "/v1/environments/qa/lease",
+        Some(("application/json", br#"{"none":true,"idle":"1h"}"#)),
+    );
+    assert_eq!(two.expect("answer").status, 400);
+
+    // The strictest of the members' sources' policies: app's max_lease and default.
+    d.cli_ok(&["policy", "set", "prod", "default_lease=72h", "max_lease=30d"]);
+    d.cli_ok(&["policy", "set", "app", "default_lease=24h", "max_lease=10d"]);
+    let err = env.fails(&["env", "clone", "shop", "long", "--lease", "11d"]);
+    assert!(err.contains("longer than max_lease=10d of `app`"), "{err}");
+    assert!(!env.env_exists("long") && !env.exists("long.db"), "nothing was made");
+    d.cli_ok(&["env", "clone", "shop", "dev"]);
+    assert_eq!(d.cli_json(&["env", "show", "dev"])["lease"]["expires_at"], time(T0 + 24 * H));
+    let err = env.fails(&["lease", "dev", "--none"]);
+    assert!(err.contains("must keep a lease"), "{err}");
+    let err = env.fails(&["lease", "dev", "--extend", "10d"]);
+    assert!(err.contains("longer than max_lease=10d"), "{err}");
+    let out = d.cli_ok(&["lease", "dev", "--extend", "24h"]);
+    assert!(out.contains(&time(T0 + 48 * H)), "{out}");
+    // The environment made before the policies keeps no lease; it may not drop one it takes.
+    assert!(d.cli_json(&["env", "show", "qa"]).get("lease").is_none());
+    d.cli_ok(&["lease", "qa", "--extend", "1h"]);
+    let err = env.fails(&["lease", "qa", "--none"]);
+    assert!(err.contains("must keep a lease"), "{err}");
+}
+
+#[test]
+fn a_failing_pre_delete_hook_keeps_the_environment() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let env = Env::start(t.path());
+    let d = &env.d;
+    env.shop();
+    d.cli_ok(&["env", "clone", "shop", "qa", "--lease", "1h"]);
+    d.cli_ok(&["hook", "set", "qa", "pre-delete", "fail-delete"]);
+    env.at(2 * H);
+    env.wait("a failed expiry in the operation log", || !env.reaper_log("qa").is_empty());
+    let logged = env.reaper_log("qa");
+    assert_eq!(logged[0]["result"], "failed", "{logged:?}");
+    assert!(logged[0]["error"].as_str().is_some_and(|e| e.contains("still in use")), "{logged:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(env.env_exists("qa") && env.exists("qa.db") && env.exists("qa.app"), "the environment stays whole");
+    assert_eq!(env.reaper_log("qa").len(), 1, "not tried again at every tick");
 }

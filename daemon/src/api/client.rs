@@ -205,9 +205,16 @@ impl Client {
         self.post(&format!("/v1/environments/{}/snapshots", enc(name)), &body)
     }
 
-    /// `POST /v1/environments/clones`: clone every member of `from` as `NAME.MEMBER`.
-    pub fn env_clone(&self, from: &str, name: &str) -> anyhow::Result<EnvCloned> {
-        self.post("/v1/environments/clones", &EnvCloneRequest { from: from.to_string(), name: name.to_string() })
+    /// `POST /v1/environments/clones`: clone every member of `from` as `NAME.MEMBER`, with
+    /// `lease` (`72h`) instead of the sources' default, if given.
+    pub fn env_clone(&self, from: &str, name: &str, lease: Option<&str>) -> anyhow::Result<EnvCloned> {
+        let body = EnvCloneRequest { from: from.to_string(), lease: lease.map(str::to_string), name: name.to_string() };
+        self.post("/v1/environments/clones", &body)
+    }
+
+    /// `PUT /v1/environments/{name}/lease`: one change to an environment clone's lease.
+    pub fn set_env_lease(&self, env: &str, req: &crate::api::leases::LeaseRequest) -> anyhow::Result<Environment> {
+        self.send("PUT", &format!("/v1/environments/{}/lease", enc(env)), req)
     }
 
     /// `POST /v1/environments/{name}/rewind` to an environment snapshot or a time.

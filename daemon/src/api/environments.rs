@@ -34,6 +34,9 @@ pub struct EnvSnapshot {
 pub struct Environment {
     /// When it was created (RFC 3339, milliseconds, UTC).
     pub created_at: String,
+    /// An environment clone's lease: present only where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::api::leases::LeaseInfo>,
     /// Member name to volume name.
     pub members: BTreeMap<String, String>,
     /// Its name.
@@ -84,6 +87,10 @@ pub struct EnvSnapshotTaken {
 pub struct EnvCloneRequest {
     /// `ENV`, `ENV@N`, `ENV@BOOKMARK`, `ENV@latest` or `ENV@TIME`.
     pub from: String,
+    /// Its lease from now (`72h`); without it, the strictest `default_lease` (else
+    /// `max_lease`) of its members' sources, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
     /// The new environment's name; its members are `NAME.MEMBER`.
     pub name: String,
 }

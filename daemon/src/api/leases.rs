@@ -1,10 +1,10 @@
-//! Leases: the request of `PUT /v1/volumes/{name}/lease` and the lease as a volume shows it
-//! (docs/api.md, "Leases").
+//! Leases: the request of `PUT /v1/volumes/{name}/lease` and `PUT /v1/environments/{name}/lease`,
+//! and the lease as a volume or an environment shows it (docs/api.md, "Leases").
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// `PUT /v1/volumes/{name}/lease`: exactly one change.
+/// `PUT /v1/volumes/{name}/lease` and `PUT /v1/environments/{name}/lease`: exactly one change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseRequest {
     /// Move the expiry this much later (from now if there is none, or it passed): `24h`.
@@ -21,7 +21,7 @@ pub struct LeaseRequest {
     pub idle: Option<String>,
 }
 
-/// A clone's lease, in `show`: present only where set.
+/// A clone's or an environment's lease, in `show`: present only where set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseInfo {
     /// When it expires (RFC 3339), or null.

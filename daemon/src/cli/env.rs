@@ -41,6 +41,10 @@ pub enum EnvCmd {
         /// Name of the new environment
         #[arg(value_name = "NEWENV")]
         name: String,
+        /// Delete the whole environment this long from now: 72h, 30d [default: the smallest
+        /// default_lease of the members' sources, if any]; change it with `forkd lease NEWENV`
+        #[arg(long, value_name = "DURATION")]
+        lease: Option<String>,
     },
     /// Rewind every member to an environment snapshot, as one operation
     Rewind {
@@ -88,12 +92,14 @@ pub(super) fn run(client: &Client, json: bool, cmd: &EnvCmd) -> anyhow::Result<(
             let t = client.env_snapshot(name, bookmark.as_deref())?;
             report(json, &t, || format!("created snapshot {} ({})", or(&t.snapshot, name), member_list(&t.members)))
         }
-        EnvCmd::Clone { from, name } => {
-            let c = client.env_clone(from, name)?;
+        EnvCmd::Clone { from, name, lease } => {
+            let c = client.env_clone(from, name, lease.as_deref())?;
             let origin = c.environment.origin.clone().unwrap_or_else(|| from.clone());
+            let expires = c.environment.lease.as_ref().and_then(|l| l.expires_at.as_deref());
+            let expires = expires.map(|at| format!("; expires {at}")).unwrap_or_default();
             report(json, &c, || {
                 format!(
-                    "created environment {} from {origin} ({})",
+                    "created environment {} from {origin} ({}){expires}",
                     or(&c.environment.name, name),
                     member_list(&c.made_from)
                 )
@@ -180,6 +186,9 @@ fn render_show(e: &Environment) -> String {
     );
     for (m, v) in &e.members {
         out.push_str(&format!("  {m}: {v}\n"));
+    }
+    if let Some(l) = &e.lease {
+        out.push_str(&format!("lease:    {}\n", super::lease::text(l)));
     }
     if e.snapshots.is_empty() {
         out.push_str("no snapshots\n");

@@ -203,7 +203,7 @@ pub enum Command {
     /// Mask a snapshot into a masked volume with a masking script (fails closed)
     Mask(hooks::MaskArgs),
 
-    /// Change a clone's lease: --extend 24h, --expires TIME, --none or --idle 2h
+    /// Change a clone's or an environment's lease: --extend 24h, --expires TIME, --none or --idle 2h
     Lease(lease::LeaseArgs),
 
     /// Limit a clone's unique bytes (20G), or remove the limit (--none)
@@ -414,6 +414,9 @@ mod tests {
         assert!(matches!(cli.command, Command::Lease(ref a) if a.idle.as_deref() == Some("2h")));
         assert!(Cli::try_parse_from(["forkd", "lease", "dev1"]).is_err(), "a change is required");
         assert!(Cli::try_parse_from(["forkd", "lease", "dev1", "--none", "--extend", "1h"]).is_err());
+        let cli = Cli::try_parse_from(["forkd", "env", "clone", "shop@latest", "qa", "--lease", "72h"]).expect("env");
+        assert!(matches!(cli.command,
+            Command::Env { cmd: env::EnvCmd::Clone { lease: Some(ref l), .. } } if l == "72h"));
         let cli = Cli::try_parse_from(["forkd", "source", "create", "prod", "--size", "10G"]).expect("source");
         assert!(matches!(cli.command,
             Command::Source { cmd: SourceCmd::Create { ref size, .. } } if size == "10G"));

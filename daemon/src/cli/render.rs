@@ -177,9 +177,8 @@ pub(super) fn render_show(v: &Volume) -> String {
     if v.ingest_running {
         fields.push(("ingest", "running".to_string()));
     }
-    if v.lease.is_some() {
-        let line = super::lease::line(&v.name, v);
-        fields.push(("lease", line.split_once(": ").map_or(line.clone(), |(_, l)| l.to_string())));
+    if let Some(l) = &v.lease {
+        fields.push(("lease", super::lease::text(l)));
     }
     if let Some(q) = v.quota_bytes {
         fields.push(("quota", format!("{} ({} used)", humanize(q), humanize(v.unique_bytes.unwrap_or(0)))));

@@ -13,7 +13,8 @@
 //! - clone: the new members (gated), `configure-clone`; on failure the new environment goes.
 //! - rewind and refresh: `pre-*`, fence and switch (gated), `configure-clone` (on failure every
 //!   member's record before the switch comes back), `post-*`.
-//! - delete: `pre-delete`, fence (unless the volumes are kept), delete.
+//! - delete: `pre-delete`, fence (unless the volumes are kept), delete; also what an
+//!   environment's lease does when it is due ([`crate::server::leases`]).
 //!
 //! Hooks run under the claim, never under the catalog lock. Every function runs on a blocking
 //! thread.
@@ -58,9 +59,18 @@ pub fn snapshot(st: &Store, ev: &Events, name: &str, bookmark: Option<&str>) -> 
 }
 
 /// Clone environment snapshot `from` (`ENV`, `ENV@N`, `ENV@BOOKMARK`, `ENV@TIME`) as the new
-/// environment `name`, then run `configure-clone` while only the hook can reach the new members;
-/// a failing hook removes the new environment again. Refused while the pool is low on space.
-pub fn clone(st: &Store, ev: &Events, from: &str, name: &str) -> Result<(Environment, EnvPoint)> {
+/// environment `name`, holding a lease of `lease_ms` from `now` (none: its sources' default, if
+/// any) from the same commit, then run `configure-clone` while only the hook can reach the new
+/// members; a failing hook removes the new environment again. Refused while the pool is low on
+/// space.
+pub fn clone(
+    st: &Store,
+    ev: &Events,
+    from: &str,
+    name: &str,
+    lease_ms: Option<u64>,
+    now: i64,
+) -> Result<(Environment, EnvPoint)> {
     // The source is only read (in one transaction): clones of one environment may run at once.
     let _claim = st.claim_busy(&[env_key(name)])?;
     st.check_pool("clones")?;
@@ -68,7 +78,10 @@ pub fn clone(st: &Store, ev: &Events, from: &str, name: &str) -> Result<(Environ
     let members: Vec<String> = st.catalog().env_resolve(from)?.members.into_keys().collect();
     let volumes: Vec<String> = members.iter().map(|m| format!("{name}.{m}")).collect();
     let gates = volumes.iter().map(|v| lifecycle::gate(st, v)).collect::<Result<Vec<_>>>()?;
-    let (e, point) = st.op(|cat| cat.env_clone(from, name))?;
+    let (e, point) = st.op(|cat| {
+        let lease = cat.lease_for_env_clone(from, name, lease_ms, now)?;
+        cat.env_clone_leased(from, name, lease)
+    })?;
     let mut facts = env_facts(st, name, &gates)?;
     (facts.snapshot, facts.origin) = (Some(point.label.clone()), Some(point.label.clone()));
     if let Err(err) = ev.fire(st, "configure-clone", &facts) {
@@ -135,6 +148,12 @@ pub fn delete(st: &Store, ev: &Events, name: &str, keep_volumes: bool) -> Result
     let _fences = if keep_volumes { Vec::new() } else { fence_all(st, &volumes, Scope::Volume) };
     let volumes = st.op_freeing(|cat: &mut Catalog| cat.env_delete(name, keep_volumes))?;
     Ok((volumes, st.metrics.freed_bytes.get() - before))
+}
+
+/// What environment `name`'s hooks are told outside an operation (the reaper's
+/// `lease-expiring`): its members by their own names.
+pub fn facts(st: &Store, name: &str) -> std::result::Result<Facts, StoreError> {
+    env_facts(st, name, &[])
 }
 
 /// What environment `name`'s hooks are told: its members, reached through `gates` where the

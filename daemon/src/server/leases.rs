@@ -1,8 +1,10 @@
-//! The lease reaper: the periodic task that deletes clones whose lease came, and warns of it
-//! before (PRODUCT.md, "lease"; docs/api.md, "Leases").
+//! The lease reaper: the periodic task that deletes clones and environment clones whose lease
+//! came, and warns of it before (PRODUCT.md, "lease"; docs/api.md, "Leases").
 //!
 //! Every tick (`lease_tick`, 5 s by default) it reads "now" from the daemon's [`Clock`] and,
-//! for each clone with a lease:
+//! for each clone with a lease (an environment with a lease is handled the same way, as a
+//! whole: [`env_lifecycle::delete`] with the environment's hooks, its members' connections and
+//! I/O counting as its own):
 //! - due ([`catalog::Lease::due`]): its time came, or it has no connection open and saw no
 //!   connection close and no API I/O for its idle timeout: it is deleted as `forkd delete`
 //!   deletes ([`lifecycle::delete`]: its `pre-delete` hook, then connected hosts are
@@ -35,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::server::clock::Clock;
 use crate::server::events::{Events, Facts};
-use crate::server::lifecycle;
+use crate::server::{env_lifecycle, lifecycle};
 use crate::store::Store;
 
 /// The first wait before an expiry that failed is tried again; it doubles up to [`MAX_RETRY`].
@@ -52,10 +54,32 @@ struct State {
     started: i64,
     /// The clock at the last tick.
     last_now: Option<i64>,
-    /// Clock time each clone was last seen active.
+    /// Clock time each clone (or environment: any member) was last seen active.
     last_active: HashMap<String, i64>,
-    /// Clones whose expiry failed: attempts so far and when to try again.
+    /// Clones and environments whose expiry failed: attempts so far and when to try again.
     failures: HashMap<String, (u32, Instant)>,
+}
+
+/// A lease and what holds it: a clone, or an environment with its member volumes.
+#[derive(Debug)]
+struct Held {
+    /// The clone's or the environment's name.
+    name: String,
+    lease: Lease,
+    /// The volumes whose connections and I/O keep it from idling: the clone, or the members.
+    volumes: Vec<String>,
+    environment: bool,
+}
+
+impl Held {
+    /// `clone` or `environment`, for logs.
+    fn what(&self) -> &'static str {
+        if self.environment {
+            "environment"
+        } else {
+            "clone"
+        }
+    }
 }
 
 /// The reaper and what it works with.
@@ -97,59 +121,89 @@ impl Reaper {
         let now = self.clock.now_ms();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         note_jump(&mut state, now);
-        for volume in self.store.exports.take_activity() {
-            state.last_active.insert(volume, now);
-        }
-        let leases = self.store.catalog().leases();
-        state.last_active.retain(|name, _| leases.iter().any(|(n, _)| n == name));
-        state.failures.retain(|name, _| leases.iter().any(|(n, _)| n == name));
+        let activity = self.store.exports.take_activity();
+        let held = self.held();
+        state.last_active.retain(|name, _| held.iter().any(|h| h.name == *name));
+        state.failures.retain(|name, _| held.iter().any(|h| h.name == *name));
         let mut expiring = 0;
-        for (name, lease) in leases {
-            if self.store.exports.connected(&name) {
-                state.last_active.insert(name.clone(), now);
+        for h in held {
+            let connected = h.volumes.iter().any(|v| self.store.exports.connected(v));
+            if connected || h.volumes.iter().any(|v| activity.contains(v)) {
+                state.last_active.insert(h.name.clone(), now);
             }
-            let active = state.last_active.get(&name).copied().unwrap_or(state.started);
-            let connected = self.store.exports.connected(&name);
-            if let Some(why) = lease.due(now, Some(active), connected) {
-                if why == Expiry::Time && !lease.warned {
+            let active = state.last_active.get(&h.name).copied().unwrap_or(state.started);
+            if let Some(why) = h.lease.due(now, Some(active), connected) {
+                if why == Expiry::Time && !h.lease.warned {
                     // The clock jumped past the warning (or the daemon was down): warn first.
-                    self.warn(&name, &lease);
+                    self.warn(&h);
                 }
-                self.expire(&mut state, &name, why);
+                self.expire(&mut state, &h, why);
                 continue;
             }
-            if lease.warn_due(now, self.warning_ms) {
-                self.warn(&name, &lease);
+            if h.lease.warn_due(now, self.warning_ms) {
+                self.warn(&h);
             }
-            if lease.warned || lease.warn_due(now, self.warning_ms) {
+            if h.lease.warned || h.lease.warn_due(now, self.warning_ms) {
                 expiring += 1;
             }
         }
         self.store.metrics.leases_expiring.set(expiring);
     }
 
-    /// Run `name`'s `lease-expiring` hook and record that it ran.
-    fn warn(&self, name: &str, lease: &Lease) {
-        let Some(at) = lease.expires_at else { return };
-        let facts = self.facts(name);
-        tracing::info!(clone = name, expires_at = %catalog::format_time(at), "lease expiring");
-        if let Err(e) = self.events.fire(&self.store, "lease-expiring", &facts) {
-            tracing::warn!(clone = name, error = %e, "the lease-expiring hook failed; it is not run again");
+    /// Every lease: clones' and environments' (whose names never collide).
+    fn held(&self) -> Vec<Held> {
+        let cat = self.store.catalog();
+        let clones = cat.leases().into_iter().map(|(name, lease)| Held {
+            volumes: vec![name.clone()],
+            name,
+            lease,
+            environment: false,
+        });
+        let envs = cat.env_leases().into_iter().map(|(name, lease)| Held {
+            volumes: cat.environment(&name).map(|e| e.members.values().cloned().collect()).unwrap_or_default(),
+            name,
+            lease,
+            environment: true,
+        });
+        clones.chain(envs).collect()
+    }
+
+    /// Run the `lease-expiring` hook of what `h` is and record that it ran.
+    fn warn(&self, h: &Held) {
+        let Some(at) = h.lease.expires_at else { return };
+        let name = h.name.as_str();
+        tracing::info!(leased = name, expires_at = %catalog::format_time(at), "lease expiring");
+        let fired = match self.facts(h) {
+            Ok(facts) => self.events.fire(&self.store, "lease-expiring", &facts).map(drop).map_err(|e| e.0),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = fired {
+            tracing::warn!(leased = name, error = %e, "the lease-expiring hook failed; it is not run again");
         }
-        if let Err(e) = self.store.op(|cat| cat.mark_lease_warned(name, at)) {
-            tracing::warn!(clone = name, error = %e, "could not record the lease warning");
+        let marked = if h.environment {
+            self.store.op(|cat| cat.mark_env_lease_warned(name, at))
+        } else {
+            self.store.op(|cat| cat.mark_lease_warned(name, at))
+        };
+        if let Err(e) = marked {
+            tracing::warn!(leased = name, error = %e, "could not record the lease warning");
         }
     }
 
-    /// Delete `name`, whose lease is due, unless a failed attempt asks to wait.
-    fn expire(&self, state: &mut State, name: &str, why: Expiry) {
+    /// Delete what `h` is, whose lease is due, unless a failed attempt asks to wait.
+    fn expire(&self, state: &mut State, h: &Held, why: Expiry) {
+        let name = h.name.as_str();
         if state.failures.get(name).is_some_and(|(_, retry)| Instant::now() < *retry) {
             return;
         }
-        tracing::info!(clone = name, reason = why.name(), "lease due: deleting the clone");
+        tracing::info!(leased = name, reason = why.name(), "lease due: deleting the {}", h.what());
         let start = Instant::now();
         let at = crate::store::now_ms();
-        let result = lifecycle::delete(&self.store, &self.events, name);
+        let result = if h.environment {
+            env_lifecycle::delete(&self.store, &self.events, name, false).map(drop)
+        } else {
+            lifecycle::delete(&self.store, &self.events, name)
+        };
         let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let error = match result {
             Ok(()) => {
@@ -159,21 +213,21 @@ impl Reaper {
                 None
             }
             Err(e) if e.0 == StatusCode::NOT_FOUND => {
-                tracing::info!(clone = name, "the clone was deleted meanwhile");
+                tracing::info!(leased = name, "the {} was deleted meanwhile", h.what());
                 return;
             }
             Err(e) => {
                 let attempts = state.failures.get(name).map_or(1, |(n, _)| n + 1);
                 let wait = retry_wait(attempts);
                 state.failures.insert(name.to_string(), (attempts, Instant::now() + wait));
-                tracing::warn!(clone = name, attempts, retry_in_s = wait.as_secs(), error = %e.1, "lease due but the clone could not be deleted; it stays");
+                tracing::warn!(leased = name, attempts, retry_in_s = wait.as_secs(), error = %e.1, "lease due but the {} could not be deleted; it stays", h.what());
                 Some(e.1)
             }
         };
         self.store.log_operation(catalog::LogEntry {
             at,
             who: "lease".into(),
-            what: "delete".into(),
+            what: if h.environment { "env delete" } else { "delete" }.into(),
             target: Some(name.to_string()),
             duration_ms: ms,
             result: if error.is_some() { "failed" } else { "ok" }.into(),
@@ -183,10 +237,13 @@ impl Reaper {
         });
     }
 
-    /// What `name`'s hooks are told.
-    fn facts(&self, name: &str) -> Facts {
-        let origin = self.store.catalog().volume(name).ok().and_then(|v| v.origin.as_ref().map(ToString::to_string));
-        Facts { volume: name.to_string(), origin, ..Facts::default() }
+    /// What the hooks of what `h` is are told.
+    fn facts(&self, h: &Held) -> Result<Facts, crate::store::StoreError> {
+        if h.environment {
+            return env_lifecycle::facts(&self.store, &h.name);
+        }
+        let origin = self.store.catalog().volume(&h.name).ok().and_then(|v| v.origin.as_ref().map(ToString::to_string));
+        Ok(Facts { volume: h.name.clone(), origin, ..Facts::default() })
     }
 }
 

@@ -26,7 +26,7 @@ use crate::store::busy::env_key;
 use crate::store::{Store, StoreError};
 
 /// The API's view of a catalog environment.
-fn environment(e: &catalog::Environment) -> Environment {
+pub(super) fn environment(e: &catalog::Environment) -> Environment {
     let snapshots = e
         .snapshots
         .iter()
@@ -40,6 +40,7 @@ fn environment(e: &catalog::Environment) -> Environment {
         .collect();
     Environment {
         created_at: format_time(e.created_at),
+        lease: e.lease.as_ref().map(super::volumes::lease),
         members: e.members.clone(),
         name: e.name.clone(),
         origin: e.origin.clone(),
@@ -133,18 +134,21 @@ pub(super) async fn snapshot(
 
 #[utoipa::path(post, path = "/v1/environments/clones", tag = "environments", request_body = EnvCloneRequest,
     responses((status = 201, description = "the new environment, and what each member was cloned from", body = EnvCloned),
-        (status = 400, description = "invalid name or reference, or a member without a snapshot then", body = ErrorBody),
+        (status = 400, description = "invalid name or reference, a member without a snapshot then, \
+            or a lease beyond a member's source's max_lease", body = ErrorBody),
         (status = 404, description = "no such environment or snapshot", body = ErrorBody),
         (status = 409, description = "a name is taken, or an operation on it is running", body = ErrorBody)))]
 pub(super) async fn clone_environment(
     State(s): State<Shared>,
     Extension(ev): Hooks,
+    Extension(clock): super::leases::Now,
     JsonBody(body): JsonBody<EnvCloneRequest>,
 ) -> ApiResult<(StatusCode, Json<EnvCloned>)> {
-    let EnvCloneRequest { from, name } = body;
+    let EnvCloneRequest { from, lease, name } = body;
     check_routable(&name)?;
+    let lease_ms = lease.map(|l| crate::server::leases::span("lease", &l)).transpose().map_err(bad)?;
     let cloned = blocking_api(&s, move |st| {
-        let (e, point) = env_lifecycle::clone(st, &ev, &from, &name)?;
+        let (e, point) = env_lifecycle::clone(st, &ev, &from, &name, lease_ms, clock.now_ms())?;
         Ok(EnvCloned { environment: environment(&e), made_from: names(&point.members) })
     })
     .await?;

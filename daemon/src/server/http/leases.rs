@@ -1,6 +1,8 @@
-//! `PUT /v1/volumes/{name}/lease` (docs/api.md, "Leases"): one change to a clone's lease,
-//! measured from "now" by the daemon's clock ([`crate::server::clock`]); the lease rules are the
-//! catalog's (`catalog/src/lease.rs`), the expiry the reaper's ([`crate::server::leases`]).
+//! `PUT /v1/volumes/{name}/lease` and `PUT /v1/environments/{name}/lease` (docs/api.md,
+//! "Leases"): one change to a clone's or an environment clone's lease, measured from "now" by
+//! the daemon's clock ([`crate::server::clock`]); the lease rules are the catalog's
+//! (`catalog/src/lease.rs`, `catalog/src/env_lease.rs`), the expiry the reaper's
+//! ([`crate::server::leases`]).
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use catalog::LeaseChange;
 use super::extract::{ApiPath, JsonBody};
 use super::volumes::volume;
 use super::{bad, blocking, ApiError, ApiResult, Shared};
+use crate::api::environments::Environment;
 use crate::api::error::ErrorBody;
 use crate::api::leases::LeaseRequest;
 use crate::api::volumes::Volume;
@@ -39,6 +42,27 @@ pub(super) async fn set_lease(
         st.op(|cat| cat.set_lease(&name, change, now))?;
         let cat = st.catalog();
         Ok(Json(volume(&cat, cat.volume(&name)?, true, true)?))
+    })
+    .await
+}
+
+#[utoipa::path(put, path = "/v1/environments/{name}/lease", tag = "environments",
+    params(("name" = String, Path, description = "environment name")), request_body = LeaseRequest,
+    responses((status = 200, description = "the environment with its lease", body = Environment),
+        (status = 400, description = "not exactly one change, a time in the past, beyond a member's source's \
+            max_lease, removing a lease a source requires, or an environment of sources", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody)))]
+pub(super) async fn set_env_lease(
+    State(s): State<Shared>,
+    Extension(clock): Now,
+    ApiPath(name): ApiPath<String>,
+    JsonBody(body): JsonBody<LeaseRequest>,
+) -> ApiResult<Json<Environment>> {
+    let change = change(&body)?;
+    blocking(&s, move |st| {
+        let now = clock.now_ms();
+        st.op(|cat| cat.set_env_lease(&name, change, now))?;
+        Ok(Json(super::environments::environment(st.catalog().environment(&name)?)))
     })
     .await
 }

@@ -185,6 +185,7 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(hooks::mask))
         .routes(routes!(hooks::policy))
         .routes(routes!(leases::set_lease))
+        .routes(routes!(leases::set_env_lease))
         .routes(routes!(quotas::set_quota))
         .routes(routes!(log::log))
         .routes(routes!(schedules::list, schedules::add))

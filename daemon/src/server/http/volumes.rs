@@ -65,8 +65,8 @@ pub(super) fn volume(
     })
 }
 
-/// The API's view of a clone's lease.
-fn lease(l: &catalog::Lease) -> LeaseInfo {
+/// The API's view of a clone's (or an environment's) lease.
+pub(super) fn lease(l: &catalog::Lease) -> LeaseInfo {
     LeaseInfo { expires_at: l.expires_at.map(format_time), idle: l.idle_ms.map(catalog::format_span) }
 }
 
