@@ -34,18 +34,31 @@ fn fill_through_nbd(d: &Daemon, root: &Path, vol: &str, kept: &[u8]) {
 /// HTTP writes of 4 MiB from `offset` until the daemon refuses one with 507. Space can come
 /// back after nbdcopy's failure (the filesystem releases what failed writes had reserved), and
 /// the daemon rightly takes writes while there is room for them and its reserve: so the test
-/// writes on until the disk is full again, and any answer but 200 or 507 fails it.
+/// writes on until the disk is full again, and any answer but 200 or 507 fails it. A 4 MiB
+/// write is refused when it would not leave the metadata headroom free, which can be while
+/// smaller ones still fit: so it goes on with 256 KiB, then 4 KiB writes until one of those is
+/// refused too.
 fn write_refused(d: &Daemon, vol: &str, offset: u64) {
+    for size in [4 << 20, 256 << 10, 4096] {
+        if write_until_refused(d, vol, offset, size) {
+            continue;
+        }
+        panic!("64 more writes of {size} bytes fit on a full 256 MiB filesystem");
+    }
+}
+
+/// Writes of `size` bytes from `offset` on until one is refused with 507: true then.
+fn write_until_refused(d: &Daemon, vol: &str, offset: u64, size: usize) -> bool {
     for i in 0..64u64 {
-        let at = offset + i * (4 << 20);
-        let r = d.api().put_bytes(&format!("/v1/volumes/{vol}/data?offset={at}"), &random(4 << 20));
+        let at = offset + i * size as u64;
+        let r = d.api().put_bytes(&format!("/v1/volumes/{vol}/data?offset={at}"), &random(size));
         if r.status == 507 {
             assert!(r.text().contains("No space left on device"), "{}", r.text());
-            return;
+            return true;
         }
         assert_eq!(r.status, 200, "a write to a nearly full disk: {}", r.text());
     }
-    panic!("64 more writes of 4 MiB fit on a full 256 MiB filesystem");
+    false
 }
 
 /// Run a CLI command that must fail because the disk is full.

@@ -208,6 +208,11 @@ impl Store {
             }
         };
         let (mut entries, need) = zero_entries(&segment);
+        // Writes admitted before the disk filled must not eat the metadata store's room.
+        if let Err(e) = self.room_for(need as u64 * BLOCK_SIZE) {
+            fail(&segment, &e);
+            return;
+        }
         let slots = match cat.map_mut().alloc(need) {
             Ok(s) => s,
             Err(e) => {

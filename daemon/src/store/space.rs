@@ -11,8 +11,13 @@
 //! - in low-space mode new data and catalog operations that only add metadata (snapshot,
 //!   clone, create, ...) are refused with ENOSPC before they change anything; trims, deletes
 //!   and abandoned ingests ([`Store::op_freeing`]) still commit, in the room the reserve left;
-//! - the reserve is re-created only when it fits with `headroom` still free beside it, so
-//!   re-creating it never takes back that room; a failed attempt gives back what it allocated;
+//! - data is checked twice: when a write arrives, and again by its group commit just before
+//!   its blocks are written ([`Store::room_for`]), since a group commit can hold more writes
+//!   admitted before the disk filled than the headroom has room for; a commit whose data would
+//!   leave less than `headroom` free enters low-space mode and fails its writes with ENOSPC;
+//! - the reserve is re-created only when it fits with `headroom` (and 1 MiB of slack) still
+//!   free beside it, so re-creating it never takes back that room; a failed attempt gives back
+//!   what it allocated;
 //! - at start, the reserve is released before the metadata engine is opened if less than
 //!   `headroom` is free.
 //!
@@ -27,6 +32,9 @@ use catalog::{CatalogError, BLOCK_SIZE};
 
 use super::{Result, Store, StoreError};
 
+/// Free space beyond the headroom needed before the released reserve is re-created.
+const RESTORE_SLACK: u64 = 1 << 20;
+
 impl Store {
     /// Re-create the space reserve if it was released; false while the disk is still full.
     /// It is re-created only if `headroom` stays free beside it, so that re-creating it never
@@ -35,7 +43,9 @@ impl Store {
         let f = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
         let held = f.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
         let missing = self.reserve_bytes.saturating_sub(held);
-        if missing > 0 && free_bytes(&self.dir) < missing + self.headroom() {
+        // Some slack above the headroom, so a write refused for want of room does not see
+        // the reserve re-created at once by the next write.
+        if missing > 0 && free_bytes(&self.dir) < missing + self.headroom() + RESTORE_SLACK {
             self.low_space.store(true, Ordering::SeqCst);
             return false;
         }
@@ -106,6 +116,24 @@ impl Store {
                 tracing::warn!(error = %e, "could not punch the extents past the high-water mark");
             }
         }
+    }
+
+    /// Just before `bytes` of new data are written (a group commit): refuse them if the disk
+    /// is full, or if they would leave less than `headroom` free. Every write passed
+    /// [`Store::check_space`] when it arrived, but a group commit can hold more than the
+    /// headroom of writes admitted before the disk filled; without this they would take the
+    /// room the metadata store keeps for the flush that makes them durable.
+    pub(super) fn room_for(&self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        if !self.low_space.load(Ordering::SeqCst) && free_bytes(&self.dir) < bytes.saturating_add(self.headroom()) {
+            self.enter_low_space("a write would leave less free space than the metadata headroom");
+        }
+        if self.low_space.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        Ok(())
     }
 
     /// Refuse new data (and catalog operations that only add metadata) while the disk is full.
