@@ -82,9 +82,8 @@ impl Catalog {
     /// changes if the lease changed meanwhile, or the environment went).
     pub fn mark_env_lease_warned(&mut self, name: &str, at: i64) -> Result<()> {
         let Some(mut env) = self.environments.get(name).cloned() else { return Ok(()) };
-        match &mut env.lease {
-            Some(l) if l.expires_at == Some(at) && !l.warned => l.warned = true,
-            _ => return Ok(()),
+        if !crate::lease::mark_warned(&mut env.lease, at) {
+            return Ok(());
         }
         self.commit_with(|cat| {
             cat.stage_env(name, Some(env));

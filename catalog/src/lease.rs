@@ -124,6 +124,18 @@ pub fn format_span(ms: u64) -> String {
     }
 }
 
+/// Mark `lease` warned for its expiry `at`; false (nothing changed) when the lease changed
+/// meanwhile or was warned already.
+pub(crate) fn mark_warned(lease: &mut Option<Lease>, at: i64) -> bool {
+    match lease {
+        Some(l) if l.expires_at == Some(at) && !l.warned => {
+            l.warned = true;
+            true
+        }
+        _ => false,
+    }
+}
+
 fn add_ms(at: i64, ms: u64) -> i64 {
     at.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))
 }
@@ -184,9 +196,8 @@ impl Catalog {
     /// the lease changed meanwhile, or the clone went).
     pub fn mark_lease_warned(&mut self, clone: &str, at: i64) -> Result<()> {
         let Some(mut v) = self.volumes.get(clone).cloned() else { return Ok(()) };
-        match &mut v.lease {
-            Some(l) if l.expires_at == Some(at) && !l.warned => l.warned = true,
-            _ => return Ok(()),
+        if !mark_warned(&mut v.lease, at) {
+            return Ok(());
         }
         self.commit_with(|_| Ok((vec![v], vec![], ())))
     }

@@ -200,25 +200,32 @@ fn idle_expiry_spares_a_clone_with_an_open_connection() {
         d.cli_ok(&["lease", name, "--idle", "1h"]);
         assert_eq!(d.cli_json(&["show", name])["lease"]["idle"], "1h");
     }
-    let mut client = Client::open(&d.nbd_addr(), "busy", false);
+    let client = Client::open(&d.nbd_addr(), "busy", false);
+    idle_expiries(&env, client, &|name| env.exists(name));
+    assert_eq!(env.events(), vec!["pre-delete|quiet".to_string(), "pre-delete|busy".to_string()]);
+}
+
+/// With `busy` (reached by `client`) and `quiet` on a 1 h idle lease since T0 (`alive` says
+/// whether one still exists): `quiet` expires at +2h, `busy` not while `client` is connected,
+/// and an hour after it disconnects.
+fn idle_expiries(env: &Env, mut client: Client, alive: &dyn Fn(&str) -> bool) {
     env.at(30 * 60_000);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(env.exists("quiet"), "not idle long enough yet");
+    assert!(alive("quiet"), "not idle long enough yet");
     env.at(2 * H);
-    env.wait("the idle clone's expiry", || !env.exists("quiet"));
+    env.wait("the idle expiry", || !alive("quiet"));
     std::thread::sleep(Duration::from_millis(500));
-    assert!(env.exists("busy"), "a clone with an open connection is not idle");
+    assert!(alive("busy"), "an open connection is not idle");
     assert!(client.read(0, 4096).is_ok(), "and its client still reads");
-    assert_eq!(metric_value(&d.metrics(), "forkd_lease_expiries_total{reason=\"idle\"}"), 1.0);
+    assert_eq!(metric_value(&env.d.metrics(), "forkd_lease_expiries_total{reason=\"idle\"}"), 1.0);
     // Idleness counts from the connection's close.
     client.disconnect();
     std::thread::sleep(Duration::from_millis(500));
     env.at(2 * H + 50 * 60_000);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(env.exists("busy"), "50 minutes after its last connection");
+    assert!(alive("busy"), "50 minutes after its last connection");
     env.at(3 * H + 10 * 60_000);
-    env.wait("the expiry an hour after the close", || !env.exists("busy"));
-    assert_eq!(env.events(), vec!["pre-delete|quiet".to_string(), "pre-delete|busy".to_string()]);
+    env.wait("the expiry an hour after the close", || !alive("busy"));
 }
 
 #[test]
@@ -337,24 +344,9 @@ fn an_idle_environment_lease_spares_it_while_a_member_is_connected() {
         let shown = d.cli_json(&["lease", name, "--idle", "1h"]);
         assert_eq!(shown["lease"]["idle"], "1h", "{shown}");
     }
-    let mut client = Client::open(&d.nbd_addr(), "busy.app", false);
-    env.at(30 * 60_000);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(env.env_exists("quiet"), "not idle long enough yet");
-    env.at(2 * H);
-    env.wait("the idle environment's expiry", || !env.env_exists("quiet"));
-    assert!(!env.exists("quiet.db") && !env.exists("quiet.app"));
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(env.env_exists("busy"), "an environment with a member connected is not idle");
-    assert!(client.read(0, 4096).is_ok(), "and its client still reads");
-    assert_eq!(metric_value(&d.metrics(), "forkd_lease_expiries_total{reason=\"idle\"}"), 1.0);
-    client.disconnect();
-    std::thread::sleep(Duration::from_millis(500));
-    env.at(2 * H + 50 * 60_000);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(env.env_exists("busy"), "50 minutes after its last connection");
-    env.at(3 * H + 10 * 60_000);
-    env.wait("the expiry an hour after the close", || !env.env_exists("busy"));
+    let client = Client::open(&d.nbd_addr(), "busy.app", false);
+    idle_expiries(&env, client, &|name| env.env_exists(name));
+    assert!(!env.exists("quiet.db") && !env.exists("quiet.app"), "the members went with it");
     assert_eq!(env.events(), vec!["pre-delete|env:quiet".to_string(), "pre-delete|env:busy".to_string()]);
 }
 
