@@ -10,9 +10,11 @@
 //!   reference was the volume's alone, and one that keeps a reference stays as unique as it was;
 //! - every other catalog operation can change who shares what (a deleted snapshot, a deleted
 //!   relative, a new clone of one of its snapshots, a rewind), so after each commit the figure
-//!   is counted afresh ([`Catalog::recount`]) for the quota'd volumes it touched and their
-//!   relatives one origin link away. The walk costs what those volumes hold alone, not their
-//!   size. It is also counted at open.
+//!   is counted afresh ([`Catalog::recount`]) for the quota'd volumes it touched and the
+//!   relatives whose sharing it can change: the volume a touched clone came from, and clones
+//!   detached from a touched volume (a clone's origin snapshot outlives it, so what is done to
+//!   its origin volume leaves it alone). The walk costs what those volumes hold alone, not
+//!   their size. It is also counted at open.
 //!
 //! A quota below current use is allowed: writes that add blocks fail, trims and deletes work.
 
@@ -100,15 +102,17 @@ impl Catalog {
         self.volumes.keys().filter_map(|n| Some((n.clone(), self.quota_use(n)?))).collect()
     }
 
-    /// Count afresh the unique blocks of the quota'd volumes among `names` and their
-    /// relatives one origin (or detached-from) link away, and forget the figure of volumes
-    /// without a quota. `gone` are the origins of volumes just removed.
+    /// Count afresh the unique blocks of the quota'd volumes among `names`, the volumes their
+    /// clones come from (a new clone or a moved head changes what those share), the clones
+    /// detached from them, and `gone` (the origins of volumes just removed); forget the figure
+    /// of volumes without a quota.
     pub(crate) fn recount(&mut self, names: &BTreeSet<String>, gone: &BTreeSet<String>) -> Result<()> {
+        // A clone's origin snapshot outlives it, so nothing done to its origin volume changes
+        // what the clone holds alone; only the snapshot a detached clone came from can go.
         let near = |v: &Volume| {
-            let up = [&v.origin, &v.detached_from];
             names.contains(&v.name)
                 || gone.contains(&v.name)
-                || up.iter().any(|o| o.as_ref().is_some_and(|o| names.contains(&o.volume)))
+                || v.detached_from.as_ref().is_some_and(|o| names.contains(&o.volume))
         };
         let parents: BTreeSet<String> = names
             .iter()
@@ -210,6 +214,14 @@ mod tests {
         cat.clone_volume("db@1", "dev").unwrap();
         cat.set_quota("dev", Some(64 * BLOCK_SIZE)).unwrap();
         write(&mut cat, "dev", 10, 5);
+        // The source moving on and pruning leaves dev's figure alone (and right).
+        cat.begin_ingest("db").unwrap();
+        write_staged(&mut cat, "db", 0, 2);
+        cat.finish_ingest("db", crate::IngestSummary::default()).unwrap();
+        cat.snapshot("db", None).unwrap();
+        cat.delete("db@2").unwrap();
+        check(&cat, "dev");
+        assert_eq!(used(&cat, "dev"), 5);
         // A clone of dev's snapshot shares dev's blocks: dev holds none of them alone.
         cat.clone_volume("dev", "qa").unwrap();
         check(&cat, "dev");
@@ -224,6 +236,8 @@ mod tests {
         write_staged(&mut cat, "db", 0, 8);
         cat.finish_ingest("db", crate::IngestSummary::default()).unwrap();
         cat.detach("dev").unwrap();
+        cat.delete("db@3").unwrap();
+        check(&cat, "dev");
         cat.delete("db@1").unwrap();
         check(&cat, "dev");
         assert_eq!(used(&cat, "dev"), 13);
