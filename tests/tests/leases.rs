@@ -306,6 +306,11 @@ fn an_environment_lease_warns_then_deletes_the_whole_environment() {
     let shown = d.cli_json(&["env", "show", "qa"]);
     assert_eq!(shown["lease"]["expires_at"], time(T0 + 72 * H), "{shown}");
     assert!(d.cli_ok(&["env", "show", "qa"]).contains("lease:"));
+    let listed = d.cli_ok(&["env", "list"]);
+    let qa = listed.lines().find(|l| l.starts_with("qa ")).unwrap_or_default();
+    assert!(qa.contains("lease: expires"), "env list shows the lease: {listed}");
+    let shop = listed.lines().find(|l| l.starts_with("shop ")).unwrap_or_default();
+    assert!(!shop.contains("lease"), "{listed}");
     let mut client = Client::open(&d.nbd_addr(), "qa.db", false);
     assert!(client.read(0, 4096).is_ok());
 

@@ -171,7 +171,8 @@ fn render_list(l: &EnvironmentList) -> String {
     }
     let line = |e: &Environment| {
         let origin = e.origin.as_deref().map(|o| format!("  from {o}")).unwrap_or_default();
-        format!("{}  {}  {} snapshots{origin}", e.name, member_list(&e.members), e.snapshots.len())
+        let lease = e.lease.as_ref().map(|l| format!("  lease: {}", super::lease::text(l))).unwrap_or_default();
+        format!("{}  {}  {} snapshots{origin}{lease}", e.name, member_list(&e.members), e.snapshots.len())
     };
     l.environments.iter().map(line).collect::<Vec<_>>().join("\n")
 }
