@@ -65,12 +65,28 @@ fn records_hold_snapshots(dir: &Path) -> bool {
         .any(|(_, v)| serde_json::from_slice::<serde_json::Value>(v).expect("record").get("snapshots").is_some())
 }
 
+/// `open` again while sled's lock on `meta/` is still held: sled lets go of it on a
+/// background thread after its last handle is dropped, so opening the same directory again at
+/// once (as these tests do, in one process) can find it still locked for a moment.
+fn when_unlocked<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+    let mut tries = 0;
+    loop {
+        match open() {
+            Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Make `dir` look exactly as forkd wrote it before formats were recorded: sled under
 /// `meta/`, no `format` file, the flush generation in sled's default tree.
 fn make_format_1(dir: &Path, engine: MetaEngine) {
     assert_eq!(engine, MetaEngine::Sled, "format 1 was sled only");
     std::fs::remove_file(dir.join("format")).expect("remove format");
-    let db = sled::open(dir.join("meta")).expect("open sled");
+    let db = when_unlocked(|| sled::open(dir.join("meta"))).expect("open sled");
     let tree = db.open_tree("forkd").expect("tree");
     let g = tree.remove(b"m:flush_generation").expect("remove").expect("a generation was stamped");
     db.insert(b"forkd.flush_generation", g).expect("insert");
@@ -88,7 +104,7 @@ fn a_format_1_directory_opens_with_everything_in_it() {
     populate(&d);
     inline_snapshots(&d, MetaEngine::Sled);
     make_format_1(&d, MetaEngine::Sled);
-    let store = Store::open(&d).expect("a format-1 directory opens");
+    let store = when_unlocked(|| Store::open(&d)).expect("a format-1 directory opens");
     assert_intact(&store);
     assert_eq!(store.meta_engine(), MetaEngine::DEFAULT, "converted to the default engine on first start");
     drop(store);
