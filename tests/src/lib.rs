@@ -1369,3 +1369,45 @@ impl Drop for LoopFs {
         let _ = Command::new("umount").arg(&self.mnt).status();
     }
 }
+
+/// The clock file of a daemon started with `--clock-file` (its "now"), for tests of
+/// time-driven features (leases, schedules) that never sleep for hours.
+#[derive(Debug, Clone)]
+pub struct TestClock {
+    file: PathBuf,
+}
+
+impl TestClock {
+    /// One hour in milliseconds.
+    pub const H: i64 = 3_600_000;
+    /// The tests' "now" at the start: 2027-01-15T08:00:00Z.
+    pub const T0: i64 = 1_800_000_000_000;
+
+    /// A clock file at `file`, set to [`TestClock::T0`].
+    pub fn new(file: &Path) -> TestClock {
+        let c = TestClock { file: file.to_path_buf() };
+        c.at(0);
+        c
+    }
+
+    /// The file to give `--clock-file`.
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+
+    /// Set the daemon's time to `T0 + offset` (milliseconds), in one rename.
+    pub fn at(&self, offset: i64) {
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", TestClock::T0 + offset)).expect("clock");
+        std::fs::rename(&tmp, &self.file).expect("clock");
+    }
+}
+
+/// Wait (at most `limit`) until `cond` holds, polling; fails naming `what`, with the log of `d`.
+pub fn wait_until(d: &Daemon, what: &str, limit: Duration, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what} did not happen within {limit:?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

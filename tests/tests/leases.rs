@@ -9,15 +9,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use forkd_tests::rawnbd::Client;
-use forkd_tests::{metric_value, write_script, Daemon};
+use forkd_tests::{metric_value, wait_until, write_script, Daemon, TestClock};
 use serde_json::Value;
 
-const H: i64 = 3_600_000;
-/// The test's "now" at the start: 2027-01-15T08:00:00Z.
-const T0: i64 = 1_800_000_000_000;
+const H: i64 = TestClock::H;
+const T0: i64 = TestClock::T0;
 /// How long a test waits for the reaper (which ticks every 100 ms here) to act.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,6 +25,7 @@ const WAIT: Duration = Duration::from_secs(20);
 struct Env {
     d: Daemon,
     root: PathBuf,
+    clock: TestClock,
 }
 
 impl Env {
@@ -38,29 +38,26 @@ impl Env {
         write_script(&hooks, "record", &record);
         write_script(&hooks, "record-env", &format!("echo \"$FORKD_EVENT|env:$FORKD_ENV\" >> {}", log.display()));
         write_script(&hooks, "fail-delete", &format!("{record}\necho 'the database is still in use' >&2\nexit 1"));
-        let clock = root.join("now");
-        std::fs::write(&clock, T0.to_string()).expect("clock");
+        let clock = TestClock::new(&root.join("now"));
         let flags = [
             "--hooks-dir",
             hooks.to_str().expect("utf-8"),
             "--hook-user",
             "root",
             "--clock-file",
-            clock.to_str().expect("utf-8"),
+            clock.path().to_str().expect("utf-8"),
             "--lease-tick",
             "100ms",
         ];
         let d = Daemon::start_with(root, "127.0.0.1", &flags);
-        let env = Env { d, root: root.to_path_buf() };
+        let env = Env { d, root: root.to_path_buf(), clock };
         env.source();
         env
     }
 
     /// Set the daemon's time to `T0 + offset`.
     fn at(&self, offset: i64) {
-        let tmp = self.root.join("now.tmp");
-        std::fs::write(&tmp, format!("{}\n", T0 + offset)).expect("clock");
-        std::fs::rename(&tmp, self.root.join("now")).expect("clock");
+        self.clock.at(offset);
     }
 
     /// A source `prod` with one snapshot; every clone inherits its `record` hooks.
@@ -102,11 +99,7 @@ impl Env {
 
     /// Wait (bounded) until `cond` holds.
     fn wait(&self, what: &str, cond: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(start.elapsed() < WAIT, "{what} did not happen within {WAIT:?}\n{}", self.d.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(&self.d, what, WAIT, cond);
     }
 
     /// The operation log's entries of the lease reaper on `volume`.

@@ -12,14 +12,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use forkd_tests::{hooks_dir, metric_value, Daemon};
+use forkd_tests::{hooks_dir, metric_value, wait_until, Daemon, TestClock};
 use serde_json::{json, Value};
 
-const H: i64 = 3_600_000;
-/// The test's "now" at the start: 2027-01-15T08:00:00Z.
-const T0: i64 = 1_800_000_000_000;
+const H: i64 = TestClock::H;
+const T0: i64 = TestClock::T0;
 /// How long a test waits for the scheduler (which ticks every 100 ms here).
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,19 +28,20 @@ struct Env {
     d: Daemon,
     root: PathBuf,
     flags: Vec<String>,
+    clock: TestClock,
 }
 
 impl Env {
     fn start(root: &Path) -> Env {
         let hooks = hooks_dir(root, &[("slow", "sleep 3"), ("noop", "exit 0")]);
-        std::fs::write(root.join("now"), T0.to_string()).expect("clock");
+        let clock = TestClock::new(&root.join("now"));
         let flags: Vec<String> = [
             "--hooks-dir",
             hooks.to_str().expect("utf-8"),
             "--hook-user",
             "root",
             "--clock-file",
-            root.join("now").to_str().expect("utf-8"),
+            clock.path().to_str().expect("utf-8"),
             "--lease-tick",
             "100ms",
         ]
@@ -50,7 +50,7 @@ impl Env {
         .collect();
         let args: Vec<&str> = flags.iter().map(String::as_str).collect();
         let d = Daemon::start_with(root, "127.0.0.1", &args);
-        let env = Env { d, root: root.to_path_buf(), flags };
+        let env = Env { d, root: root.to_path_buf(), flags, clock };
         std::fs::write(env.image(), vec![7u8; 1 << 20]).expect("image");
         env.d.cli_ok(&["source", "create", "prod", "--size", "1M"]);
         env.d.cli_ok(&["ingest", "prod", "--from", &env.image_str()]);
@@ -73,18 +73,12 @@ impl Env {
 
     /// Set the daemon's time to `T0 + offset`.
     fn at(&self, offset: i64) {
-        let tmp = self.root.join("now.tmp");
-        std::fs::write(&tmp, format!("{}\n", T0 + offset)).expect("clock");
-        std::fs::rename(&tmp, self.root.join("now")).expect("clock");
+        self.clock.at(offset);
     }
 
     /// Wait (bounded) until `cond` holds.
     fn wait(&self, what: &str, cond: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(start.elapsed() < WAIT, "{what} did not happen within {WAIT:?}\n{}", self.d.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(&self.d, what, WAIT, cond);
     }
 
     /// Schedule `name` as `forkd schedule list --json` shows it.
