@@ -34,8 +34,8 @@ pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
-pub use quota::{mib as format_mib, QuotaUse};
-pub use reference::{check_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
+pub use quota::QuotaUse;
+pub use reference::{check_size, format_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 pub use retention::{plan as retention_plan, Pruned, Retention};
 pub use schedule::{CatchUp, Schedule, ScheduleRun, Step};
 use serde::{Deserialize, Serialize};
@@ -255,7 +255,7 @@ pub enum CatalogError {
     #[error(
         "`{volume}` is at its quota: it holds {} alone, its quota is {}, and this write needs {} more; \
          trim, delete its snapshots or raise the quota (`forkd quota`)",
-        quota::mib(*used), quota::mib(*limit), quota::mib(*needed)
+        format_size(*used), format_size(*limit), format_size(*needed)
     )]
     QuotaExceeded {
         /// The clone.

@@ -38,11 +38,6 @@ impl QuotaUse {
     }
 }
 
-/// Bytes as MiB with one decimal, for messages.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
-}
-
 impl QuotaUse {
     /// Refuse a write to `volume` that adds `blocks` unique blocks when that passes the limit.
     pub fn check(&self, volume: &str, blocks: u64) -> Result<()> {

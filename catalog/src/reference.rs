@@ -107,6 +107,26 @@ const MAX_SIZE: u64 = 1 << 50;
 const OVER_LIMIT: &str = "larger than the limit: a volume is at most 1P (1 PiB)";
 const NOT_BLOCKS: &str = "must be a positive multiple of 4096 bytes, at most 1P";
 
+/// A size in binary units with one decimal: `0 B`, `1023 B`, `4.0 KiB`, `10.0 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    // 1023.96 KiB would print as "1024.0 KiB": move to the next unit instead.
+    if (value * 10.0).round() >= 10240.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Parse a size such as `10G`, `512M`, `4096`, `1T` (binary units), which must be a positive
 /// multiple of 4096 bytes and at most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, CatalogError> {
@@ -152,6 +172,19 @@ fn size_problem(bytes: u64) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_people_read_them() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1024), "1.0 KiB");
+        assert_eq!(format_size(4096), "4.0 KiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(12 * 1024 * 1024), "12.0 MiB");
+        assert_eq!(format_size(10 * 1024 * 1024 * 1024), "10.0 GiB");
+        assert_eq!(format_size(1024 * 1024 - 1), "1.0 MiB");
+        assert_eq!(format_size(u64::MAX), "16.0 EiB");
+    }
 
     #[test]
     fn references() {

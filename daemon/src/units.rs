@@ -1,24 +1,8 @@
-//! Sizes and durations as people read them, for the command line and the agent's output.
+//! Sizes and durations as people read them (sizes: `catalog::format_size`), for the command line and the agent's output.
 
-/// A size in binary units with one decimal: `0 B`, `1023 B`, `4.0 KiB`, `10.0 GiB`.
-pub fn humanize(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    // 1023.96 KiB would print as "1024.0 KiB": move to the next unit instead.
-    if (value * 10.0).round() >= 10240.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+/// A size in binary units with one decimal (`4.0 KiB`); the catalog's, so errors it words
+/// read the same.
+pub use catalog::format_size as humanize;
 
 /// A duration in milliseconds, short: `850ms`, `3.2s`, `12m05s`, `2h03m`.
 pub fn human_duration_ms(ms: u64) -> String {
@@ -38,19 +22,6 @@ pub fn human_duration_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn humanize_sizes() {
-        assert_eq!(humanize(0), "0 B");
-        assert_eq!(humanize(1023), "1023 B");
-        assert_eq!(humanize(1024), "1.0 KiB");
-        assert_eq!(humanize(4096), "4.0 KiB");
-        assert_eq!(humanize(1536), "1.5 KiB");
-        assert_eq!(humanize(12 * 1024 * 1024), "12.0 MiB");
-        assert_eq!(humanize(10 * 1024 * 1024 * 1024), "10.0 GiB");
-        assert_eq!(humanize(1024 * 1024 - 1), "1.0 MiB");
-        assert_eq!(humanize(u64::MAX), "16.0 EiB");
-    }
 
     #[test]
     fn durations() {

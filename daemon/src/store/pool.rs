@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering;
 
-use catalog::format_mib;
+use catalog::format_size;
 
 use super::{Result, Store, StoreError};
 
@@ -97,8 +97,8 @@ pub(super) fn low_space_message(free: u64, threshold: u64, what: &str) -> String
     format!(
         "the pool is low on space: {} free, below low_space_threshold ({}): new {what} are refused until \
          space is freed (delete clones or snapshots, trim, or lower low_space_threshold)",
-        format_mib(free),
-        format_mib(threshold)
+        format_size(free),
+        format_size(threshold)
     )
 }
 
