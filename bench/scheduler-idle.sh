@@ -62,23 +62,13 @@ die() { log "ERROR: $*"; exit 1; }
 # ---------------------------------------------------------------- cleanup
 PIDS=()
 SCRATCH_CREATED=0
-stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    log "pid $pid did not stop on SIGTERM; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh" # stop_pid
 cleanup() {
     local rc=$? pid
     set +e
     trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    for pid in "${PIDS[@]}"; do stop_pid "$pid" process; done
     if ((SCRATCH_CREATED)); then
         if ((KEEP)); then log "kept scratch dir $SCRATCH"; else rm -rf -- "$SCRATCH"; fi
     fi

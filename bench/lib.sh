@@ -1,0 +1,15 @@
+# bench/lib.sh: shell helpers the bench scripts share. Source it after defining `log`.
+
+# stop_pid PID [NAME]: SIGTERM, wait up to 10 s, then SIGKILL; reaped if it is our child.
+stop_pid() {
+    local pid=$1 name=${2:-forkd serve} i
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    log "$name (pid $pid) did not stop on SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
