@@ -129,6 +129,20 @@ pub struct BlockMap {
     wb_nodes: HashMap<NodeId, Option<Node>>,
     /// Committed key changes not yet handed to the engine.
     wb_keys: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The write-back layer as it was when the running flush began (see [`BlockMap::begin_flush`]):
+    /// what that flush makes durable, and nothing committed after it.
+    frozen_nodes: HashMap<NodeId, Option<Node>>,
+    /// Key changes of the frozen layer.
+    frozen_keys: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Set from [`BlockMap::begin_flush`] to [`BlockMap::end_flush`]: nothing but the frozen layer
+    /// may reach the engine then, or the flush's durable commit would take it along.
+    flushing: bool,
+    /// Slots allocated by commits since the last flush began: no durable state and no flush in
+    /// progress references them, so their bytes may be rewritten in place (see
+    /// [`BlockMap::rewritable`]).
+    fresh: std::collections::HashSet<u64>,
+    /// Blocks of the open transaction rewritten in place (same slot, new contents).
+    txn_rewritten: usize,
     /// Other keys changed in the open transaction (`None`: removed).
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Slots nothing references that may be handed out now.
@@ -183,6 +197,11 @@ impl BlockMap {
             dirty: HashMap::new(),
             wb_nodes: HashMap::new(),
             wb_keys: BTreeMap::new(),
+            frozen_nodes: HashMap::new(),
+            frozen_keys: BTreeMap::new(),
+            flushing: false,
+            fresh: Default::default(),
+            txn_rewritten: 0,
             overlay: BTreeMap::new(),
             free: BTreeSet::new(),
             high_water,
@@ -200,7 +219,7 @@ impl BlockMap {
     // ----- raw key access through the overlay -------------------------------------------
 
     fn get_raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(v) = self.overlay.get(k).or_else(|| self.wb_keys.get(k)) {
+        if let Some(v) = self.overlay.get(k).or_else(|| self.wb_keys.get(k)).or_else(|| self.frozen_keys.get(k)) {
             return Ok(v.clone());
         }
         Ok(self.kv.get(k)?)
@@ -245,7 +264,7 @@ impl BlockMap {
     // ----- nodes and refcounts --------------------------------------------------------
 
     fn load(&self, id: NodeId) -> Result<Node> {
-        if let Some(n) = self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)) {
+        if let Some(n) = self.cached(id) {
             return n
                 .clone()
                 .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" });
@@ -256,9 +275,14 @@ impl BlockMap {
         }
     }
 
+    /// A node as the open transaction, the write-back layer or the frozen layer holds it.
+    fn cached(&self, id: NodeId) -> Option<&Option<Node>> {
+        self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)).or_else(|| self.frozen_nodes.get(&id))
+    }
+
     /// Look at a node without decoding or copying it.
     fn with_view<R>(&self, id: NodeId, f: impl FnOnce(View<'_>) -> Result<R>) -> Result<R> {
-        if let Some(n) = self.dirty.get(&id).or_else(|| self.wb_nodes.get(&id)) {
+        if let Some(n) = self.cached(id) {
             let n = n
                 .as_ref()
                 .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" })?;
@@ -502,6 +526,7 @@ impl BlockMap {
             let all_unmap = run.iter().all(Option::is_none);
             if let Some(leaf) = self.leaf_for(*root, b, !all_unmap)? {
                 let mut freed = Vec::new();
+                let mut rewritten = 0;
                 let Node::Leaf(slots) = self.load_mut(leaf)? else {
                     return Err(BlockMapError::Corrupt { what: format!("node {leaf}"), why: "expected a leaf" });
                 };
@@ -514,13 +539,17 @@ impl BlockMap {
                     if old == *new {
                         continue;
                     }
-                    if let Some(o) = old.filter(Entry::has_data) {
-                        freed.push(o.slot);
+                    match (old.filter(Entry::has_data), new.filter(Entry::has_data)) {
+                        // Rewritten in place (see `rewritable`): the slot stays, only its checksums change.
+                        (Some(o), Some(n)) if o.slot == n.slot => rewritten += 1,
+                        (Some(o), _) => freed.push(o.slot),
+                        (None, _) => {}
                     }
                     slots[idx] = *new;
                     delta +=
                         i64::from(new.is_some_and(|e| e.has_data())) - i64::from(old.is_some_and(|e| e.has_data()));
                 }
+                self.txn_rewritten += rewritten;
                 for slot in freed {
                     self.slot_dec(slot)?;
                 }
@@ -776,7 +805,7 @@ impl BlockMap {
     /// layer (see the module documentation). Fails, changing nothing, only if the layer was
     /// full and could not be handed to the engine.
     pub fn commit(&mut self) -> Result<()> {
-        if self.wb_nodes.len() + self.wb_keys.len() >= WRITE_BACK_LIMIT {
+        if !self.flushing && self.wb_nodes.len() + self.wb_keys.len() >= WRITE_BACK_LIMIT {
             if let Err(e) = self.spill() {
                 self.rollback();
                 return Err(e);
@@ -792,39 +821,52 @@ impl BlockMap {
         }
         let gen = self.generation;
         self.pending.extend(self.txn_freed.drain(..).map(|s| (gen, s)));
-        self.txn_allocated.clear();
+        self.fresh.extend(self.txn_allocated.drain(..).map(|(s, _)| s));
+        self.txn_rewritten = 0;
         self.txn_private.clear();
         self.txn_start = (self.high_water, self.next_node);
         Ok(())
     }
 
-    /// Hand the write-back layer to the engine as one atomic batch (not yet durable: see
-    /// [`BlockMap::flush_store`]). On error the layer is kept, nothing is lost.
+    /// Hand the committed layers to the engine as one atomic batch (not yet durable: see
+    /// [`BlockMap::flush_store`]). While a flush is running it does nothing: only that flush's
+    /// frozen layer may reach the engine before its durable commit. On error the layers are kept,
+    /// nothing is lost.
     pub fn spill(&mut self) -> Result<()> {
-        if self.wb_nodes.is_empty() && self.wb_keys.is_empty() {
+        if self.flushing {
             return Ok(());
         }
-        let mut batch = metakv::Batch::default();
-        for (id, node) in &self.wb_nodes {
-            match node {
-                Some(n) => batch.put(&key(P_NODE, *id), &n.encode()),
-                None => batch.delete(&key(P_NODE, *id)),
-            }
+        self.spill_frozen()?;
+        let batch = layer_batch(&self.wb_nodes, &self.wb_keys);
+        if !batch.is_empty() {
+            self.kv.apply(&batch)?;
         }
-        for (k, v) in &self.wb_keys {
-            match v {
-                Some(v) => batch.put(k, v),
-                None => batch.delete(k),
-            }
-        }
-        self.kv.apply(&batch)?;
         self.wb_nodes.clear();
         self.wb_keys.clear();
         Ok(())
     }
 
+    /// The running flush's step after the extent file was synced: hand the frozen layer, whose
+    /// data is all on disk now, to the engine. The flush then commits the engine durably and
+    /// calls [`BlockMap::end_flush`].
+    pub fn spill_frozen(&mut self) -> Result<()> {
+        let batch = layer_batch(&self.frozen_nodes, &self.frozen_keys);
+        if !batch.is_empty() {
+            self.kv.apply(&batch)?;
+        }
+        self.frozen_nodes.clear();
+        self.frozen_keys.clear();
+        Ok(())
+    }
+
+    /// The running flush committed the engine (or gave up): later commits may reach it again.
+    pub fn end_flush(&mut self) {
+        self.flushing = false;
+    }
+
     /// Forget everything since the last commit.
     pub fn rollback(&mut self) {
+        self.txn_rewritten = 0;
         self.dirty.clear();
         self.overlay.clear();
         self.txn_freed.clear();
@@ -851,8 +893,18 @@ impl BlockMap {
 
     // ----- flush and reuse of freed slots ------------------------------------------
 
-    /// Start a flush: frees committed so far become releasable once it completes.
+    /// Start a flush: freeze the write-back layer (what this flush makes durable: every commit
+    /// so far, whose data the caller wrote before committing, so the extent sync that follows
+    /// covers it); frees committed so far become releasable once it completes. Commits made
+    /// while the flush runs go to a new layer that stays in memory until the next flush, so the
+    /// durable state never points at data written after the sync began. Call with no open
+    /// transaction; then [`BlockMap::spill_frozen`], the engine's commit, [`BlockMap::end_flush`].
     pub fn begin_flush(&mut self) -> u64 {
+        // A failed flush left its frozen layer: the newer changes go on top of it.
+        self.frozen_nodes.extend(self.wb_nodes.drain());
+        self.frozen_keys.extend(std::mem::take(&mut self.wb_keys));
+        self.flushing = true;
+        self.fresh.clear();
         let g = self.generation;
         self.generation += 1;
         g
@@ -879,8 +931,7 @@ impl BlockMap {
         // The queue is read from the engine once; what it finds is dismantled from memory,
         // every step recorded in the queue keys of the same commit.
         self.spill()?;
-        let mut work: Vec<NodeId> = Vec::new();
-        self.kv.scan_prefix(&[P_GARBAGE], &mut |k, _| work.push(id_of(k).unwrap_or(0)))?;
+        let mut work = self.garbage_queue()?;
         let mut freed = 0u64;
         while let Some(id) = work.pop() {
             match self.load(id)? {
@@ -914,6 +965,25 @@ impl BlockMap {
         Ok(freed)
     }
 
+    /// The roots and nodes waiting in the garbage queue, as the engine and every layer above it
+    /// (which a running flush keeps from the engine) hold it.
+    fn garbage_queue(&self) -> Result<Vec<NodeId>> {
+        let mut queued = BTreeSet::new();
+        self.kv.scan_prefix(&[P_GARBAGE], &mut |k, _| {
+            queued.insert(id_of(k).unwrap_or(0));
+        })?;
+        for layer in [&self.frozen_keys, &self.wb_keys, &self.overlay] {
+            for (k, v) in layer.range(vec![P_GARBAGE]..vec![P_GARBAGE + 1]) {
+                let id = id_of(k).unwrap_or(0);
+                match v {
+                    Some(_) => queued.insert(id),
+                    None => queued.remove(&id),
+                };
+            }
+        }
+        Ok(queued.into_iter().collect())
+    }
+
     /// Current allocation counters.
     pub fn stats(&self) -> MapStats {
         MapStats {
@@ -926,10 +996,76 @@ impl BlockMap {
 
     /// Make every committed change durable in the metadata store.
     pub fn flush_store(&mut self) -> Result<()> {
+        self.flushing = false;
         self.spill()?;
         self.kv.commit()?;
         Ok(())
     }
+
+    // ----- rewriting in place ------------------------------------------------------------
+
+    /// For each block of `first..first+count` in the tree at `root`: the slot a new write may
+    /// overwrite in place instead of taking a fresh one. That is a slot allocated since the last
+    /// flush began (so no durable state, and no flush in progress, points at it) and reached only
+    /// through this tree (every node on the way and the slot itself hold one reference): nothing
+    /// but this tree's current contents would ever read it. A crash mid-rewrite therefore loses
+    /// only writes that were never flushed, and no checksum on disk describes the slot.
+    /// The caller must rewrite it and set the new entry (same slot) in one commit, with the
+    /// map's owner keeping readers out in between.
+    pub fn rewritable(&self, root: NodeId, first: u64, count: u64) -> Result<Vec<Option<u64>>> {
+        let mut out = vec![None; usize_of(count)];
+        if self.fresh.is_empty() || root == 0 || count == 0 || self.node_rc(root)? != 1 {
+            return Ok(out);
+        }
+        let mut failed = None;
+        let mut enter = |id: NodeId, _: u8, _: u64| match self.node_rc(id) {
+            Ok(n) => n == 1,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        };
+        let mut found = Vec::new();
+        let mut entry = |_: NodeId, b: u64, e: Entry| {
+            if e.has_data() && self.fresh.contains(&e.slot) {
+                found.push((b, e.slot));
+            }
+        };
+        self.walk_range(root, first, first.saturating_add(count), &mut enter, &mut entry)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for (b, slot) in found {
+            if self.slot_refs(slot)? == 1 {
+                out[usize_of(b - first)] = Some(slot);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Blocks rewritten in place so far in the open transaction (they took no new slot and
+    /// freed none).
+    pub fn rewritten_in_transaction(&self) -> usize {
+        self.txn_rewritten
+    }
+}
+
+/// One engine batch holding a layer of node and key changes.
+fn layer_batch(nodes: &HashMap<NodeId, Option<Node>>, keys: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> metakv::Batch {
+    let mut batch = metakv::Batch::default();
+    for (id, node) in nodes {
+        match node {
+            Some(n) => batch.put(&key(P_NODE, *id), &n.encode()),
+            None => batch.delete(&key(P_NODE, *id)),
+        }
+    }
+    for (k, v) in keys {
+        match v {
+            Some(v) => batch.put(k, v),
+            None => batch.delete(k),
+        }
+    }
+    batch
 }
 
 fn usize_of(n: u64) -> usize {

@@ -170,3 +170,56 @@ fn exclusive_blocks_are_what_an_overwrite_frees() {
     assert_eq!(map.freed_in_transaction() - before, 1);
     map.rollback();
 }
+
+#[test]
+fn a_flush_makes_durable_only_what_was_committed_before_it_began() {
+    let (_d, mut map) = open();
+    let mut r = 0;
+    data(&mut map, &mut r, 64, 0, 1);
+    map.commit().unwrap();
+    let ticket = map.begin_flush();
+    // Committed while the flush syncs the extent file: its data may have missed the sync.
+    data(&mut map, &mut r, 64, 1, 2);
+    map.commit().unwrap();
+    map.spill().unwrap(); // a spill while the flush runs keeps the newer layer in memory
+    map.spill_frozen().unwrap();
+    map.end_flush();
+    assert_eq!(map.take_released(ticket), Vec::<u64>::new());
+    let engine = BlockMap::open(map.kv().clone()).unwrap();
+    assert_eq!(crcs(&engine, r, 2), vec![Some(1), None], "the engine holds only the frozen layer");
+    assert_eq!(crcs(&map, r, 2), vec![Some(1), Some(2)], "the map still reads the newer layer");
+    map.flush_store().unwrap();
+    let engine = BlockMap::open(map.kv().clone()).unwrap();
+    assert_eq!(crcs(&engine, r, 2), vec![Some(1), Some(2)]);
+}
+
+#[test]
+fn only_slots_no_flush_and_no_other_tree_has_seen_are_rewritable() {
+    let (_d, mut map) = open();
+    let mut r = 0;
+    data(&mut map, &mut r, 64, 3, 1);
+    assert_eq!(map.rewritable(r, 0, 8).unwrap(), vec![None; 8], "not before the commit");
+    map.commit().unwrap();
+    let slot = map.lookup(r, 3, 1).unwrap()[0].unwrap().slot;
+    let mut want = vec![None; 8];
+    want[3] = Some(slot);
+    assert_eq!(map.rewritable(r, 0, 8).unwrap(), want);
+    // Rewritten in place: same slot, new checksum; nothing freed, nothing allocated.
+    let high = map.stats().high_water;
+    map.set(&mut r, 64, 3, Some(Entry { slot, crc: 7, digest: 0 })).unwrap();
+    assert_eq!(map.rewritten_in_transaction(), 1);
+    map.commit().unwrap();
+    assert_eq!((map.stats().pending_free, map.stats().high_water), (0, high));
+    assert_eq!(crcs(&map, r, 4)[3], Some(7));
+    // A snapshot shares the tree: the slot is no longer this tree's alone.
+    let snap = r;
+    map.share(snap).unwrap();
+    map.commit().unwrap();
+    assert_eq!(map.rewritable(r, 0, 8).unwrap(), vec![None; 8]);
+    map.release(snap).unwrap();
+    map.commit().unwrap();
+    assert_eq!(map.rewritable(r, 0, 8).unwrap(), want);
+    // Once a flush began, a durable state may point at it.
+    map.begin_flush();
+    assert_eq!(map.rewritable(r, 0, 8).unwrap(), vec![None; 8]);
+}

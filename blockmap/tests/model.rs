@@ -270,6 +270,8 @@ struct Run {
     flushing: Option<Flushing>,
     /// Slots the state synced by the flush in progress and every state committed since reference.
     since_sync: BTreeSet<u64>,
+    /// Slots held by the committed state when the running flush began (what it makes durable).
+    frozen: BTreeSet<u64>,
     writes: u32,
     step: u64,
 }
@@ -296,6 +298,7 @@ impl Run {
             protected: BTreeSet::new(),
             flushing: None,
             since_sync: BTreeSet::new(),
+            frozen: BTreeSet::new(),
             writes: 0,
             step: 0,
         }
@@ -536,12 +539,15 @@ impl Run {
                 let ticket = open.map.begin_flush();
                 assert_eq!(ticket, self.generation, "flush ticket");
                 self.generation += 1;
+                // What the flush makes durable: the commits before it began.
+                self.frozen = self.committed.held_slots();
                 self.flushing = Some(Flushing::Begun(ticket));
             }
             Some(Flushing::Begun(ticket)) => {
-                open.map.spill().expect("spill");
+                open.map.spill_frozen().expect("spill the frozen layer");
                 open.kv.commit().expect("commit the metadata engine");
-                self.since_sync = self.committed.held_slots();
+                open.map.end_flush();
+                self.since_sync = std::mem::take(&mut self.frozen);
                 self.flushing = Some(Flushing::Synced(ticket));
             }
             Some(Flushing::Synced(ticket)) => {

@@ -1075,13 +1075,17 @@ impl Catalog {
             };
             let before = *root;
             let freed_before = self.map.freed_in_transaction();
+            let rewritten_before = self.map.rewritten_in_transaction();
             let r = self.map.set_range(root, nblocks, first, entries, staging);
             if let Ok(delta) = r {
                 *allocated = allocated.saturating_add_signed(delta);
             }
             moved |= *root != before;
             if r.is_ok() && !staging {
-                let added = entries.iter().filter(|e| e.is_some_and(|e| e.has_data())).count() as u64;
+                // A block rewritten in place keeps its slot: it adds nothing.
+                let rewritten = self.map.rewritten_in_transaction().saturating_sub(rewritten_before);
+                let added =
+                    entries.iter().filter(|e| e.is_some_and(|e| e.has_data())).count().saturating_sub(rewritten) as u64;
                 let freed = self.map.freed_in_transaction().saturating_sub(freed_before) as u64;
                 Self::count_write(&mut v, added, freed);
             }

@@ -55,6 +55,8 @@ impl Pending {
 #[derive(Debug)]
 struct Prepared {
     pending: Arc<Pending>,
+    /// The tree it goes into (a clone's head or a running ingest's staging tree).
+    root: catalog::NodeId,
     first: u64,
     blocks: bytes::Bytes,
 }
@@ -193,7 +195,7 @@ impl Store {
         if !p.staging {
             admitted.admit(cat, volume, root, first, &blocks)?;
         }
-        Ok(Some(Prepared { pending: p.clone(), first, blocks }))
+        Ok(Some(Prepared { pending: p.clone(), root, first, blocks }))
     }
 
     /// Allocate, write and map a segment of prepared writes as one transaction; every write
@@ -207,7 +209,14 @@ impl Store {
                 prep.pending.set(Err(replicate(e)));
             }
         };
-        let (mut entries, need) = zero_entries(&segment);
+        let (mut entries, mut pairs) = match plan_in_place(cat, &segment) {
+            Ok(planned) => planned,
+            Err(e) => {
+                fail(&segment, &StoreError::from(e));
+                return;
+            }
+        };
+        let need = entries.iter().flatten().filter(|e| e.is_none()).count();
         // Writes admitted before the disk filled must not eat the metadata store's room.
         if let Err(e) = self.room_for(need as u64 * BLOCK_SIZE) {
             fail(&segment, &e);
@@ -221,7 +230,8 @@ impl Store {
                 return;
             }
         };
-        let pairs = fill_slots(&segment, &mut entries, slots);
+        pairs.extend(fill_slots(&segment, &mut entries, slots));
+        pairs.sort_unstable();
         let ios: Vec<(u64, &[u8])> = pairs
             .chunk_by(|a, b| a.0 + 1 == b.0 && a.1 == b.1 && a.2 + 1 == b.2)
             .map(|r| {
@@ -329,21 +339,45 @@ impl Store {
     }
 }
 
-/// The map entries of a segment's blocks: all-zero blocks become known zeros, the rest are
-/// left `None` to get fresh slots. Also returns how many slots that needs.
-fn zero_entries(segment: &[Prepared]) -> (Vec<Vec<Option<Entry>>>, usize) {
+/// Each write's map entries (see [`plan_in_place`]), and `(slot, write, block)` per block
+/// written in place.
+type Planned = (Vec<Vec<Option<Entry>>>, Vec<(u64, usize, usize)>);
+
+/// The map entries of a segment's blocks: all-zero blocks become known zeros; blocks whose
+/// slot only this tree has held since the last flush began are rewritten in place
+/// (`BlockMap::rewritable`: no durable state points there, so this keeps every promise of a
+/// fresh slot while the page cache keeps its pages); the rest are left `None` to get fresh
+/// slots. Also returns `(slot, write, block)` for the blocks rewritten in place. A slot is
+/// rewritten once per segment: a second write of the block in it takes a fresh slot, so no two
+/// writes of one submission go to the same place.
+fn plan_in_place(cat: &Catalog, segment: &[Prepared]) -> std::result::Result<Planned, catalog::BlockMapError> {
     let mut entries: Vec<Vec<Option<Entry>>> = Vec::with_capacity(segment.len());
-    let mut need = 0usize;
-    for prep in segment {
-        let es: Vec<Option<Entry>> = prep
-            .blocks
-            .chunks_exact(4096)
-            .map(|b| if b.iter().all(|&x| x == 0) { Some(Entry::ZERO) } else { None })
-            .collect();
-        need += es.iter().filter(|e| e.is_none()).count();
+    let mut pairs = Vec::new();
+    let mut claimed = HashSet::new();
+    for (w, prep) in segment.iter().enumerate() {
+        let n = prep.blocks.len() as u64 / BLOCK_SIZE;
+        let in_place = cat.map().rewritable(prep.root, prep.first, n)?;
+        let mut es = Vec::with_capacity(in_place.len());
+        for (i, (b, slot)) in prep.blocks.chunks_exact(4096).zip(in_place).enumerate() {
+            es.push(if b.iter().all(|&x| x == 0) {
+                Some(Entry::ZERO)
+            } else if let Some(slot) = slot.filter(|s| claimed.insert(*s)) {
+                pairs.push((slot, w, i));
+                Some(entry(prep, slot, b))
+            } else {
+                None
+            });
+        }
         entries.push(es);
     }
-    (entries, need)
+    Ok((entries, pairs))
+}
+
+/// The map entry of block `b` of a write stored in `slot`, with its checksums. Only sources are
+/// ever compared by digest (ingest): host writes to clones skip hashing it.
+fn entry(prep: &Prepared, slot: u64, b: &[u8]) -> Entry {
+    let digest = if prep.pending.staging { catalog::blockmap::block_digest(b) } else { 0 };
+    Entry { slot, crc: catalog::blockmap::block_crc(b), digest }
 }
 
 /// Give each block still without an entry the next of `slots`, with its checksums; returns
@@ -357,11 +391,7 @@ fn fill_slots(segment: &[Prepared], entries: &mut [Vec<Option<Entry>>], slots: V
                 continue;
             }
             let Some(slot) = next.next() else { break };
-            let b = &prep.blocks[i * 4096..(i + 1) * 4096];
-            // Only sources are ever compared by digest (ingest): host writes to clones
-            // skip hashing it.
-            let digest = if prep.pending.staging { catalog::blockmap::block_digest(b) } else { 0 };
-            *e = Some(Entry { slot, crc: catalog::blockmap::block_crc(b), digest });
+            *e = Some(entry(prep, slot, &prep.blocks[i * 4096..(i + 1) * 4096]));
             pairs.push((slot, w, i));
         }
     }

@@ -1,16 +1,19 @@
 //! The flush: what makes every answered write durable, and the only place freed slots become
 //! reusable.
 //!
-//! Order matters, and is the whole point: `fdatasync(extents)` first, then the map's write-back
-//! layer is handed to the metadata engine, the next flush generation is stamped into it, the
+//! Order matters, and is the whole point: the map's write-back layer is frozen (every commit so
+//! far, whose data was written before it was committed), then `fdatasync(extents)`, then the
+//! frozen layer is handed to the metadata engine, the next flush generation is stamped into it, the
 //! engine commits durably (`MetaKv::commit`: for each engine, which calls make what durable is
 //! in its adapter under `metakv/src/`, checked by the power-cut suite `tests/tests/power_cut.rs`),
 //! and only then is the generation recorded in `flushed` (see `generation`). A slot released
 //! before the flush began is punched and put back on the free list only after all of it, so
-//! no durable pointer can lead to a slot that was reused.
+//! no durable pointer can lead to a slot that was reused. Commits made while the flush runs stay
+//! in a newer layer in memory (`BlockMap::begin_flush`): their data may have missed the sync, so
+//! the engine's durable commit must not take them along; the next flush does.
 //!
-//! Locking: the catalog's write lock is taken briefly for each map step (begin, spill, take the
-//! released slots, make them available); the fsyncs themselves run without it, so reads and
+//! Locking: the catalog's write lock is taken briefly for each map step (begin, spill the frozen
+//! layer, end, take the released slots, make them available); the fsyncs themselves run without it, so reads and
 //! writes go on during a flush.
 
 use std::sync::atomic::Ordering;
@@ -37,13 +40,9 @@ impl Store {
         self.keep_headroom();
         self.unflushed.store(false, Ordering::SeqCst);
         let ticket = self.catalog_mut().map_mut().begin_flush();
-        // Data first, then the pointers to it: fsync the extents, hand the map's write-back
-        // layer to the metadata engine, commit it durably.
-        self.engine.sync()?;
-        self.catalog_mut().map_mut().spill()?;
-        let generation = self.generation.stamp(self.kv.as_ref())?;
-        self.kv.commit()?;
-        self.generation.completed(generation)?;
+        let durable = self.commit_frozen();
+        self.catalog_mut().map_mut().end_flush();
+        durable?;
         let released = self.catalog_mut().map_mut().take_released(ticket);
         if !released.is_empty() {
             let pairs: Vec<(u64, usize)> = released.iter().enumerate().map(|(i, &s)| (s, i)).collect();
@@ -57,6 +56,18 @@ impl Store {
             self.catalog_mut().map_mut().make_available(released);
         }
         self.metrics.flushes.inc();
+        Ok(())
+    }
+
+    /// Data first, then the pointers to it: fsync the extents, hand the map's frozen layer (the
+    /// commits before the flush began, whose data the sync covers) to the metadata engine, commit
+    /// it durably. Commits made meanwhile wait in memory for the next flush.
+    fn commit_frozen(&self) -> Result<()> {
+        self.engine.sync()?;
+        self.catalog_mut().map_mut().spill_frozen()?;
+        let generation = self.generation.stamp(self.kv.as_ref())?;
+        self.kv.commit()?;
+        self.generation.completed(generation)?;
         Ok(())
     }
 }
