@@ -26,6 +26,8 @@
 #   PERF=1              also `perf record` forkd during its runs and append its top symbols to
 #                       the results (perturbs forkd's figures a little)
 #   RESULTS             output file (default bench/iscsi-results.md)
+#   FORKD_BIN           forkd binary to run as it is (default target/release/forkd, built when it
+#                       is missing or older than a source file); bench/datapath-bench.sh sets it
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -51,7 +53,7 @@ else
 fi
 STRIDE_BLOCKS=${STRIDE_BLOCKS:-100003}
 SIZE_BYTES=$((SIZE_MIB * 1024 * 1024))
-FORKD=$REPO/target/release/forkd
+FORKD=${FORKD_BIN:-$REPO/target/release/forkd}
 SERVERS=(forkd tgt)
 TGT_IQN=iqn.2026-11.dev.forkd.bench:tgt-disk
 
@@ -135,13 +137,16 @@ if [[ -n ${COUNTS:-} ]]; then
 fi
 
 # Build forkd when the binary is missing or older than any source file (cargo does nothing
-# when it is up to date, but finding out takes it a while, so look first).
+# when it is up to date, but finding out takes it a while, so look first).  A binary named by
+# FORKD_BIN is the caller's choice: used as it is.
 stale=""
-if [[ -x $FORKD ]]; then
+if [[ -n ${FORKD_BIN:-} ]]; then
+    [[ -x $FORKD ]] || die "FORKD_BIN=$FORKD is not an executable"
+elif [[ -x $FORKD ]]; then
     stale=$(find "$REPO" -path "$REPO/target" -prune -o -path "$REPO/.git" -prune -o \
         \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -newer "$FORKD" -print -quit)
 fi
-if [[ ! -x $FORKD || -n $stale ]]; then
+if [[ -z ${FORKD_BIN:-} && ( ! -x $FORKD || -n $stale ) ]]; then
     log "building forkd (target/release/forkd is $([[ -n $stale ]] && echo "older than $stale" || echo missing))"
     (cd "$REPO" && cargo build --release -p forkd-daemon) || die "cargo build failed"
 fi
