@@ -165,6 +165,27 @@ pub struct BlockMap {
     pending: Vec<(u64, u64)>,
     /// Nodes dismantled since open (see [`MapStats::freed_nodes`]).
     freed_nodes: u64,
+    /// What the engine holds for recently used keys, absent ones too (see [`ReadCache`]).
+    cache: ReadCache,
+}
+
+/// Engine values (nodes, refcounts, free bits) as last read from or handed to the engine, and
+/// keys known to be absent: a hot leaf or refcount costs a hash lookup instead of one of the
+/// engine's read transactions. Kept exact by [`BlockMap::apply`], the only way this map changes
+/// the engine's keys; bounded by bytes, least recently used first out.
+type ReadCache = quick_cache::sync::Cache<Vec<u8>, Option<Arc<[u8]>>, CacheWeight>;
+
+/// About 64 MiB of cached values.
+const READ_CACHE_BYTES: u64 = 64 << 20;
+
+/// A cached value's weight: its bytes plus a fixed overhead per entry.
+#[derive(Clone, Copy, Debug)]
+struct CacheWeight;
+
+impl quick_cache::Weighter<Vec<u8>, Option<Arc<[u8]>>> for CacheWeight {
+    fn weight(&self, k: &Vec<u8>, v: &Option<Arc<[u8]>>) -> u64 {
+        (k.len() + v.as_ref().map_or(0, |v| v.len()) + 64) as u64
+    }
 }
 
 impl BlockMap {
@@ -213,6 +234,7 @@ impl BlockMap {
             generation: 1,
             pending,
             freed_nodes: 0,
+            cache: ReadCache::with_weighter(1 << 16, READ_CACHE_BYTES, CacheWeight),
         })
     }
 
@@ -222,7 +244,33 @@ impl BlockMap {
         if let Some(v) = self.overlay.get(k).or_else(|| self.wb_keys.get(k)).or_else(|| self.frozen_keys.get(k)) {
             return Ok(v.clone());
         }
-        Ok(self.kv.get(k)?)
+        Ok(self.kv_get(k)?.map(|v| v.to_vec()))
+    }
+
+    /// A key as the engine holds it, through the read cache.
+    fn kv_get(&self, k: &[u8]) -> Result<Option<Arc<[u8]>>> {
+        if let Some(v) = self.cache.get(k) {
+            return Ok(v);
+        }
+        let v: Option<Arc<[u8]>> = self.kv.get(k)?.map(Arc::from);
+        self.cache.insert(k.to_vec(), v.clone());
+        Ok(v)
+    }
+
+    /// Hand a batch to the engine and keep the read cache exact.
+    fn apply(&self, batch: &metakv::Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.kv.apply(batch) {
+            // What the engine holds now is unknown: forget everything cached.
+            self.cache.clear();
+            return Err(e.into());
+        }
+        for (k, v) in batch.ops() {
+            self.cache.insert(k.clone(), v.as_deref().map(Arc::from));
+        }
+        Ok(())
     }
 
     fn put_raw(&mut self, k: &[u8], v: Vec<u8>) {
@@ -269,7 +317,7 @@ impl BlockMap {
                 .clone()
                 .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "used after it was freed" });
         }
-        match self.kv.get(&key(P_NODE, id))? {
+        match self.kv_get(&key(P_NODE, id))? {
             Some(v) => Node::decode(id, &v),
             None => Err(BlockMapError::Corrupt { what: format!("node {id}"), why: "missing" }),
         }
@@ -289,8 +337,7 @@ impl BlockMap {
             return f(View::Decoded(n));
         }
         let raw = self
-            .kv
-            .get(&key(P_NODE, id))?
+            .kv_get(&key(P_NODE, id))?
             .ok_or(BlockMapError::Corrupt { what: format!("node {id}"), why: "missing" })?;
         f(View::raw(id, &raw)?)
     }
@@ -837,10 +884,7 @@ impl BlockMap {
             return Ok(());
         }
         self.spill_frozen()?;
-        let batch = layer_batch(&self.wb_nodes, &self.wb_keys);
-        if !batch.is_empty() {
-            self.kv.apply(&batch)?;
-        }
+        self.apply(&layer_batch(&self.wb_nodes, &self.wb_keys))?;
         self.wb_nodes.clear();
         self.wb_keys.clear();
         Ok(())
@@ -850,10 +894,7 @@ impl BlockMap {
     /// data is all on disk now, to the engine. The flush then commits the engine durably and
     /// calls [`BlockMap::end_flush`].
     pub fn spill_frozen(&mut self) -> Result<()> {
-        let batch = layer_batch(&self.frozen_nodes, &self.frozen_keys);
-        if !batch.is_empty() {
-            self.kv.apply(&batch)?;
-        }
+        self.apply(&layer_batch(&self.frozen_nodes, &self.frozen_keys))?;
         self.frozen_nodes.clear();
         self.frozen_keys.clear();
         Ok(())
