@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use catalog::{Catalog, CatalogError, Entry, BLOCK_SIZE};
+use parking_lot::RwLockWriteGuard;
 
 use super::quota::Admitted;
 use super::{check_range, slot_offset, usize_of, Result, Store, StoreError, MAX_IO};
@@ -120,9 +121,14 @@ impl Store {
         self.submit_many(ps).into_iter().map(|r| self.note_enospc(r)).collect()
     }
 
+    /// Commit a batch in segments of at most [`SEGMENT_BYTES`] (or where a read-modify-write
+    /// must see an earlier write of the batch), holding the mutation token throughout and the
+    /// write lock only around each segment's planning, its rewrites in place and its pointers.
     fn commit_batch(&self, batch: Vec<Arc<Pending>>) {
-        let mut cat = self.catalog_mut();
+        let _mutation = self.mutation();
+        let mut cat = self.catalog.write();
         let mut segment: Vec<Prepared> = Vec::new();
+        let mut bytes = 0usize;
         let mut touched: HashSet<(String, u64)> = HashSet::new();
         let mut admitted = Admitted::default();
         for p in batch {
@@ -130,19 +136,23 @@ impl Store {
             // write: commit what came before first.
             let len = p.data.len() as u64;
             let unaligned = !p.offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE);
-            if unaligned && len > 0 {
-                let edges = [p.offset / BLOCK_SIZE, (p.offset + len - 1) / BLOCK_SIZE];
-                if edges.iter().any(|&b| touched.contains(&(p.volume.clone(), b))) {
-                    self.commit_segment(&mut cat, std::mem::take(&mut segment));
-                    touched.clear();
-                    admitted.clear();
-                }
+            let depends = unaligned
+                && len > 0
+                && [p.offset / BLOCK_SIZE, (p.offset + len - 1) / BLOCK_SIZE]
+                    .iter()
+                    .any(|&b| touched.contains(&(p.volume.clone(), b)));
+            if depends || bytes >= SEGMENT_BYTES {
+                self.commit_segment(&mut cat, std::mem::take(&mut segment));
+                touched.clear();
+                admitted.clear();
+                bytes = 0;
             }
             match self.prepare(&cat, &p, &mut admitted) {
                 Ok(Some(prep)) => {
                     for b in prep.first..prep.first + (prep.blocks.len() as u64 / BLOCK_SIZE) {
                         touched.insert((p.volume.clone(), b));
                     }
+                    bytes += prep.blocks.len();
                     segment.push(prep);
                 }
                 Ok(None) => p.set(Ok(())),
@@ -199,58 +209,39 @@ impl Store {
     }
 
     /// Allocate, write and map a segment of prepared writes as one transaction; every write
-    /// in it gets the outcome.
-    fn commit_segment(&self, cat: &mut Catalog, segment: Vec<Prepared>) {
+    /// in it gets the outcome. Blocks rewritten in place are written under the write lock (their
+    /// slots are in the tree readers see); fresh slots are written with the lock let go (nothing
+    /// points at them yet), the mutation token still held; then the pointers are committed.
+    fn commit_segment(&self, cat: &mut RwLockWriteGuard<'_, Catalog>, segment: Vec<Prepared>) {
         if segment.is_empty() {
             return;
         }
-        let fail = |segment: &[Prepared], e: &StoreError| {
-            for prep in segment {
-                prep.pending.set(Err(replicate(e)));
+        let written = self.allocate_segment(cat, &segment).and_then(|(entries, in_place, fresh)| {
+            let io = |pairs: &[(u64, usize, usize)]| self.engine.write_many(&segment_ios(&segment, pairs));
+            let mut done = io(&in_place);
+            if done.is_ok() && !fresh.is_empty() {
+                done = RwLockWriteGuard::unlocked_fair(cat, || io(&fresh));
             }
-        };
-        let (mut entries, mut pairs) = match plan_in_place(cat, &segment) {
-            Ok(planned) => planned,
-            Err(e) => {
-                fail(&segment, &StoreError::from(e));
-                return;
-            }
-        };
-        let need = entries.iter().flatten().filter(|e| e.is_none()).count();
-        // Writes admitted before the disk filled must not eat the metadata store's room.
-        if let Err(e) = self.room_for(need as u64 * BLOCK_SIZE) {
-            fail(&segment, &e);
-            return;
-        }
-        let slots = match cat.map_mut().alloc(need) {
-            Ok(s) => s,
-            Err(e) => {
+            if let Err(e) = done {
                 cat.map_mut().rollback();
-                fail(&segment, &StoreError::from(e));
-                return;
+                return Err(StoreError::Io(e));
             }
-        };
-        pairs.extend(fill_slots(&segment, &mut entries, slots));
-        pairs.sort_unstable();
-        let ios: Vec<(u64, &[u8])> = pairs
-            .chunk_by(|a, b| a.0 + 1 == b.0 && a.1 == b.1 && a.2 + 1 == b.2)
-            .map(|r| {
-                let (slot, w, i) = r[0];
-                (slot_offset(slot), &segment[w].blocks[i * 4096..(i + r.len()) * 4096])
+            Ok(entries)
+        });
+        let mapped = written.and_then(|entries| {
+            let staged = segment
+                .iter()
+                .zip(&entries)
+                .try_for_each(|(prep, es)| cat.stage_write(&prep.pending.volume, prep.first, es, prep.pending.staging));
+            staged.and_then(|()| cat.commit_staged()).map_err(|e| {
+                cat.rollback_staged();
+                StoreError::Catalog(e)
             })
-            .collect();
-        if let Err(e) = self.engine.write_many(&ios) {
-            cat.map_mut().rollback();
-            fail(&segment, &StoreError::Io(e));
-            return;
-        }
-        let staged = segment
-            .iter()
-            .zip(&entries)
-            .try_for_each(|(prep, es)| cat.stage_write(&prep.pending.volume, prep.first, es, prep.pending.staging));
-        if let Err(e) = staged.and_then(|()| cat.commit_staged()) {
-            cat.rollback_staged();
-            fail(&segment, &StoreError::Catalog(e));
+        });
+        if let Err(e) = mapped {
+            for prep in &segment {
+                prep.pending.set(Err(replicate(&e)));
+            }
             return;
         }
         self.unflushed.store(true, Ordering::SeqCst);
@@ -258,6 +249,19 @@ impl Store {
             self.metrics.written_bytes.inc_by(prep.pending.data.len() as u64);
             prep.pending.set(Ok(()));
         }
+    }
+
+    /// Every block's map entry: known zeros, slots rewritten in place, fresh slots allocated
+    /// in the open transaction; with `(slot, write, block)` of the blocks to write in place and
+    /// of those to write into fresh slots.
+    fn allocate_segment(&self, cat: &mut Catalog, segment: &[Prepared]) -> Result<Allocated> {
+        let (mut entries, in_place) = plan_in_place(cat, segment)?;
+        let need = entries.iter().flatten().filter(|e| e.is_none()).count();
+        // Writes admitted before the disk filled must not eat the metadata store's room.
+        self.room_for(need as u64 * BLOCK_SIZE)?;
+        let slots = cat.map_mut().alloc(need).inspect_err(|_| cat.map_mut().rollback())?;
+        let fresh = fill_slots(segment, &mut entries, slots);
+        Ok((entries, in_place, fresh))
     }
 
     /// Make mapped blocks in a block-aligned range of a clone read as zeros, freeing what
@@ -342,6 +346,27 @@ impl Store {
 /// Each write's map entries (see [`plan_in_place`]), and `(slot, write, block)` per block
 /// written in place.
 type Planned = (Vec<Vec<Option<Entry>>>, Vec<(u64, usize, usize)>);
+
+/// [`Planned`] with the fresh slots' `(slot, write, block)` too.
+type Allocated = (Vec<Vec<Option<Entry>>>, Vec<(u64, usize, usize)>, Vec<(u64, usize, usize)>);
+
+/// Data a segment holds before it is committed and the write lock let go between segments:
+/// bounds how long readers wait for rewrites in place and for planning.
+const SEGMENT_BYTES: usize = 4 << 20;
+
+/// The I/Os writing `(slot, write, block)` pairs: runs of consecutive slots holding
+/// consecutive blocks of one write become one I/O.
+fn segment_ios<'a>(segment: &'a [Prepared], pairs: &[(u64, usize, usize)]) -> Vec<(u64, &'a [u8])> {
+    let mut pairs = pairs.to_vec();
+    pairs.sort_unstable();
+    pairs
+        .chunk_by(|a, b| a.0 + 1 == b.0 && a.1 == b.1 && a.2 + 1 == b.2)
+        .map(|r| {
+            let (slot, w, i) = r[0];
+            (slot_offset(slot), &segment[w].blocks[i * 4096..(i + r.len()) * 4096])
+        })
+        .collect()
+}
 
 /// The map entries of a segment's blocks: all-zero blocks become known zeros; blocks whose
 /// slot only this tree has held since the last flush began are rewritten in place

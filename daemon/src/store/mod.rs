@@ -41,7 +41,9 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use catalog::{Catalog, CatalogError, BLOCK_SIZE};
 
@@ -166,6 +168,11 @@ pub struct Store {
     queue: Mutex<Vec<Arc<Pending>>>,
     /// Held by the writer committing the queue.
     committer: Mutex<()>,
+    /// Held by whoever changes the catalog, from its first look to its commit: taken before the
+    /// write lock ([`Store::catalog_mut`]). The group commit keeps it while it writes a segment's
+    /// fresh slots without the write lock, so reads go on meanwhile and no other change (an
+    /// operation, a trim, a flush) sees its allocation half done.
+    mutation: Mutex<()>,
     /// Set by every committed write, cleared by a flush: tells the periodic flush whether
     /// there is anything to make durable.
     unflushed: AtomicBool,
@@ -185,6 +192,26 @@ impl Drop for Store {
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "final flush failed");
         }
+    }
+}
+
+/// The catalog under its write lock and the mutation token (see [`Store::catalog_mut`]).
+struct CatalogMut<'a> {
+    // Fields drop in order: the write lock is let go before the token.
+    cat: RwLockWriteGuard<'a, Catalog>,
+    _mutation: MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for CatalogMut<'_> {
+    type Target = Catalog;
+    fn deref(&self) -> &Catalog {
+        &self.cat
+    }
+}
+
+impl std::ops::DerefMut for CatalogMut<'_> {
+    fn deref_mut(&mut self) -> &mut Catalog {
+        &mut self.cat
     }
 }
 
@@ -283,6 +310,7 @@ impl Store {
             busy: Default::default(),
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
+            mutation: Mutex::new(()),
             unflushed: AtomicBool::new(false),
             reclaimed_at: AtomicU64::new(0),
             compact_advised: AtomicBool::new(false),
@@ -312,11 +340,19 @@ impl Store {
 
     /// Shared access to the catalog (for listing, resolving, planning reads).
     pub fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
-        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+        self.catalog.read()
     }
 
-    fn catalog_mut(&self) -> RwLockWriteGuard<'_, Catalog> {
-        self.catalog.write().unwrap_or_else(|p| p.into_inner())
+    /// Exclusive access to the catalog for a change: the mutation token, then the write lock.
+    fn catalog_mut(&self) -> CatalogMut<'_> {
+        let mutation = self.mutation();
+        CatalogMut { cat: self.catalog.write(), _mutation: mutation }
+    }
+
+    /// The mutation token alone (see [`Store::mutation`]'s field): held by the group commit
+    /// across a segment, whose data is written without the write lock.
+    fn mutation(&self) -> MutexGuard<'_, ()> {
+        self.mutation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Run a catalog operation and make it durable before returning. On a full disk it is
