@@ -2,16 +2,19 @@
 //! commit here, and so do zeroing (trim, write-zeroes) and ingest's zero runs.
 //!
 //! Invariants:
-//! - data goes into freshly allocated slots and is written (one io_uring submission per
-//!   segment) before the map points at it; a failed write or map update rolls the allocation
-//!   back, so no slot is half-owned;
+//! - data goes into freshly allocated slots and is written before the map points at it; a
+//!   failed write or map update rolls the allocation back, so no slot is half-owned. The
+//!   exception: a slot only this tree has held since the last flush began is rewritten in place
+//!   (`BlockMap::rewritable`), under the write lock, its new checksum committed with it;
 //! - all-zero blocks become known zeros and take no slot;
 //! - a read-modify-write of an unaligned edge sees every write queued before it, even in the
 //!   same batch (the batch is cut into segments where that matters);
 //! - every committed write sets `unflushed`, so the periodic flush knows to run.
 //!
 //! Locking: writers queue under `queue`, then take `committer`; whoever holds it commits the
-//! whole queue under the catalog's write lock. Each write's outcome is left in its [`Pending`].
+//! whole queue, in segments of at most [`SEGMENT_BYTES`], holding the mutation token
+//! throughout and the catalog's write lock except while fresh slots are written. Each write's
+//! outcome is left in its [`Pending`].
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;

@@ -4,16 +4,19 @@
 //!
 //! It owns the rules that tie metadata to data:
 //! - new data goes into freshly allocated slots and is written before the map points at it,
-//!   so a committed pointer never sees half-written data, even after `kill -9`;
+//!   so a committed pointer never sees half-written data, even after `kill -9` (or into a slot
+//!   only this tree has held since the last flush began, rewritten in place: `commit`);
 //! - a flush is `fdatasync(extents)` then the engine's durable commit: after it returns, every
 //!   write answered before it is on disk, and only then are slots freed before it punched and
 //!   reused;
 //! - every catalog operation is followed by a flush, so it is durable when it returns;
 //! - a block whose crc32 does not match is an I/O error naming the volume and offset.
 //!
-//! Locking: one `RwLock<Catalog>`. Reads hold it shared through their data reads (so no slot
-//! they planned to read can be freed and reused under them); writes and catalog operations
-//! hold it exclusively. The flush's fsyncs run without the lock.
+//! Locking: one `RwLock<Catalog>` and a mutation token beside it. Reads hold the lock shared
+//! through their data reads (so no slot they planned to read can be freed and reused under
+//! them, nor rewritten in place); every change takes the token, then the lock exclusively. The
+//! group commit lets the lock go, keeping the token, while it writes fresh slots no tree points
+//! at yet (`commit`). The flush's fsyncs run without the lock.
 //!
 //! The parts, one concern each, all `impl Store` over the fields declared here:
 //! - this file: the [`Store`] itself, [`StoreError`], opening a data directory, catalog
