@@ -71,6 +71,8 @@ mod read;
 mod reclaim;
 mod scrub;
 mod space;
+#[cfg(test)]
+mod write_tests;
 
 pub use check::{check, compact, repair, CheckReport};
 pub use metakv::Engine as MetaEngine;
