@@ -73,7 +73,7 @@ struct Outcome {
 fn stream(client: &Client, name: &str, plan: plan::Plan, json_out: bool) -> anyhow::Result<Outcome> {
     let plan::Plan { reader, size, ranges, old } = plan;
     let progress = Arc::new(report::Progress::default());
-    let (tx, rx) = sync_channel::<anyhow::Result<Vec<u8>>>(8);
+    let (tx, rx) = sync_channel::<anyhow::Result<scan::Chunk>>(8);
     let (to_scan, nranges) = (ranges.iter().map(|r| r.1).sum::<u64>(), ranges.len());
     let scanner = {
         let p = progress.clone();
@@ -85,7 +85,7 @@ fn stream(client: &Client, name: &str, plan: plan::Plan, json_out: bool) -> anyh
     };
     let started = Instant::now();
     let reporter = report::Reporter::start(progress, size, to_scan, started, json_out);
-    let result = client.ingest(name, scan::FrameReader::new(rx));
+    let result = client.ingest(name, scan::FrameChunks::new(rx));
     reporter.stop();
     let _ = scanner.join();
     Ok(Outcome { answer: result?, ranges: nranges, started })

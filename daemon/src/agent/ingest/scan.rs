@@ -1,22 +1,42 @@
 //! The scan: read the image's ranges, hash every block, compare it with the daemon's digest
 //! and encode the changed ones as frames ([`crate::api::frames`]). It runs on its own thread and
-//! hands whole buffers of frames to the sender through a bounded channel, so reading and
-//! sending overlap and memory stays bounded (8 buffers of about 4 MiB).
+//! hands chunks of the body to the sender through a bounded channel, so reading and sending
+//! overlap and memory stays bounded (8 chunks of about 4 MiB in the channel).
+//!
+//! The image is read into buffers from a pool ([`crate::api::pool`]); a large data frame goes
+//! out as its head followed by a slice of the buffer it was read into, so its payload is not
+//! copied between the read and the socket. Small frames (scattered changed blocks) are copied
+//! next to their heads instead, and gathered until a chunk is worth a write.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use anyhow::Context;
+use bytes::Bytes;
 
 use super::report::Progress;
 use super::BS;
-use crate::api::frames::{encode_data, encode_end, encode_zero, MAX_FRAME_BLOCKS};
+use crate::api::frames::{encode_data_head, encode_end, encode_zero, MAX_FRAME_BLOCKS};
+use crate::api::pool::BufferPool;
+use crate::api::upload::Chunks;
 
-/// Bytes read from the image at a time.
-const CHUNK: usize = 4 << 20;
+/// Bytes read from the image at a time (one largest data frame).
+const CHUNK: usize = MAX_FRAME_BLOCKS as usize * BS;
+
+/// Read buffers kept for reuse (the channel's 8 chunks, one being read, one being sent, slack).
+const SPARE: usize = 12;
+
+/// A data frame with a payload smaller than this is copied next to its head rather than sent
+/// as a slice of its read buffer (which it would keep from being reused).
+const INLINE: usize = 64 << 10;
+
+/// Frames are gathered until a chunk of the body holds this much (or the scan is over).
+const SEND: usize = 1 << 20;
+
+/// One chunk of the body: its pieces, sent together.
+pub(super) type Chunk = Vec<Bytes>;
 
 /// Where the scan reads the image from: a file or block device, or an NBD export.
 pub trait ReadAt: Send {
@@ -36,37 +56,78 @@ impl ReadAt for crate::agent::nbd_source::NbdClient {
     }
 }
 
-/// Frames queued for sending, as a `Read` for the HTTP body.
-pub(super) struct FrameReader {
-    rx: Receiver<anyhow::Result<Vec<u8>>>,
-    cur: Vec<u8>,
-    pos: usize,
+/// The chunks the scan sends on its channel, as the body of the upload.
+pub(super) struct FrameChunks {
+    rx: Receiver<anyhow::Result<Chunk>>,
 }
 
-impl FrameReader {
+impl FrameChunks {
     /// The body that yields what the scan sends on `rx`, and ends when the scan is done.
-    pub(super) fn new(rx: Receiver<anyhow::Result<Vec<u8>>>) -> FrameReader {
-        FrameReader { rx, cur: Vec::new(), pos: 0 }
+    pub(super) fn new(rx: Receiver<anyhow::Result<Chunk>>) -> FrameChunks {
+        FrameChunks { rx }
     }
 }
 
-impl Read for FrameReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(buf)) => {
-                    self.cur = buf;
-                    self.pos = 0;
-                }
-                // A read error ends the body early; the daemon then abandons the ingest.
-                Ok(Err(e)) => return Err(std::io::Error::other(format!("{e:#}"))),
-                Err(_) => return Ok(0),
-            }
+impl Chunks for FrameChunks {
+    fn next_chunk(&mut self) -> std::io::Result<Option<Chunk>> {
+        match self.rx.recv() {
+            Ok(Ok(chunk)) => Ok(Some(chunk)),
+            // A read error ends the body early; the daemon then keeps what arrived.
+            Ok(Err(e)) => Err(std::io::Error::other(format!("{e:#}"))),
+            Err(_) => Ok(None),
         }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+    }
+}
+
+/// Encoded frames not sent yet: heads and small payloads in `inline`, large payloads as
+/// slices of read buffers, in stream order.
+#[derive(Debug, Default)]
+struct Out {
+    inline: Vec<u8>,
+    /// Each large payload, after the first `.0` bytes of `inline`.
+    slices: Vec<(usize, Bytes)>,
+    /// Bytes in all.
+    bytes: usize,
+}
+
+impl Out {
+    /// Append a data frame for `blocks` (whole blocks) from block `first`.
+    fn data(&mut self, first: u64, blocks: Bytes) {
+        let before = self.inline.len();
+        encode_data_head(first, &blocks, &mut self.inline);
+        if blocks.len() < INLINE {
+            self.inline.extend_from_slice(&blocks);
+        } else {
+            self.bytes += blocks.len();
+            self.slices.push((self.inline.len(), blocks));
+        }
+        self.bytes += self.inline.len() - before;
+    }
+
+    /// Append what `encode` writes (a zero or end frame).
+    fn other(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let before = self.inline.len();
+        encode(&mut self.inline);
+        self.bytes += self.inline.len() - before;
+    }
+
+    /// The pieces of the chunk, in order.
+    fn take(&mut self) -> Chunk {
+        let Out { inline, slices, .. } = std::mem::take(self);
+        let inline = Bytes::from(inline);
+        let mut pieces = Vec::with_capacity(2 * slices.len() + 1);
+        let mut at = 0;
+        for (cut, slice) in slices {
+            if cut > at {
+                pieces.push(inline.slice(at..cut));
+                at = cut;
+            }
+            pieces.push(slice);
+        }
+        if at < inline.len() {
+            pieces.push(inline.slice(at..));
+        }
+        pieces
     }
 }
 
@@ -125,16 +186,16 @@ struct Runs {
 impl Runs {
     /// Block `i` of `chunk` (first block number `first`) is of `kind`: close the runs it ends,
     /// open the one it starts. Returns the bytes of changed blocks encoded.
-    fn step(&mut self, i: usize, kind: Kind, first: u64, chunk: &[u8], out: &mut Vec<u8>) -> u64 {
+    fn step(&mut self, i: usize, kind: Kind, first: u64, chunk: &Bytes, out: &mut Out) -> u64 {
         let full = |s: usize| i - s >= MAX_FRAME_BLOCKS as usize;
         let mut changed = 0;
         if let Some(s) = self.data.filter(|&s| kind != Kind::Changed || full(s)) {
-            encode_data(first + s as u64, &chunk[s * BS..i * BS], out);
+            out.data(first + s as u64, chunk.slice(s * BS..i * BS));
             changed += ((i - s) * BS) as u64;
             self.data = None;
         }
         if let Some(s) = self.zero.filter(|&s| kind != Kind::Zeroed || full(s)) {
-            encode_zero(first + s as u64, u32::try_from(i - s).unwrap_or(u32::MAX), out);
+            out.other(|o| encode_zero(first + s as u64, u32::try_from(i - s).unwrap_or(u32::MAX), o));
             changed += ((i - s) * BS) as u64;
             self.zero = None;
         }
@@ -148,7 +209,7 @@ impl Runs {
 }
 
 /// Encode the frames of one chunk read from byte `off`; returns the changed bytes.
-fn encode_chunk(chunk: &[u8], off: u64, digests: &mut Digests<'_>, out: &mut Vec<u8>) -> u64 {
+fn encode_chunk(chunk: &Bytes, off: u64, digests: &mut Digests<'_>, out: &mut Out) -> u64 {
     let first = off / BS as u64;
     let nblocks = chunk.len() / BS;
     let mut runs = Runs::default();
@@ -168,11 +229,11 @@ pub(super) fn scan<R: ReadAt + ?Sized>(
     ranges: &[(u64, u64)],
     old: &[(u64, u64)],
     p: &Progress,
-    tx: &SyncSender<anyhow::Result<Vec<u8>>>,
+    tx: &SyncSender<anyhow::Result<Chunk>>,
 ) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; CHUNK];
+    let pool = BufferPool::new(CHUNK, 64, SPARE);
     let mut digests = Digests { old, at: 0 };
-    let mut out = Vec::with_capacity(CHUNK + CHUNK / 256);
+    let mut out = Out::default();
     let (mut scanned, mut changed) = (0u64, 0u64);
     for &(start, len) in ranges {
         digests.seek(start / BS as u64);
@@ -180,22 +241,75 @@ pub(super) fn scan<R: ReadAt + ?Sized>(
         let mut off = start;
         while off < end {
             let want = usize::try_from((end - off).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let chunk = &mut buf[..want];
-            file.read_at_exact(chunk, off).with_context(|| format!("reading the image at offset {off}"))?;
-            changed += encode_chunk(chunk, off, &mut digests, &mut out);
+            let mut buf = pool.take();
+            file.read_at_exact(buf.unfilled(want), off)
+                .with_context(|| format!("reading the image at offset {off}"))?;
+            buf.advance(want);
+            changed += encode_chunk(&buf.freeze(), off, &mut digests, &mut out);
             off += want as u64;
             scanned += want as u64;
             p.scanned.store(scanned, Ordering::Relaxed);
             p.changed.store(changed, Ordering::Relaxed);
-            if !out.is_empty() {
-                let full = std::mem::replace(&mut out, Vec::with_capacity(CHUNK + CHUNK / 256));
-                if tx.send(Ok(full)).is_err() {
-                    return Ok(()); // the sender stopped; its error is reported there
-                }
+            if out.bytes >= SEND && tx.send(Ok(out.take())).is_err() {
+                return Ok(()); // the sender stopped; its error is reported there
             }
         }
     }
-    encode_end(scanned, changed, &mut out);
-    let _ = tx.send(Ok(out));
+    out.other(|o| encode_end(scanned, changed, o));
+    let _ = tx.send(Ok(out.take()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::frames::{decode_all, Frame};
+
+    /// Scan `image` against `old` digests and decode what would be sent.
+    fn frames_of(image: &[u8], ranges: &[(u64, u64)], old: &[(u64, u64)]) -> Vec<Frame> {
+        struct Mem(Vec<u8>);
+        impl ReadAt for Mem {
+            fn read_at_exact(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+                let off = usize::try_from(off).expect("offset");
+                buf.copy_from_slice(&self.0[off..off + buf.len()]);
+                Ok(())
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+        scan(&Mem(image.to_vec()), ranges, old, &Progress::default(), &tx).expect("scan");
+        drop(tx);
+        let chunks: Vec<Chunk> = rx.iter().map(|c| c.expect("chunk")).collect();
+        decode_all(chunks.iter().flatten().map(|b| &b[..])).expect("decodes")
+    }
+
+    #[test]
+    fn large_runs_small_runs_and_zeroed_blocks_all_arrive() {
+        let n = 2 * MAX_FRAME_BLOCKS as usize + 40;
+        let mut image: Vec<u8> = (0..n * BS).map(|i| u8::try_from(i % 249).unwrap_or(0) | 1).collect();
+        let digest = |b: usize, img: &[u8]| catalog::blockmap::block_digest(&img[b * BS..(b + 1) * BS]);
+        // The daemon holds every block as it is now, except: block 3 and 1030..1033 changed,
+        // blocks 10..12 became zero.
+        let old: Vec<(u64, u64)> = (0..n).map(|b| (b as u64, digest(b, &image))).collect();
+        for b in [3usize, 1030, 1031, 1032] {
+            image[b * BS] ^= 0xff;
+        }
+        image[10 * BS..12 * BS].fill(0);
+        let frames = frames_of(&image, &[(0, (n * BS) as u64)], &old);
+        let block = |b: usize, k: usize| Bytes::copy_from_slice(&image[b * BS..(b + k) * BS]);
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Data { first: 3, data: block(3, 1) },
+                Frame::Zero { first: 10, count: 2 },
+                Frame::Data { first: 1030, data: block(1030, 3) },
+                Frame::End { scanned: (n * BS) as u64, changed: 6 * BS as u64 },
+            ]
+        );
+        // Against nothing, every block is sent, in frames of at most MAX_FRAME_BLOCKS.
+        let all = frames_of(&image, &[(0, (n * BS) as u64)], &[]);
+        let sent: usize = all.iter().map(|f| if let Frame::Data { data, .. } = f { data.len() } else { 0 }).sum();
+        assert_eq!(sent, (n - 2) * BS, "every block but the two zero ones");
+        assert!(matches!(&all[0], Frame::Data { first: 0, data } if data.len() == 10 * BS));
+        assert!(matches!(&all[1], Frame::Data { first: 12, data } if data.len() == CHUNK - 12 * BS));
+    }
 }
