@@ -129,6 +129,9 @@ cp_run() { # key [sync]
 cp_run cp1
 cp_run cp2
 cp_run cpsync sync
+# the disk's own durable write speed: the bound for a full ingest, which ends durable too
+timed dd bash -c 'dd if="$1" of="$2" bs=16M oflag=direct conv=fdatasync status=none' _ "$IMAGE" "$COPY"
+rm -f -- "$COPY"
 
 # ---------------------------------------------------------------- 3. daemon + full ingest
 read -r API_PORT ISCSI_PORT < <(python3 -c '
@@ -263,7 +266,8 @@ print("## Full copy\n")
 print("| step | wall s | MiB/s | ratio to best cp before ingest | ratio to best cp after ingest | goal | CPU s: command / forkd serve | load1 before -> after |")
 print("|---|---:|---:|---:|---:|---|---:|---|")
 rows = [("cp1", "cp run 1 (before ingest), no sync"), ("cp2", "cp run 2 (before ingest), no sync"),
-        ("cpsync", "cp + sync (before ingest)"), ("full", "full `forkd ingest`"),
+        ("cpsync", "cp + sync (before ingest)"),
+        ("dd", "dd bs=16M oflag=direct conv=fdatasync (before ingest)"), ("full", "full `forkd ingest`"),
         ("cp3", "cp run 3 (after ingest), no sync"), ("cp4", "cp run 4 (after ingest), no sync")]
 for k, name in rows:
     w, lb, la = W[k]; r = size_mib / w
@@ -273,6 +277,8 @@ for k, name in rows:
         mark = " (" + ("PASS" if r / best_before >= 0.8 else "MISS") + " / " + ("PASS" if r / best_after >= 0.8 else "MISS") + ")"
     print(f"| {name} | {w:.2f} | {r:.0f} | {r / best_before:.2f}x | {r / best_after:.2f}x | {goal}{mark} | {CPU[k][0]:.2f} / {CPU[k][1]:.2f} | {lb} -> {la} |")
 f = I["full"]
+print(f"\nFull ingest against the durable peers of the same run: {W['cpsync'][0] / W['full'][0]:.2f}x the speed of "
+      f"cp + sync, {W['dd'][0] / W['full'][0]:.2f}x that of dd with O_DIRECT and fdatasync (the ingest ends durable; cp does not).")
 print(f"\nfull ingest, daemon stats: {json.dumps(f)}\n")
 print("## Incremental ingest\n")
 has_wire = any("wire_bytes" in I[k] for k in ("dig1", "dig10", "cb1", "cb10"))

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::upload::UploadError;
+use super::upload::{Chunks, UploadError};
 use crate::api::data::{Empty, Extents, Written, Zeroed};
 use crate::api::environments::{
     CreateEnvironment, EnvCloneRequest, EnvCloned, EnvDeleted, EnvMoveRequest, EnvMoved, EnvSnapshotRequest,
@@ -282,7 +282,7 @@ impl Client {
     }
 
     /// `POST /v1/sources/{name}/ingest`: send an ingest stream (frames: [`crate::api::frames`]).
-    pub fn ingest(&self, name: &str, stream: impl Read) -> anyhow::Result<IngestAnswer> {
+    pub fn ingest(&self, name: &str, stream: impl Chunks) -> anyhow::Result<IngestAnswer> {
         let v = self.post_stream(&format!("/v1/sources/{}/ingest", enc(name)), stream)?;
         serde_json::from_value(v).map_err(|e| self.not_understood(&e))
     }
@@ -433,13 +433,13 @@ impl Client {
     /// `POST path` with a streamed `application/octet-stream` body (sent chunked) and parse
     /// the JSON answer. The answer is read while the body is still going out, so a daemon
     /// that refuses the stream part-way is heard (see [`super::upload`]).
-    fn post_stream(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
+    fn post_stream(&self, path: &str, body: impl Chunks) -> anyhow::Result<Value> {
         let mut headers = vec![("Content-Type", "application/octet-stream")];
         if let Some(a) = &self.authorization {
             headers.push(("Authorization", a.as_str()));
         }
         let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
-        match super::upload::post(&self.base, &path, &headers, reader) {
+        match super::upload::post(&self.base, &path, &headers, body) {
             Ok(a) if (200..300).contains(&a.status) => self.parse_json(&String::from_utf8_lossy(&a.body)),
             Ok(a) => Err(self.refused(error_from_body(a.status, &a.reason, &String::from_utf8_lossy(&a.body)))),
             Err(UploadError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

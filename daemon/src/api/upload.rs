@@ -7,17 +7,27 @@
 //! and such a client then dies on "Broken pipe" without ever seeing why. Here the answer is
 //! read as soon as it comes, the upload stops there, and the caller gets the daemon's own
 //! words. Only `http://` is spoken (the API has no TLS yet).
+//!
+//! The body comes as [`Chunks`], each a list of byte pieces (frame heads, slices of the
+//! buffers the image was read into), and each goes out as one HTTP chunk in vectored writes:
+//! the payload is never copied on its way to the socket.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 /// Largest answer read from the daemon (answers are small JSON objects).
 const MAX_ANSWER: u64 = 1 << 20;
 
-/// Body bytes sent per chunk at most.
-const CHUNK: usize = 1 << 20;
+/// A streamed request body, one chunk at a time.
+pub trait Chunks {
+    /// The pieces of the next chunk, sent together; `None` at the end. An error ends the
+    /// upload as a broken stream (no final chunk).
+    fn next_chunk(&mut self) -> std::io::Result<Option<Vec<Bytes>>>;
+}
 
 /// How long to wait for a TCP connection to the daemon (as every other API call does).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,7 +65,7 @@ pub(crate) enum UploadError {
 
 /// `POST base+path` with `body` sent chunked, `headers` added; the daemon's answer, whenever
 /// it comes (before, during or after the body).
-pub(crate) fn post(base: &str, path: &str, headers: &[(&str, &str)], body: impl Read) -> Result<Answer, UploadError> {
+pub(crate) fn post(base: &str, path: &str, headers: &[(&str, &str)], body: impl Chunks) -> Result<Answer, UploadError> {
     let target = Target::of(base, path)?;
     let sock = target.connect()?;
     let reader = sock.try_clone().map_err(UploadError::Connect)?;
@@ -127,7 +137,7 @@ fn send(
     sock: &mut TcpStream,
     target: &Target,
     headers: &[(&str, &str)],
-    mut body: impl Read,
+    mut body: impl Chunks,
     answer: &Receiver<Answered>,
 ) -> Result<Option<Answered>, UploadError> {
     let mut head = format!(
@@ -143,25 +153,49 @@ fn send(
     if sock.write_all(head.as_bytes()).is_err() {
         return Ok(None);
     }
-    let mut buf = vec![0u8; CHUNK];
     loop {
         if let Ok(early) = answer.try_recv() {
             return Ok(Some(early));
         }
-        let n = body.read(&mut buf).map_err(UploadError::Body)?;
-        if write_chunk(sock, &buf[..n]).is_err() || n == 0 {
+        let Some(pieces) = body.next_chunk().map_err(UploadError::Body)? else {
+            // The last chunk, empty; whether it went out or not, the answer tells.
+            let _ = write_chunk(sock, &[], 0);
+            return Ok(None);
+        };
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        // Nothing to send (an empty chunk would end the body), or the daemon stopped reading.
+        if len > 0 && write_chunk(sock, &pieces, len).is_err() {
             return Ok(None);
         }
     }
 }
 
-/// One chunk of a chunked body; an empty one is the last.
-fn write_chunk(sock: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    sock.write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
-    sock.write_all(data)?;
-    sock.write_all(b"\r\n")?;
-    if data.is_empty() {
+/// One chunk of a chunked body (`len` bytes in `pieces`); an empty one is the last.
+fn write_chunk(sock: &mut TcpStream, pieces: &[Bytes], len: usize) -> std::io::Result<()> {
+    let size = format!("{len:x}\r\n");
+    let mut slices = Vec::with_capacity(pieces.len() + 2);
+    slices.push(IoSlice::new(size.as_bytes()));
+    slices.extend(pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)));
+    slices.push(IoSlice::new(b"\r\n"));
+    write_all_vectored(sock, &mut slices)?;
+    if len == 0 {
         sock.flush()?;
+    }
+    Ok(())
+}
+
+/// `write_all` for vectored writes (the standard one is not stable yet); writes at most
+/// `IOV_MAX` slices per call.
+fn write_all_vectored(sock: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    while !slices.is_empty() {
+        let at_once = slices.len().min(IOV_MAX);
+        match sock.write_vectored(&slices[..at_once]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -267,11 +301,55 @@ mod tests {
     /// An endless body: the upload only ends because the daemon answered.
     struct Endless;
 
-    impl Read for Endless {
-        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-            out.fill(7);
-            Ok(out.len())
+    impl Chunks for Endless {
+        fn next_chunk(&mut self) -> std::io::Result<Option<Vec<Bytes>>> {
+            Ok(Some(vec![Bytes::from_static(&[7u8; 4096]), Bytes::from(vec![7u8; 1 << 20])]))
         }
+    }
+
+    #[test]
+    fn chunks_go_out_whole_and_the_body_ends_with_an_empty_chunk() {
+        struct Three(u8);
+        impl Chunks for Three {
+            fn next_chunk(&mut self) -> std::io::Result<Option<Vec<Bytes>>> {
+                self.0 += 1;
+                Ok(match self.0 {
+                    1 => Some(vec![Bytes::from_static(b"ab"), Bytes::new(), Bytes::from_static(b"cde")]),
+                    2 => Some(vec![Bytes::new()]),
+                    3 => Some(vec![Bytes::from(vec![b'x'; 70_000])]),
+                    _ => None,
+                })
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(sock.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).expect("read head") > 2 {
+                line.clear();
+            }
+            let mut body = Vec::new();
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size).expect("chunk size");
+                let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
+                let mut chunk = vec![0u8; n + 2];
+                reader.read_exact(&mut chunk).expect("chunk");
+                body.extend_from_slice(&chunk[..n]);
+                if n == 0 {
+                    break;
+                }
+            }
+            (&sock).write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").expect("answer");
+            body
+        });
+        let a = post(&format!("http://{addr}"), "/x", &[], Three(0)).expect("an answer");
+        assert_eq!(a.status, 200);
+        let body = server.join().expect("server");
+        assert_eq!(&body[..5], b"abcde");
+        assert_eq!(body.len(), 5 + 70_000);
     }
 
     #[test]
@@ -304,8 +382,8 @@ mod tests {
     #[test]
     fn a_body_that_fails_is_the_error() {
         struct Broken;
-        impl Read for Broken {
-            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        impl Chunks for Broken {
+            fn next_chunk(&mut self) -> std::io::Result<Option<Vec<Bytes>>> {
                 Err(std::io::Error::other("reading the image at offset 0: Input/output error"))
             }
         }

@@ -360,6 +360,13 @@ impl Store {
         self.mutation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Streaming mode for the calling thread until the guard is dropped (the ingest writer):
+    /// its large aligned runs go to disk around the page cache ([`engine`], "Streaming
+    /// writes"). What is promised, and when, does not change.
+    pub fn streaming_writes(&self) -> engine::Streaming {
+        self.engine.streaming()
+    }
+
     /// Run a catalog operation and make it durable before returning. On a full disk it is
     /// refused before it changes anything: it would only add metadata. Operations that free
     /// space use [`Store::op_freeing`].

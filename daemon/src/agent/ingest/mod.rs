@@ -3,8 +3,8 @@
 //! It reads the image front to back, hashes every 4 KiB block, compares it with the digest the
 //! daemon holds for the source's latest snapshot (fetched once, in block order, and walked in
 //! step with the image) and streams only the changed blocks, each with its crc32. Reading and
-//! hashing run on their own thread, sending on the caller's: the two overlap through a small
-//! bounded queue of encoded frames. Zero blocks are never sent; a block that became zero is
+//! hashing run on a few worker threads, sending on the caller's: they overlap through small
+//! bounded queues of encoded frames. Zero blocks are never sent; a block that became zero is
 //! sent as a zero frame without payload.
 //!
 //! With `--changed-blocks FILE` (see [`crate::agent::changed_blocks`]) only the listed ranges
@@ -15,10 +15,9 @@
 //!
 //! One run has four parts, each in its own file: [`plan`] (open the image, check it against
 //! the source, grow the source if asked, fetch the digests to compare with), [`scan`] (read,
-//! hash, compare and encode frames, on its own thread), the stream (here: the frames go to the
+//! hash, compare and encode frames, on worker threads), the stream (here: the frames go to the
 //! daemon as one HTTP body while the scan runs) and [`report`] (progress, then the summary).
 
-use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,25 +67,21 @@ struct Outcome {
     started: Instant,
 }
 
-/// Scan on one thread, report progress on another, and send the frames as the body of
+/// Scan on worker threads, report progress on another, and send the frames as the body of
 /// `POST /v1/sources/NAME/ingest` on this one; the daemon's answer ends the run.
 fn stream(client: &Client, name: &str, plan: plan::Plan, json_out: bool) -> anyhow::Result<Outcome> {
     let plan::Plan { reader, size, ranges, old } = plan;
     let progress = Arc::new(report::Progress::default());
-    let (tx, rx) = sync_channel::<anyhow::Result<Vec<u8>>>(8);
     let (to_scan, nranges) = (ranges.iter().map(|r| r.1).sum::<u64>(), ranges.len());
-    let scanner = {
-        let p = progress.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = scan::scan(&*reader, &ranges, &old, &p, &tx) {
-                let _ = tx.send(Err(e));
-            }
-        })
-    };
+    let input = scan::Input { reader: Arc::from(reader), ranges, old: Arc::new(old) };
     let started = Instant::now();
+    let (body, workers) = scan::start(input, &progress);
     let reporter = report::Reporter::start(progress, size, to_scan, started, json_out);
-    let result = client.ingest(name, scan::FrameReader::new(rx));
+    // The body is dropped when the upload ends, however it ends: the workers then stop.
+    let result = client.ingest(name, body);
     reporter.stop();
-    let _ = scanner.join();
+    for w in workers {
+        let _ = w.join();
+    }
     Ok(Outcome { answer: result?, ranges: nranges, started })
 }

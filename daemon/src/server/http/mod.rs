@@ -30,6 +30,7 @@ mod environments;
 mod extract;
 mod hooks;
 mod ingest;
+mod ingest_stream;
 mod leases;
 mod log;
 mod openapi;
