@@ -17,7 +17,9 @@
 //!   a commit becomes reusable only after the next flush made that commit durable and its
 //!   bytes were punched out, so a durable pointer never sees another write's data;
 //! - unreachable subtrees wait in the garbage queue (`g` keys) and are dismantled in small
-//!   atomic steps, so a crash mid-delete neither leaks nor double-frees.
+//!   atomic steps, so a crash mid-delete neither leaks nor double-frees; the owner runs the
+//!   steps one at a time ([`BlockMap::collect_garbage_step`], in `gc`), so a large delete never
+//!   holds its lock for long.
 //!
 //! Transactions and write-back: mutations take `&mut self` and accumulate in a transaction
 //! overlay; [`BlockMap::commit`] moves them, atomically, into an in-memory write-back layer,
@@ -33,11 +35,13 @@
 
 #![forbid(unsafe_code)]
 
+mod gc;
 mod node;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+pub use gc::GcStep;
 pub use metakv::{KvError, MetaKv};
 
 pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, MAX_SLOT, ZERO_SLOT};
@@ -151,6 +155,8 @@ pub struct BlockMap {
     pending: Vec<(u64, u64)>,
     /// Nodes dismantled since open (see [`MapStats::freed_nodes`]).
     freed_nodes: u64,
+    /// The garbage collector's list of queued nodes (`gc`).
+    gc: gc::Collector,
 }
 
 impl BlockMap {
@@ -194,6 +200,7 @@ impl BlockMap {
             generation: 1,
             pending,
             freed_nodes: 0,
+            gc: gc::Collector::default(),
         })
     }
 
@@ -871,47 +878,6 @@ impl BlockMap {
     /// Let punched slots be allocated again.
     pub fn make_available(&mut self, slots: Vec<u64>) {
         self.free.extend(slots);
-    }
-
-    /// Dismantle queued garbage, committing every few nodes so each step is atomic and small.
-    /// Returns the number of nodes freed. Must be called with no open transaction.
-    pub fn collect_garbage(&mut self) -> Result<u64> {
-        // The queue is read from the engine once; what it finds is dismantled from memory,
-        // every step recorded in the queue keys of the same commit.
-        self.spill()?;
-        let mut work: Vec<NodeId> = Vec::new();
-        self.kv.scan_prefix(&[P_GARBAGE], &mut |k, _| work.push(id_of(k).unwrap_or(0)))?;
-        let mut freed = 0u64;
-        while let Some(id) = work.pop() {
-            match self.load(id)? {
-                Node::Leaf(entries) => {
-                    for e in entries.iter().flatten().filter(|e| e.has_data()) {
-                        self.slot_dec(e.slot)?;
-                    }
-                }
-                Node::Inner { children, .. } => {
-                    for &c in children.iter().filter(|&&c| c != 0) {
-                        let n = self.node_rc(c)?;
-                        if n > 1 {
-                            self.set_count(P_NODE_RC, c, n - 1);
-                        } else {
-                            self.put_raw(&key(P_GARBAGE, c), Vec::new());
-                            work.push(c);
-                        }
-                    }
-                }
-            }
-            self.dirty.insert(id, None);
-            self.del_raw(&key(P_NODE_RC, id));
-            self.del_raw(&key(P_GARBAGE, id));
-            freed += 1;
-            if freed.is_multiple_of(512) {
-                self.commit()?;
-            }
-        }
-        self.commit()?;
-        self.freed_nodes += freed;
-        Ok(freed)
     }
 
     /// Current allocation counters.
