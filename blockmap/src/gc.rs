@@ -11,9 +11,10 @@
 //!
 //! Between steps the collector keeps in memory the queued nodes it knows of ([`Collector`]):
 //! the queue as read once from the engine, plus the children its own steps queued. Roots
-//! released since that read are found by reading the queue again once that list runs out, so
-//! a step costs what it dismantles, not the length of the queue. A failed step forgets the
-//! list: the next one reads the queue again.
+//! released since that read ([`BlockMap::release`] says so) are found by reading the queue
+//! again once that list runs out, so a step costs what it dismantles, not the length of the
+//! queue, and the end of a collection reads nothing. A failed step forgets the list: the next
+//! one reads the queue again.
 //!
 //! While nodes wait in the queue they still hold references on what they point at, so a walk
 //! of unique blocks ([`BlockMap::unique_blocks`]) counts what they share with live trees as
@@ -27,9 +28,30 @@ const FULL_STEP: usize = 512;
 /// What the collector remembers between steps.
 #[derive(Debug, Default)]
 pub(crate) struct Collector {
-    /// Queued nodes not dismantled yet, dismantled from the end (depth first). Empty: the
-    /// queue is read again before the next step.
+    /// Queued nodes not dismantled yet, dismantled from the end (depth first).
     work: Vec<NodeId>,
+    /// The queue was read since the map was opened (or since a failed step).
+    scanned: bool,
+    /// A root was released since the queue was last read: it holds nodes `work` lacks.
+    released: bool,
+}
+
+impl Collector {
+    /// [`crate::BlockMap::release`] queued a root.
+    pub(crate) fn queued(&mut self) {
+        self.released = true;
+    }
+
+    /// Whether the queue must be read again to know what it holds.
+    fn stale(&self) -> bool {
+        self.work.is_empty() && (self.released || !self.scanned)
+    }
+
+    /// Forget the list (after a failed step): the queue is read again.
+    fn forget(&mut self) {
+        self.work.clear();
+        self.scanned = false;
+    }
 }
 
 /// What one step of garbage collection did.
@@ -43,28 +65,24 @@ pub struct GcStep {
 
 impl crate::BlockMap {
     /// Dismantle at most `max_nodes` queued nodes in one atomic commit. Must be called with no
-    /// open transaction. `more` is exact: when false, the queue was read again and is empty.
-    /// On error nothing of the step is kept.
+    /// open transaction. `more` is exact: when false, the queue is empty. On error nothing of
+    /// the step is kept.
     pub fn collect_garbage_step(&mut self, max_nodes: usize) -> Result<GcStep> {
-        if self.gc.work.is_empty() {
-            self.gc.work = self.queued_garbage()?;
-        }
+        self.read_queue_if_stale()?;
         let freed = match self.dismantle(max_nodes.max(1)) {
             Ok(n) => n,
             Err(e) => {
                 self.rollback();
-                self.gc.work.clear();
+                self.gc.forget();
                 return Err(e);
             }
         };
         if let Err(e) = self.commit() {
-            self.gc.work.clear();
+            self.gc.forget();
             return Err(e);
         }
         self.freed_nodes += freed;
-        if self.gc.work.is_empty() && freed > 0 {
-            self.gc.work = self.queued_garbage()?;
-        }
+        self.read_queue_if_stale()?;
         Ok(GcStep { freed_nodes: freed, more: !self.gc.work.is_empty() })
     }
 
@@ -84,16 +102,25 @@ impl crate::BlockMap {
     /// Whether anything waits in the garbage queue (reads the queue when the collector knows
     /// of nothing). Must be called with no open transaction.
     pub fn garbage_queued(&mut self) -> Result<bool> {
-        if self.gc.work.is_empty() {
-            self.gc.work = self.queued_garbage()?;
-        }
+        self.read_queue_if_stale()?;
         Ok(!self.gc.work.is_empty())
     }
 
-    /// Queued nodes the collector knows of (every queued node right after a step that left
-    /// some, or after [`BlockMap::garbage_queued`]; roots released since are not counted).
+    /// Queued nodes the collector knows of (every queued node after a step or
+    /// [`BlockMap::garbage_queued`]; roots released since are not counted).
     pub fn garbage_known(&self) -> usize {
         self.gc.work.len()
+    }
+
+    /// Read the queue when the list may lack some of it: never read yet, or roots were
+    /// released since and the list ran out.
+    fn read_queue_if_stale(&mut self) -> Result<()> {
+        if self.gc.stale() {
+            self.gc.work = self.queued_garbage()?;
+            self.gc.scanned = true;
+            self.gc.released = false;
+        }
+        Ok(())
     }
 
     /// The queue as stored: committed changes are handed to the engine first, then its `g`

@@ -456,6 +456,7 @@ impl BlockMap {
             self.set_count(P_NODE_RC, root, n - 1);
         } else {
             self.put_raw(&key(P_GARBAGE, root), Vec::new());
+            self.gc.queued();
         }
         Ok(())
     }
