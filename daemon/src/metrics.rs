@@ -37,6 +37,10 @@ pub struct Metrics {
     pub meta_reclaimable_bytes: IntGauge,
     /// Compactions of `meta/` run by the daemon's upkeep.
     pub meta_compactions: IntCounter,
+    /// Tree nodes waiting in the garbage queue, as last counted (0 only when it is empty).
+    pub gc_queued_nodes: IntGauge,
+    /// Tree nodes dismantled by the background collector's steps.
+    pub gc_freed_nodes: IntCounter,
     /// Open NBD connections and closed ones by reason.
     pub nbd_connections: ConnectionMetrics,
     /// NBD requests by command.
@@ -237,6 +241,16 @@ impl Metrics {
                 "Bytes of meta/ a compaction could give back",
             ),
             meta_compactions: counter(&r, "forkd_meta_compactions_total", "Compactions of meta/ by the upkeep"),
+            gc_queued_nodes: gauge(
+                &r,
+                "forkd_gc_queued_nodes",
+                "Tree nodes waiting in the garbage queue (0 only when it is empty)",
+            ),
+            gc_freed_nodes: counter(
+                &r,
+                "forkd_gc_freed_nodes_total",
+                "Tree nodes dismantled by background garbage collection",
+            ),
             leases_expiring: gauge(
                 &r,
                 "forkd_leases_expiring",
@@ -261,6 +275,13 @@ impl Metrics {
         let snaps: usize = vols.values().map(|v| v.snapshots.len()).sum();
         self.snapshots.set(i64::try_from(snaps).unwrap_or(i64::MAX));
         self.extent_slots.set(i64::try_from(cat.map().stats().high_water - 1).unwrap_or(i64::MAX));
+    }
+
+    /// Refresh the garbage queue's gauge: nodes the collector knows of, at least 1 while
+    /// any may wait.
+    pub fn update_garbage(&self, cat: &catalog::Catalog) {
+        let queued = if cat.garbage_pending() { cat.map().garbage_known().max(1) } else { 0 };
+        self.gc_queued_nodes.set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
     /// Prometheus text exposition.

@@ -48,6 +48,9 @@ pub struct Config {
     /// Below this much free space new clones and ingests are refused: `5%` of the filesystem,
     /// a size such as `10G`, or `0` for no threshold ([`crate::store::pool`]).
     pub low_space_threshold: String,
+    /// Garbage tree nodes one step of garbage collection dismantles under the catalog's write
+    /// lock: smaller steps stall other volumes' I/O for less, and collect more slowly.
+    pub gc_step_nodes: usize,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             lease_tick: "5s".into(),
             clock_file: None,
             low_space_threshold: "5%".into(),
+            gc_step_nodes: catalog::GC_STEP_NODES,
         }
     }
 }
@@ -123,6 +127,9 @@ impl Config {
         if let Some(t) = &args.low_space_threshold {
             c.low_space_threshold = t.clone();
         }
+        if let Some(n) = args.gc_step_nodes {
+            c.gc_step_nodes = n;
+        }
         Ok(c)
     }
 
@@ -169,6 +176,8 @@ pub struct ServeArgs {
     pub clock_file: Option<PathBuf>,
     /// Free space below which new clones and ingests are refused (`--low-space-threshold`).
     pub low_space_threshold: Option<String>,
+    /// Garbage tree nodes per collection step (`--gc-step-nodes N`).
+    pub gc_step_nodes: Option<usize>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -215,6 +224,10 @@ struct ServeFlags {
     /// (5%), a size (10G), or 0 for none [default: 5%]
     #[arg(long, value_name = "SIZE|PCT", env = "FORKD_LOW_SPACE_THRESHOLD")]
     low_space_threshold: Option<String>,
+    /// Garbage tree nodes one step of garbage collection dismantles while it holds the catalog's
+    /// lock [default: 64] (tests make it 1, so a collection lasts)
+    #[arg(long, value_name = "N", env = "FORKD_GC_STEP_NODES", hide = true)]
+    gc_step_nodes: Option<usize>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -253,6 +266,7 @@ impl FromArgMatches for ServeArgs {
             lease_tick: flags.lease_tick,
             clock_file: flags.clock_file,
             low_space_threshold: flags.low_space_threshold,
+            gc_step_nodes: flags.gc_step_nodes,
         })
     }
 

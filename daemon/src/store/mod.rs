@@ -12,8 +12,9 @@
 //! - a block whose crc32 does not match is an I/O error naming the volume and offset.
 //!
 //! Locking: one `RwLock<Catalog>`. Reads hold it shared through their data reads (so no slot
-//! they planned to read can be freed and reused under them); writes and catalog operations
-//! hold it exclusively. The flush's fsyncs run without the lock.
+//! they planned to read can be freed and reused under them); writes, catalog operations and
+//! each step of garbage collection hold it exclusively. The flush's fsyncs run without the
+//! lock.
 //!
 //! The parts, one concern each, all `impl Store` over the fields declared here:
 //! - this file: the [`Store`] itself, [`StoreError`], opening a data directory, catalog
@@ -21,6 +22,7 @@
 //! - `read`: reads, block status, extents and digests (shared lock);
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
+//! - `gc`: garbage collection in bounded steps, the lock let go between them;
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
 //! - `check`: `forkd check` and `forkd repair` on a stopped daemon's data directory;
 //! - `format`: the data directory's format and engine, and converting `meta/` between engines;
@@ -58,6 +60,7 @@ pub mod engine;
 pub mod exports;
 mod flush;
 mod format;
+mod gc;
 mod generation;
 mod oplog;
 pub mod pool;
@@ -177,6 +180,10 @@ pub struct Store {
     upkept_at: AtomicU64,
     /// Scrub progress and the register of damaged slots (`scrub`).
     scrub: scrub::ScrubState,
+    /// Wakes the garbage collector (`gc`).
+    gc_wake: gc::Wake,
+    /// Garbage nodes per collection step (`gc`).
+    gc_step_nodes: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Store {
@@ -288,6 +295,8 @@ impl Store {
             compact_advised: AtomicBool::new(false),
             upkept_at: AtomicU64::new(u64::MAX),
             scrub: scrub::ScrubState::open(dir),
+            gc_wake: Default::default(),
+            gc_step_nodes: std::sync::atomic::AtomicUsize::new(catalog::GC_STEP_NODES),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
@@ -341,8 +350,13 @@ impl Store {
             if out.is_err() && cat.map().in_transaction() {
                 cat.map_mut().rollback();
             }
+            self.metrics.update_garbage(&cat);
             out?
         };
+        // Garbage the operation's own first step left: the collector takes it from here (`gc`).
+        if self.garbage_pending() {
+            self.wake_collector();
+        }
         self.flush()?;
         self.metrics.update_volumes(&self.catalog());
         Ok(out)
