@@ -37,10 +37,6 @@ pub struct Metrics {
     pub meta_reclaimable_bytes: IntGauge,
     /// Compactions of `meta/` run by the daemon's upkeep.
     pub meta_compactions: IntCounter,
-    /// Tree nodes waiting in the garbage queue, as last counted (0 only when it is empty).
-    pub gc_queued_nodes: IntGauge,
-    /// Tree nodes dismantled by the background collector's steps.
-    pub gc_freed_nodes: IntCounter,
     /// Open NBD connections and closed ones by reason.
     pub nbd_connections: ConnectionMetrics,
     /// NBD requests by command.
@@ -63,6 +59,35 @@ pub struct Metrics {
     pub schedules: ScheduleMetrics,
     /// Free space, the low-space threshold and quotas.
     pub space: SpaceMetrics,
+    /// Background garbage collection.
+    pub gc: GcMetrics,
+}
+
+/// The garbage collector's metrics (`store::gc`).
+#[derive(Debug)]
+pub struct GcMetrics {
+    /// Tree nodes waiting in the garbage queue as last counted; 0 only when it is empty and the
+    /// space of what was collected is back.
+    pub queued_nodes: IntGauge,
+    /// Tree nodes dismantled by the background collector's steps.
+    pub freed_nodes: IntCounter,
+}
+
+impl GcMetrics {
+    fn new(r: &Registry) -> GcMetrics {
+        GcMetrics {
+            queued_nodes: gauge(
+                r,
+                "forkd_gc_queued_nodes",
+                "Tree nodes waiting in the garbage queue (0 only when it is empty and their space is back)",
+            ),
+            freed_nodes: counter(
+                r,
+                "forkd_gc_freed_nodes_total",
+                "Tree nodes dismantled by background garbage collection",
+            ),
+        }
+    }
 }
 
 /// The space gauges, refreshed at each scrape (`store::pool`).
@@ -241,16 +266,6 @@ impl Metrics {
                 "Bytes of meta/ a compaction could give back",
             ),
             meta_compactions: counter(&r, "forkd_meta_compactions_total", "Compactions of meta/ by the upkeep"),
-            gc_queued_nodes: gauge(
-                &r,
-                "forkd_gc_queued_nodes",
-                "Tree nodes waiting in the garbage queue (0 only when it is empty)",
-            ),
-            gc_freed_nodes: counter(
-                &r,
-                "forkd_gc_freed_nodes_total",
-                "Tree nodes dismantled by background garbage collection",
-            ),
             leases_expiring: gauge(
                 &r,
                 "forkd_leases_expiring",
@@ -264,6 +279,7 @@ impl Metrics {
             ),
             schedules: ScheduleMetrics::new(&r),
             space: SpaceMetrics::new(&r),
+            gc: GcMetrics::new(&r),
             registry: r,
         }
     }
@@ -275,13 +291,6 @@ impl Metrics {
         let snaps: usize = vols.values().map(|v| v.snapshots.len()).sum();
         self.snapshots.set(i64::try_from(snaps).unwrap_or(i64::MAX));
         self.extent_slots.set(i64::try_from(cat.map().stats().high_water - 1).unwrap_or(i64::MAX));
-    }
-
-    /// Refresh the garbage queue's gauge: nodes the collector knows of, at least 1 while
-    /// any may wait.
-    pub fn update_garbage(&self, cat: &catalog::Catalog) {
-        let queued = if cat.garbage_pending() { cat.map().garbage_known().max(1) } else { 0 };
-        self.gc_queued_nodes.set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
     /// Prometheus text exposition.

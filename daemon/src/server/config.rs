@@ -51,6 +51,8 @@ pub struct Config {
     /// Garbage tree nodes one step of garbage collection dismantles under the catalog's write
     /// lock: smaller steps stall other volumes' I/O for less, and collect more slowly.
     pub gc_step_nodes: usize,
+    /// How long the collector waits between two steps: a span such as `0s` or `5ms`.
+    pub gc_step_pause: String,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             clock_file: None,
             low_space_threshold: "5%".into(),
             gc_step_nodes: catalog::GC_STEP_NODES,
+            gc_step_pause: "0s".into(),
         }
     }
 }
@@ -130,6 +133,9 @@ impl Config {
         if let Some(n) = args.gc_step_nodes {
             c.gc_step_nodes = n;
         }
+        if let Some(p) = &args.gc_step_pause {
+            c.gc_step_pause = p.clone();
+        }
         Ok(c)
     }
 
@@ -178,6 +184,8 @@ pub struct ServeArgs {
     pub low_space_threshold: Option<String>,
     /// Garbage tree nodes per collection step (`--gc-step-nodes N`).
     pub gc_step_nodes: Option<usize>,
+    /// The collector's wait between two steps (`--gc-step-pause SPAN`).
+    pub gc_step_pause: Option<String>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -228,6 +236,10 @@ struct ServeFlags {
     /// lock [default: 64] (tests make it 1, so a collection lasts)
     #[arg(long, value_name = "N", env = "FORKD_GC_STEP_NODES", hide = true)]
     gc_step_nodes: Option<usize>,
+    /// How long the garbage collector waits between two steps [default: 0s] (tests make a
+    /// collection last)
+    #[arg(long, value_name = "SPAN", env = "FORKD_GC_STEP_PAUSE", hide = true)]
+    gc_step_pause: Option<String>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -267,6 +279,7 @@ impl FromArgMatches for ServeArgs {
             clock_file: flags.clock_file,
             low_space_threshold: flags.low_space_threshold,
             gc_step_nodes: flags.gc_step_nodes,
+            gc_step_pause: flags.gc_step_pause,
         })
     }
 

@@ -46,7 +46,7 @@ pub fn run(args: &ServeArgs, ingest: IngestRunner) -> anyhow::Result<()> {
     let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
     store.set_log_retention(plan.log_retention);
     store.set_low_space_threshold(plan.low_space_threshold);
-    store.set_gc_step_nodes(plan.gc_step_nodes);
+    store.set_gc_step_nodes(plan.gc.step_nodes);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(serve(plan, store.clone(), ingest))?;
@@ -72,7 +72,7 @@ struct Plan {
     log_retention: catalog::LogRetention,
     leases: LeaseSettings,
     low_space_threshold: crate::store::pool::Threshold,
-    gc_step_nodes: usize,
+    gc: GcSettings,
 }
 
 impl Plan {
@@ -94,10 +94,7 @@ impl Plan {
             leases: lease_settings(config)?,
             low_space_threshold: crate::store::pool::Threshold::parse(&config.low_space_threshold)
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
-            gc_step_nodes: match config.gc_step_nodes {
-                0 => anyhow::bail!("gc_step_nodes 0: a step dismantles at least 1 node"),
-                n => n,
-            },
+            gc: gc_settings(config)?,
         })
     }
 }
@@ -152,6 +149,24 @@ fn lease_settings(config: &Config) -> anyhow::Result<LeaseSettings> {
         tick: std::time::Duration::from_millis(tick),
         clock: Arc::new(clock),
     })
+}
+
+/// How the garbage collector steps.
+struct GcSettings {
+    /// Nodes per step.
+    step_nodes: usize,
+    /// Wait between two steps.
+    pause: std::time::Duration,
+}
+
+/// `gc_step_nodes` and `gc_step_pause`, checked.
+fn gc_settings(config: &Config) -> anyhow::Result<GcSettings> {
+    if config.gc_step_nodes == 0 {
+        anyhow::bail!("gc_step_nodes 0: a step dismantles at least 1 node");
+    }
+    let pause = catalog::parse_span(&config.gc_step_pause)
+        .ok_or_else(|| anyhow::anyhow!("gc_step_pause {}: not a span such as 0s or 5ms", config.gc_step_pause))?;
+    Ok(GcSettings { step_nodes: config.gc_step_nodes, pause: std::time::Duration::from_millis(pause) })
 }
 
 fn address(value: &str, flag: &str, example: &str) -> anyhow::Result<SocketAddr> {
@@ -214,7 +229,8 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
         shutdown.clone(),
     ));
     let periodic = tokio::spawn(periodic_flush(store.clone(), shutdown.clone()));
-    let collector = tokio::spawn(crate::server::collector::run(store.clone(), FLUSH_INTERVAL, shutdown.clone()));
+    let ticks = (FLUSH_INTERVAL, plan.gc.pause);
+    let collector = tokio::spawn(crate::server::collector::run(store.clone(), ticks, shutdown.clone()));
     let events = Arc::new(Events::new(plan.hooks, nbd_addr, iscsi_addr));
     let clock = plan.leases.clock.clone();
     let reaper = Arc::new(Reaper::new(store.clone(), events.clone(), clock.clone(), plan.leases.warning_ms));

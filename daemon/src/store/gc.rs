@@ -13,19 +13,26 @@
 //!
 //! What stays true: the queue is durable, each step is atomic, so a crash mid-collection
 //! resumes without leaks or double frees; a slot a step frees becomes reusable only after a
-//! flush, like every other free, and the collector flushes when the queue runs empty, so the
-//! space comes back promptly; what still waits in the queue is unique to no one, and the
-//! figures a step may change are counted again (`catalog::unique`).
+//! flush, like every other free, and the collector flushes when the queue runs empty
+//! ([`Store::settle_collection`]), so the space comes back promptly; what still waits in the
+//! queue is unique to no one, and the figures a step may change are counted again
+//! (`catalog::unique`). `forkd_gc_queued_nodes` is 0 only when nothing waits and the space of
+//! what was collected is back.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use catalog::GcStep;
+use catalog::{Catalog, GcStep};
 
 use super::{Result, Store};
 
-/// The collector's wake-up call.
+/// What the store keeps for its collector.
 #[derive(Debug, Default)]
-pub(super) struct Wake(tokio::sync::Notify);
+pub(super) struct Collector {
+    /// The collector's wake-up call.
+    wake: tokio::sync::Notify,
+    /// Steps freed slots that no flush has given back yet.
+    unsettled: AtomicBool,
+}
 
 impl Store {
     /// Take one step of garbage collection, if any is due: what it freed and whether more
@@ -43,20 +50,47 @@ impl Store {
             if step.is_err() && cat.map().in_transaction() {
                 cat.map_mut().rollback();
             }
-            self.metrics.update_garbage(&cat);
+            if step.as_ref().is_ok_and(|s| s.freed_nodes > 0) {
+                self.gc.unsettled.store(true, Ordering::SeqCst);
+                // The slots it freed become reusable at the next flush.
+                self.unflushed.store(true, Ordering::SeqCst);
+            }
+            self.update_garbage_gauge(&cat);
             step
         };
         let step = self.note_enospc(step.map_err(Into::into))?;
-        self.metrics.gc_freed_nodes.inc_by(step.freed_nodes);
-        // The slots it freed become reusable at the next flush.
-        self.unflushed.store(true, Ordering::SeqCst);
+        self.metrics.gc.freed_nodes.inc_by(step.freed_nodes);
         Ok(step)
     }
 
-    /// Collect all garbage, step by step, then flush so its slots are punched and reusable.
+    /// After a collection's steps: flush, so the slots they freed are punched and can be
+    /// reused, and only then let `forkd_gc_queued_nodes` say 0.
+    pub fn settle_collection(&self) -> Result<()> {
+        if self.gc.unsettled.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.flush() {
+                self.gc.unsettled.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        self.update_garbage_gauge(&self.catalog());
+        Ok(())
+    }
+
+    /// Collect all garbage, step by step, then settle it.
     pub fn collect_garbage(&self) -> Result<()> {
         while self.collect_garbage_step()?.more {}
-        self.flush()
+        self.settle_collection()
+    }
+
+    /// `forkd_gc_queued_nodes`: the nodes the collector knows of while garbage waits, 1 while
+    /// what it freed waits for its flush, else 0 (every delete's space is back).
+    pub(super) fn update_garbage_gauge(&self, cat: &Catalog) {
+        let queued = match (cat.garbage_pending(), self.gc.unsettled.load(Ordering::SeqCst)) {
+            (true, _) => cat.map().garbage_known().max(1),
+            (false, true) => 1,
+            (false, false) => 0,
+        };
+        self.metrics.gc.queued_nodes.set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
     /// Set how many garbage nodes one step dismantles (`gc_step_nodes`; at least 1): the
@@ -85,11 +119,11 @@ impl Store {
 
     /// Wake the collector: an operation queued garbage it did not finish.
     pub(super) fn wake_collector(&self) {
-        self.gc_wake.0.notify_one();
+        self.gc.wake.notify_one();
     }
 
     /// Wait until an operation wakes the collector (at once if one did since the last wait).
     pub async fn collector_woken(&self) {
-        self.gc_wake.0.notified().await;
+        self.gc.wake.notified().await;
     }
 }

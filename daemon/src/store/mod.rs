@@ -180,8 +180,8 @@ pub struct Store {
     upkept_at: AtomicU64,
     /// Scrub progress and the register of damaged slots (`scrub`).
     scrub: scrub::ScrubState,
-    /// Wakes the garbage collector (`gc`).
-    gc_wake: gc::Wake,
+    /// The garbage collector's wake-up call and state (`gc`).
+    gc: gc::Collector,
     /// Garbage nodes per collection step (`gc`).
     gc_step_nodes: std::sync::atomic::AtomicUsize,
 }
@@ -295,7 +295,7 @@ impl Store {
             compact_advised: AtomicBool::new(false),
             upkept_at: AtomicU64::new(u64::MAX),
             scrub: scrub::ScrubState::open(dir),
-            gc_wake: Default::default(),
+            gc: Default::default(),
             gc_step_nodes: std::sync::atomic::AtomicUsize::new(catalog::GC_STEP_NODES),
         };
         if !store.restore_reserve() {
@@ -305,6 +305,7 @@ impl Store {
         store.flush()?;
         store.punch_beyond_high_water();
         store.metrics.update_volumes(&store.catalog());
+        store.update_garbage_gauge(&store.catalog());
         store.set_low_space_threshold(pool::Threshold::default());
         Ok(store)
     }
@@ -350,7 +351,6 @@ impl Store {
             if out.is_err() && cat.map().in_transaction() {
                 cat.map_mut().rollback();
             }
-            self.metrics.update_garbage(&cat);
             out?
         };
         // Garbage the operation's own first step left: the collector takes it from here (`gc`).
@@ -358,7 +358,9 @@ impl Store {
             self.wake_collector();
         }
         self.flush()?;
-        self.metrics.update_volumes(&self.catalog());
+        let cat = self.catalog();
+        self.metrics.update_volumes(&cat);
+        self.update_garbage_gauge(&cat);
         Ok(out)
     }
 }
