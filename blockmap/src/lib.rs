@@ -17,7 +17,9 @@
 //!   a commit becomes reusable only after the next flush made that commit durable and its
 //!   bytes were punched out, so a durable pointer never sees another write's data;
 //! - unreachable subtrees wait in the garbage queue (`g` keys) and are dismantled in small
-//!   atomic steps, so a crash mid-delete neither leaks nor double-frees.
+//!   atomic steps, so a crash mid-delete neither leaks nor double-frees; the owner runs the
+//!   steps one at a time ([`BlockMap::collect_garbage_step`], in `gc`), so a large delete never
+//!   holds its lock for long.
 //!
 //! Transactions and write-back: mutations take `&mut self` and accumulate in a transaction
 //! overlay; [`BlockMap::commit`] moves them, atomically, into an in-memory write-back layer,
@@ -33,11 +35,13 @@
 
 #![forbid(unsafe_code)]
 
+mod gc;
 mod node;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+pub use gc::GcStep;
 pub use metakv::{KvError, MetaKv};
 
 pub use node::{capacity, height_for, Entry, Node, NodeId, INNER_FANOUT, LEAF_FANOUT, MAX_SLOT, ZERO_SLOT};
@@ -172,6 +176,8 @@ pub struct BlockMap {
     freed_nodes: u64,
     /// What the engine holds for recently used keys, absent ones too (see [`ReadCache`]).
     cache: ReadCache,
+    /// The garbage collector's list of queued nodes (`gc`).
+    gc: gc::Collector,
 }
 
 /// Engine values (nodes, refcounts, free bits) as last read from or handed to the engine, and
@@ -241,6 +247,7 @@ impl BlockMap {
             pending,
             freed_nodes: 0,
             cache: ReadCache::with_weighter(1 << 16, READ_CACHE_BYTES, CacheWeight),
+            gc: gc::Collector::default(),
         })
     }
 
@@ -526,6 +533,7 @@ impl BlockMap {
             self.set_count(P_NODE_RC, root, n - 1);
         } else {
             self.put_raw(&key(P_GARBAGE, root), Vec::new());
+            self.gc.queued();
         }
         Ok(())
     }
@@ -990,65 +998,6 @@ impl BlockMap {
         }
         out.sort_unstable();
         out
-    }
-
-    /// Dismantle queued garbage, committing every few nodes so each step is atomic and small.
-    /// Returns the number of nodes freed. Must be called with no open transaction.
-    pub fn collect_garbage(&mut self) -> Result<u64> {
-        // The queue is read from the engine once; what it finds is dismantled from memory,
-        // every step recorded in the queue keys of the same commit.
-        self.spill()?;
-        let mut work = self.garbage_queue()?;
-        let mut freed = 0u64;
-        while let Some(id) = work.pop() {
-            match self.load(id)? {
-                Node::Leaf(entries) => {
-                    for e in entries.iter().flatten().filter(|e| e.has_data()) {
-                        self.slot_dec(e.slot)?;
-                    }
-                }
-                Node::Inner { children, .. } => {
-                    for &c in children.iter().filter(|&&c| c != 0) {
-                        let n = self.node_rc(c)?;
-                        if n > 1 {
-                            self.set_count(P_NODE_RC, c, n - 1);
-                        } else {
-                            self.put_raw(&key(P_GARBAGE, c), Vec::new());
-                            work.push(c);
-                        }
-                    }
-                }
-            }
-            self.dirty.insert(id, None);
-            self.del_raw(&key(P_NODE_RC, id));
-            self.del_raw(&key(P_GARBAGE, id));
-            freed += 1;
-            if freed.is_multiple_of(512) {
-                self.commit()?;
-            }
-        }
-        self.commit()?;
-        self.freed_nodes += freed;
-        Ok(freed)
-    }
-
-    /// The roots and nodes waiting in the garbage queue, as the engine and every layer above it
-    /// (which a running flush keeps from the engine) hold it.
-    fn garbage_queue(&self) -> Result<Vec<NodeId>> {
-        let mut queued = BTreeSet::new();
-        self.kv.scan_prefix(&[P_GARBAGE], &mut |k, _| {
-            queued.insert(id_of(k).unwrap_or(0));
-        })?;
-        for layer in [&self.frozen_keys, &self.wb_keys, &self.overlay] {
-            for (k, v) in layer.range(vec![P_GARBAGE]..vec![P_GARBAGE + 1]) {
-                let id = id_of(k).unwrap_or(0);
-                match v {
-                    Some(_) => queued.insert(id),
-                    None => queued.remove(&id),
-                };
-            }
-        }
-        Ok(queued.into_iter().collect())
     }
 
     /// Current allocation counters.

@@ -223,3 +223,66 @@ fn only_slots_no_flush_and_no_other_tree_has_seen_are_rewritable() {
     map.begin_flush();
     assert_eq!(map.rewritable(r, 0, 8).unwrap(), vec![None; 8]);
 }
+
+/// Fresh data in every block of `first..end` of the tree at `root`.
+fn fill(map: &mut BlockMap, root: &mut NodeId, nblocks: u64, first: u64, end: u64, tag: u32) {
+    let slots = map.alloc(usize::try_from(end - first).unwrap()).unwrap();
+    let es: Vec<Option<Entry>> = slots.into_iter().map(|slot| Some(Entry { slot, crc: tag, digest: 0 })).collect();
+    map.set_range(root, nblocks, first, &es, true).unwrap();
+}
+
+#[test]
+fn garbage_collection_steps_resume_after_a_restart_without_leaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let reopen = || BlockMap::open(metakv::open(metakv::Engine::DEFAULT, &dir.path().join("meta")).unwrap()).unwrap();
+    let mut map = reopen();
+    // `big`: 300 leaves under two level-1 nodes. `keep` shares it, then rewrites the first
+    // 200 leaves: those are big's alone, the other 100 stay shared.
+    let n = 300 * 64;
+    let mut big = 0;
+    fill(&mut map, &mut big, n, 0, n, 1);
+    map.commit().unwrap();
+    let mut keep = big;
+    map.share(keep).unwrap();
+    fill(&mut map, &mut keep, n, 0, 200 * 64, 2);
+    map.commit().unwrap();
+    let high = map.stats().high_water;
+    map.release(big).unwrap();
+    map.commit().unwrap();
+    // What waits in the queue is unique to no one: `keep` still shares 100 leaves with it,
+    // until the step that dismantles big's root and first level-1 node.
+    assert_eq!(map.unique_blocks(&[keep]).unwrap(), 200 * 64);
+    let step = map.collect_garbage_step(7).unwrap();
+    assert_eq!(step, GcStep { freed_nodes: 7, more: true });
+    assert_eq!(map.unique_blocks(&[keep]).unwrap(), n);
+    // Interrupted: what the step did is durable, the rest waits in the queue.
+    map.flush_store().unwrap();
+    drop(map);
+    let mut map = reopen();
+    assert!(map.garbage_queued().unwrap());
+    let (mut steps, mut freed) = (0, 7);
+    loop {
+        let step = map.collect_garbage_step(7).unwrap();
+        assert!(step.freed_nodes <= 7);
+        (steps, freed) = (steps + 1, freed + step.freed_nodes);
+        if !step.more {
+            break;
+        }
+    }
+    assert!(steps > 20, "{steps} steps");
+    assert_eq!(freed, 202, "the root, the first level-1 node and the 200 leaves keep does not share");
+    assert!(!map.garbage_queued().unwrap());
+    assert_eq!(map.unique_blocks(&[keep]).unwrap(), n, "keep holds every block alone");
+    assert_eq!(crcs(&map, keep, n)[200 * 64..], vec![Some(1); 100 * 64][..], "keep still reads big's blocks");
+    // Every slot is freed exactly once: big's 200 rewritten leaves before or after the
+    // restart (the free list), the rest when keep goes too.
+    map.release(keep).unwrap();
+    map.commit().unwrap();
+    map.collect_garbage().unwrap();
+    let t = map.begin_flush();
+    let released = map.take_released(t);
+    assert_eq!(released, (1..high).collect::<Vec<u64>>(), "every slot freed once");
+    map.flush_store().unwrap();
+    let left: Vec<u8> = metakv::collect_prefix(map.kv().as_ref(), b"").unwrap().iter().map(|(k, _)| k[0]).collect();
+    assert!(left.iter().all(|&p| p == P_FREE || p == b'm'), "only the free list and counters are left: {left:?}");
+}

@@ -2,7 +2,7 @@
 //! zeros and holes; single blocks and ranges across leaf and subtree edges), trims, shares
 //! (snapshots and clones), releases, volume growth, commits, rollbacks, spills, flush cycles
 //! (whole, or step by step with other operations and commits in between), garbage collection
-//! and restarts run against a real `BlockMap` on the real metadata engine and against a model built
+//! (whole, or in bounded steps until the queue is empty) and restarts run against a real `BlockMap` on the real metadata engine and against a model built
 //! from `BTreeMap`s and `BTreeSet`s.
 //!
 //! After every operation:
@@ -115,8 +115,11 @@ enum Op {
     Flush {
         commit_first: bool,
     },
-    /// Commit, then dismantle released roots (what the catalog does after every operation).
-    CollectGarbage,
+    /// Commit, then dismantle released roots: at once, or in steps of at most `step` nodes
+    /// each (as the daemon's background collector does) until the queue is empty.
+    CollectGarbage {
+        step: Option<usize>,
+    },
     /// Persist what is committed, drop map and database, reopen a copy of the directory. Without
     /// `commit_first`, the open transaction is lost as in a crash.
     Restart {
@@ -150,7 +153,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Spill),
         2 => any::<bool>().prop_map(|commit_first| Op::Flush { commit_first }),
         2 => Just(Op::FlushStep),
-        2 => Just(Op::CollectGarbage),
+        2 => prop::option::of(1..40usize).prop_map(|step| Op::CollectGarbage { step }),
         1 => any::<bool>().prop_map(|commit_first| Op::Restart { commit_first }),
     ]
 }
@@ -402,7 +405,7 @@ impl Run {
             Op::Spill => self.map().spill().expect("spill"),
             Op::FlushStep => self.flush_step(),
             Op::Flush { commit_first } => self.flush(commit_first),
-            Op::CollectGarbage => self.collect_garbage(),
+            Op::CollectGarbage { step } => self.collect_garbage(step),
             Op::Restart { commit_first } => self.restart(commit_first),
         }
     }
@@ -570,10 +573,13 @@ impl Run {
         }
     }
 
-    fn collect_garbage(&mut self) {
+    fn collect_garbage(&mut self, step: Option<usize>) {
         self.commit();
         let had = self.committed.garbage;
-        let freed = self.map().collect_garbage().expect("collect garbage");
+        let freed = match step {
+            None => self.map().collect_garbage().expect("collect garbage"),
+            Some(max) => self.collect_in_steps(max),
+        };
         if had {
             assert!(freed > 0, "released roots were waiting, none was collected");
         } else {
@@ -583,6 +589,22 @@ impl Run {
         self.cur.garbage = false;
         self.cur.garbage_slots.clear();
         self.model_commit();
+    }
+
+    /// Steps of at most `max` nodes until none is left; the nodes freed in all.
+    fn collect_in_steps(&mut self, max: usize) -> u64 {
+        let mut freed = 0;
+        loop {
+            let step = self.map().collect_garbage_step(max).expect("collect garbage step");
+            assert!(step.freed_nodes <= max as u64, "a step of at most {max} nodes freed {}", step.freed_nodes);
+            assert!(!self.map().in_transaction(), "each step commits what it did");
+            freed += step.freed_nodes;
+            if !step.more {
+                assert!(!self.map().garbage_queued().expect("queued"), "no more, yet the queue holds nodes");
+                return freed;
+            }
+            assert!(step.freed_nodes > 0, "more is left, yet the step freed nothing");
+        }
     }
 
     fn restart(&mut self, commit_first: bool) {
@@ -670,7 +692,7 @@ impl Run {
         while !self.cur.handles.is_empty() {
             self.apply(&Op::Release { h: 0 });
         }
-        self.collect_garbage();
+        self.collect_garbage(None);
         self.flush(true);
         self.check();
         let st = self.map().stats();

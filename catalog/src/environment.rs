@@ -428,7 +428,7 @@ impl Catalog {
         let members = self.check_env_delete(name, keep_volumes)?;
         self.commit_with(|cat| {
             for root in members.iter().flat_map(Volume::roots) {
-                cat.map.release(root)?;
+                cat.drop_root(root)?;
             }
             cat.stage_env(name, None);
             let removed: Vec<String> = members.iter().map(|v| v.name.clone()).collect();

@@ -24,11 +24,12 @@ mod reference;
 mod retention;
 mod schedule;
 mod undo;
+mod unique;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-pub use blockmap::{self, BlockMap, BlockMapError, Entry, KvError, MetaKv, NodeId, BLOCK_SIZE};
+pub use blockmap::{self, BlockMap, BlockMapError, Entry, GcStep, KvError, MetaKv, NodeId, BLOCK_SIZE};
 pub use environment::{EnvPoint, EnvSnapshot, Environment, MemberMove};
 pub use hooks::{check_event, HookSetting, HOOK_EVENTS};
 pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
@@ -39,6 +40,7 @@ pub use reference::{check_size, format_size, format_time, parse_size, parse_time
 pub use retention::{plan as retention_plan, Pruned, Retention};
 pub use schedule::{CatchUp, Schedule, ScheduleRun, Step};
 use serde::{Deserialize, Serialize};
+pub use unique::Kept;
 
 /// Errors of catalog operations. Each is one line a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +293,11 @@ fn masked_hint(source: &str, masked: &[String]) -> String {
 
 type Result<T> = std::result::Result<T, CatalogError>;
 
+/// Garbage nodes one collection step dismantles by default, in one commit under the owner's
+/// lock: the first step right after an operation that queued garbage, and each step of the
+/// owner's background collector (`unique`).
+pub const GC_STEP_NODES: usize = 64;
+
 /// Whether a volume is fed by ingest or written by hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -417,10 +424,10 @@ pub struct Volume {
     /// A source's `default_quota`: the quota new clones made from it get.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_quota: Option<u64>,
-    /// For a volume with a quota, the blocks it holds alone, kept across writes and counted
-    /// afresh after other operations (see `quota`); `None` without a quota. Not stored.
+    /// The blocks it holds alone, kept across writes, stale after operations that may change
+    /// them and counted again when read (see `unique`). Not stored.
     #[serde(skip)]
-    pub quota_used: Option<u64>,
+    pub unique: Kept,
     /// Blocks holding data in the head (stored under its own key, updated with every write).
     #[serde(skip)]
     pub allocated_blocks: u64,
@@ -453,7 +460,7 @@ impl Volume {
             lease_policy: None,
             quota_bytes: None,
             default_quota: None,
-            quota_used: None,
+            unique: Kept::default(),
         }
     }
 
@@ -578,6 +585,14 @@ pub struct Catalog {
     /// A shallow copy the open `commit_with` commits, holding only the snapshots it adds
     /// (`records`).
     appending: Option<Volume>,
+    /// Set when a root was released: garbage may wait in the queue (`unique`).
+    garbage_due: bool,
+    /// Volumes whose unique blocks collection steps may change (`unique`).
+    gc_affected: BTreeSet<String>,
+    /// Volumes whose unique blocks the open `commit_with` counted itself (`unique`).
+    counted: BTreeSet<String>,
+    /// Nodes of the collection step an operation that queued garbage takes itself (`unique`).
+    gc_step: usize,
 }
 
 impl Catalog {
@@ -603,12 +618,16 @@ impl Catalog {
             env_pending: Vec::new(),
             schedules,
             appending: None,
+            garbage_due: false,
+            gc_affected: BTreeSet::new(),
+            counted: BTreeSet::new(),
+            gc_step: GC_STEP_NODES,
         };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
         }
-        cat.map.collect_garbage()?;
-        cat.recount(&BTreeSet::new(), &BTreeSet::new())?;
+        // Garbage a crash left waiting is collected by the owner's steps, as any other.
+        cat.garbage_at_open()?;
         Ok(cat)
     }
 
@@ -698,31 +717,51 @@ impl Catalog {
         });
         match result {
             Ok((changed, removed, out)) => {
-                let touched: BTreeSet<String> = changed.iter().map(|v| v.name.clone()).chain(removed.clone()).collect();
-                let gone: BTreeSet<String> = removed
-                    .iter()
-                    .filter_map(|n| self.volumes.get(n))
-                    .flat_map(|v| [&v.origin, &v.detached_from].into_iter().flatten().map(|o| o.volume.clone()))
-                    .collect();
-                self.recorded(changed.iter().map(|v| &v.name).chain(&removed));
-                for name in removed {
-                    self.volumes.remove(&name);
-                }
-                for v in changed {
-                    self.volumes.insert(v.name.clone(), v);
-                }
-                self.apply_environments();
-                self.apply_appending();
-                self.map.collect_garbage()?;
-                self.recount(&touched, &gone)?;
+                self.committed(changed, removed);
                 Ok(out)
             }
             Err(e) => {
                 self.env_pending.clear();
                 self.appending = None;
+                self.counted.clear();
                 self.map.rollback();
                 Err(e)
             }
+        }
+    }
+
+    /// Make a committed operation's records the in-memory ones, mark the unique blocks it may
+    /// have changed, and take a first step of collecting the garbage it queued (the owner
+    /// runs the rest: `unique`).
+    fn committed(&mut self, changed: Vec<Volume>, removed: Vec<String>) {
+        let names = changed.iter().map(|v| &v.name).chain(&removed).chain(self.appending.as_ref().map(|v| &v.name));
+        let touched: BTreeSet<String> = names.cloned().collect();
+        let before: BTreeSet<String> = touched
+            .iter()
+            .filter_map(|n| self.volumes.get(n))
+            .flat_map(|v| [&v.origin, &v.detached_from].into_iter().flatten().map(|o| o.volume.clone()))
+            .collect();
+        self.recorded(changed.iter().map(|v| &v.name).chain(&removed));
+        for name in removed {
+            self.volumes.remove(&name);
+        }
+        for v in changed {
+            self.volumes.insert(v.name.clone(), v);
+        }
+        self.apply_environments();
+        self.apply_appending();
+        self.mark_changed(&touched, &before);
+        // The operation is committed whatever happens here: a failed step is tried again, and
+        // what a failed hand-off leaves in the write-back layer goes at the next flush.
+        if self.garbage_due {
+            if let Err(e) = self.collect_garbage_step(self.gc_step) {
+                tracing::warn!(error = %e, "garbage collection step failed; it will be tried again");
+            }
+        }
+        // Operations hand the write-back layer to the engine, as they did when each one
+        // collected its garbage to the end (which began with that hand-off).
+        if let Err(e) = self.map.spill() {
+            tracing::warn!(error = %e, "handing committed changes to the metadata engine failed");
         }
     }
 
@@ -848,13 +887,15 @@ impl Catalog {
     fn clone_in(&mut self, parent: &Volume, id: u64, name: &str) -> Result<Volume> {
         let snap = parent.find(&SnapSel::Id(id))?;
         self.map.share(snap.root)?;
-        Ok(Volume {
+        let mut clone = Volume {
             origin: Some(SnapshotId { volume: parent.name.clone(), id }),
             allocated_blocks: snap.allocated_blocks,
             hooks: hooks::inherited(&parent.hooks),
             quota_bytes: self.default_quota_for(parent),
             ..Volume::new(name, Kind::Clone, snap.size_bytes, snap.root, self.now())
-        })
+        };
+        self.counted_new(&mut clone);
+        Ok(clone)
     }
 
     /// Volumes a clone may move to: itself and every volume up its origin chain.
@@ -925,7 +966,7 @@ impl Catalog {
             self.volume(&target.volume)?.find(&SnapSel::Id(target.id))?.clone()
         };
         self.map.share(t.root)?;
-        self.map.release(v.root)?;
+        self.drop_root(v.root)?;
         v.root = t.root;
         v.size_bytes = t.size_bytes;
         v.allocated_blocks = t.allocated_blocks;
@@ -972,13 +1013,13 @@ impl Catalog {
             Deletion::Snapshot(mut v, s) => {
                 v.snapshots.retain(|x| x.id != s.id);
                 self.commit_with(|cat| {
-                    cat.map.release(s.root)?;
+                    cat.drop_root(s.root)?;
                     Ok((vec![v], vec![], ()))
                 })
             }
             Deletion::Volume(v) => self.commit_with(|cat| {
                 for root in v.roots() {
-                    cat.map.release(root)?;
+                    cat.drop_root(root)?;
                 }
                 Ok((vec![], vec![v.name.clone()], ()))
             }),
@@ -1068,29 +1109,29 @@ impl Catalog {
             None => (self.write_copy(volume)?, false),
         };
         let nblocks = v.nblocks();
+        let freed_before = self.map.freed_in_transaction();
+        let rewritten_before = self.map.rewritten_in_transaction();
         let result = {
             let (root, allocated) = match &mut v.staging {
                 Some(s) if staging => (&mut s.root, &mut s.allocated_blocks),
                 _ => (&mut v.root, &mut v.allocated_blocks),
             };
             let before = *root;
-            let freed_before = self.map.freed_in_transaction();
-            let rewritten_before = self.map.rewritten_in_transaction();
             let r = self.map.set_range(root, nblocks, first, entries, staging);
             if let Ok(delta) = r {
                 *allocated = allocated.saturating_add_signed(delta);
             }
             moved |= *root != before;
-            if r.is_ok() && !staging {
-                // A block rewritten in place keeps its slot: it adds nothing.
-                let rewritten = self.map.rewritten_in_transaction().saturating_sub(rewritten_before);
-                let added =
-                    entries.iter().filter(|e| e.is_some_and(|e| e.has_data())).count().saturating_sub(rewritten) as u64;
-                let freed = self.map.freed_in_transaction().saturating_sub(freed_before) as u64;
-                Self::count_write(&mut v, added, freed);
-            }
             r
         };
+        if result.is_ok() {
+            // A block rewritten in place keeps its slot: it adds nothing.
+            let rewritten = self.map.rewritten_in_transaction().saturating_sub(rewritten_before);
+            let added =
+                entries.iter().filter(|e| e.is_some_and(|e| e.has_data())).count().saturating_sub(rewritten) as u64;
+            let freed = self.map.freed_in_transaction().saturating_sub(freed_before) as u64;
+            self.count_write(&v, added, freed);
+        }
         self.staged.insert(v.name.clone(), (v, moved));
         result.map(|_| ()).map_err(CatalogError::from)
     }
@@ -1174,7 +1215,7 @@ impl Catalog {
         let mut v = self.shallow(source)?;
         let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
         self.commit_appending(v, |cat, v| {
-            cat.map.release(v.root)?;
+            cat.drop_root(v.root)?;
             v.root = staging.root;
             v.allocated_blocks = staging.allocated_blocks;
             let id = cat.take_snapshot(v, "ingest", None)?;
@@ -1190,7 +1231,7 @@ impl Catalog {
         let mut v = self.volume(source)?.clone();
         let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
         self.commit_with(|cat| {
-            cat.map.release(staging.root)?;
+            cat.drop_root(staging.root)?;
             Ok((vec![v], vec![], ()))
         })
     }

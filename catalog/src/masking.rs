@@ -122,7 +122,7 @@ impl Catalog {
         let (root, size, allocated) = (s.root, s.size_bytes, s.allocated_blocks);
         self.commit_with(|cat| {
             cat.map.share(root)?;
-            cat.map.release(v.root)?;
+            cat.drop_root(v.root)?;
             (v.root, v.size_bytes, v.allocated_blocks) = (root, size, allocated);
             v.origin = Some(id.clone());
             v.timeflow += 1;

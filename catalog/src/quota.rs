@@ -2,23 +2,12 @@
 //! `default_quota` that new clones of a source get.
 //!
 //! The limit lives in the clone's record (`quota_bytes`), the default in its source's
-//! (`default_quota`). For every clone with a quota the catalog keeps its unique blocks
-//! (`Volume::quota_used`, in memory only) so the store can check a write against the limit
-//! without walking trees:
-//! - a write to the head adds one block per new data block and takes away every slot whose
-//!   last reference it dropped (`stage_write`): exact, since a slot that loses its last
-//!   reference was the volume's alone, and one that keeps a reference stays as unique as it was;
-//! - every other catalog operation can change who shares what (a deleted snapshot, a deleted
-//!   relative, a new clone of one of its snapshots, a rewind), so after each commit the figure
-//!   is counted afresh ([`Catalog::recount`]) for the quota'd volumes it touched and the
-//!   relatives whose sharing it can change: the volume a touched clone came from, and clones
-//!   detached from a touched volume (a clone's origin snapshot outlives it, so what is done to
-//!   its origin volume leaves it alone). The walk costs what those volumes hold alone, not
-//!   their size. It is also counted at open.
+//! (`default_quota`). The use is the clone's unique blocks as the catalog keeps them for every
+//! volume (`unique`): exact across writes, counted again after an operation or a garbage
+//! collection step that may have changed it, so the store checks a write against the limit
+//! without walking trees (but on the first write after such a change).
 //!
 //! A quota below current use is allowed: writes that add blocks fail, trims and deletes work.
-
-use std::collections::BTreeSet;
 
 use crate::{Catalog, CatalogError, Kind, Result, Volume, BLOCK_SIZE};
 
@@ -87,58 +76,23 @@ impl Catalog {
     }
 
     /// A clone's unique bytes and quota; `None` when it has no quota (or does not exist).
-    pub fn quota_use(&self, volume: &str) -> Option<QuotaUse> {
-        let v = self.staged_volume(volume).ok()?;
-        Some(QuotaUse { used_bytes: v.quota_used?.saturating_mul(BLOCK_SIZE), limit_bytes: v.quota_bytes? })
+    /// Counts the unique bytes when their kept figure is stale (`unique`).
+    pub fn quota_use(&self, volume: &str) -> Result<Option<QuotaUse>> {
+        let Ok(v) = self.staged_volume(volume) else { return Ok(None) };
+        let Some(limit_bytes) = v.quota_bytes else { return Ok(None) };
+        let used_bytes = self.unique_blocks_of(v)?.saturating_mul(BLOCK_SIZE);
+        Ok(Some(QuotaUse { used_bytes, limit_bytes }))
     }
 
     /// Every clone with a quota and its use, by name.
-    pub fn quotas(&self) -> Vec<(String, QuotaUse)> {
-        self.volumes.keys().filter_map(|n| Some((n.clone(), self.quota_use(n)?))).collect()
-    }
-
-    /// Count afresh the unique blocks of the quota'd volumes among `names`, the volumes their
-    /// clones come from (a new clone or a moved head changes what those share), the clones
-    /// detached from them, and `gone` (the origins of volumes just removed); forget the figure
-    /// of volumes without a quota.
-    pub(crate) fn recount(&mut self, names: &BTreeSet<String>, gone: &BTreeSet<String>) -> Result<()> {
-        // A clone's origin snapshot outlives it, so nothing done to its origin volume changes
-        // what the clone holds alone; only the snapshot a detached clone came from can go.
-        let near = |v: &Volume| {
-            names.contains(&v.name)
-                || gone.contains(&v.name)
-                || v.detached_from.as_ref().is_some_and(|o| names.contains(&o.volume))
-        };
-        let parents: BTreeSet<String> = names
-            .iter()
-            .filter_map(|n| self.volumes.get(n))
-            .flat_map(|v| [&v.origin, &v.detached_from].into_iter().flatten().map(|o| o.volume.clone()))
-            .collect();
-        let todo: Vec<String> = self
-            .volumes
-            .values()
-            .filter(|v| v.quota_bytes.is_some() != v.quota_used.is_some() || near(v) || parents.contains(&v.name))
-            .map(|v| v.name.clone())
-            .collect();
-        for name in todo {
-            let Some(v) = self.volumes.get(&name) else { continue };
-            let used = match v.quota_bytes {
-                Some(_) => Some(self.map.unique_blocks(&v.roots())?),
-                None => None,
-            };
-            if let Some(v) = self.volumes.get_mut(&name) {
-                v.quota_used = used;
+    pub fn quotas(&self) -> Result<Vec<(String, QuotaUse)>> {
+        let mut out = Vec::new();
+        for name in self.volumes.keys() {
+            if let Some(q) = self.quota_use(name)? {
+                out.push((name.clone(), q));
             }
         }
-        Ok(())
-    }
-
-    /// Keep a quota'd volume's unique blocks across a write to its head: `added` new data
-    /// blocks, `freed` slots whose last reference went.
-    pub(crate) fn count_write(v: &mut Volume, added: u64, freed: u64) {
-        if let Some(used) = &mut v.quota_used {
-            *used = used.saturating_add(added).saturating_sub(freed);
-        }
+        Ok(out)
     }
 }
 
@@ -159,14 +113,17 @@ mod tests {
         cat.write(volume, first, &es, false).unwrap();
     }
 
-    fn used(cat: &Catalog, v: &str) -> u64 {
-        cat.quota_use(v).unwrap().used_bytes / BLOCK_SIZE
+    fn quota(cat: &Catalog, v: &str) -> Option<QuotaUse> {
+        cat.quota_use(v).unwrap()
     }
 
-    /// The kept figure always equals a fresh walk.
-    fn check(cat: &Catalog, v: &str) {
-        let truth = cat.unique_bytes(&cat.volume(v).unwrap().roots()).unwrap() / BLOCK_SIZE;
-        assert_eq!(used(cat, v), truth, "{v}: kept figure against a walk");
+    fn used(cat: &Catalog, v: &str) -> u64 {
+        quota(cat, v).unwrap().used_bytes / BLOCK_SIZE
+    }
+
+    /// Every kept figure equals a fresh walk (`unique`).
+    fn check(cat: &Catalog, _: &str) {
+        crate::unique::tests::check_all(cat);
     }
 
     #[test]
@@ -177,7 +134,7 @@ mod tests {
         write_staged(&mut cat, "db", 0, 16);
         cat.finish_ingest("db", crate::IngestSummary::default()).unwrap();
         cat.clone_volume("db@1", "dev").unwrap();
-        assert!(cat.quota_use("dev").is_none());
+        assert!(quota(&cat, "dev").is_none());
         cat.set_quota("dev", Some(10 * BLOCK_SIZE)).unwrap();
         assert_eq!(used(&cat, "dev"), 0, "a new clone shares everything");
         write(&mut cat, "dev", 0, 4);
@@ -195,8 +152,8 @@ mod tests {
         cat.delete("dev@1").unwrap();
         check(&cat, "dev");
         assert_eq!(used(&cat, "dev"), 0);
-        assert!(cat.quota_use("dev").unwrap().admits(10));
-        assert!(!cat.quota_use("dev").unwrap().admits(11));
+        assert!(quota(&cat, "dev").unwrap().admits(10));
+        assert!(!quota(&cat, "dev").unwrap().admits(11));
     }
 
     #[test]
@@ -238,11 +195,11 @@ mod tests {
         assert_eq!(used(&cat, "dev"), 13);
         // Removing the quota forgets the figure; a default quota reaches new clones.
         cat.set_quota("dev", None).unwrap();
-        assert!(cat.quota_use("dev").is_none());
+        assert!(quota(&cat, "dev").is_none());
         cat.set_default_quota("db", Some(8 * BLOCK_SIZE)).unwrap();
         cat.snapshot("db", None).unwrap();
         cat.clone_volume("db@latest", "ci").unwrap();
-        assert_eq!(cat.quota_use("ci"), Some(QuotaUse { used_bytes: 0, limit_bytes: 8 * BLOCK_SIZE }));
+        assert_eq!(quota(&cat, "ci"), Some(QuotaUse { used_bytes: 0, limit_bytes: 8 * BLOCK_SIZE }));
         assert!(cat.set_quota("db", Some(1)).is_err(), "sources take no quota");
     }
 

@@ -179,7 +179,7 @@ impl Catalog {
         v.snapshots.retain(|s| !doomed.contains(&s.id));
         self.commit_with(|cat| {
             for root in roots {
-                cat.map.release(root)?;
+                cat.drop_root(root)?;
             }
             Ok((vec![v], vec![], pruned))
         })

@@ -32,7 +32,7 @@ impl Catalog {
                 cat.map.share(root)?;
             }
             for root in current.iter().chain(&gone).flat_map(Volume::roots) {
-                cat.map.release(root)?;
+                cat.drop_root(root)?;
             }
             Ok((before.to_vec(), created.to_vec(), ()))
         })

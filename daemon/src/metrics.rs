@@ -59,6 +59,35 @@ pub struct Metrics {
     pub schedules: ScheduleMetrics,
     /// Free space, the low-space threshold and quotas.
     pub space: SpaceMetrics,
+    /// Background garbage collection.
+    pub gc: GcMetrics,
+}
+
+/// The garbage collector's metrics (`store::gc`).
+#[derive(Debug)]
+pub struct GcMetrics {
+    /// Tree nodes waiting in the garbage queue as last counted; 0 only when it is empty and the
+    /// space of what was collected is back.
+    pub queued_nodes: IntGauge,
+    /// Tree nodes dismantled by the background collector's steps.
+    pub freed_nodes: IntCounter,
+}
+
+impl GcMetrics {
+    fn new(r: &Registry) -> GcMetrics {
+        GcMetrics {
+            queued_nodes: gauge(
+                r,
+                "forkd_gc_queued_nodes",
+                "Tree nodes waiting in the garbage queue (0 only when it is empty and their space is back)",
+            ),
+            freed_nodes: counter(
+                r,
+                "forkd_gc_freed_nodes_total",
+                "Tree nodes dismantled by background garbage collection",
+            ),
+        }
+    }
 }
 
 /// The space gauges, refreshed at each scrape (`store::pool`).
@@ -250,6 +279,7 @@ impl Metrics {
             ),
             schedules: ScheduleMetrics::new(&r),
             space: SpaceMetrics::new(&r),
+            gc: GcMetrics::new(&r),
             registry: r,
         }
     }

@@ -655,6 +655,15 @@ impl Daemon {
         r.text()
     }
 
+    /// Wait (at most a minute) until background garbage collection has emptied the garbage
+    /// queue and flushed (`forkd_gc_queued_nodes` is 0): the slots it freed are punched and
+    /// reusable, so what deletes gave back is back on disk.
+    pub fn wait_for_garbage_collection(&self) {
+        wait_until(self, "garbage collection", Duration::from_secs(60), || {
+            metric_value(&self.metrics(), "forkd_gc_queued_nodes") == 0.0
+        });
+    }
+
     /// `forkd_nbd_connections_closed_total{reason="REASON"}` right now.
     pub fn nbd_closed(&self, reason: &str) -> u64 {
         let v = metric_value(&self.metrics(), &format!("forkd_nbd_connections_closed_total{{reason=\"{reason}\"}}"));

@@ -247,6 +247,7 @@ fn cli_end_to_end_on_a_real_daemon() {
     for c in ["c1b", "c2", "c1"] {
         d.cli_ok(&["delete", c]);
     }
+    d.wait_for_garbage_collection();
     let list = d.cli_json(&["list"]);
     let want: BTreeSet<String> = ["prod".to_string()].into_iter().collect();
     assert_eq!(names(&list), want, "list --json after deleting the clones: {list:#}");

@@ -559,6 +559,8 @@ fn assert_nothing_leaks(d: &Daemon, data: &Path) {
     }
     let left = d.api().get_json("/v1/volumes");
     assert_eq!(left["volumes"].as_array().map(Vec::len), Some(0), "volumes left: {left}");
+    // What the deletes released is collected in the background, then flushed by the collector.
+    d.wait_for_garbage_collection();
     let held = forkd_tests::allocated_bytes(&data.join("extents.0"));
     let len = fs::metadata(data.join("extents.0")).map(|m| m.len()).unwrap_or(0);
     let slots = forkd_tests::metric_value(&d.api().get("/metrics").text(), "forkd_extent_slots");

@@ -197,9 +197,10 @@ fn the_low_space_threshold_refuses_new_clones_and_ingests_until_space_is_freed()
     assert_eq!(metric_value(&m, "forkd_pool_low_space_threshold_bytes"), (96 * M) as f64);
     assert!(metric_value(&m, "forkd_pool_free_bytes") < (96 * M) as f64, "{m}");
 
-    // Deleting the clone frees its space (after the flush that makes its slots reusable).
+    // Deleting the clone frees its space (once collected, after the flush that makes its slots
+    // reusable).
     d.cli_ok(&["delete", "big"]);
-    d.api().post_json_ok("/v1/volumes/prod/flush", &serde_json::json!({}));
+    d.wait_for_garbage_collection();
     d.cli_ok(&["clone", "prod@1", "more"]);
     d.cli_ok(&["ingest", "prod", "--from", img.to_str().expect("utf-8")]);
 }

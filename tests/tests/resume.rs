@@ -133,6 +133,7 @@ fn abort_frees_an_interrupted_ingest() {
     let usage = forkd_tests::allocated_bytes(&d.data_dir().join("extents.0"));
     assert!(usage >= 16 << 20, "the extent file holds the staged data ({usage} bytes)");
     d.cli_ok(&["ingest", "prod", "--abort"]);
+    d.wait_for_garbage_collection();
     let v = d.cli_json(&["show", "prod"]);
     assert_eq!(v["ingest_running"], false);
     assert_eq!(v["snapshots"].as_array().map_or(0, Vec::len), 0);

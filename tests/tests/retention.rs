@@ -102,6 +102,7 @@ fn detach_then_delete_the_origin_and_everything() {
     assert!(err.ends_with("error: `dev` was detached from prod@1: it has no origin to refresh from"), "{err}");
     d.cli_ok(&["delete", "prod@1"]);
     d.cli_ok(&["delete", "prod"]);
+    d.wait_for_garbage_collection();
     let after = dump(&d, "dev", &root.join("after.raw"));
     assert_same_image("dev after its origin went", &after, &before);
     // It now holds every one of its blocks alone.
@@ -115,6 +116,7 @@ fn detach_then_delete_the_origin_and_everything() {
     assert!(allocated_bytes(&extents) >= allocated, "the data is on disk");
     d.cli_ok(&["delete", "dev"]);
     assert!(d.cli_json(&["list"])["volumes"].as_array().is_some_and(Vec::is_empty));
+    d.wait_for_garbage_collection();
     let left = allocated_bytes(&extents);
     assert!(left <= 64 * 1024, "{left} bytes still allocated in extents.0 after deleting everything");
 }

@@ -140,7 +140,9 @@ pub struct EnvDeleteQuery {
 pub struct EnvDeleted {
     /// The environment deleted.
     pub deleted: String,
-    /// Bytes given back to the file system.
+    /// Bytes the delete gives back to the file system: what it held alone just before it (its
+    /// `unique_bytes`; an environment's: the sum of its members'). Garbage collection frees
+    /// them in the background after the answer (docs/api.md).
     pub freed_bytes: u64,
     /// The member volumes deleted with it (none with `keep_volumes`).
     pub volumes: Vec<String>,

@@ -374,7 +374,9 @@ pub struct BookmarkRequest {
 pub struct Deleted {
     /// What was deleted, as given.
     pub deleted: String,
-    /// Bytes given back to the file system.
+    /// Bytes the delete gives back to the file system: what it held alone just before it (its
+    /// `unique_bytes`; an environment's: the sum of its members'). Garbage collection frees
+    /// them in the background after the answer (docs/api.md).
     pub freed_bytes: u64,
 }
 

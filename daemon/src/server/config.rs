@@ -48,6 +48,11 @@ pub struct Config {
     /// Below this much free space new clones and ingests are refused: `5%` of the filesystem,
     /// a size such as `10G`, or `0` for no threshold ([`crate::store::pool`]).
     pub low_space_threshold: String,
+    /// Garbage tree nodes one step of garbage collection dismantles under the catalog's write
+    /// lock: smaller steps stall other volumes' I/O for less, and collect more slowly.
+    pub gc_step_nodes: usize,
+    /// How long the collector waits between two steps: a span such as `0s` or `5ms`.
+    pub gc_step_pause: String,
 }
 
 impl Default for Config {
@@ -70,6 +75,8 @@ impl Default for Config {
             lease_tick: "5s".into(),
             clock_file: None,
             low_space_threshold: "5%".into(),
+            gc_step_nodes: catalog::GC_STEP_NODES,
+            gc_step_pause: "0s".into(),
         }
     }
 }
@@ -123,6 +130,12 @@ impl Config {
         if let Some(t) = &args.low_space_threshold {
             c.low_space_threshold = t.clone();
         }
+        if let Some(n) = args.gc_step_nodes {
+            c.gc_step_nodes = n;
+        }
+        if let Some(p) = &args.gc_step_pause {
+            c.gc_step_pause = p.clone();
+        }
         Ok(c)
     }
 
@@ -169,6 +182,10 @@ pub struct ServeArgs {
     pub clock_file: Option<PathBuf>,
     /// Free space below which new clones and ingests are refused (`--low-space-threshold`).
     pub low_space_threshold: Option<String>,
+    /// Garbage tree nodes per collection step (`--gc-step-nodes N`).
+    pub gc_step_nodes: Option<usize>,
+    /// The collector's wait between two steps (`--gc-step-pause SPAN`).
+    pub gc_step_pause: Option<String>,
 }
 
 /// The flags `serve` defines itself; `--api` comes from the global flag.
@@ -215,6 +232,14 @@ struct ServeFlags {
     /// (5%), a size (10G), or 0 for none [default: 5%]
     #[arg(long, value_name = "SIZE|PCT", env = "FORKD_LOW_SPACE_THRESHOLD")]
     low_space_threshold: Option<String>,
+    /// Garbage tree nodes one step of garbage collection dismantles while it holds the catalog's
+    /// lock [default: 64] (tests make it 1, so a collection lasts)
+    #[arg(long, value_name = "N", env = "FORKD_GC_STEP_NODES", hide = true)]
+    gc_step_nodes: Option<usize>,
+    /// How long the garbage collector waits between two steps [default: 0s] (tests make a
+    /// collection last)
+    #[arg(long, value_name = "SPAN", env = "FORKD_GC_STEP_PAUSE", hide = true)]
+    gc_step_pause: Option<String>,
 }
 
 /// The global `--api` value, only when given on the command line, as `HOST:PORT`.
@@ -253,6 +278,8 @@ impl FromArgMatches for ServeArgs {
             lease_tick: flags.lease_tick,
             clock_file: flags.clock_file,
             low_space_threshold: flags.low_space_threshold,
+            gc_step_nodes: flags.gc_step_nodes,
+            gc_step_pause: flags.gc_step_pause,
         })
     }
 

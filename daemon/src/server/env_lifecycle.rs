@@ -139,15 +139,16 @@ fn move_members(
 }
 
 /// Delete environment `name` and, unless `keep_volumes`, its member volumes, after its
-/// `pre-delete` hook. Returns the volumes deleted and the bytes that gave back.
+/// `pre-delete` hook. Returns the volumes deleted and the bytes that gives back: the sum of
+/// their unique bytes just before the delete, which garbage collection frees after the answer.
 pub fn delete(st: &Store, ev: &Events, name: &str, keep_volumes: bool) -> Result<(Vec<String>, u64)> {
     let (_claim, volumes) = claim(st, name)?;
     st.catalog().check_env_delete(name, keep_volumes)?;
     ev.fire(st, "pre-delete", &env_facts(st, name, &[])?)?;
-    let before = st.metrics.freed_bytes.get();
     let _fences = if keep_volumes { Vec::new() } else { fence_all(st, &volumes, Scope::Volume) };
+    let freed = st.catalog().env_unique_bytes(name, keep_volumes)?;
     let volumes = st.op_freeing(|cat: &mut Catalog| cat.env_delete(name, keep_volumes))?;
-    Ok((volumes, st.metrics.freed_bytes.get() - before))
+    Ok((volumes, freed))
 }
 
 /// What environment `name`'s hooks are told outside an operation (the reaper's

@@ -202,7 +202,7 @@ impl Reaper {
         let result = if h.environment {
             env_lifecycle::delete(&self.store, &self.events, name, false).map(drop)
         } else {
-            lifecycle::delete(&self.store, &self.events, name)
+            lifecycle::delete(&self.store, &self.events, name).map(drop)
         };
         let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let error = match result {

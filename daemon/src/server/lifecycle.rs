@@ -151,8 +151,10 @@ pub fn move_head(
     Ok((target, kept))
 }
 
-/// Delete a volume or snapshot after its `pre-delete` hook.
-pub fn delete(st: &Store, ev: &Events, reference: &str) -> Result<()> {
+/// Delete a volume or snapshot after its `pre-delete` hook. Returns the bytes it gives back:
+/// its unique bytes just before the delete, which garbage collection frees after the answer
+/// (`store::gc`).
+pub fn delete(st: &Store, ev: &Events, reference: &str) -> Result<u64> {
     let r = catalog::Reference::parse(reference)?;
     st.catalog().check_delete(reference)?;
     let facts = Facts {
@@ -162,8 +164,9 @@ pub fn delete(st: &Store, ev: &Events, reference: &str) -> Result<()> {
     };
     ev.fire(st, "pre-delete", &facts)?;
     let _fence = st.exports.fence_and_drain(reference, Scope::Volume, DRAIN);
+    let freed = st.catalog().unique_bytes_of_reference(reference)?;
     st.op_freeing(|cat| cat.delete(reference))?;
-    Ok(())
+    Ok(freed)
 }
 
 /// Open `volume` to its hooks alone for the length of an operation; refused while another

@@ -3,6 +3,7 @@
 //! (`store::exports`), goes to the [`crate::store`].
 //!
 //! - [`serve`]: start-up, the periodic flush and shutdown; [`config`]: settings;
+//! - [`collector`]: the background garbage collector, one bounded step at a time;
 //! - [`http`]: the HTTP JSON API by resource (volumes, data, ingest, resize);
 //! - [`nbd`]: the NBD listener; [`iscsi`]: the iSCSI listener and its access rules;
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
@@ -16,6 +17,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod collector;
 pub mod config;
 pub mod env_lifecycle;
 pub mod events;

@@ -62,6 +62,9 @@ fn print(r: &CheckReport, json: bool) -> anyhow::Result<()> {
     println!("catalog             {} volumes, {} snapshots", r.volumes, r.snapshots);
     println!("blocks referenced   {} ({})", r.referenced_slots, humanize(r.referenced_slots * 4096));
     println!("extents.0 past map  {}", humanize(r.orphaned_bytes));
+    if r.garbage_nodes > 0 {
+        println!("garbage queued      {} tree nodes, collected by the daemon after its start", r.garbage_nodes);
+    }
     for p in &r.problems {
         println!("problem: {p}");
     }

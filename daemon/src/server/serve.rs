@@ -2,8 +2,10 @@
 //!
 //! Start-up, in order: every setting is checked ([`Plan`]), the store is opened, the three
 //! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush, the
-//! lease reaper ([`crate::server::leases`]), the scheduler ([`crate::server::scheduler`], which
-//! reaches the API at its bound address) and the HTTP API run until SIGINT or SIGTERM.
+//! garbage collector ([`crate::server::collector`]), the lease reaper ([`crate::server::leases`]),
+//! the scheduler ([`crate::server::scheduler`], which reaches the API at its bound address) and
+//! the HTTP API run until SIGINT or SIGTERM. The collector stops between two steps; what it
+//! leaves waits in the durable garbage queue for the next start.
 //!
 //! Shutdown: the API stops accepting requests and running ones finish (a running scrub stops at
 //! its next batch, a schedule's run before its next step); every NBD and iSCSI connection is told to stop, answers what it had
@@ -44,6 +46,7 @@ pub fn run(args: &ServeArgs, ingest: IngestRunner) -> anyhow::Result<()> {
     let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
     store.set_log_retention(plan.log_retention);
     store.set_low_space_threshold(plan.low_space_threshold);
+    store.set_gc_step_nodes(plan.gc.step_nodes);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(serve(plan, store.clone(), ingest))?;
@@ -69,6 +72,7 @@ struct Plan {
     log_retention: catalog::LogRetention,
     leases: LeaseSettings,
     low_space_threshold: crate::store::pool::Threshold,
+    gc: GcSettings,
 }
 
 impl Plan {
@@ -90,6 +94,7 @@ impl Plan {
             leases: lease_settings(config)?,
             low_space_threshold: crate::store::pool::Threshold::parse(&config.low_space_threshold)
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
+            gc: gc_settings(config)?,
         })
     }
 }
@@ -144,6 +149,24 @@ fn lease_settings(config: &Config) -> anyhow::Result<LeaseSettings> {
         tick: std::time::Duration::from_millis(tick),
         clock: Arc::new(clock),
     })
+}
+
+/// How the garbage collector steps.
+struct GcSettings {
+    /// Nodes per step.
+    step_nodes: usize,
+    /// Wait between two steps.
+    pause: std::time::Duration,
+}
+
+/// `gc_step_nodes` and `gc_step_pause`, checked.
+fn gc_settings(config: &Config) -> anyhow::Result<GcSettings> {
+    if config.gc_step_nodes == 0 {
+        anyhow::bail!("gc_step_nodes 0: a step dismantles at least 1 node");
+    }
+    let pause = catalog::parse_span(&config.gc_step_pause)
+        .ok_or_else(|| anyhow::anyhow!("gc_step_pause {}: not a span such as 0s or 5ms", config.gc_step_pause))?;
+    Ok(GcSettings { step_nodes: config.gc_step_nodes, pause: std::time::Duration::from_millis(pause) })
 }
 
 fn address(value: &str, flag: &str, example: &str) -> anyhow::Result<SocketAddr> {
@@ -206,6 +229,8 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
         shutdown.clone(),
     ));
     let periodic = tokio::spawn(periodic_flush(store.clone(), shutdown.clone()));
+    let ticks = (FLUSH_INTERVAL, plan.gc.pause);
+    let collector = tokio::spawn(crate::server::collector::run(store.clone(), ticks, shutdown.clone()));
     let events = Arc::new(Events::new(plan.hooks, nbd_addr, iscsi_addr));
     let clock = plan.leases.clock.clone();
     let reaper = Arc::new(Reaper::new(store.clone(), events.clone(), clock.clone(), plan.leases.warning_ms));
@@ -221,6 +246,7 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
         ("NBD listener", nbd),
         ("iSCSI listener", iscsi),
         ("periodic flush", periodic),
+        ("garbage collector", collector),
         ("lease reaper", reaper),
         ("scheduler", schedules),
     ];

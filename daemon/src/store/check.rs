@@ -8,8 +8,10 @@
 //! tree (heads, snapshots, unfinished ingests): every node must be there and decode, and every
 //! data slot must lie below the map's high-water mark. Data in `extents.0` past that mark was
 //! written by changes the metadata no longer has: it is what a rolled-back store lost, and
-//! what the next start gives back to the filesystem. Nothing is written by a check: the
-//! catalog's start-up clean-up stays in memory and is dropped.
+//! what the next start gives back to the filesystem. Trees waiting in the garbage queue are
+//! reachable from no volume: they are neither walked nor counted as referenced, and not a
+//! problem (the daemon's collector dismantles them; the report says how many nodes wait).
+//! Nothing is written by a check.
 //!
 //! Repair changes one thing: it rewrites `flushed` with the engine's generation, so the next
 //! start accepts what `meta/` holds. It refuses when the check found damaged trees, since
@@ -42,6 +44,9 @@ pub struct CheckReport {
     pub high_water: u64,
     /// Bytes `extents.0` holds on disk past the high-water mark.
     pub orphaned_bytes: u64,
+    /// Tree nodes waiting in the garbage queue: what deletes released and the daemon's
+    /// collector had not dismantled yet. Not a problem: the next start goes on with them.
+    pub garbage_nodes: u64,
     /// Everything wrong, one sentence each.
     pub problems: Vec<String>,
 }
@@ -121,6 +126,7 @@ fn inspect(dir: &Path, kv: Arc<dyn MetaKv>) -> std::result::Result<CheckReport, 
         ));
     }
     let cat = Catalog::open(kv).map_err(|e| format!("cannot load its catalog: {e}"))?;
+    r.garbage_nodes = cat.map().garbage_known() as u64;
     let extents = std::fs::metadata(dir.join("extents.0")).map(|m| m.len()).unwrap_or(0);
     walk_trees(&cat, extents / BLOCK_SIZE + 1, &mut r);
     let mark = r.high_water.saturating_sub(1) * BLOCK_SIZE;

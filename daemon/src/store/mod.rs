@@ -14,9 +14,10 @@
 //!
 //! Locking: one `RwLock<Catalog>` and a mutation token beside it. Reads hold the lock shared
 //! through their data reads (so no slot they planned to read can be freed and reused under
-//! them, nor rewritten in place); every change takes the token, then the lock exclusively. The
-//! group commit lets the lock go, keeping the token, while it writes fresh slots no tree points
-//! at yet (`commit`). The flush's fsyncs run without the lock.
+//! them, nor rewritten in place); every change (writes, catalog operations, each step of
+//! garbage collection) takes the token, then the lock exclusively. The group commit lets the
+//! lock go, keeping the token, while it writes fresh slots no tree points at yet (`commit`).
+//! The flush's fsyncs run without the lock.
 //!
 //! The parts, one concern each, all `impl Store` over the fields declared here:
 //! - this file: the [`Store`] itself, [`StoreError`], opening a data directory, catalog
@@ -24,6 +25,7 @@
 //! - `read`: reads, block status, extents and digests (shared lock);
 //! - `commit`: the write path: the group commit of writes, zeroing, ingest writes;
 //! - `flush`: making answered writes durable and freed slots reusable;
+//! - `gc`: garbage collection in bounded steps, the lock let go between them;
 //! - `generation`: the flush generation that detects a metadata store rolled back at start;
 //! - `check`: `forkd check` and `forkd repair` on a stopped daemon's data directory;
 //! - `format`: the data directory's format and engine, and converting `meta/` between engines;
@@ -63,6 +65,7 @@ pub mod engine;
 pub mod exports;
 mod flush;
 mod format;
+mod gc;
 mod generation;
 mod oplog;
 pub mod pool;
@@ -189,6 +192,10 @@ pub struct Store {
     upkept_at: AtomicU64,
     /// Scrub progress and the register of damaged slots (`scrub`).
     scrub: scrub::ScrubState,
+    /// The garbage collector's wake-up call and state (`gc`).
+    gc: gc::Collector,
+    /// Garbage nodes per collection step (`gc`).
+    gc_step_nodes: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Store {
@@ -321,6 +328,8 @@ impl Store {
             compact_advised: AtomicBool::new(false),
             upkept_at: AtomicU64::new(u64::MAX),
             scrub: scrub::ScrubState::open(dir),
+            gc: Default::default(),
+            gc_step_nodes: std::sync::atomic::AtomicUsize::new(catalog::GC_STEP_NODES),
         };
         if !store.restore_reserve() {
             tracing::warn!("the disk is full: new data is refused until deletes or trims free space");
@@ -329,6 +338,7 @@ impl Store {
         store.flush()?;
         store.punch_beyond_high_water();
         store.metrics.update_volumes(&store.catalog());
+        store.update_garbage_gauge(&store.catalog());
         store.set_low_space_threshold(pool::Threshold::default());
         Ok(store)
     }
@@ -391,8 +401,14 @@ impl Store {
             }
             out?
         };
+        // Garbage the operation's own first step left: the collector takes it from here (`gc`).
+        if self.garbage_pending() {
+            self.wake_collector();
+        }
         self.flush()?;
-        self.metrics.update_volumes(&self.catalog());
+        let cat = self.catalog();
+        self.metrics.update_volumes(&cat);
+        self.update_garbage_gauge(&cat);
         Ok(out)
     }
 }

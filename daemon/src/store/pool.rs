@@ -85,9 +85,15 @@ impl Store {
         m.threshold.set(gauge(self.low_space_threshold.load(Ordering::SeqCst)));
         m.quota_used.reset();
         m.quota_limit.reset();
-        for (name, q) in self.catalog().quotas() {
-            m.quota_used.with_label_values(&[&name]).set(gauge(q.used_bytes));
-            m.quota_limit.with_label_values(&[&name]).set(gauge(q.limit_bytes));
+        let quotas = self.catalog().quotas();
+        match quotas {
+            Ok(quotas) => {
+                for (name, q) in quotas {
+                    m.quota_used.with_label_values(&[&name]).set(gauge(q.used_bytes));
+                    m.quota_limit.with_label_values(&[&name]).set(gauge(q.limit_bytes));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count the quota'd clones' use"),
         }
     }
 }

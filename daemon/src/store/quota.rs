@@ -28,7 +28,7 @@ impl Admitted {
     /// Admit a write of whole `blocks` from block `first` into `volume`'s head at `root`, or
     /// refuse it if it would take the clone past its quota.
     pub(super) fn admit(&mut self, cat: &Catalog, volume: &str, root: NodeId, first: u64, blocks: &[u8]) -> Result<()> {
-        let Some(quota) = cat.quota_use(volume) else { return Ok(()) };
+        let Some(quota) = cat.quota_use(volume)? else { return Ok(()) };
         let data = blocks.chunks_exact(usize_of(BLOCK_SIZE)).filter(|b| b.iter().any(|&x| x != 0)).count() as u64;
         let earlier = self.0.get(volume).copied().unwrap_or(0);
         let adds = if quota.admits(earlier + data) {

@@ -20,20 +20,21 @@ use crate::server::lifecycle::{self, Move};
 use crate::store::StoreError;
 
 /// The API's view of a catalog volume: with its snapshots or only their count, and with space
-/// accounting (`unique_bytes`) or null there. Computing unique bytes walks whatever the volume
-/// holds alone, which callers such as the ingest agent do not need.
+/// accounting (`unique_bytes`) or null there. A volume's unique bytes are kept by the catalog
+/// (a walk only when they went stale); each snapshot's is a walk of what it holds alone, which
+/// callers such as the ingest agent do not need.
 pub(super) fn volume(
     cat: &Catalog,
     v: &catalog::Volume,
     with_snapshots: bool,
     space: bool,
 ) -> Result<Volume, StoreError> {
-    let unique = |roots: &[catalog::NodeId]| -> Result<Option<u64>, StoreError> {
-        Ok(if space { Some(cat.unique_bytes(roots)?) } else { None })
+    let unique = |root: catalog::NodeId| -> Result<Option<u64>, StoreError> {
+        Ok(if space { Some(cat.unique_bytes(&[root])?) } else { None })
     };
     let (snapshots, snapshot_count) = if with_snapshots {
         let snaps: Result<Vec<Snapshot>, StoreError> =
-            v.snapshots.iter().map(|s| Ok(snapshot(&v.name, s, unique(&[s.root])?))).collect();
+            v.snapshots.iter().map(|s| Ok(snapshot(&v.name, s, unique(s.root)?))).collect();
         (Some(snaps?), None)
     } else {
         (None, Some(v.snapshots.len() as u64))
@@ -61,7 +62,7 @@ pub(super) fn volume(
         snapshot_count,
         snapshots,
         timeflow: v.timeflow,
-        unique_bytes: unique(&v.roots())?,
+        unique_bytes: if space { Some(cat.unique_blocks_of(v)? * catalog::BLOCK_SIZE) } else { None },
     })
 }
 
@@ -278,7 +279,7 @@ pub(super) async fn bookmark(
 
 #[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes",
     params(("name" = String, Path, description = "a volume (with its snapshots) or one snapshot reference")),
-    responses((status = 200, description = "what was deleted and the space it gave back", body = Deleted),
+    responses((status = 200, description = "what was deleted and the space it gives back (freed in the background)", body = Deleted),
         (status = 404, description = "no such volume or snapshot", body = ErrorBody),
         (status = 409, description = "clones depend on it", body = ErrorBody)))]
 pub(super) async fn remove(
@@ -287,10 +288,8 @@ pub(super) async fn remove(
     ApiPath(reference): ApiPath<String>,
 ) -> ApiResult<Json<Deleted>> {
     blocking_api(&s, move |st| {
-        let before = st.metrics.freed_bytes.get();
-        // The delete flushes: the slots it freed are punched and counted by then.
-        lifecycle::delete(st, &ev, &reference)?;
-        Ok(Json(Deleted { deleted: reference, freed_bytes: st.metrics.freed_bytes.get() - before }))
+        let freed_bytes = lifecycle::delete(st, &ev, &reference)?;
+        Ok(Json(Deleted { deleted: reference, freed_bytes }))
     })
     .await
 }
