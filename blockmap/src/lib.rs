@@ -802,10 +802,23 @@ impl BlockMap {
     /// the tree at `root` would free: those reached through nodes only this tree holds and
     /// held by no other leaf. What a write there gives back before it takes new slots.
     pub fn exclusive_blocks(&self, root: NodeId, first: u64, count: u64) -> Result<u64> {
+        Ok(self.exclusive_slots(root, first, count, |_| true)?.len() as u64)
+    }
+
+    /// `(block, slot)` for the data-holding blocks of `first..first+count` in the tree at `root`
+    /// whose slot `wanted` accepts and that only this tree holds: reached through nodes with
+    /// one reference, the slot referenced by one leaf.
+    fn exclusive_slots(
+        &self,
+        root: NodeId,
+        first: u64,
+        count: u64,
+        wanted: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, u64)>> {
         if root == 0 || count == 0 || self.node_rc(root)? != 1 {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let mut slots = Vec::new();
+        let mut found = Vec::new();
         let mut failed = None;
         let mut enter = |id: NodeId, _: u8, _: u64| match self.node_rc(id) {
             Ok(n) => n == 1,
@@ -814,20 +827,22 @@ impl BlockMap {
                 false
             }
         };
-        let mut entry = |_: NodeId, _: u64, e: Entry| {
-            if e.has_data() {
-                slots.push(e.slot);
+        let mut entry = |_: NodeId, b: u64, e: Entry| {
+            if e.has_data() && wanted(e.slot) {
+                found.push((b, e.slot));
             }
         };
         self.walk_range(root, first, first.saturating_add(count), &mut enter, &mut entry)?;
         if let Some(e) = failed {
             return Err(e);
         }
-        let mut n = 0;
-        for slot in slots {
-            n += u64::from(self.slot_refs(slot)? == 1);
+        let mut alone = Vec::with_capacity(found.len());
+        for (b, slot) in found {
+            if self.slot_refs(slot)? == 1 {
+                alone.push((b, slot));
+            }
         }
-        Ok(n)
+        Ok(alone)
     }
 
     /// Slots freed so far in the open transaction: their last reference went. The difference
@@ -1031,29 +1046,8 @@ impl BlockMap {
     /// map's owner keeping readers out in between.
     pub fn rewritable(&self, root: NodeId, first: u64, count: u64) -> Result<Vec<Option<u64>>> {
         let mut out = vec![None; usize_of(count)];
-        if self.fresh.is_empty() || root == 0 || count == 0 || self.node_rc(root)? != 1 {
-            return Ok(out);
-        }
-        let mut failed = None;
-        let mut enter = |id: NodeId, _: u8, _: u64| match self.node_rc(id) {
-            Ok(n) => n == 1,
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        };
-        let mut found = Vec::new();
-        let mut entry = |_: NodeId, b: u64, e: Entry| {
-            if e.has_data() && self.fresh.contains(&e.slot) {
-                found.push((b, e.slot));
-            }
-        };
-        self.walk_range(root, first, first.saturating_add(count), &mut enter, &mut entry)?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        for (b, slot) in found {
-            if self.slot_refs(slot)? == 1 {
+        if !self.fresh.is_empty() {
+            for (b, slot) in self.exclusive_slots(root, first, count, |s| self.fresh.contains(&s))? {
                 out[usize_of(b - first)] = Some(slot);
             }
         }
