@@ -212,18 +212,21 @@ impl Store {
     }
 
     /// Allocate, write and map a segment of prepared writes as one transaction; every write
-    /// in it gets the outcome. Blocks rewritten in place are written under the write lock (their
-    /// slots are in the tree readers see); fresh slots are written with the lock let go (nothing
-    /// points at them yet), the mutation token still held; then the pointers are committed.
+    /// in it gets the outcome. Fresh slots are written with the lock let go (nothing points at
+    /// them yet), the mutation token still held; then blocks rewritten in place, under the write
+    /// lock (their slots are in the tree readers see); then the pointers are committed.
     fn commit_segment(&self, cat: &mut RwLockWriteGuard<'_, Catalog>, segment: Vec<Prepared>) {
         if segment.is_empty() {
             return;
         }
         let written = self.allocate_segment(cat, &segment).and_then(|(entries, in_place, fresh)| {
             let io = |pairs: &[(u64, usize, usize)]| self.engine.write_many(&segment_ios(&segment, pairs));
-            let mut done = io(&in_place);
-            if done.is_ok() && !fresh.is_empty() {
-                done = RwLockWriteGuard::unlocked_fair(cat, || io(&fresh));
+            // Fresh slots first: if they fail (a full disk), nothing in place was touched yet.
+            let mut done = if fresh.is_empty() { Ok(()) } else { RwLockWriteGuard::unlocked_fair(cat, || io(&fresh)) };
+            if done.is_ok() {
+                // An error here leaves those blocks' bytes unknown under their old checksum: they
+                // read as damaged, never as wrong data (they were never flushed).
+                done = io(&in_place);
             }
             if let Err(e) = done {
                 cat.map_mut().rollback();
