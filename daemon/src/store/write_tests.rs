@@ -50,7 +50,7 @@ fn a_slot_is_rewritten_in_place_only_while_this_tree_alone_has_held_it_since_the
 #[test]
 fn overwrites_leave_an_eighth_of_the_data_warm_and_reuse_it_first() {
     let (_d, store) = store_with_clone();
-    let data: Vec<u8> = (0..64 * 4096).map(|i| (i / 4096 + 1) as u8).collect();
+    let data: Vec<u8> = (1..=64u8).flat_map(|b| [b; 4096]).collect();
     store.write("c", 0, &data).expect("write");
     store.flush().expect("flush");
     // Overwrite all 64 blocks: 64 fresh slots, the 64 old ones freed by the next flush.
