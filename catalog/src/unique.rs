@@ -84,8 +84,9 @@ impl Kept {
 }
 
 impl Catalog {
-    /// Blocks `v` holds alone (its head, snapshots and running ingest): the kept figure, or a
-    /// walk when it is stale, whose result is then kept.
+    /// Blocks `v`, a committed volume (as [`Catalog::volumes`] holds it), holds alone: its head,
+    /// snapshots and running ingest. The kept figure, or a walk when it is stale, whose result
+    /// is then kept.
     pub fn unique_blocks_of(&self, v: &Volume) -> Result<u64> {
         if let Some(n) = v.unique.get() {
             return Ok(n);
