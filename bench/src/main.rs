@@ -1128,6 +1128,8 @@ fn space_after_delete(p: &Params, dir: &Path, rep: &mut Report) -> Result<()> {
     for i in 0..p.space_clones {
         store.op(|c| c.delete(&format!("c{i}")))?;
     }
+    // The daemon's collector does this in the background; the store alone does it here.
+    store.collect_garbage()?;
     store.flush()?;
     store.flush()?;
     let dt = t.elapsed();

@@ -75,10 +75,11 @@ impl Catalog {
         None
     }
 
-    /// A clone's unique bytes and quota; `None` when it has no quota (or does not exist).
-    /// Counts the unique bytes when their kept figure is stale (`unique`).
+    /// A committed clone's unique bytes and quota; `None` when it has no quota (or does not
+    /// exist). Counts the unique bytes when their kept figure is stale (`unique`). Writes
+    /// staged and not committed yet are not in it (the store checks a write before staging it).
     pub fn quota_use(&self, volume: &str) -> Result<Option<QuotaUse>> {
-        let Ok(v) = self.staged_volume(volume) else { return Ok(None) };
+        let Ok(v) = self.volume(volume) else { return Ok(None) };
         let Some(limit_bytes) = v.quota_bytes else { return Ok(None) };
         let used_bytes = self.unique_blocks_of(v)?.saturating_mul(BLOCK_SIZE);
         Ok(Some(QuotaUse { used_bytes, limit_bytes }))

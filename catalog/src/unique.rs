@@ -4,8 +4,8 @@
 //! figure (`quota`). Also the garbage collection steps, which change it.
 //!
 //! The figure lives in the volume (`Volume::unique`, in memory only), counted or stale, and
-//! is exact whenever it is counted: it equals a fresh walk ([`blockmap::BlockMap::unique_blocks`] of
-//! the volume's roots). What keeps it so:
+//! is exact whenever it is counted: it equals a fresh walk of the volume's roots
+//! ([`blockmap::BlockMap::unique_blocks`]). What keeps it so:
 //! - a write to a clone's head or into a source's running ingest adds one block per new data
 //!   block and takes away every slot whose last reference it dropped ([`Catalog::count_write`]):
 //!   a slot that loses its last reference was the volume's alone, and one that keeps a
@@ -84,8 +84,9 @@ impl Kept {
 }
 
 impl Catalog {
-    /// Blocks `v` holds alone (its head, snapshots and running ingest): the kept figure, or a
-    /// walk when it is stale, whose result is then kept.
+    /// Blocks `v`, a committed volume (as [`Catalog::volumes`] holds it), holds alone: its head,
+    /// snapshots and running ingest. The kept figure, or a walk when it is stale, whose result
+    /// is then kept.
     pub fn unique_blocks_of(&self, v: &Volume) -> Result<u64> {
         if let Some(n) = v.unique.get() {
             return Ok(n);
@@ -195,8 +196,8 @@ impl Catalog {
     }
 
     /// Dismantle at most `max_nodes` queued nodes in one atomic commit (see
-    /// [`blockmap::BlockMap::collect_garbage_step`]); the figures the step may change go stale. Must be
-    /// called with no open transaction.
+    /// [`blockmap::BlockMap::collect_garbage_step`]); the figures the step may change go stale.
+    /// Must be called with no open transaction.
     pub fn collect_garbage_step(&mut self, max_nodes: usize) -> Result<GcStep> {
         let step = self.map.collect_garbage_step(max_nodes)?;
         for name in &self.gc_affected {
