@@ -114,10 +114,8 @@ fn decode_u64(what: &str, v: &[u8]) -> Result<u64> {
 pub struct MapStats {
     /// Slots handed out so far (the extent file's length in blocks).
     pub high_water: u64,
-    /// Slots free for reuse now (warm ones included).
+    /// Slots free for reuse now.
     pub free_slots: u64,
-    /// Free slots whose bytes were left in the extent file for reuse (not punched).
-    pub warm_slots: u64,
     /// Slots freed but waiting for a flush before reuse.
     pub pending_free: u64,
     /// Tree nodes dismantled by garbage collection since the map was opened (metadata the
@@ -151,11 +149,8 @@ pub struct BlockMap {
     txn_rewritten: usize,
     /// Other keys changed in the open transaction (`None`: removed).
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Slots nothing references that may be handed out now, their bytes punched out.
+    /// Slots nothing references that may be handed out now.
     free: BTreeSet<u64>,
-    /// Slots nothing references that may be handed out now, their bytes left in place (and in
-    /// the page cache) for the next writes: handed out before `free`. See [`BlockMap::make_warm`].
-    warm: BTreeSet<u64>,
     /// Next never-used slot.
     high_water: u64,
     next_node: NodeId,
@@ -236,7 +231,6 @@ impl BlockMap {
             txn_rewritten: 0,
             overlay: BTreeMap::new(),
             free: BTreeSet::new(),
-            warm: BTreeSet::new(),
             high_water,
             next_node,
             txn_allocated: Vec::new(),
@@ -858,7 +852,7 @@ impl BlockMap {
     pub fn alloc(&mut self, n: usize) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let Some(slot) = self.warm.pop_first().or_else(|| self.free.pop_first()) else { break };
+            let Some(slot) = self.free.pop_first() else { break };
             self.txn_allocated.push((slot, true));
             self.set_free(slot, false)?;
             out.push(slot);
@@ -946,7 +940,6 @@ impl BlockMap {
     fn rollback_allocations(&mut self) {
         for (slot, from_free) in self.txn_allocated.drain(..) {
             if from_free {
-                // Punched or not, it is free again; treating it as punched is always safe.
                 self.free.insert(slot);
             }
         }
@@ -996,31 +989,11 @@ impl BlockMap {
         self.free.extend(slots);
     }
 
-    /// Let released slots be allocated again without punching them first: the next writes
-    /// reuse their blocks on disk and their pages in the page cache instead of fresh ones. The
-    /// caller bounds how many are kept so ([`BlockMap::take_warm`]).
-    pub fn make_warm(&mut self, slots: Vec<u64>) {
-        self.warm.extend(slots);
-    }
-
-    /// Take back up to `n` warm slots, highest first, to punch them; the caller hands them to
-    /// [`BlockMap::make_available`] once punched. Until then they are not allocated.
-    pub fn take_warm(&mut self, n: usize) -> Vec<u64> {
-        let mut out = Vec::with_capacity(n.min(self.warm.len()));
-        while out.len() < n {
-            let Some(slot) = self.warm.pop_last() else { break };
-            out.push(slot);
-        }
-        out.sort_unstable();
-        out
-    }
-
     /// Current allocation counters.
     pub fn stats(&self) -> MapStats {
         MapStats {
             high_water: self.high_water,
-            free_slots: (self.free.len() + self.warm.len()) as u64,
-            warm_slots: self.warm.len() as u64,
+            free_slots: self.free.len() as u64,
             pending_free: self.pending.len() as u64,
             freed_nodes: self.freed_nodes,
         }

@@ -43,16 +43,17 @@ impl Store {
         let durable = self.commit_frozen();
         self.catalog_mut().map_mut().end_flush();
         durable?;
-        let to_punch = self.keep_warm(ticket);
-        if !to_punch.is_empty() {
-            let pairs: Vec<(u64, usize)> = to_punch.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        let released = self.catalog_mut().map_mut().take_released(ticket);
+        if !released.is_empty() {
+            let pairs: Vec<(u64, usize)> = released.iter().enumerate().map(|(i, &s)| (s, i)).collect();
             let ranges: Vec<(u64, u64)> =
                 runs(&pairs).map(|r| (slot_offset(r[0].0), r.len() as u64 * BLOCK_SIZE)).collect();
             if let Err(e) = self.engine.punch(&ranges) {
                 // Not fatal: the slots are reused either way, only the space is not returned yet.
                 tracing::warn!(error = %e, "could not punch freed extents");
             }
-            self.catalog_mut().map_mut().make_available(to_punch);
+            self.metrics.freed_bytes.inc_by(released.len() as u64 * BLOCK_SIZE);
+            self.catalog_mut().map_mut().make_available(released);
         }
         self.metrics.flushes.inc();
         Ok(())
@@ -68,48 +69,5 @@ impl Store {
         self.kv.commit()?;
         self.generation.completed(generation)?;
         Ok(())
-    }
-
-    /// Take the slots this flush released: keep up to [`warm_budget`] of them (and of those
-    /// kept before) unpunched for the next writes, and return the rest, to be punched.
-    fn keep_warm(&self, ticket: u64) -> Vec<u64> {
-        let mut cat = self.catalog_mut();
-        let map = cat.map_mut();
-        let mut released = map.take_released(ticket);
-        self.metrics.freed_bytes.inc_by(released.len() as u64 * BLOCK_SIZE);
-        let stats = map.stats();
-        let idle = stats.free_slots + stats.pending_free + released.len() as u64;
-        let used = stats.high_water.saturating_sub(1 + idle);
-        let low = self.low_space.load(Ordering::SeqCst);
-        let budget = if low { 0 } else { warm_budget(used) };
-        let room = usize::try_from(budget.saturating_sub(stats.warm_slots)).unwrap_or(usize::MAX);
-        let warm = released.split_off(released.len().saturating_sub(room));
-        map.make_warm(warm);
-        let over = usize::try_from(map.stats().warm_slots.saturating_sub(budget)).unwrap_or(usize::MAX);
-        released.extend(map.take_warm(over));
-        released.sort_unstable();
-        released
-    }
-}
-
-/// How many released slots stay unpunched for reuse, given `used` slots holding data: an eighth
-/// of the data stored, at most 1 GiB. Overwrites then land on blocks the filesystem and the
-/// page cache already hold (measured: writing into cached pages is several times faster than
-/// into fresh ones: bench/datapath-results.md), while `du` stays within an eighth of the data
-/// and deleting everything gives everything back.
-fn warm_budget(used: u64) -> u64 {
-    (used / 8).min(WARM_MAX_BYTES / BLOCK_SIZE)
-}
-
-/// The most released space kept unpunched.
-const WARM_MAX_BYTES: u64 = 1 << 30;
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_warm_pool_is_an_eighth_of_the_data_and_at_most_a_gib() {
-        assert_eq!(super::warm_budget(0), 0);
-        assert_eq!(super::warm_budget(800), 100);
-        assert_eq!(super::warm_budget(u64::MAX), 262_144);
     }
 }

@@ -1,5 +1,5 @@
 //! Tests of the write path's slot choices against a real data directory: rewrites in place
-//! only where nothing else can see the slot, and warm slots handed out before fresh ones.
+//! only where nothing else can see the slot.
 
 use super::Store;
 
@@ -45,22 +45,4 @@ fn a_slot_is_rewritten_in_place_only_while_this_tree_alone_has_held_it_since_the
     store.write("c", 0, &[4u8; 4096]).expect("write 4");
     assert_eq!(high_water(&store), before + 1, "nothing was freed, so a new slot");
     assert_eq!((block(&store, "c@1"), block(&store, "c")), (2, 4));
-}
-
-#[test]
-fn overwrites_leave_an_eighth_of_the_data_warm_and_reuse_it_first() {
-    let (_d, store) = store_with_clone();
-    let data: Vec<u8> = (1..=64u8).flat_map(|b| [b; 4096]).collect();
-    store.write("c", 0, &data).expect("write");
-    store.flush().expect("flush");
-    // Overwrite all 64 blocks: 64 fresh slots, the 64 old ones freed by the next flush.
-    store.write("c", 0, &data).expect("overwrite");
-    store.flush().expect("flush");
-    let stats = store.catalog().map().stats();
-    assert_eq!((stats.free_slots, stats.warm_slots), (64, 8), "64 data slots in use: 8 stay warm");
-    let high = stats.high_water;
-    store.write("c", 0, &[9u8; 4096]).expect("one more overwrite");
-    let stats = store.catalog().map().stats();
-    assert_eq!((stats.high_water, stats.warm_slots), (high, 7), "a warm slot was taken first");
-    assert_eq!(block(&store, "c"), 9);
 }
