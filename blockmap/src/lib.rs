@@ -27,7 +27,13 @@
 //! whenever it grows past a cap). Durability is only ever promised at a flush, so this changes
 //! nothing that is promised, while a leaf rewritten a thousand times between two flushes
 //! reaches the engine once: its log, and with it its space use, grows with distinct changes,
-//! not with I/Os. Reads see the transaction, then the write-back layer, then the engine.
+//! not with I/Os. A flush freezes the layer it makes durable ([`BlockMap::begin_flush`]); commits
+//! made meanwhile wait in a newer layer, and nothing reaches the engine until that flush's
+//! durable commit is done. Reads see the transaction, then the write-back layer, then the
+//! frozen layer, then a read cache of the engine's values, then the engine.
+//!
+//! Rewrites in place: a slot allocated since the last flush began and held by one tree alone
+//! may be rewritten with new contents ([`BlockMap::rewritable`]); no durable state points at it.
 //!
 //! Locking: `BlockMap` is not internally synchronised. The owner serialises writers and keeps
 //! readers out while a writer is between calls.
