@@ -24,7 +24,10 @@ use super::{runs, slot_offset, Result, Store};
 
 impl Store {
     /// Make every write answered so far durable, then let slots freed before it be reused.
+    /// Flushes run one at a time: a second one merging newer commits into the layer a first one
+    /// is syncing data for would let that one make pointers durable whose data it never synced.
     pub fn flush(&self) -> Result<()> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         self.note_enospc(self.flush_inner())
     }
 

@@ -176,6 +176,8 @@ pub struct Store {
     queue: Mutex<Vec<Arc<Pending>>>,
     /// Held by the writer committing the queue.
     committer: Mutex<()>,
+    /// Held by the running flush (`flush`): flushes never overlap.
+    flushing: Mutex<()>,
     /// Held by whoever changes the catalog, from its first look to its commit: taken before the
     /// write lock ([`Store::catalog_mut`]). The group commit keeps it while it writes a segment's
     /// fresh slots without the write lock, so reads go on meanwhile and no other change (an
@@ -322,6 +324,7 @@ impl Store {
             busy: Default::default(),
             queue: Mutex::new(Vec::new()),
             committer: Mutex::new(()),
+            flushing: Mutex::new(()),
             mutation: Mutex::new(()),
             unflushed: AtomicBool::new(false),
             reclaimed_at: AtomicU64::new(0),
