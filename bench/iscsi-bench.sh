@@ -71,6 +71,7 @@ SCRATCH_CREATED=0
 TGT_CTL=""                 # tgtd's control port (its management socket is /run/tgtd/socket.N)
 TGT_SOCKET_OURS=0          # 1 once our tgtd is known to own that socket
 
+source "$REPO/bench/lib.sh" # free_ports (its stop_pid is replaced by the one below, which takes a signal)
 stop_pid() { # name pid [signal]: signal (default SIGTERM), wait up to 10 s, then SIGKILL
     local name=$1 pid=$2 sig=${3:-TERM} i
     kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
@@ -163,15 +164,6 @@ SCRATCH_CREATED=1
 touch "$SCRATCH/.iscsi-bench"
 SCRATCH=$(cd "$SCRATCH" && pwd)
 
-free_ports() { # N distinct free TCP ports on 127.0.0.1
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 read -r API_PORT NBD_PORT FORKD_PORT TGT_PORT < <(free_ports 4)
 # tgtd's "control port" is only a number (0..32767) naming its management socket,
 # /run/tgtd/socket.N: take one whose socket does not exist, so no other tgtd uses it.

@@ -52,26 +52,15 @@ declare -A PID=()          # server name -> pid (every long-lived process this s
 PERF_PID=""
 SCRATCH_CREATED=0
 
-stop_pid() { # name pid: SIGTERM, wait up to 10 s, then SIGKILL
-    local name=$1 pid=$2 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    log "$name (pid $pid) did not stop on SIGTERM; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+source "$REPO/bench/lib.sh" # stop_pid, free_ports
 
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
-    [[ -n $PERF_PID ]] && stop_pid perf "$PERF_PID"
+    [[ -n $PERF_PID ]] && stop_pid "$PERF_PID" perf
     local name
-    for name in "${!PID[@]}"; do stop_pid "$name" "${PID[$name]}"; done
+    for name in "${!PID[@]}"; do stop_pid "${PID[$name]}" "$name"; done
     if [[ $SCRATCH_CREATED == 1 ]]; then
         if [[ ${KEEP_SCRATCH:-0} == 1 ]]; then
             log "kept scratch dir $SCRATCH"
@@ -109,15 +98,6 @@ SCRATCH_CREATED=1
 touch "$SCRATCH/.nbd-bench"
 SCRATCH=$(cd "$SCRATCH" && pwd)
 
-free_ports() { # N distinct free TCP ports on 127.0.0.1
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 read -r API_PORT FORKD_PORT ISCSI_PORT QEMU_PORT NBDKIT_PORT < <(free_ports 5)
 API="http://127.0.0.1:$API_PORT"
 declare -A PORT=([forkd]=$FORKD_PORT [qemu-nbd]=$QEMU_PORT [nbdkit]=$NBDKIT_PORT)
