@@ -41,6 +41,7 @@
 
 #![forbid(unsafe_code)]
 
+mod diff;
 mod gc;
 mod node;
 

@@ -286,3 +286,95 @@ fn garbage_collection_steps_resume_after_a_restart_without_leaks() {
     let left: Vec<u8> = metakv::collect_prefix(map.kv().as_ref(), b"").unwrap().iter().map(|(k, _)| k[0]).collect();
     assert!(left.iter().all(|&p| p == P_FREE || p == b'm'), "only the free list and counters are left: {left:?}");
 }
+
+/// What differs between two trees, by looking every block up: the oracle `diff_range` is
+/// checked against.
+fn diff_oracle(map: &BlockMap, old: NodeId, new: NodeId, n: u64) -> Vec<(u64, Option<u64>)> {
+    let (a, b) = (map.lookup(old, 0, n).unwrap(), map.lookup(new, 0, n).unwrap());
+    let slot = |e: Option<Entry>| e.filter(Entry::has_data).map(|e| e.slot);
+    (0..n).filter(|&i| slot(a[usize_of(i)]) != slot(b[usize_of(i)])).map(|i| (i, slot(b[usize_of(i)]))).collect()
+}
+
+fn diff_of(map: &BlockMap, old: NodeId, new: NodeId, first: u64, end: u64) -> Vec<(u64, Option<u64>)> {
+    let mut out = Vec::new();
+    map.diff_range(old, new, first, end, &mut |b, e| out.push((b, e.map(|e| e.slot)))).unwrap();
+    out
+}
+
+#[test]
+fn diff_finds_exactly_the_changed_blocks_and_skips_shared_nodes() {
+    let (_d, mut map) = open();
+    let n = 70_000; // height 2
+    let mut head = 0;
+    for b in (0..n).step_by(97) {
+        data(&mut map, &mut head, n, b, 1);
+    }
+    map.commit().unwrap();
+    let snap = head;
+    map.share(snap).unwrap();
+    // Overwrites, a known zero over data, a known zero over a hole, a new block.
+    for b in [0, 97, 194, 69_999 - 69_999 % 97, 5_000] {
+        data(&mut map, &mut head, n, b, 2);
+    }
+    map.set(&mut head, n, 291, Some(Entry::ZERO)).unwrap();
+    map.set(&mut head, n, 1, Some(Entry::ZERO)).unwrap();
+    map.commit().unwrap();
+    let want = diff_oracle(&map, snap, head, n);
+    assert_eq!(want.len(), 6, "five writes and one block zeroed; a zero over a hole is no change: {want:?}");
+    assert!(want.contains(&(291, None)));
+    assert_eq!(diff_of(&map, snap, head, 0, n), want);
+    assert_eq!(diff_of(&map, head, snap, 0, n), diff_oracle(&map, head, snap, n), "the other way round");
+    assert_eq!(diff_of(&map, 0, snap, 0, n), diff_oracle(&map, 0, snap, n), "from the empty tree");
+    assert_eq!(diff_of(&map, snap, 0, 0, n), diff_oracle(&map, snap, 0, n), "to the empty tree");
+    assert!(diff_of(&map, snap, snap, 0, n).is_empty());
+    // A range: only what lies in it, so a resumed transfer starts where it stopped.
+    let part: Vec<_> = want.iter().copied().filter(|(b, _)| (100..6_000).contains(b)).collect();
+    assert_eq!(diff_of(&map, snap, head, 100, 6_000), part);
+}
+
+#[test]
+fn diff_compares_trees_of_different_heights() {
+    let (_d, mut map) = open();
+    let small = 1_000; // height 1
+    let big = 200_000; // height 2
+    let mut a = 0;
+    for b in [3, 64, 999] {
+        data(&mut map, &mut a, small, b, 1);
+    }
+    map.commit().unwrap();
+    let mut grown = a;
+    map.share(grown).unwrap();
+    data(&mut map, &mut grown, big, 150_000, 2);
+    data(&mut map, &mut grown, big, 64, 3);
+    map.commit().unwrap();
+    assert_eq!(diff_of(&map, a, grown, 0, big), diff_oracle(&map, a, grown, big));
+    assert_eq!(diff_of(&map, grown, a, 0, big), diff_oracle(&map, grown, a, big));
+    assert_eq!(diff_of(&map, a, grown, 0, big).len(), 2);
+}
+
+#[test]
+fn content_digest_depends_on_contents_not_on_slots_or_zero_forms() {
+    let (_d, mut map) = open();
+    let n = 10_000;
+    let zero = crate::block_crc(&[0u8; 4096]);
+    let put = |map: &mut BlockMap, root: &mut NodeId, b: u64, crc: u32| {
+        let slot = map.alloc(1).unwrap()[0];
+        map.set(root, n, b, Some(Entry { slot, crc, digest: 0 })).unwrap();
+    };
+    let (mut a, mut b) = (0, 0);
+    put(&mut map, &mut a, 5, 11);
+    put(&mut map, &mut a, 700, 12);
+    put(&mut map, &mut b, 700, 12);
+    put(&mut map, &mut b, 5, 11);
+    map.set(&mut b, n, 9, Some(Entry::ZERO)).unwrap();
+    put(&mut map, &mut b, 10, zero);
+    map.commit().unwrap();
+    assert_eq!(map.content_digest(a).unwrap(), map.content_digest(b).unwrap());
+    put(&mut map, &mut b, 700, 13);
+    map.commit().unwrap();
+    assert_ne!(map.content_digest(a).unwrap(), map.content_digest(b).unwrap(), "a changed crc changes it");
+    let empty = map.content_digest(0).unwrap();
+    put(&mut map, &mut a, 6, 11);
+    map.commit().unwrap();
+    assert_ne!(map.content_digest(a).unwrap(), empty);
+}
