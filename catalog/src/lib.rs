@@ -21,6 +21,7 @@ mod oplog;
 mod quota;
 mod records;
 mod reference;
+mod replica;
 mod retention;
 mod schedule;
 mod undo;
@@ -36,6 +37,7 @@ pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use quota::QuotaUse;
+pub use replica::{digest_hex, Incoming, IncomingHeader, ReplicaOf, ReplicaState, SnapshotMeta};
 pub use reference::{check_size, format_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
 pub use retention::{plan as retention_plan, Pruned, Retention};
 pub use schedule::{CatchUp, Schedule, ScheduleRun, Step};
@@ -282,6 +284,12 @@ pub enum CatalogError {
     /// A lease policy that contradicts itself.
     #[error("lease policy: {0}")]
     BadLeasePolicy(String),
+    /// A replica's contents change only by replication.
+    #[error("`{0}` is a replica: read-only until `forkd promote {0}` on this site")]
+    Replica(String),
+    /// An incoming replicated snapshot this site cannot take.
+    #[error("replication refused: {0}")]
+    Replication(String),
 }
 
 fn masked_hint(source: &str, masked: &[String]) -> String {
@@ -363,6 +371,10 @@ pub struct Snapshot {
     /// Set on a snapshot of a masked volume taken after its mask hook succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked: Option<MaskRecord>,
+    /// Its identity on every site, kept when it arrived by replication (else derived: see
+    /// `replica`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
 }
 
 /// A running ingest: writes land in a staging tree that becomes the next snapshot.
@@ -372,6 +384,9 @@ pub struct Staging {
     pub root: NodeId,
     /// Blocks holding data in it.
     pub allocated_blocks: u64,
+    /// Set when it receives a replicated snapshot rather than an ingest (see `replica`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<Incoming>,
 }
 
 /// A named virtual block device.
@@ -434,6 +449,10 @@ pub struct Volume {
     /// The running ingest (stored under its own key).
     #[serde(skip)]
     pub staging: Option<Staging>,
+    /// Set on a replica: the site and volume it follows; read-only until promoted (see
+    /// `replica`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<ReplicaOf>,
 }
 
 impl Volume {
@@ -461,6 +480,7 @@ impl Volume {
             quota_bytes: None,
             default_quota: None,
             unique: Kept::default(),
+            replica_of: None,
         }
     }
 
@@ -593,12 +613,15 @@ pub struct Catalog {
     counted: BTreeSet<String>,
     /// Nodes of the collection step an operation that queued garbage takes itself (`unique`).
     gc_step: usize,
+    /// This data directory's site id (`replica`).
+    site: String,
 }
 
 impl Catalog {
     /// Load the catalog from `tree`, abandoning ingests a crash interrupted.
     pub fn open(kv: std::sync::Arc<dyn blockmap::MetaKv>) -> Result<Catalog> {
-        let map = BlockMap::open(kv)?;
+        let mut map = BlockMap::open(kv)?;
+        let site = replica::load_site(&mut map)?;
         let (volumes, legacy) = records::load(&map)?;
         let last_time = volumes
             .values()
@@ -622,6 +645,7 @@ impl Catalog {
             gc_affected: BTreeSet::new(),
             counted: BTreeSet::new(),
             gc_step: GC_STEP_NODES,
+            site,
         };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");
@@ -665,7 +689,7 @@ impl Catalog {
                 name: v.name.clone(),
                 root: v.root,
                 size_bytes: v.size_bytes,
-                read_only: v.kind == Kind::Source,
+                read_only: v.kind == Kind::Source || v.replica_of.is_some(),
             },
             Some(sel) => {
                 let s = v.find(sel)?;
@@ -807,6 +831,7 @@ impl Catalog {
             reason: reason.to_string(),
             ingest: None,
             masked: None,
+            guid: None,
         });
         Ok(SnapshotId { volume: v.name.clone(), id })
     }
@@ -825,6 +850,7 @@ impl Catalog {
     /// Snapshot a volume's current contents.
     pub fn snapshot(&mut self, volume: &str, bookmark: Option<&str>) -> Result<SnapshotId> {
         Self::not_masked(self.volume(volume)?, "snapshotted")?;
+        Self::not_replica(self.volume(volume)?)?;
         let v = self.shallow(volume)?;
         self.commit_appending(v, |cat, v| cat.take_snapshot(v, "snapshot", bookmark))
     }
@@ -949,6 +975,7 @@ impl Catalog {
             return Err(CatalogError::NotAClone(v.name, if reason == "rewind" { "rewound" } else { "refreshed" }));
         }
         Self::not_masked(&v, if reason == "rewind" { "rewound" } else { "refreshed" })?;
+        Self::not_replica(&v)?;
         self.commit_with(|cat| {
             let kept = cat.repoint_in(&mut v, &target, reason)?;
             Ok((vec![v], vec![], kept))
@@ -1097,7 +1124,12 @@ impl Catalog {
     /// Later staged writes see earlier ones. On error the caller must roll back.
     pub fn stage_write(&mut self, volume: &str, first: u64, entries: &[Option<Entry>], staging: bool) -> Result<()> {
         let v = self.staged_volume(volume)?;
+        let incoming = v.staging.as_ref().is_some_and(|s| s.incoming.is_some());
+        if !staging {
+            Self::not_replica(v)?;
+        }
         match (staging, v.kind, v.staging.is_some()) {
+            (true, _, true) if incoming => {}
             (false, Kind::Clone, _) | (true, Kind::Source, true) => {}
             (false, Kind::Source, _) => return Err(CatalogError::ReadOnly(v.name.clone())),
             (true, Kind::Clone, _) => return Err(CatalogError::NotASource(v.name.clone())),
@@ -1171,7 +1203,11 @@ impl Catalog {
     /// or, with `staging`, in a source's running ingest (blocks that became zero).
     pub fn zero(&mut self, volume: &str, first: u64, count: u64, staging: bool) -> Result<()> {
         let v = self.volume(volume)?;
+        if !staging {
+            Self::not_replica(v)?;
+        }
         let root = match (staging, v.kind, &v.staging) {
+            (true, _, Some(s)) if s.incoming.is_some() => s.root,
             (false, Kind::Clone, _) => v.root,
             (false, Kind::Source, _) => return Err(CatalogError::ReadOnly(v.name.clone())),
             (true, Kind::Source, Some(s)) => s.root,
@@ -1200,12 +1236,13 @@ impl Catalog {
         if v.kind != Kind::Source {
             return Err(CatalogError::NotASource(v.name));
         }
+        Self::not_replica(&v)?;
         if v.staging.is_some() {
             return Ok(true);
         }
         self.commit_with(|cat| {
             cat.map.share(v.root)?;
-            v.staging = Some(Staging { root: v.root, allocated_blocks: v.allocated_blocks });
+            v.staging = Some(Staging { root: v.root, allocated_blocks: v.allocated_blocks, incoming: None });
             Ok((vec![v], vec![], false))
         })
     }
@@ -1229,6 +1266,7 @@ impl Catalog {
     /// Abandon an ingest: its staging tree and every block only it held are freed.
     pub fn abort_ingest(&mut self, source: &str) -> Result<()> {
         let mut v = self.volume(source)?.clone();
+        Self::not_replica(&v)?;
         let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
         self.commit_with(|cat| {
             cat.drop_root(staging.root)?;
@@ -1256,6 +1294,7 @@ impl Catalog {
         if v.kind != Kind::Source {
             return Err(CatalogError::NotASource(v.name));
         }
+        Self::not_replica(&v)?;
         if v.staging.is_some() {
             return Err(CatalogError::IngestRunning(v.name));
         }
@@ -1275,5 +1314,7 @@ impl Catalog {
     }
 }
 
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod tests;

@@ -152,6 +152,13 @@ impl Catalog {
         Ok(())
     }
 
+    /// Stage volume `name`'s running ingest or incoming snapshot alone (`replica`'s progress).
+    pub(crate) fn put_staging(&mut self, name: &str, s: &crate::Staging) -> Result<()> {
+        let json = serde_json::to_vec(s).map_err(|_| CatalogError::Corrupt(name.to_string()))?;
+        self.map.put_meta(&k(K_STAGING, name), json);
+        Ok(())
+    }
+
     /// Stage the snapshot keys of `v` that differ from the committed copy: new or changed ones
     /// written, gone ones removed. After [`Catalog::stage_record`] in the same batch.
     pub(crate) fn stage_snapshots(&mut self, v: &Volume) -> Result<()> {

@@ -24,6 +24,7 @@ fn snap(id: u64, created_at: i64) -> Snapshot {
         reason: "snapshot".into(),
         ingest: None,
         masked: None,
+        guid: None,
     }
 }
 
