@@ -55,9 +55,9 @@ pub struct SnapshotMeta {
     pub masked: Option<MaskRecord>,
 }
 
-/// What a sender declares before the blocks of one snapshot.
+/// A replicated volume as its sender describes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct IncomingHeader {
+pub struct VolumeMeta {
     /// The sending site.
     pub site: String,
     /// Source or clone, as on the sender.
@@ -66,18 +66,26 @@ pub struct IncomingHeader {
     pub created_at: i64,
     /// Guid of the snapshot the volume is a clone of, when the target holds it.
     pub origin: Option<String>,
-    /// Guid of the snapshot the blocks are a difference from (`None`: from nothing).
-    pub base: Option<String>,
-    /// The snapshot.
-    pub snapshot: SnapshotMeta,
-    /// [`blockmap::BlockMap::content_digest`] of the snapshot on the sender, hex.
-    pub digest: String,
     /// The sender's `masked_from` of the volume.
     #[serde(default)]
     pub masked_from: Option<String>,
     /// The sender's `clone_from = "masked"` policy of the volume.
     #[serde(default)]
     pub clone_from_masked: bool,
+}
+
+/// What a sender declares before the blocks of one snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IncomingHeader {
+    /// The volume.
+    #[serde(flatten)]
+    pub volume: VolumeMeta,
+    /// Guid of the snapshot the blocks are a difference from (`None`: from nothing).
+    pub base: Option<String>,
+    /// The snapshot.
+    pub snapshot: SnapshotMeta,
+    /// [`blockmap::BlockMap::content_digest`] of the snapshot on the sender, hex.
+    pub digest: String,
 }
 
 /// A snapshot being received, kept with the staging tree it is written into.
@@ -200,7 +208,7 @@ impl Catalog {
         let fresh = !self.volumes.contains_key(name);
         let mut v = match self.volumes.get(name) {
             Some(v) => self.follow_existing(v, h, base.as_ref())?,
-            None => self.new_replica(name, h)?,
+            None => self.new_replica(name, &h.volume, h.snapshot.size_bytes)?,
         };
         let (root, allocated) = base.as_ref().map_or((0, 0), |(_, s)| (s.root, s.allocated_blocks));
         self.commit_with(|cat| {
@@ -212,7 +220,7 @@ impl Catalog {
             }
             cat.map.share(root)?;
             v.size_bytes = h.snapshot.size_bytes;
-            v.replica_of = Some(ReplicaOf { site: h.site.clone(), volume: name.to_string() });
+            v.replica_of = Some(ReplicaOf { site: h.volume.site.clone(), volume: name.to_string() });
             let incoming = Some(Incoming { header: h.clone(), next_block: 0 });
             v.staging = Some(Staging { root, allocated_blocks: allocated, incoming });
             Ok((vec![v], vec![], 0))
@@ -259,20 +267,36 @@ impl Catalog {
         Ok(v.clone())
     }
 
-    /// A new replica volume for the incoming `h`: a clone of its origin when this site holds
-    /// it, else a volume of its own.
-    fn new_replica(&self, name: &str, h: &IncomingHeader) -> Result<Volume> {
+    /// A new replica volume described by `m`, `size_bytes` long: a clone of its origin when
+    /// this site holds it, else a volume of its own.
+    fn new_replica(&self, name: &str, m: &VolumeMeta, size_bytes: u64) -> Result<Volume> {
         self.new_name(name)?;
-        let origin = h.origin.as_deref().and_then(|g| self.find_guid(g));
-        let mut v = Volume::new(name, h.kind, h.snapshot.size_bytes, 0, h.created_at);
+        let origin = m.origin.as_deref().and_then(|g| self.find_guid(g));
+        let mut v = Volume::new(name, m.kind, size_bytes, 0, m.created_at);
         if let Some((ov, os)) = origin {
             v.origin = Some(SnapshotId { volume: ov.name.clone(), id: os.id });
             v.root = os.root;
             v.allocated_blocks = os.allocated_blocks;
+            v.size_bytes = os.size_bytes;
         }
-        v.masked_from = h.masked_from.clone();
-        v.clone_from_masked = h.clone_from_masked;
+        v.masked_from = m.masked_from.clone();
+        v.clone_from_masked = m.clone_from_masked;
+        v.replica_of = Some(ReplicaOf { site: m.site.clone(), volume: name.to_string() });
         Ok(v)
+    }
+
+    /// Make replica `name` exist, as described by `m`, without a snapshot yet (a clone the
+    /// sender has not snapshotted: its head is its origin's). Nothing changes when a volume of
+    /// that name exists. Returns whether it was created.
+    pub fn ensure_replica(&mut self, name: &str, m: &VolumeMeta, size_bytes: u64) -> Result<bool> {
+        if self.volumes.contains_key(name) {
+            return Ok(false);
+        }
+        let v = self.new_replica(name, m, size_bytes)?;
+        self.commit_with(|cat| {
+            cat.map.share(v.root)?;
+            Ok((vec![v], vec![], true))
+        })
     }
 
     fn snapshot_guid(&self, id: &SnapshotId) -> Option<String> {
@@ -353,5 +377,64 @@ impl Catalog {
             }
             Ok((vec![v], vec![], of))
         })
+    }
+}
+
+/// Key prefix of continuous replications, by volume.
+const K_REPLICATION: &[u8] = b"cP";
+
+/// A continuous replication the source daemon keeps running (and starts again after a
+/// restart).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The target's API URL.
+    pub to: String,
+    /// The target's API token (the data directory is readable by its owner only).
+    pub token: Option<String>,
+    /// A run every this many milliseconds.
+    pub interval_ms: u64,
+    /// A run fails when the link makes no progress for this long.
+    pub stall_ms: u64,
+}
+
+impl Catalog {
+    /// Snapshot `volume` for replication (reason `replicate`): continuous mode's snapshot of
+    /// a head written since the last one.
+    pub fn snapshot_for_replication(&mut self, volume: &str) -> Result<SnapshotId> {
+        let v = self.volume(volume)?;
+        Self::not_masked(v, "snapshotted")?;
+        Self::not_replica(v)?;
+        let v = self.shallow(volume)?;
+        self.commit_appending(v, |cat, v| cat.take_snapshot(v, "replicate", None))
+    }
+
+    /// The continuous replications, by volume, as the engine holds them: for start-up only
+    /// (see `BlockMap::scan_meta`).
+    pub fn replications(&self) -> Result<Vec<(String, Replication)>> {
+        let mut out = Vec::new();
+        for (k, v) in self.map.scan_meta(K_REPLICATION)? {
+            let name = String::from_utf8_lossy(&k[K_REPLICATION.len()..]).into_owned();
+            let r = serde_json::from_slice(&v).map_err(|_| CatalogError::Corrupt(format!("replication of {name}")))?;
+            out.push((name, r));
+        }
+        Ok(out)
+    }
+
+    /// Keep (or, with `None`, forget) `volume`'s continuous replication.
+    pub fn set_replication(&mut self, volume: &str, r: Option<&Replication>) -> Result<()> {
+        let key = [K_REPLICATION, volume.as_bytes()].concat();
+        match r {
+            Some(r) => {
+                self.volume(volume)?;
+                let json = serde_json::to_vec(r).map_err(|_| CatalogError::Corrupt(volume.to_string()))?;
+                self.map.put_meta(&key, json);
+            }
+            None => self.map.remove_meta(&key),
+        }
+        if let Err(e) = self.map.commit() {
+            self.map.rollback();
+            return Err(e.into());
+        }
+        Ok(())
     }
 }

@@ -14,10 +14,14 @@ fn send(from: &Catalog, to: &mut Catalog, reference: &str, base: Option<&str>, o
     };
     let base_root = base.map_or(0, |b| from.snapshot_of(b).unwrap().1.root);
     let header = IncomingHeader {
-        site: from.site().to_string(),
-        kind: v.kind,
-        created_at: v.created_at,
-        origin: origin.map(guid_of),
+        volume: VolumeMeta {
+            site: from.site().to_string(),
+            kind: v.kind,
+            created_at: v.created_at,
+            origin: origin.map(guid_of),
+            masked_from: None,
+            clone_from_masked: false,
+        },
         base: base.map(guid_of),
         snapshot: SnapshotMeta {
             guid: from.guid(v, s),
@@ -30,8 +34,6 @@ fn send(from: &Catalog, to: &mut Catalog, reference: &str, base: Option<&str>, o
             masked: None,
         },
         digest: digest_hex(from.map().content_digest(s.root).unwrap()),
-        masked_from: None,
-        clone_from_masked: false,
     };
     let name = v.name.clone();
     let next = to.begin_incoming(&name, &header)?;
@@ -125,10 +127,14 @@ fn a_digest_mismatch_drops_the_snapshot_and_progress_survives_a_restart() {
     a.finish_ingest("db", IngestSummary::default()).unwrap();
     let (v, s) = a.snapshot_of("db@1").unwrap();
     let header = IncomingHeader {
-        site: a.site().into(),
-        kind: Kind::Source,
-        created_at: v.created_at,
-        origin: None,
+        volume: VolumeMeta {
+            site: a.site().into(),
+            kind: Kind::Source,
+            created_at: v.created_at,
+            origin: None,
+            masked_from: None,
+            clone_from_masked: false,
+        },
         base: None,
         snapshot: SnapshotMeta {
             guid: a.guid(v, s),
@@ -141,8 +147,6 @@ fn a_digest_mismatch_drops_the_snapshot_and_progress_survives_a_restart() {
             masked: None,
         },
         digest: digest_hex(a.map().content_digest(s.root).unwrap()),
-        masked_from: None,
-        clone_from_masked: false,
     };
     {
         let mut b = open(db.path());

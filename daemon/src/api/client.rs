@@ -34,6 +34,7 @@ use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer,
 use crate::api::log::{LogEntries, LogQuery};
 use crate::api::retention::{PruneAnswer, RetentionRules};
 use crate::api::schedules::{Schedule, ScheduleDeleted, ScheduleList, ScheduleRequest, ScheduleRunInfo};
+use crate::api::replication::{IncomingDone, IncomingStart, Promoted, ReplicaState, ReplicateRequest, ReplicationStatus};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,
@@ -88,6 +89,14 @@ impl Client {
         let base = if trimmed.contains("://") { trimmed.to_string() } else { format!("http://{trimmed}") };
         let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).build();
         Client { base, agent, authorization: token.map(|t| format!("Bearer {}", t.trim())) }
+    }
+
+    /// [`Client::with_token`] whose reads and writes fail after `io` without progress: for one
+    /// daemon talking to another, which must notice a cut link (replication).
+    pub fn with_timeout(api: &str, token: Option<String>, io: Duration) -> Client {
+        let mut c = Client::with_token(api, token);
+        c.agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout_read(io).timeout_write(io).build();
+        c
     }
 
     /// The daemon's base URL, e.g. `http://127.0.0.1:7480`.
@@ -292,6 +301,50 @@ impl Client {
         self.delete_as(&format!("/v1/sources/{}/ingest", enc(name)))
     }
 
+    /// `POST /v1/volumes/{name}/replicate`: replicate once (answers when done) or start a
+    /// continuous replication (answers at once).
+    pub fn replicate(&self, name: &str, req: &ReplicateRequest) -> anyhow::Result<ReplicationStatus> {
+        self.post(&format!("/v1/volumes/{}/replicate", enc(name)), req)
+    }
+
+    /// `GET /v1/volumes/{name}/replication`.
+    pub fn replication(&self, name: &str) -> anyhow::Result<ReplicationStatus> {
+        self.get(&format!("/v1/volumes/{}/replication", enc(name)))
+    }
+
+    /// `DELETE /v1/volumes/{name}/replication`: stop a continuous replication.
+    pub fn stop_replication(&self, name: &str) -> anyhow::Result<ReplicationStatus> {
+        self.delete_as(&format!("/v1/volumes/{}/replication", enc(name)))
+    }
+
+    /// `POST /v1/volumes/{name}/promote`: make a replica writable.
+    pub fn promote(&self, name: &str) -> anyhow::Result<Promoted> {
+        self.post(&format!("/v1/volumes/{}/promote", enc(name)), &serde_json::json!({}))
+    }
+
+    /// `GET /v1/replicas/{name}`: what this daemon holds of a volume name (a replication
+    /// target's side).
+    pub fn replica_state(&self, name: &str) -> anyhow::Result<ReplicaState> {
+        self.get(&format!("/v1/replicas/{}", enc(name)))
+    }
+
+    /// `PUT /v1/replicas/{name}`: make a replica exist (a clone with no snapshot yet).
+    pub fn replica_declare(&self, name: &str, volume: &Value) -> anyhow::Result<ReplicaState> {
+        self.send("PUT", &format!("/v1/replicas/{}", enc(name)), volume)
+    }
+
+    /// `PUT /v1/replicas/{name}/incoming`: declare a snapshot about to be sent; where to start.
+    pub fn replica_incoming(&self, name: &str, header: &Value) -> anyhow::Result<IncomingStart> {
+        self.send("PUT", &format!("/v1/replicas/{}/incoming", enc(name)), header)
+    }
+
+    /// `POST /v1/replicas/{name}/incoming`: send the declared snapshot's frames; fails when
+    /// the link makes no progress for `stall`.
+    pub fn replica_send(&self, name: &str, stream: impl Chunks, stall: Duration) -> anyhow::Result<IncomingDone> {
+        let v = self.post_stream_stalling(&format!("/v1/replicas/{}/incoming", enc(name)), stream, Some(stall))?;
+        serde_json::from_value(v).map_err(|e| self.not_understood(&e))
+    }
+
     /// `POST /v1/scrub`: read and check every stored block; answers when the scrub is done
     /// (hours for a large store: there is no read timeout).
     pub fn scrub(&self) -> anyhow::Result<ScrubAnswer> {
@@ -434,12 +487,17 @@ impl Client {
     /// the JSON answer. The answer is read while the body is still going out, so a daemon
     /// that refuses the stream part-way is heard (see [`super::upload`]).
     fn post_stream(&self, path: &str, body: impl Chunks) -> anyhow::Result<Value> {
+        self.post_stream_stalling(path, body, None)
+    }
+
+    /// [`Client::post_stream`] with [`super::upload::post`]'s stall timeout.
+    fn post_stream_stalling(&self, path: &str, body: impl Chunks, stall: Option<Duration>) -> anyhow::Result<Value> {
         let mut headers = vec![("Content-Type", "application/octet-stream")];
         if let Some(a) = &self.authorization {
             headers.push(("Authorization", a.as_str()));
         }
         let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
-        match super::upload::post(&self.base, &path, &headers, body) {
+        match super::upload::post(&self.base, &path, &headers, body, stall) {
             Ok(a) if (200..300).contains(&a.status) => self.parse_json(&String::from_utf8_lossy(&a.body)),
             Ok(a) => Err(self.refused(error_from_body(a.status, &a.reason, &String::from_utf8_lossy(&a.body)))),
             Err(UploadError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

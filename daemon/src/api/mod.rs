@@ -15,6 +15,7 @@ pub mod leases;
 pub mod log;
 pub mod pool;
 pub mod quotas;
+pub mod replication;
 pub mod retention;
 pub mod schedules;
 pub mod scrub;

@@ -61,13 +61,28 @@ pub(crate) enum UploadError {
     /// The connection broke before an answer arrived.
     #[error("{0}")]
     Lost(String),
+    /// A write made no progress within the stall timeout.
+    #[error("the link made no progress")]
+    Stalled,
 }
 
 /// `POST base+path` with `body` sent chunked, `headers` added; the daemon's answer, whenever
-/// it comes (before, during or after the body).
-pub(crate) fn post(base: &str, path: &str, headers: &[(&str, &str)], body: impl Chunks) -> Result<Answer, UploadError> {
+/// it comes (before, during or after the body). With `stall`, it fails when the link makes no
+/// progress for that long (a write that cannot go out) and waits at most ten times that (at
+/// least 20 s) for the answer after the body: for a sender that must notice a cut link rather
+/// than wait for TCP to give up.
+pub(crate) fn post(
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Chunks,
+    stall: Option<Duration>,
+) -> Result<Answer, UploadError> {
     let target = Target::of(base, path)?;
     let sock = target.connect()?;
+    if let Some(d) = stall {
+        sock.set_write_timeout(Some(d)).map_err(UploadError::Connect)?;
+    }
     let reader = sock.try_clone().map_err(UploadError::Connect)?;
     let (tx, answer) = channel();
     std::thread::spawn(move || {
@@ -77,15 +92,24 @@ pub(crate) fn post(base: &str, path: &str, headers: &[(&str, &str)], body: impl 
     match send(&mut sock, &target, headers, body, &answer) {
         Ok(Some(early)) => return early,
         Ok(None) => {}
+        Err(UploadError::Stalled) => {
+            let _ = sock.shutdown(Shutdown::Both);
+            let d = stall.unwrap_or_default();
+            return Err(UploadError::Lost(format!("the link made no progress for {:.1}s", d.as_secs_f64())));
+        }
         Err(e) => {
             // The daemon must see a broken stream, not an end: no final chunk, just gone.
             let _ = sock.shutdown(Shutdown::Both);
             return Err(e);
         }
     }
-    match answer.recv_timeout(ANSWER_TIMEOUT) {
+    let wait = stall.map_or(ANSWER_TIMEOUT, |d| (d * 10).max(Duration::from_secs(20)));
+    match answer.recv_timeout(wait) {
         Ok(a) => a,
-        Err(RecvTimeoutError::Timeout) => Err(UploadError::Lost("no answer from the daemon".into())),
+        Err(RecvTimeoutError::Timeout) => {
+            let _ = sock.shutdown(Shutdown::Both);
+            Err(UploadError::Lost("no answer from the daemon".into()))
+        }
         Err(RecvTimeoutError::Disconnected) => Err(UploadError::Lost("the answer could not be read".into())),
     }
 }
@@ -164,8 +188,14 @@ fn send(
         };
         let len: usize = pieces.iter().map(Bytes::len).sum();
         // Nothing to send (an empty chunk would end the body), or the daemon stopped reading.
-        if len > 0 && write_chunk(sock, &pieces, len).is_err() {
-            return Ok(None);
+        if len > 0 {
+            match write_chunk(sock, &pieces, len) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(UploadError::Stalled)
+                }
+                Err(_) => return Ok(None),
+            }
         }
     }
 }
@@ -345,7 +375,7 @@ mod tests {
             (&sock).write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").expect("answer");
             body
         });
-        let a = post(&format!("http://{addr}"), "/x", &[], Three(0)).expect("an answer");
+        let a = post(&format!("http://{addr}"), "/x", &[], Three(0), None).expect("an answer");
         assert_eq!(a.status, 200);
         let body = server.join().expect("server");
         assert_eq!(&body[..5], b"abcde");
@@ -369,7 +399,7 @@ mod tests {
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
             head
         });
-        let a = post(&format!("http://{addr}/prefix/"), "/v1/sources/prod/ingest", &[("X-Test", "1")], Endless)
+        let a = post(&format!("http://{addr}/prefix/"), "/v1/sources/prod/ingest", &[("X-Test", "1")], Endless, None)
             .expect("an answer");
         assert_eq!(a.status, 409);
         assert_eq!(a.reason, "Conflict");
@@ -394,7 +424,7 @@ mod tests {
             let mut all = Vec::new();
             let _ = sock.read_to_end(&mut all);
         });
-        let err = post(&format!("http://{addr}"), "/x", &[], Broken).expect_err("the body failed");
+        let err = post(&format!("http://{addr}"), "/x", &[], Broken, None).expect_err("the body failed");
         assert!(matches!(err, UploadError::Body(_)), "{err:?}");
         assert!(err.to_string().contains("offset 0"), "{err}");
         server.join().expect("server");

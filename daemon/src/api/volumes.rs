@@ -197,6 +197,16 @@ pub struct Volume {
     /// Bytes only it holds; null when space was not computed (`?space=false`).
     #[serde(default)]
     pub unique_bytes: Option<u64>,
+    /// True when hosts cannot write it: a source (fed by ingest) or a replica.
+    #[serde(default)]
+    pub read_only: bool,
+    /// On a replica: the site and volume it follows; absent else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<crate::api::replication::ReplicaOfInfo>,
+    /// Its replication to another site, as this (source) daemon runs it: present in
+    /// `GET /v1/volumes/{name}` once one was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::api::replication::ReplicationStatus>,
 }
 
 impl Volume {

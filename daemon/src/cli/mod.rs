@@ -32,6 +32,7 @@ pub mod hooks;
 pub mod lease;
 pub mod quota;
 pub mod render;
+pub mod replicate;
 pub mod retention;
 pub mod schedule;
 pub mod scrub;
@@ -208,6 +209,16 @@ pub enum Command {
 
     /// Limit a clone's unique bytes (20G), or remove the limit (--none)
     Quota(quota::QuotaArgs),
+
+    /// Send a volume's snapshots (and its clones') to another forkd, once or --continuous
+    Replicate(replicate::ReplicateArgs),
+
+    /// Make a replica writable on this site (after a failover)
+    Promote {
+        /// The replica
+        #[arg(value_name = "VOLUME")]
+        volume: String,
+    },
 
     /// Set a source's policy (clone_from=masked|any, default_lease=DURATION, max_lease=DURATION,
     /// default_quota=SIZE)

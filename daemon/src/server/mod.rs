@@ -30,6 +30,7 @@ pub mod listener;
 pub mod masking;
 pub mod nbd;
 pub mod offline;
+pub mod replication;
 pub mod retention;
 pub mod scheduler;
 pub mod serve;

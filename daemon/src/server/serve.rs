@@ -34,6 +34,7 @@ use crate::server::leases::Reaper;
 use crate::server::listener::Limits;
 use crate::server::scheduler::{IngestRunner, Scheduler};
 use crate::server::{iscsi, nbd};
+use crate::server::replication::Replicator;
 use crate::store::Store;
 
 /// How often the daemon flushes on its own when something was written.
@@ -239,7 +240,9 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
     let scheduler =
         Arc::new(Scheduler::new(store.clone(), events.clone(), clock.clone(), own_api, ingest, shutdown.clone()));
     let schedules = tokio::spawn(scheduler.clone().run(plan.leases.tick));
-    let api = Api { token: plan.token, events, clock, scheduler };
+    let replicator = Replicator::new(store.clone(), shutdown.clone());
+    replicator.resume_kept();
+    let api = Api { token: plan.token, events, clock, scheduler, replicator };
     let api_result = serve_api(listeners.api, store, api, shutdown.clone()).await;
     shutdown.cancel();
     let tasks = [
@@ -274,6 +277,7 @@ struct Api {
     events: Arc<Events>,
     clock: Arc<Clock>,
     scheduler: Arc<Scheduler>,
+    replicator: Arc<Replicator>,
 }
 
 /// The HTTP API until a shutdown signal (which it passes on to `shutdown`).
@@ -283,7 +287,7 @@ async fn serve_api(
     api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler)
+    let app = crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler, api.replicator)
         .into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -178,6 +178,9 @@ impl Store {
             return Err(CatalogError::ReadOnly(t.name).into());
         }
         let v = cat.volume(volume)?;
+        if !p.staging && v.replica_of.is_some() {
+            return Err(CatalogError::Replica(v.name.clone()).into());
+        }
         let root = match (&v.staging, p.staging, v.kind) {
             (Some(s), true, _) => s.root,
             (None, true, _) => return Err(CatalogError::NoIngest(v.name.clone()).into()),
@@ -282,6 +285,9 @@ impl Store {
             return Err(CatalogError::ReadOnly(t.name).into());
         }
         let v = cat.volume(volume)?;
+        if v.replica_of.is_some() {
+            return Err(CatalogError::Replica(v.name.clone()).into());
+        }
         if v.kind != catalog::Kind::Clone {
             return Err(CatalogError::ReadOnly(v.name.clone()).into());
         }

@@ -72,6 +72,7 @@ pub mod pool;
 mod quota;
 mod read;
 mod reclaim;
+pub mod replica;
 mod scrub;
 mod space;
 #[cfg(test)]

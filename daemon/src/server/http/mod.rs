@@ -36,6 +36,8 @@ mod log;
 mod openapi;
 mod oplog;
 mod quotas;
+mod replica_stream;
+mod replicas;
 mod resize;
 mod retention;
 mod schedules;
@@ -69,13 +71,18 @@ impl From<StoreError> for ApiError {
                 | C::UnknownEvent(_)
                 | C::NotMaskedVolume { .. } => StatusCode::BAD_REQUEST,
                 C::NoHook { .. } => StatusCode::NOT_FOUND,
-                C::ReadOnly(_) | C::MaskedVolume(_) | C::MaskedOnly { .. } | C::MaskedVolumeOp { .. } => {
+                C::ReadOnly(_)
+                | C::Replica(_)
+                | C::MaskedVolume(_)
+                | C::MaskedOnly { .. }
+                | C::MaskedVolumeOp { .. } => {
                     StatusCode::FORBIDDEN
                 }
                 C::NameTaken(_)
                 | C::BookmarkTaken { .. }
                 | C::HasDependents { .. }
                 | C::IngestRunning(_)
+                | C::Replication(_)
                 | C::NoIngest(_) => StatusCode::CONFLICT,
                 C::Map(_) | C::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 C::UnknownEnvironment(_) => StatusCode::NOT_FOUND,
@@ -188,6 +195,11 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(leases::set_lease))
         .routes(routes!(leases::set_env_lease))
         .routes(routes!(quotas::set_quota))
+        .routes(routes!(replicas::replicate))
+        .routes(routes!(replicas::status, replicas::stop))
+        .routes(routes!(replicas::promote))
+        .routes(routes!(replicas::held, replicas::declare_volume))
+        .routes(routes!(replicas::declare, replicas::receive))
         .routes(routes!(log::log))
         .routes(routes!(schedules::list, schedules::add))
         .routes(routes!(schedules::run))
@@ -211,6 +223,7 @@ pub fn router(
     events: Arc<Events>,
     clock: Arc<crate::server::clock::Clock>,
     scheduler: Arc<crate::server::scheduler::Scheduler>,
+    replicator: Arc<crate::server::replication::Replicator>,
 ) -> Router {
     let (router, mut doc) = routes().split_for_parts();
     openapi::finish(&mut doc);
@@ -220,6 +233,7 @@ pub fn router(
         .layer(Extension(events))
         .layer(Extension(clock))
         .layer(Extension(scheduler))
+        .layer(Extension(replicator))
         .with_state(store.clone());
     // Around the whole router, not each route: a 405 gets its `Allow` header only on the way
     // out of the route's method router.

@@ -41,6 +41,7 @@ use crate::api::volumes::{
         (name = "ingest", description = "Feeding sources"),
         (name = "scrub", description = "Checking every stored block against its checksum"),
         (name = "hooks", description = "Hook scripts, masking and the clone_from policy"),
+        (name = "replication", description = "Sending snapshots to another forkd, receiving them, promoting a replica"),
         (name = "meta", description = "Metrics and this document"),
     ),
     components(schemas(ErrorBody)),

@@ -63,6 +63,9 @@ pub(super) fn volume(
         snapshots,
         timeflow: v.timeflow,
         unique_bytes: if space { Some(cat.unique_blocks_of(v)? * catalog::BLOCK_SIZE) } else { None },
+        read_only: v.kind == catalog::Kind::Source || v.replica_of.is_some(),
+        replica_of: v.replica_of.as_ref().map(|r| super::replicas::replica_of(v, r)),
+        replication: None,
     })
 }
 
@@ -138,12 +141,17 @@ pub(super) async fn list(State(s): State<Shared>) -> ApiResult<Json<VolumeList>>
         (status = 404, description = "no such volume", body = ErrorBody)))]
 pub(super) async fn show(
     State(s): State<Shared>,
+    Extension(rep): super::replicas::Rep,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<ShowQuery>,
 ) -> ApiResult<Json<Volume>> {
     blocking(&s, move |st| {
-        let cat = st.catalog();
-        Ok(Json(volume(&cat, cat.volume(&name)?, true, q.space != Some(false))?))
+        let mut shown = {
+            let cat = st.catalog();
+            volume(&cat, cat.volume(&name)?, true, q.space != Some(false))?
+        };
+        shown.replication = rep.status(&name, crate::server::replication::now_ms());
+        Ok(Json(shown))
     })
     .await
 }

@@ -1,0 +1,106 @@
+//! What a replication run sends, decided from the source's catalog and what the target says
+//! it holds: the volumes in lineage order (the named one, then its clones, then theirs), and
+//! for each the snapshots newer than the newest one the target already has, each with its
+//! base (the snapshot before it, or for a clone's first snapshot its origin, when the target
+//! holds it) and the header the target records. Only snapshots whose data may flow downstream
+//! are ever considered (`Catalog::downstream`: a `clone_from = "masked"` source sends only
+//! masked snapshots).
+
+use std::collections::{HashSet, VecDeque};
+
+use catalog::{Catalog, CatalogError, IncomingHeader, SnapshotId, SnapshotMeta, Volume, VolumeMeta};
+
+/// `volume` and every clone descending from it, origins before their clones.
+pub(super) fn lineage_order(cat: &Catalog, volume: &str) -> Result<Vec<String>, CatalogError> {
+    cat.volume(volume)?;
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    let mut todo = VecDeque::from([volume.to_string()]);
+    while let Some(name) = todo.pop_front() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let clones = cat.volumes().values().filter(|c| c.origin.as_ref().is_some_and(|o| o.volume == name));
+        todo.extend(clones.map(|c| c.name.clone()));
+        order.push(name);
+    }
+    Ok(order)
+}
+
+/// Whether snapshot `id` of `v` may leave this site.
+fn sendable(cat: &Catalog, v: &Volume, id: u64) -> bool {
+    cat.downstream(&format!("{}@{id}", v.name)).is_ok()
+}
+
+/// One snapshot to send.
+#[derive(Debug, Clone)]
+pub(super) struct Outgoing {
+    /// The snapshot.
+    pub snap: SnapshotId,
+    /// What its blocks are the difference from.
+    pub base: Option<SnapshotId>,
+    /// What the target records (its digest filled in just before it is sent).
+    pub header: IncomingHeader,
+}
+
+/// `name` as the target records it, given the guids the target holds (its origin counts only
+/// when the target holds it).
+pub(super) fn volume_meta(cat: &Catalog, name: &str, on_target: &HashSet<String>) -> Result<VolumeMeta, CatalogError> {
+    let v = cat.volume(name)?;
+    let origin = v.origin.as_ref().and_then(|o| guid_of(cat, o)).filter(|g| on_target.contains(g));
+    Ok(VolumeMeta {
+        site: cat.site().to_string(),
+        kind: v.kind,
+        created_at: v.created_at,
+        origin,
+        masked_from: v.masked_from.clone(),
+        clone_from_masked: v.clone_from_masked,
+    })
+}
+
+/// The snapshots of `name` to send, oldest first, given the guids the target holds
+/// (`on_target`, which this extends with them as if they were sent).
+pub(super) fn volume_plan(
+    cat: &Catalog,
+    name: &str,
+    on_target: &mut HashSet<String>,
+) -> Result<Vec<Outgoing>, CatalogError> {
+    let meta = volume_meta(cat, name, on_target)?;
+    let v = cat.volume(name)?;
+    let origin = v.origin.clone().filter(|_| meta.origin.is_some());
+    let snaps: Vec<_> = v.snapshots.iter().filter(|s| sendable(cat, v, s.id)).collect();
+    // Start after the newest snapshot the target holds: older gaps stay gaps.
+    let held = snaps.iter().rposition(|s| on_target.contains(&cat.guid(v, s)));
+    let mut base = match held {
+        Some(i) => Some(SnapshotId { volume: v.name.clone(), id: snaps[i].id }),
+        None => origin,
+    };
+    let mut out = Vec::new();
+    for s in &snaps[held.map_or(0, |i| i + 1)..] {
+        let guid = cat.guid(v, s);
+        let header = IncomingHeader {
+            volume: meta.clone(),
+            base: base.as_ref().and_then(|b| guid_of(cat, b)),
+            snapshot: SnapshotMeta {
+                guid: guid.clone(),
+                id: s.id,
+                created_at: s.created_at,
+                timeflow: s.timeflow,
+                size_bytes: s.size_bytes,
+                bookmarks: s.bookmarks.clone(),
+                reason: s.reason.clone(),
+                masked: s.masked.clone(),
+            },
+            digest: String::new(),
+        };
+        let snap = SnapshotId { volume: v.name.clone(), id: s.id };
+        out.push(Outgoing { snap: snap.clone(), base: base.replace(snap), header });
+        on_target.insert(guid);
+    }
+    Ok(out)
+}
+
+fn guid_of(cat: &Catalog, id: &SnapshotId) -> Option<String> {
+    let v = cat.volume(&id.volume).ok()?;
+    v.snapshots.iter().find(|s| s.id == id.id).map(|s| cat.guid(v, s))
+}

@@ -1,0 +1,135 @@
+//! Sending one snapshot to the target: declare it (`PUT /v1/replicas/{name}/incoming`, which
+//! answers where to start: 0, or where an interrupted transfer stopped), then stream the blocks
+//! that differ from its base as ingest frames, from that block on, and an end frame; the target
+//! answers once the snapshot is made and its digest matched.
+//!
+//! The stream is produced as it is sent ([`DiffStream`]): the walk of the two trees takes one
+//! window of address space at a time, each data run is read from the snapshot and framed with
+//! its crc32s just before it goes out. Runs are at most [`MAX_RUN`] blocks, so the target
+//! records its progress at least every 2 MiB and a cut link costs at most one frame again.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::plan::Outgoing;
+use crate::api::client::Client;
+use crate::api::frames;
+use crate::api::replication::SentSnapshot;
+use crate::api::upload::Chunks;
+use crate::store::replica::Changed;
+use crate::store::Store;
+
+/// Largest run of blocks in one frame (2 MiB).
+pub(super) const MAX_RUN: u64 = 512;
+
+/// Blocks of address space walked per hold of the catalog's read lock (1 GiB).
+const WINDOW: u64 = 1 << 18;
+
+/// Bytes HTTP chunking adds to a chunk (size line and its end), counted as sent.
+const CHUNK_OVERHEAD: u64 = 12;
+
+/// The target and how long a stalled link is waited for.
+#[derive(Debug, Clone)]
+pub(super) struct Link {
+    /// A client for the target's API, with the stall timeout on every read and write.
+    pub client: Client,
+    /// No progress for this long fails the run.
+    pub stall: Duration,
+}
+
+/// Send `out` to the target; what was sent.
+pub(super) fn send(store: &Store, link: &Link, mut out: Outgoing) -> anyhow::Result<SentSnapshot> {
+    out.header.digest = store.snapshot_digest(&out.snap)?;
+    let header = serde_json::to_value(&out.header)?;
+    let start = link.client.replica_incoming(&out.snap.volume, &header)?;
+    let counts = Counts::default();
+    let stream = DiffStream {
+        store,
+        out: &out,
+        next: start.next_block,
+        end: out.header.snapshot.size_bytes / catalog::BLOCK_SIZE,
+        runs: VecDeque::new(),
+        ended: false,
+        counts: &counts,
+    };
+    link.client.replica_send(&out.snap.volume, stream, link.stall)?;
+    Ok(SentSnapshot {
+        snapshot: out.snap.to_string(),
+        base: out.base.as_ref().map(ToString::to_string),
+        resumed_from_block: start.next_block,
+        changed_blocks: counts.blocks.get(),
+        payload_bytes: counts.payload.get(),
+        wire_bytes: counts.wire.get(),
+    })
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    blocks: Cell<u64>,
+    payload: Cell<u64>,
+    wire: Cell<u64>,
+}
+
+/// The frames of one snapshot's difference from its base, made as they are sent.
+struct DiffStream<'a> {
+    store: &'a Store,
+    out: &'a Outgoing,
+    /// The first block not yet walked.
+    next: u64,
+    /// The snapshot's size in blocks.
+    end: u64,
+    /// Runs found and not yet sent.
+    runs: VecDeque<Changed>,
+    /// The end frame went out.
+    ended: bool,
+    counts: &'a Counts,
+}
+
+impl DiffStream<'_> {
+    fn frame(&self, run: Changed) -> std::io::Result<Vec<Bytes>> {
+        let count = u32::try_from(run.count).map_err(std::io::Error::other)?;
+        let mut head = Vec::new();
+        let pieces = if run.data {
+            let mut buf = vec![0u8; usize::try_from(run.count * catalog::BLOCK_SIZE).map_err(std::io::Error::other)?];
+            let snap = self.out.snap.to_string();
+            self.store.read(&snap, run.first * catalog::BLOCK_SIZE, &mut buf).map_err(std::io::Error::other)?;
+            frames::encode_data_head(run.first, &buf, &mut head);
+            self.counts.payload.set(self.counts.payload.get() + buf.len() as u64);
+            vec![Bytes::from(head), Bytes::from(buf)]
+        } else {
+            frames::encode_zero(run.first, count, &mut head);
+            vec![Bytes::from(head)]
+        };
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        self.counts.wire.set(self.counts.wire.get() + len + CHUNK_OVERHEAD);
+        self.counts.blocks.set(self.counts.blocks.get() + run.count);
+        Ok(pieces)
+    }
+}
+
+impl Chunks for DiffStream<'_> {
+    fn next_chunk(&mut self) -> std::io::Result<Option<Vec<Bytes>>> {
+        loop {
+            if let Some(run) = self.runs.pop_front() {
+                return self.frame(run).map(Some);
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            if self.next >= self.end {
+                let mut end = Vec::new();
+                frames::encode_end(self.end * catalog::BLOCK_SIZE, self.counts.payload.get(), &mut end);
+                self.counts.wire.set(self.counts.wire.get() + end.len() as u64 + CHUNK_OVERHEAD);
+                self.ended = true;
+                return Ok(Some(vec![Bytes::from(end)]));
+            }
+            let to = (self.next + WINDOW).min(self.end);
+            let found = self.store.changed_runs(self.out.base.as_ref(), &self.out.snap, self.next, to, MAX_RUN);
+            self.runs = found.map_err(std::io::Error::other)?.into();
+            self.next = to;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Replication's store calls. The source side asks which blocks differ between two snapshots
+//! (a walk that skips shared nodes, one bounded range per hold of the read lock) and reads
+//! them; the target side writes an incoming snapshot's frames into its staging tree, records
+//! how far it got after each one, and makes it a snapshot once the digests agree
+//! (`catalog/src/replica.rs`).
+
+use catalog::{CatalogError, IncomingHeader, NodeId, ReplicaOf, SnapshotId};
+
+use super::{Result, Store};
+
+/// One run of blocks that differ: data to send, or blocks that read as zeros now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    /// First block.
+    pub first: u64,
+    /// Number of blocks.
+    pub count: u64,
+    /// True for data, false for blocks that became zeros.
+    pub data: bool,
+}
+
+impl Store {
+    /// The root of snapshot `id` and its size in blocks, under the lock the caller holds.
+    fn snapshot_root(cat: &catalog::Catalog, id: &SnapshotId) -> Result<(NodeId, u64)> {
+        let v = cat.volume(&id.volume)?;
+        let s = v.snapshots.iter().find(|s| s.id == id.id).ok_or_else(|| {
+            CatalogError::UnknownSnapshot(format!("{id} (it was deleted while it was being replicated)"))
+        })?;
+        Ok((s.root, s.size_bytes / catalog::BLOCK_SIZE))
+    }
+
+    /// Runs of blocks of `from..to` that differ between snapshot `base` (none: the empty
+    /// volume) and snapshot `snap`, in block order, runs at most `max_run` blocks long.
+    /// Both snapshots are looked up again under the same hold of the lock as the walk, so a
+    /// snapshot deleted meanwhile is an error, never a walk of freed nodes.
+    pub fn changed_runs(
+        &self,
+        base: Option<&SnapshotId>,
+        snap: &SnapshotId,
+        from: u64,
+        to: u64,
+        max_run: u64,
+    ) -> Result<Vec<Changed>> {
+        let cat = self.catalog();
+        let (new, nblocks) = Self::snapshot_root(&cat, snap)?;
+        let old = base.map(|b| Self::snapshot_root(&cat, b)).transpose()?.map_or(0, |(r, _)| r);
+        let mut runs: Vec<Changed> = Vec::new();
+        cat.map().diff_range(old, new, from, to.min(nblocks), &mut |b, e| {
+            let data = e.is_some();
+            match runs.last_mut() {
+                Some(r) if r.data == data && r.first + r.count == b && r.count < max_run => r.count += 1,
+                _ => runs.push(Changed { first: b, count: 1, data }),
+            }
+        })?;
+        Ok(runs)
+    }
+
+    /// The content digest of snapshot `snap` (hex), as the target will compute it.
+    pub fn snapshot_digest(&self, snap: &SnapshotId) -> Result<String> {
+        let cat = self.catalog();
+        let (root, _) = Self::snapshot_root(&cat, snap)?;
+        Ok(catalog::digest_hex(cat.map().content_digest(root)?))
+    }
+
+    /// Start or resume receiving a snapshot into `name`; the first block to send.
+    pub fn begin_incoming(&self, name: &str, header: &IncomingHeader) -> Result<u64> {
+        self.check_pool("replication")?;
+        self.op(|cat| cat.begin_incoming(name, header))
+    }
+
+    /// Write one received frame into `name`'s incoming snapshot (`data`: `count` checked
+    /// blocks from `first`; `None`: they read as zeros now) and record that every block below
+    /// its end arrived.
+    pub fn incoming_frame(&self, name: &str, first: u64, count: u64, data: Option<bytes::Bytes>) -> Result<()> {
+        match data {
+            Some(d) => self.ingest_data(name, vec![(first, d)])?,
+            None => self.catalog_mut().zero(name, first, count, true)?,
+        }
+        self.catalog_mut().incoming_progress(name, first + count)?;
+        self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The incoming snapshot of `name` is complete: check its digest, make it a snapshot
+    /// (durable when this returns).
+    pub fn finish_incoming(&self, name: &str) -> Result<SnapshotId> {
+        self.op(|cat| cat.finish_incoming(name))
+    }
+
+    /// Make replica `name` writable here.
+    pub fn promote(&self, name: &str) -> Result<ReplicaOf> {
+        self.op(|cat| cat.promote(name))
+    }
+}
