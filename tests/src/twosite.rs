@@ -359,6 +359,10 @@ impl TwoSites {
     /// body: see [`crate::hooks_dir`]) as root.
     pub fn with_hooks(tag: &str, scripts: &[(&str, &str)]) -> TwoSites {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "two sites need root: network namespaces and veth pairs (CI runs as root)"
+        );
         remove_stale_namespaces();
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
