@@ -700,6 +700,8 @@ impl Daemon {
 pub mod fsdb;
 /// A raw iSCSI initiator built on the `forkd-iscsi` codec, for tests that send exact PDUs.
 pub mod iscsi_raw;
+/// Two sites in network namespaces joined by a veth pair, a daemon in each (replication).
+pub mod twosite;
 
 pub mod rawnbd {
     use std::io::{ErrorKind, Read, Write};
