@@ -184,35 +184,41 @@ impl Replicator {
         }
     }
 
-    /// One run: every volume of the lineage, every snapshot the target lacks.
+    /// One run: every volume of the lineage, every snapshot the target lacks, oldest first.
     fn run(&self, volume: &str, link: &Link) -> anyhow::Result<ReplicateReport> {
         let started = Instant::now();
         let order = plan::lineage_order(&self.store.catalog(), volume)?;
         let mut report = ReplicateReport { volume: volume.into(), to: link.client.base().into(), ..Default::default() };
-        let mut on_target = HashSet::new();
+        let (mut held, mut todo, mut bare) = (HashSet::new(), Vec::new(), Vec::new());
         for name in order {
-            let held = link.client.replica_state(&name)?;
-            on_target.extend(held.snapshots.iter().cloned());
-            let todo = plan::volume_plan(&self.store.catalog(), &name, &mut on_target)?;
-            if todo.is_empty() && !held.exists {
-                self.declare_volume(&name, &on_target, link)?;
+            let state = link.client.replica_state(&name)?;
+            held.extend(state.snapshots.iter().cloned());
+            if name == volume {
+                self.note_latest_held(volume, &held);
             }
-            for out in todo {
-                let snap = out.snap.clone();
-                let sent = send::send(&self.store, link, out)
-                    .map_err(|e| anyhow::anyhow!("sending {snap} to {}: {e:#}", link.client.base()))?;
-                report.payload_bytes += sent.payload_bytes;
-                report.wire_bytes += sent.wire_bytes;
-                report.snapshots.push(sent);
-                if name == volume {
-                    if let Some(job) = self.jobs.lock().get_mut(volume) {
-                        job.last_sent = Some(snap);
-                    }
+            let mut planned = held.clone();
+            let out = plan::volume_plan(&self.store.catalog(), &name, &mut planned)?;
+            if out.is_empty() && !state.exists {
+                bare.push(name);
+            }
+            todo.extend(out);
+            held = planned;
+        }
+        for out in plan::oldest_first(todo) {
+            let snap = out.snap.clone();
+            let sent = send::send(&self.store, link, out)
+                .map_err(|e| anyhow::anyhow!("sending {snap} to {}: {e:#}", link.client.base()))?;
+            report.payload_bytes += sent.payload_bytes;
+            report.wire_bytes += sent.wire_bytes;
+            report.snapshots.push(sent);
+            if snap.volume == volume {
+                if let Some(job) = self.jobs.lock().get_mut(volume) {
+                    job.last_sent = Some(snap);
                 }
             }
-            if name == volume {
-                self.note_latest_held(volume, &on_target);
-            }
+        }
+        for name in bare {
+            self.declare_volume(&name, &held, link)?;
         }
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         Ok(report)

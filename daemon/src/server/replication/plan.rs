@@ -104,3 +104,29 @@ fn guid_of(cat: &Catalog, id: &SnapshotId) -> Option<String> {
     let v = cat.volume(&id.volume).ok()?;
     v.snapshots.iter().find(|s| s.id == id.id).map(|s| cat.guid(v, s))
 }
+
+/// `todo` (each volume's snapshots in order, origins' volumes first) in the order they were
+/// taken, each after its base and its volume's origin: a clone's snapshots interleave with its
+/// origin's newer ones as they happened.
+pub(super) fn oldest_first(todo: Vec<Outgoing>) -> Vec<Outgoing> {
+    let planned: HashSet<String> = todo.iter().map(|o| o.header.snapshot.guid.clone()).collect();
+    let mut pending = todo;
+    pending.sort_by_key(|o| o.header.snapshot.created_at);
+    let mut sent: HashSet<String> = HashSet::new();
+    let mut out = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let ready = |o: &Outgoing| {
+            [&o.header.base, &o.header.volume.origin]
+                .into_iter()
+                .flatten()
+                .all(|g| !planned.contains(g) || sent.contains(g))
+        };
+        // The oldest whose dependencies went first; there always is one (a base is older than
+        // what it is the base of), but never loop on a surprise: take the oldest then.
+        let i = pending.iter().position(ready).unwrap_or(0);
+        let o = pending.remove(i);
+        sent.insert(o.header.snapshot.guid.clone());
+        out.push(o);
+    }
+    out
+}
