@@ -15,12 +15,12 @@
 use std::sync::OnceLock;
 
 use crate::node::span;
-use crate::{BlockMap, BlockMapError, Entry, Node, NodeId, Result, BLOCK_SIZE, INNER_FANOUT, LEAF_FANOUT};
+use crate::{BlockMap, BlockMapError, Entry, Node, NodeId, Result, INNER_FANOUT, LEAF_FANOUT};
 
 /// crc32 of a block of zeros: such a block is left out of digests, as if it were a hole.
 fn zero_crc() -> u32 {
     static CRC: OnceLock<u32> = OnceLock::new();
-    *CRC.get_or_init(|| crate::block_crc(&[0u8; BLOCK_SIZE as usize]))
+    *CRC.get_or_init(|| crate::block_crc(&[0u8; 4096]))
 }
 
 /// The slot an entry's data lives in, `None` for a block that reads as zeros.
@@ -89,7 +89,9 @@ impl BlockMap {
         }
         match self.load(id)? {
             Node::Leaf(entries) => Ok(entries),
-            Node::Inner { .. } => Err(BlockMapError::Corrupt { what: format!("node {id}"), why: "inner node at leaf level" }),
+            Node::Inner { .. } => {
+                Err(BlockMapError::Corrupt { what: format!("node {id}"), why: "inner node at leaf level" })
+            }
         }
     }
 

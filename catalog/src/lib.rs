@@ -37,8 +37,10 @@ pub use lease::{format_span, Expiry, Lease, LeaseChange, LeasePolicy};
 pub use masking::MaskRecord;
 pub use oplog::{parse_span, LogEntry, LogQuery, LogRetention};
 pub use quota::QuotaUse;
-pub use replica::{digest_hex, Incoming, IncomingHeader, ReplicaOf, ReplicaState, Replication, SnapshotMeta, VolumeMeta};
 pub use reference::{check_size, format_size, format_time, parse_size, parse_time, validate_name, Reference, SnapSel};
+pub use replica::{
+    digest_hex, Incoming, IncomingHeader, ReplicaOf, ReplicaState, Replication, SnapshotMeta, VolumeMeta,
+};
 pub use retention::{plan as retention_plan, Pruned, Retention};
 pub use schedule::{CatchUp, Schedule, ScheduleRun, Step};
 use serde::{Deserialize, Serialize};

@@ -6,7 +6,13 @@ use super::*;
 
 /// Send snapshot `reference` of `from` to `to`, as the sender does: the header, the blocks that
 /// differ from `base` (every block written with the same crc), progress, finish.
-fn send(from: &Catalog, to: &mut Catalog, reference: &str, base: Option<&str>, origin: Option<&str>) -> Result<SnapshotId> {
+fn send(
+    from: &Catalog,
+    to: &mut Catalog,
+    reference: &str,
+    base: Option<&str>,
+    origin: Option<&str>,
+) -> Result<SnapshotId> {
     let (v, s) = from.snapshot_of(reference).unwrap();
     let guid_of = |r: &str| {
         let (v, s) = from.snapshot_of(r).unwrap();
@@ -38,7 +44,9 @@ fn send(from: &Catalog, to: &mut Catalog, reference: &str, base: Option<&str>, o
     let name = v.name.clone();
     let next = to.begin_incoming(&name, &header)?;
     let mut changed = Vec::new();
-    from.map().diff_range(base_root, s.root, next, s.size_bytes / BLOCK_SIZE, &mut |b, e| changed.push((b, e))).unwrap();
+    from.map()
+        .diff_range(base_root, s.root, next, s.size_bytes / BLOCK_SIZE, &mut |b, e| changed.push((b, e)))
+        .unwrap();
     for (b, e) in changed {
         match e {
             Some(e) => put(to, &name, b, e.crc, true),
@@ -49,7 +57,10 @@ fn send(from: &Catalog, to: &mut Catalog, reference: &str, base: Option<&str>, o
     to.finish_incoming(&name)
 }
 
-fn tree(cat: &Catalog) -> Vec<(String, Option<String>, Vec<(u64, i64)>)> {
+/// A volume's name, origin and `(number, time)` of each snapshot.
+type Lineage = (String, Option<String>, Vec<(u64, i64)>);
+
+fn tree(cat: &Catalog) -> Vec<Lineage> {
     let vols = cat.volumes().values();
     vols.map(|v| {
         let snaps = v.snapshots.iter().map(|s| (s.id, s.created_at)).collect();

@@ -32,9 +32,11 @@ use crate::api::environments::{
 use crate::api::hooks::{Hook, HookList, HookRequest, MaskAnswer, MaskRequest, PolicyRequest};
 use crate::api::ingest::{decode_pairs, encode_pairs, IngestAnswer, ResizeAnswer, ResizeRequest};
 use crate::api::log::{LogEntries, LogQuery};
+use crate::api::replication::{
+    IncomingDone, IncomingStart, Promoted, ReplicaState, ReplicateRequest, ReplicationStatus,
+};
 use crate::api::retention::{PruneAnswer, RetentionRules};
 use crate::api::schedules::{Schedule, ScheduleDeleted, ScheduleList, ScheduleRequest, ScheduleRunInfo};
-use crate::api::replication::{IncomingDone, IncomingStart, Promoted, ReplicaState, ReplicateRequest, ReplicationStatus};
 use crate::api::scrub::{ScrubAnswer, ScrubStatus};
 use crate::api::volumes::{
     BookmarkRequest, CloneAnswer, CloneRequest, CreateSource, Deleted, MoveRequest, Moved, Size, SnapshotRequest,

@@ -80,11 +80,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<()> {
         Command::Mask(args) => super::hooks::mask(&client, cli.json, args),
         Command::Lease(args) => super::lease::lease(&client, cli.json, args),
         Command::Quota(args) => super::quota::quota(&client, cli.json, args),
-        Command::Replicate(args) => {
-            let own = crate::api::token::client_token(cli.token_file.as_deref())?;
-            super::replicate::replicate(&client, cli.json, args, own)
-        }
-        Command::Promote { volume } => super::replicate::promote(&client, cli.json, volume),
+        cmd @ (Command::Replicate(_) | Command::Promote { .. }) => super::replicate::run(&client, cli, cmd),
         Command::Policy { cmd } => super::hooks::policy(&client, cli.json, cmd),
         Command::Log { volume, since, limit, verbose } => {
             let query = LogQuery { volume: volume.clone(), since: since.clone(), limit: *limit };

@@ -160,6 +160,24 @@ fn log_row(e: &LogEntry) -> Vec<String> {
 }
 
 /// The `forkd show` text of a volume.
+/// A replica's `replica of` line: what it follows, read-only, and a snapshot half received.
+fn replica_text(r: &crate::api::replication::ReplicaOfInfo) -> String {
+    let receiving = r
+        .receiving
+        .as_ref()
+        .map_or_else(String::new, |x| format!("; receiving {} (at block {})", x.snapshot, x.next_block));
+    format!("{} on site {} (read-only until `forkd promote`){receiving}", r.volume, r.site)
+}
+
+/// A source's `replication` line: target, mode, state, the last snapshot sent and the lag.
+fn replication_text(r: &crate::api::replication::ReplicationStatus) -> String {
+    let mode = r.continuous_ms.map_or_else(|| "once".to_string(), |ms| format!("every {}", human_duration_ms(ms)));
+    let sent = r.last_sent.as_deref().map_or_else(String::new, |s| format!(", target holds {s}"));
+    let lag = r.lag_ms.map_or_else(String::new, |ms| format!(", lag {}", human_duration_ms(ms)));
+    let error = r.last_error.as_deref().map_or_else(String::new, |e| format!(": {e}"));
+    format!("to {} {mode}, {}{sent}{lag}{error}", r.to, r.state)
+}
+
 pub(super) fn render_show(v: &Volume) -> String {
     let size = v.size_bytes;
     let mut fields: Vec<(&str, String)> = vec![
@@ -200,6 +218,12 @@ pub(super) fn render_show(v: &Volume) -> String {
     }
     if let Some(r) = &v.retention {
         fields.push(("retention", super::retention::describe(r)));
+    }
+    if let Some(r) = &v.replica_of {
+        fields.push(("replica of", replica_text(r)));
+    }
+    if let Some(r) = &v.replication {
+        fields.push(("replication", replication_text(r)));
     }
     let key_width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();

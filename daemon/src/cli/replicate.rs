@@ -37,15 +37,26 @@ pub struct ReplicateArgs {
     pub stall_timeout: Option<String>,
 }
 
-/// `forkd replicate ...`; `own_token` is the token this command sends to its own daemon.
-pub fn replicate(client: &Client, json: bool, args: &ReplicateArgs, own_token: Option<String>) -> anyhow::Result<()> {
+/// `forkd replicate ...` or `forkd promote ...`.
+pub fn run(client: &Client, cli: &super::Cli, cmd: &super::Command) -> anyhow::Result<()> {
+    match cmd {
+        super::Command::Replicate(args) => replicate(client, cli, args),
+        super::Command::Promote { volume } => promote(client, cli.json, volume),
+        other => Err(anyhow::anyhow!("internal: {other:?} is not a replication command")),
+    }
+}
+
+/// `forkd replicate ...`.
+fn replicate(client: &Client, cli: &super::Cli, args: &ReplicateArgs) -> anyhow::Result<()> {
+    let json = cli.json;
     if args.stop {
         let s = client.stop_replication(&args.volume)?;
         return report(json, &s, || format!("{}: continuous replication to {} stopped", args.volume, s.to));
     }
     let token = match &args.to_token_file {
         Some(f) => Some(crate::api::token::read_token_file(f)?),
-        None => own_token,
+        // The token this command sends to its own daemon, for sites that share one.
+        None => crate::api::token::client_token(cli.token_file.as_deref())?,
     };
     let req = ReplicateRequest {
         to: args.to.clone().unwrap_or_default(),
@@ -67,8 +78,11 @@ fn render_report(r: &ReplicateReport) -> String {
     let mut out = String::new();
     for s in &r.snapshots {
         let base = s.base.as_deref().map_or_else(|| "in full".to_string(), |b| format!("from {b}"));
-        let resumed =
-            if s.resumed_from_block > 0 { format!(", resumed at block {}", s.resumed_from_block) } else { String::new() };
+        let resumed = if s.resumed_from_block > 0 {
+            format!(", resumed at block {}", s.resumed_from_block)
+        } else {
+            String::new()
+        };
         out.push_str(&format!("sent {} {base}: {}{resumed}\n", s.snapshot, humanize(s.payload_bytes)));
     }
     out.push_str(&format!(
@@ -89,7 +103,7 @@ fn render_started(volume: &str, s: &ReplicationStatus) -> String {
 }
 
 /// `forkd promote VOLUME`.
-pub fn promote(client: &Client, json: bool, volume: &str) -> anyhow::Result<()> {
+fn promote(client: &Client, json: bool, volume: &str) -> anyhow::Result<()> {
     let p = client.promote(volume)?;
     report(json, &p, || format!("{} is writable on this site (it followed site {})", p.volume, p.was_replica_of))
 }

@@ -32,9 +32,9 @@ use crate::server::hooks::HookRunner;
 use crate::server::iscsi::access::AccessRules;
 use crate::server::leases::Reaper;
 use crate::server::listener::Limits;
+use crate::server::replication::Replicator;
 use crate::server::scheduler::{IngestRunner, Scheduler};
 use crate::server::{iscsi, nbd};
-use crate::server::replication::Replicator;
 use crate::store::Store;
 
 /// How often the daemon flushes on its own when something was written.
@@ -287,8 +287,9 @@ async fn serve_api(
     api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler, api.replicator)
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let app =
+        crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler, api.replicator)
+            .into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;

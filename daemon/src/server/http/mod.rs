@@ -75,9 +75,7 @@ impl From<StoreError> for ApiError {
                 | C::Replica(_)
                 | C::MaskedVolume(_)
                 | C::MaskedOnly { .. }
-                | C::MaskedVolumeOp { .. } => {
-                    StatusCode::FORBIDDEN
-                }
+                | C::MaskedVolumeOp { .. } => StatusCode::FORBIDDEN,
                 C::NameTaken(_)
                 | C::BookmarkTaken { .. }
                 | C::HasDependents { .. }

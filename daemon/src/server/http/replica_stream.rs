@@ -39,13 +39,17 @@ pub(super) async fn receive(s: Shared, ticket: IncomingTicket, name: String, bod
     let (mut unflushed, mut payload) = (0u64, 0u64);
     loop {
         let chunk = match tokio::time::timeout(IDLE, stream.next()).await {
-            Err(_) => return Err(ApiError(StatusCode::REQUEST_TIMEOUT, "the sender went quiet; what arrived is kept".into())),
+            Err(_) => {
+                return Err(ApiError(StatusCode::REQUEST_TIMEOUT, "the sender went quiet; what arrived is kept".into()))
+            }
             Ok(None) => return Err(bad("the stream ended before its end frame; what arrived is kept")),
             Ok(Some(Err(e))) => return Err(bad(format!("the stream broke: {e}; what arrived is kept"))),
             Ok(Some(Ok(c))) => c,
         };
         let mut input: &[u8] = &chunk;
-        while let Some(event) = decoder.next(&mut input).map_err(|e| bad(format!("{e}; what arrived before it is kept")))? {
+        while let Some(event) =
+            decoder.next(&mut input).map_err(|e| bad(format!("{e}; what arrived before it is kept")))?
+        {
             let done = match event {
                 Event::DataStart { first, count } => {
                     frame = Some((first, count, Vec::with_capacity(count as usize * 4096)));
@@ -108,6 +112,8 @@ async fn finish(s: &Shared, ticket: &IncomingTicket, name: &str, payload_bytes: 
     blocking_api(s, move |st| {
         t.while_newest(|| -> ApiResult<IncomingDone> {
             let snap = st.finish_incoming(&n)?;
+            // A replica may have retention rules of its own, applied as after any snapshot.
+            crate::server::retention::after_snapshot(st, &n);
             Ok(IncomingDone { snapshot: snap.to_string(), payload_bytes })
         })
         .unwrap_or_else(|| Err(superseded(&n)))

@@ -23,7 +23,7 @@ use super::{bad, blocking, blocking_api, replica_stream, ApiError, ApiResult, Sh
 use crate::api::data::Binary;
 use crate::api::error::ErrorBody;
 use crate::api::replication::{
-    IncomingDone, IncomingStart, Promoted, ReplicaOfInfo, ReplicaState, ReplicateRequest, Receiving, ReplicationStatus,
+    IncomingDone, IncomingStart, Promoted, Receiving, ReplicaOfInfo, ReplicaState, ReplicateRequest, ReplicationStatus,
 };
 use crate::server::replication::{now_ms, Replication, Replicator, DEFAULT_STALL};
 
@@ -32,10 +32,11 @@ pub(super) type Rep = Extension<Arc<Replicator>>;
 
 /// A replica's `replica_of` as `show` reports it.
 pub(super) fn replica_of(v: &catalog::Volume, r: &catalog::ReplicaOf) -> ReplicaOfInfo {
-    let receiving = v.staging.as_ref().and_then(|s| s.incoming.as_ref()).map(|i| Receiving {
-        snapshot: format!("{}@{}", v.name, i.header.snapshot.id),
-        next_block: i.next_block,
-    });
+    let receiving = v
+        .staging
+        .as_ref()
+        .and_then(|s| s.incoming.as_ref())
+        .map(|i| Receiving { snapshot: format!("{}@{}", v.name, i.header.snapshot.id), next_block: i.next_block });
     ReplicaOfInfo { site: r.site.clone(), volume: r.volume.clone(), receiving }
 }
 
@@ -84,7 +85,9 @@ pub(super) async fn replicate(
         let (rep2, n) = (rep.clone(), name.clone());
         blocking_api(&s, move |_| rep2.run_once(&n, &to, body.token, stall).map(|_| ()).map_err(refused)).await?;
     }
-    rep.status(&name, now_ms()).map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no replication of `{name}`")))
+    rep.status(&name, now_ms())
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no replication of `{name}`")))
 }
 
 #[utoipa::path(get, path = "/v1/volumes/{name}/replication", tag = "replication",
@@ -108,7 +111,9 @@ pub(super) async fn stop(
 ) -> ApiResult<Json<ReplicationStatus>> {
     let (rep2, n) = (rep.clone(), name.clone());
     blocking_api(&s, move |_| rep2.stop(&n).map_err(|e| ApiError(StatusCode::CONFLICT, format!("{e:#}")))).await?;
-    rep.status(&name, now_ms()).map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no replication of `{name}`")))
+    rep.status(&name, now_ms())
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no replication of `{name}`")))
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "replication",
@@ -184,7 +189,8 @@ pub(super) async fn declare(
     let ticket = rep.incoming.take(&name);
     blocking(&s, move |st| {
         let next = ticket.while_newest(|| st.begin_incoming(&name, &header));
-        let next = next.unwrap_or_else(|| Err(catalog::CatalogError::Replication("a newer transfer took over".into()).into()))?;
+        let next = next
+            .unwrap_or_else(|| Err(catalog::CatalogError::Replication("a newer transfer took over".into()).into()))?;
         Ok(Json(IncomingStart { next_block: next }))
     })
     .await

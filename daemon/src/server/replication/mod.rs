@@ -88,7 +88,13 @@ impl Replicator {
     }
 
     /// Run one replication of `volume` to `to` now, on this thread; its report.
-    pub fn run_once(&self, volume: &str, to: &str, token: Option<String>, stall: Duration) -> anyhow::Result<ReplicateReport> {
+    pub fn run_once(
+        &self,
+        volume: &str,
+        to: &str,
+        token: Option<String>,
+        stall: Duration,
+    ) -> anyhow::Result<ReplicateReport> {
         self.claim(volume, to, None, None)?;
         let result = self.run(volume, &link(to, token, stall));
         self.finished(volume, &result);
@@ -166,7 +172,14 @@ impl Replicator {
             return Err(Refused::Busy(volume.to_string()).into());
         }
         let last_sent = if job.to == to { job.last_sent.take() } else { None };
-        *job = Job { to: to.to_string(), continuous_ms: every, running: stop.is_none(), last_sent, stop, ..Job::default() };
+        *job = Job {
+            to: to.to_string(),
+            continuous_ms: every,
+            running: stop.is_none(),
+            last_sent,
+            stop,
+            ..Job::default()
+        };
         Ok(())
     }
 
