@@ -467,9 +467,15 @@ fn interrupted_run(
     let run = ts.a().cli_background(&format!("replicate-{how:?}"), &strs(&args));
     let at = changed * BS * rng.gen_range(20..60u64) / 100;
     let run = wait_for_tx(ts, tx0 + at, run);
+    // What the target had written just before it is killed: it may lose what it received after
+    // its last flush (at most 2 MiB) and the frame under way, nothing more.
+    let mut before_kill = 0;
     match how {
         Interruption::CutLink => ts.cut_link(),
-        Interruption::KillTarget => ts.kill9(Side::B),
+        Interruption::KillTarget => {
+            before_kill = ts.b().show("big")["replica_of"]["receiving"]["next_block"].as_u64().unwrap_or(0);
+            ts.kill9(Side::B);
+        }
         Interruption::KillSource => ts.kill9(Side::A),
     }
     let out = run.wait_bounded(Duration::from_secs(60));
@@ -478,9 +484,11 @@ fn interrupted_run(
     assert!(!stderr.trim().is_empty(), "{how:?}: the failed run does not say why");
     println!("{how:?} after {at} bytes: the run failed with: {}", stderr.trim());
     let first_payload = serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|v| v["payload_bytes"].as_u64());
+    let mut kept = 0;
     match how {
         Interruption::CutLink => {
             let receiving = ts.b().show("big")["replica_of"]["receiving"].clone();
+            kept = receiving["next_block"].as_u64().unwrap_or(0);
             assert_eq!(receiving["snapshot"], snapshot, "{how:?}: the target's partial snapshot: {receiving}");
             assert!(
                 receiving["next_block"].as_u64().is_some_and(|n| n > 0),
@@ -498,8 +506,18 @@ fn interrupted_run(
     let e = entry(&r, snapshot);
     let resumed = num(e, "resumed_from_block");
     assert!(resumed > 0, "{how:?}: the second run started {snapshot} over: {r:#}");
+    match how {
+        // The target stayed up: it resumes exactly where it was.
+        Interruption::CutLink => assert_eq!(resumed, kept, "{how:?}: the target had {kept} blocks"),
+        Interruption::KillTarget => assert!(
+            resumed + 1024 >= before_kill,
+            "{how:?}: the target had written up to block {before_kill} and resumed at {resumed}: more than 4 MiB lost"
+        ),
+        Interruption::KillSource => {}
+    }
     let second = payload_total(&r);
     let changed_bytes = changed * BS;
+    println!("{how:?}: the target had {kept} (cut) / {before_kill} (before a kill) blocks written");
     println!("{how:?}: resumed at block {resumed}; payload {first_payload:?} + {second}, {tx} bytes over the link, {changed_bytes} changed");
     if let Some(first) = first_payload {
         assert!(
@@ -513,7 +531,9 @@ fn interrupted_run(
         second <= left * BS + 4 * MIB,
         "{how:?}: the second run sent {second} bytes after resuming at block {resumed}, {left} changed blocks from there"
     );
-    let limit = changed_bytes + changed_bytes / 20 + MIB + 4 * MIB;
+    // Frame heads, crc32s and TCP/IP headers (0.4 % in the uninterrupted runs), what was sent
+    // twice (at most 4 MiB) and what TCP had in flight when the run broke.
+    let limit = changed_bytes + changed_bytes / 100 + 5 * MIB;
     assert!(
         tx <= limit,
         "{how:?}: {tx} bytes crossed the link over both runs for {changed_bytes} changed (limit {limit})"
