@@ -19,6 +19,9 @@
 //!   back sends only what changed there.
 //! - `masked_only_policy_never_sends_unmasked`: with `clone_from=masked`, only masked snapshots
 //!   reach the target, and no byte of the unmasked data is found in its extent file.
+//! - `a_full_target_disk_keeps_what_arrived`: the target's data directory on a small loop-mounted
+//!   filesystem fills up mid-transfer: the run fails saying so, what arrived stays, and once
+//!   space is back the next run resumes there.
 //!
 //! The tests take turns (`serial`): each runs two daemons, and the lag bound should not
 //! depend on what another test does meanwhile.
@@ -749,5 +752,56 @@ fn masked_only_policy_never_sends_unmasked() {
     let extents_b = b.data_dir().join("extents.0");
     for s in secrets {
         assert!(!file_contains(&extents_b, s), "the target's extent file holds {}", String::from_utf8_lossy(s));
+    }
+}
+
+/// A target whose disk fills up mid-transfer stops the run with a clear error and keeps what
+/// arrived; once space is back, the next run resumes there and the snapshot arrives whole.
+#[test]
+fn a_full_target_disk_keeps_what_arrived() {
+    let _serial = serial();
+    // Declared before the sites, so it is unmounted after B's daemon is gone.
+    let fs_root = tempfile::tempdir().expect("tempdir");
+    let fs = forkd_tests::LoopFs::mount(fs_root.path(), 256);
+    let mut ts = TwoSites::new("fulldisk");
+    // B's data directory on the small filesystem, fresh.
+    ts.kill9(Side::B);
+    let data = ts.b().data_dir();
+    std::fs::remove_dir_all(&data).expect("remove B's data dir");
+    std::fs::create_dir(fs.mnt.join("data")).expect("data dir on the small filesystem");
+    std::os::unix::fs::symlink(fs.mnt.join("data"), &data).expect("link B's data dir");
+    ts.restart(Side::B);
+    // B is already busy with 112 MiB of its own: 160 MiB more do not fit.
+    let mut rng = StdRng::seed_from_u64(41);
+    let mut filler = Image::new(ts.scratch().join("filler.img"), 112 * MIB);
+    filler.randomize(&mut rng, 0, 112 * MIB);
+    ts.b().create_source("filler", "112M");
+    assert_eq!(ts.b().ingest("filler", filler.save()), "filler@1");
+    let mut img = Image::new(ts.scratch().join("big.img"), 160 * MIB);
+    let changed = img.randomize(&mut rng, 0, 160 * MIB);
+    ts.a().create_source("big", "160M");
+    assert_eq!(ts.a().ingest("big", img.save()), "big@1");
+
+    let args = replicate_args(&ts, Side::A, "big", &["--json"]);
+    let out = ts.a().cli_within(&strs(&args), Duration::from_secs(300)).unwrap_or_else(|o| o);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "160 MiB fit beside 112 MiB on a 256 MiB filesystem");
+    assert!(stderr.contains("No space left on device"), "the failed run says why: {stderr}");
+    let kept = ts.b().show("big")["replica_of"]["receiving"]["next_block"].as_u64().unwrap_or(0);
+    assert!(kept > 0, "the target kept nothing of what arrived: {:#}", ts.b().show("big"));
+    println!("full disk: the run failed after {kept} blocks with: {}", stderr.trim());
+
+    // Space comes back: the filler goes. The next run resumes and completes.
+    ts.b().cli_ok(&["delete", "filler"]);
+    ts.b().wait_for_garbage_collection();
+    let r = replicate(&ts, Side::A, "big", &[]);
+    let e = entry(&r, "big@1");
+    let resumed = num(e, "resumed_from_block");
+    println!("full disk: resumed at block {resumed} of {}", changed);
+    assert!(resumed > 0 && resumed + 1024 >= kept, "resumed at {resumed}, the target had kept {kept}: {r:#}");
+    ts.assert_same_on_both("big@1");
+    let log = ts.b().log();
+    for bad in ["final flush failed", "periodic flush failed", "metadata store"] {
+        assert!(!log.contains(bad), "B's log shows `{bad}`");
     }
 }
