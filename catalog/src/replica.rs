@@ -196,6 +196,10 @@ impl Catalog {
                 }
             }
         }
+        crate::check_size(h.snapshot.size_bytes)?;
+        if h.snapshot.id == 0 {
+            return Err(refused("snapshot numbers start at 1".into()));
+        }
         if self.find_guid(&h.snapshot.guid).is_some() {
             return Err(refused(format!("this site already holds snapshot {}", h.snapshot.guid)));
         }
@@ -292,6 +296,7 @@ impl Catalog {
         if self.volumes.contains_key(name) {
             return Ok(false);
         }
+        crate::check_size(size_bytes)?;
         let v = self.new_replica(name, m, size_bytes)?;
         self.commit_with(|cat| {
             cat.map.share(v.root)?;

@@ -296,12 +296,16 @@ impl Replicator {
         }
     }
 
-    /// One continuous run: snapshot the head if it changed, then send.
+    /// One continuous run: snapshot the head if it changed and the target holds the latest
+    /// snapshot (so an outage leaves one snapshot waiting, not one per interval), then send.
     fn cycle(&self, volume: &str, link: &Link) -> anyhow::Result<ReplicateReport> {
+        let sent = self.jobs.lock().get(volume).and_then(|j| j.last_sent.clone());
         let changed = {
             let cat = self.store.catalog();
             let v = cat.volume(volume)?;
-            v.replica_of.is_none() && v.snapshots.last().is_none_or(|s| s.root != v.root) && v.root != 0
+            let latest = v.snapshots.last();
+            let caught_up = latest.is_none_or(|s| sent.as_ref().is_some_and(|x| x.id == s.id));
+            v.replica_of.is_none() && latest.is_none_or(|s| s.root != v.root) && v.root != 0 && caught_up
         };
         if changed {
             self.store.op(|cat| cat.snapshot_for_replication(volume))?;
