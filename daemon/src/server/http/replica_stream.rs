@@ -20,7 +20,9 @@ use futures_util::StreamExt;
 use super::{bad, blocking_api, ApiError, ApiResult, Shared};
 use crate::api::frames::{Decoder, Event};
 use crate::api::replication::IncomingDone;
+use crate::server::lifecycle::DRAIN;
 use crate::server::replication::IncomingTicket;
+use crate::store::exports::Scope;
 
 /// Data written since the last flush that makes the next frame flush first.
 const FLUSH_EVERY: u64 = 2 << 20;
@@ -111,7 +113,12 @@ async fn finish(s: &Shared, ticket: &IncomingTicket, name: &str, payload_bytes: 
     let (t, n) = (ticket.clone(), name.to_string());
     blocking_api(s, move |st| {
         t.while_newest(|| -> ApiResult<IncomingDone> {
-            let snap = st.finish_incoming(&n)?;
+            // The head moves to the new snapshot: hosts attached to it are drained first, as
+            // for a refresh (attach a snapshot or a clone of one for a view that stays put).
+            let snap = {
+                let _fence = st.exports.fence_and_drain(&n, Scope::Head, DRAIN);
+                st.finish_incoming(&n)?
+            };
             // A replica may have retention rules of its own, applied as after any snapshot.
             crate::server::retention::after_snapshot(st, &n);
             Ok(IncomingDone { snapshot: snap.to_string(), payload_bytes })
