@@ -55,6 +55,22 @@ pub struct SnapshotMeta {
     pub masked: Option<MaskRecord>,
 }
 
+impl SnapshotMeta {
+    /// Snapshot `s`, whose guid is `guid`, as it travels.
+    pub fn of(guid: String, s: &Snapshot) -> SnapshotMeta {
+        SnapshotMeta {
+            guid,
+            id: s.id,
+            created_at: s.created_at,
+            timeflow: s.timeflow,
+            size_bytes: s.size_bytes,
+            bookmarks: s.bookmarks.clone(),
+            reason: s.reason.clone(),
+            masked: s.masked.clone(),
+        }
+    }
+}
+
 /// A replicated volume as its sender describes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VolumeMeta {

@@ -29,16 +29,7 @@ fn send(
             clone_from_masked: false,
         },
         base: base.map(guid_of),
-        snapshot: SnapshotMeta {
-            guid: from.guid(v, s),
-            id: s.id,
-            created_at: s.created_at,
-            timeflow: s.timeflow,
-            size_bytes: s.size_bytes,
-            bookmarks: s.bookmarks.clone(),
-            reason: s.reason.clone(),
-            masked: None,
-        },
+        snapshot: SnapshotMeta::of(from.guid(v, s), s),
         digest: digest_hex(from.map().content_digest(s.root).unwrap()),
     };
     let name = v.name.clone();
@@ -147,16 +138,7 @@ fn a_digest_mismatch_drops_the_snapshot_and_progress_survives_a_restart() {
             clone_from_masked: false,
         },
         base: None,
-        snapshot: SnapshotMeta {
-            guid: a.guid(v, s),
-            id: 1,
-            created_at: s.created_at,
-            timeflow: 1,
-            size_bytes: s.size_bytes,
-            bookmarks: vec![],
-            reason: "ingest".into(),
-            masked: None,
-        },
+        snapshot: SnapshotMeta::of(a.guid(v, s), s),
         digest: digest_hex(a.map().content_digest(s.root).unwrap()),
     };
     {

@@ -114,19 +114,7 @@ pub fn run_with_deadline(cmd: &mut Command, timeout: Duration) -> Result<Output,
     };
     let out = pipe(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
     let err = pipe(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let started = Instant::now();
-    let (status, finished) = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break (st, true),
-            Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let st = child.wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
-                break (st, false);
-            }
-            Err(e) => panic!("waiting for {what}: {e}"),
-        }
-    };
+    let (status, finished) = wait_or_kill(&mut child, timeout, &what);
     let output = Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() };
     if finished {
         Ok(output)
@@ -134,6 +122,34 @@ pub fn run_with_deadline(cmd: &mut Command, timeout: Duration) -> Result<Output,
         Err(output)
     }
 }
+
+/// Wait for `child` (`what`, for messages) to exit: its status and true, or, still running
+/// after `timeout`, it is killed: its status and false.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration, what: &str) -> (ExitStatus, bool) {
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return (st, true),
+            Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                return (child.wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}")), false);
+            }
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+    }
+}
+
+/// A `mask` hook body: replaces every character of every e-mail address in the first 4 KiB at
+/// offsets 0 and 1 MiB with `x`, the `@` kept, over the NBD URI it is given (`nbdsh`).
+pub const MASK_EMAILS: &str = r#"exec nbdsh -u "$FORKD_NBD_URI" -c '
+import re
+for off in (0, 1 << 20):
+    b = bytes(h.pread(4096, off))
+    b = re.sub(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", lambda m: re.sub(rb"[^@]", b"x", m.group(0)), b)
+    h.pwrite(b, off)
+h.flush()
+'"#;
 
 /// An HTTP answer: status and raw body (for any status, 2xx or not).
 #[derive(Debug, Clone)]

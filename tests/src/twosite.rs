@@ -229,19 +229,8 @@ impl Background {
     /// Wait until it exits: `Ok` with what it printed, or, still running after `timeout`, it
     /// is killed and `Err` carries what it printed.
     pub fn wait(mut self, timeout: Duration) -> Result<Output, Output> {
-        let started = Instant::now();
         let mut child = self.child.take().expect("a background process is waited for once");
-        let (status, finished) = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break (st, true),
-                Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
-                Ok(None) => {
-                    let _ = child.kill();
-                    break (child.wait().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what)), false);
-                }
-                Err(e) => panic!("waiting for {}: {e}", self.what),
-            }
-        };
+        let (status, finished) = crate::wait_or_kill(&mut child, timeout, &self.what);
         let read = |p: &Path| std::fs::read(p).unwrap_or_default();
         let out = Output { status, stdout: read(&self.stdout), stderr: read(&self.stderr) };
         if finished {

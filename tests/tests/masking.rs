@@ -25,15 +25,7 @@ fn masker(flags: &Path) -> String {
         "touch {f}/ready\ni=0; while [ ! -e {f}/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n",
         f = flags.display()
     );
-    let mask = r#"exec nbdsh -u "$FORKD_NBD_URI" -c '
-import re
-for off in (0, 1 << 20):
-    b = bytes(h.pread(4096, off))
-    b = re.sub(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", lambda m: re.sub(rb"[^@]", b"x", m.group(0)), b)
-    h.pwrite(b, off)
-h.flush()
-'"#;
-    format!("{wait}{mask}")
+    format!("{wait}{}", forkd_tests::MASK_EMAILS)
 }
 
 fn setup(root: &Path) -> (Daemon, PathBuf, PathBuf) {

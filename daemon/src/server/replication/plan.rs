@@ -81,16 +81,7 @@ pub(super) fn volume_plan(
         let header = IncomingHeader {
             volume: meta.clone(),
             base: base.as_ref().and_then(|b| guid_of(cat, b)),
-            snapshot: SnapshotMeta {
-                guid: guid.clone(),
-                id: s.id,
-                created_at: s.created_at,
-                timeflow: s.timeflow,
-                size_bytes: s.size_bytes,
-                bookmarks: s.bookmarks.clone(),
-                reason: s.reason.clone(),
-                masked: s.masked.clone(),
-            },
+            snapshot: SnapshotMeta::of(guid.clone(), s),
             digest: String::new(),
         };
         let snap = SnapshotId { volume: v.name.clone(), id: s.id };
