@@ -343,29 +343,39 @@ verify_same() {
     VERIFIED+=("$ref")
 }
 
-# replicate_run OUT: `forkd replicate db --to B --json` from A, report into OUT.json; sets
-# R_SECS (wall, CLI included), R_TX (bytes A's end of the link sent), R_RX
-R_SECS="" R_TX="" R_RX=""
+# cpu SITE: CPU seconds (user + system, all threads) its daemon has used so far
+TICK=$(getconf CLK_TCK)
+cpu() { awk -v t="$TICK" '{ printf "%.2f", ($14 + $15) / t }' "/proc/${PID[forkd-$1]}/stat"; }
+# measure_begin / measure_end: around one transfer, set R_SECS (wall), R_TX and R_RX (bytes A's
+# end of the link sent and received) and R_CPU ("A's daemon CPU s/B's daemon CPU s")
+R_SECS="" R_TX="" R_RX="" R_CPU=""
+M_T0="" M_TX0="" M_RX0="" M_CA0="" M_CB0=""
+measure_begin() { M_CA0=$(cpu A); M_CB0=$(cpu B); M_TX0=$(tx_a); M_RX0=$(rx_a); M_T0=$(now); }
+measure_end() {
+    local t1
+    t1=$(now)
+    R_TX=$(($(tx_a) - M_TX0)); R_RX=$(($(rx_a) - M_RX0))
+    R_SECS=$(calc '%.3f' "$t1 - $M_T0")
+    R_CPU="$(calc '%.2f' "$(cpu A) - $M_CA0")/$(calc '%.2f' "$(cpu B) - $M_CB0")"
+}
+# replicate_run OUT: `forkd replicate db --to B --json` from A, report into OUT.json; measured
+# (wall time: the CLI's, start to exit)
 replicate_run() {
-    local out=$1 t0 t1 tx0 rx0
-    tx0=$(tx_a); rx0=$(rx_a); t0=$(now)
+    local out=$1
+    measure_begin
     fk A replicate db --to "$URL_B" --to-token-file "$SCRATCH/B/token" --json >"$out.json" 2>"$out.err" \
         || die "forkd replicate db failed: $(tail -5 "$out.err")"
-    t1=$(now)
-    R_TX=$(($(tx_a) - tx0)); R_RX=$(($(rx_a) - rx0))
-    R_SECS=$(calc '%.3f' "$t1 - $t0")
+    measure_end
 }
 # nbdcopy_run SNAPSHOT DEST OUT [FLAGS...]: nbdcopy in B's namespace from A's export of
-# SNAPSHOT to DEST; sets R_SECS, R_TX, R_RX
+# SNAPSHOT to DEST; measured (wall time: nbdcopy's, start to exit)
 nbdcopy_run() {
-    local snap=$1 dest=$2 out=$3 t0 t1 tx0 rx0
+    local snap=$1 dest=$2 out=$3
     shift 3
-    tx0=$(tx_a); rx0=$(rx_a); t0=$(now)
+    measure_begin
     in_b nbdcopy "$@" "nbd://$NBD_A/${snap//@/%40}" "$dest" >"$out.out" 2>&1 \
         || die "nbdcopy $* nbd://$NBD_A/${snap//@/%40} $dest failed: $(tail -5 "$out.out")"
-    t1=$(now)
-    R_TX=$(($(tx_a) - tx0)); R_RX=$(($(rx_a) - rx0))
-    R_SECS=$(calc '%.3f' "$t1 - $t0")
+    measure_end
 }
 jnum() { jq -r "$2" "$1.json"; }
 
@@ -402,21 +412,21 @@ PART_WALL[setup]=$((SECONDS - part_t0))
 # ---------------------------------------------------------------- full
 log "---- part full: $RUNS interleaved rounds"
 part_t0=$SECONDS
-declare -a F_SECS=() F_TX=() F_PAY=() F_WIRE=() F_DUR=() N_SECS=() N_TX=() L_SECS=() L_TX=() C_SECS=() C_TX=()
+declare -a F_SECS=() F_TX=() F_PAY=() F_WIRE=() F_DUR=() F_CPU=() N_SECS=() N_TX=() N_CPU=() L_SECS=() L_TX=() L_CPU=() C_SECS=() C_TX=() C_CPU=()
 peer_null() {
     nbdcopy_run db@1 null: "$SCRATCH/full-null-$1"
-    N_SECS+=("$R_SECS"); N_TX+=("$R_TX")
+    N_SECS+=("$R_SECS"); N_TX+=("$R_TX"); N_CPU+=("$R_CPU")
 }
 peer_file() {
     nbdcopy_run db@1 "$SCRATCH/B/copy.raw" "$SCRATCH/full-file-$1" --flush --destination-is-zero
-    L_SECS+=("$R_SECS"); L_TX+=("$R_TX")
+    L_SECS+=("$R_SECS"); L_TX+=("$R_TX"); L_CPU+=("$R_CPU")
     rm -f "$SCRATCH/B/copy.raw"
 }
 peer_clone() { # into an empty clone on B (a clone of a never-ingested source: all zeros)
     fk B source create sink --size "${SIZE_MIB}M" >/dev/null
     fk B clone sink sinkc >/dev/null
     nbdcopy_run db@1 "nbd://$NBD_B/sinkc" "$SCRATCH/full-clone-$1" --flush --destination-is-zero
-    C_SECS+=("$R_SECS"); C_TX+=("$R_TX")
+    C_SECS+=("$R_SECS"); C_TX+=("$R_TX"); C_CPU+=("$R_CPU")
     fk B delete sinkc >/dev/null
     fk B delete sink >/dev/null
 }
@@ -426,7 +436,7 @@ forkd_full() {
     local r=$SCRATCH/full-forkd-$1
     [[ $(jnum "$r" '[.snapshots[] | .snapshot + ":" + (.base // "-")] | join(",")') == "db@1:-" ]] \
         || die "the full run sent $(jnum "$r" '[.snapshots[].snapshot] | join(",")'), expected db@1 in full"
-    F_SECS+=("$R_SECS"); F_TX+=("$R_TX")
+    F_SECS+=("$R_SECS"); F_TX+=("$R_TX"); F_CPU+=("$R_CPU")
     F_PAY+=("$(jnum "$r" .payload_bytes)"); F_WIRE+=("$(jnum "$r" .wire_bytes)"); F_DUR+=("$(jnum "$r" .duration_ms)")
 }
 for ((k = 1; k <= RUNS; k++)); do
@@ -459,9 +469,10 @@ cell() { echo "$(calc '%.2f' "$1") s, $(rate "$1"), $(mib "$2") MiB on the link"
 row full "db@1 in full vs nbdcopy → null: (B)" "$(cell "$fm" "$ftx")" "$(cell "$nm" "$ntx")" "$(calc '%.2fx' "$nm / $fm")" "—" info
 row full "db@1 in full vs nbdcopy --flush → sparse file (B)" "$(cell "$fm" "$ftx")" "$(cell "$lm" "$ltx")" "$(calc '%.2fx' "$lm / $fm")" "—" info
 row full "db@1 in full vs nbdcopy --flush → forkd clone (B)" "$(cell "$fm" "$ftx")" "$(cell "$cm" "$ctx")" "$(calc '%.2fx' "$cm / $fm")" "—" info
-row full "link bytes / data bytes (forkd; nbdcopy → null:)" "$(calc '%.3f' "$ftx / $DATA_BYTES")" "$(calc '%.3f' "$ntx / $DATA_BYTES")" "$(calc '%.3f' "$ftx / $ntx")" "—" info
-note "full, forkd replicate (per round): wall s ${F_SECS[*]}; daemon duration_ms ${F_DUR[*]}; payload bytes ${F_PAY[*]}; wire_bytes (forkd's count) ${F_WIRE[*]}; A's link tx bytes ${F_TX[*]}"
-note "full, nbdcopy → null: wall s ${N_SECS[*]}, tx ${N_TX[*]}; → sparse file on B wall s ${L_SECS[*]}, tx ${L_TX[*]}; → forkd clone on B wall s ${C_SECS[*]}, tx ${C_TX[*]}"
+flimit=$((DATA_BYTES + DATA_BYTES / 20 + MIB))
+row full "db@1: link bytes vs its data ($(mib "$DATA_BYTES") MiB; nbdcopy → null:'s link bytes as peer)" "$(mib "$ftx") MiB" "$(mib "$ntx") MiB" "$(calc '%.3fx' "$ftx / $DATA_BYTES")" "≤ 1.05x + 1 MiB" "$( ((ftx <= flimit)) && echo PASS || echo MISS)"
+note "full, forkd replicate (per round): wall s ${F_SECS[*]}; daemon duration_ms ${F_DUR[*]}; payload bytes ${F_PAY[*]}; wire_bytes (forkd's count) ${F_WIRE[*]}; A's link tx bytes ${F_TX[*]}; daemons' CPU s (A/B) ${F_CPU[*]}"
+note "full, nbdcopy → null: wall s ${N_SECS[*]}, tx ${N_TX[*]}, daemons' CPU s (A/B) ${N_CPU[*]}; → sparse file on B wall s ${L_SECS[*]}, tx ${L_TX[*]}, CPU ${L_CPU[*]}; → forkd clone on B wall s ${C_SECS[*]}, tx ${C_TX[*]}, CPU ${C_CPU[*]}"
 PART_WALL[full]=$((SECONDS - part_t0))
 
 # ---------------------------------------------------------------- wan
@@ -471,14 +482,14 @@ if ((WAN_MBIT > 0)); then
     # a burst large enough that segmentation offload stays whole (as twosite.rs's limit_rate)
     in_a tc qdisc replace dev "$VETH_A" root tbf rate "${WAN_MBIT}mbit" burst 1mb latency 200ms
     nbdcopy_run db@1 null: "$SCRATCH/wan-null"
-    wn=$R_SECS wntx=$R_TX
+    wn=$R_SECS wntx=$R_TX wncpu=$R_CPU
     fresh_b
     replicate_run "$SCRATCH/wan-forkd"
-    wf=$R_SECS wftx=$R_TX
+    wf=$R_SECS wftx=$R_TX wfcpu=$R_CPU
     in_a tc qdisc del dev "$VETH_A" root
     line=$(calc '%.0f' "$WAN_MBIT * 1000000 / 8 / $MIB")
     row wan "db@1 in full at $WAN_MBIT Mbit/s vs nbdcopy → null:" "$(cell "$wf" "$wftx")" "$(cell "$wn" "$wntx")" "$(calc '%.2fx' "$wn / $wf")" "—" info
-    note "wan: one run each (nbdcopy first, then forkd into a fresh B), tbf rate ${WAN_MBIT}mbit burst 1mb latency 200ms on A's veth: the line carries at most $line MiB/s; forkd's link bytes over the time $(calc '%.0f' "$wftx / $MIB / $wf") MiB/s, nbdcopy's $(calc '%.0f' "$wntx / $MIB / $wn") MiB/s; daemon duration_ms $(jnum "$SCRATCH/wan-forkd" .duration_ms)"
+    note "wan: one run each (nbdcopy first, then forkd into a fresh B), tbf rate ${WAN_MBIT}mbit burst 1mb latency 200ms on A's veth: the line carries at most $line MiB/s; forkd's link bytes over the time $(calc '%.0f' "$wftx / $MIB / $wf") MiB/s, nbdcopy's $(calc '%.0f' "$wntx / $MIB / $wn") MiB/s; daemon duration_ms $(jnum "$SCRATCH/wan-forkd" .duration_ms); daemons' CPU s (A/B): forkd $wfcpu, nbdcopy $wncpu"
     PART_WALL[wan]=$((SECONDS - part_t0))
 fi
 
@@ -499,7 +510,7 @@ incremental() { # PCT N: PCT % of the blocks changed, ingested as db@N, replicat
     [[ $(jnum "$r" '[.snapshots[] | .snapshot + ":" + (.base // "-")] | join(",")') == "db@$n:db@$((n - 1))" ]] \
         || die "the run sent $(jnum "$r" '[.snapshots[] | .snapshot + " from " + (.base // "nothing")] | join(", ")'), expected db@$n from db@$((n - 1))"
     pay=$(jnum "$r" .payload_bytes); wire=$(jnum "$r" .wire_bytes)
-    local fs=$R_SECS ftx=$R_TX
+    local fs=$R_SECS ftx=$R_TX fcpu=$R_CPU
     nbdcopy_run "db@$n" null: "$SCRATCH/incr-null-$n"
     ntx=$R_TX
     limit=$((changed + changed / 20 + MIB))
@@ -508,7 +519,7 @@ incremental() { # PCT N: PCT % of the blocks changed, ingested as db@N, replicat
     row incremental "db@$n: link bytes vs changed bytes (nbdcopy's link bytes as peer)" \
         "$(mib "$ftx") MiB" "$(mib "$ntx") MiB" "$(calc '%.3fx' "$ftx / $changed")" "≤ 1.05x + 1 MiB" \
         "$( ((ftx <= limit)) && echo PASS || echo MISS)"
-    note "incremental db@$n: $blocks blocks of 4 KiB rewritten ($changed bytes, seed $((SEED * 100 + n))); ingest on A $isecs s (changed_bytes $(jq -r '.summary.changed_bytes' "$SCRATCH/ingest$n.json")); replicate: changed_blocks $(jnum "$r" '.snapshots[0].changed_blocks'), payload $pay bytes ($(calc '%.4f' "$pay / $changed")x changed), wire_bytes $wire ($(calc '%.4f' "$wire / $changed")x), A's link tx $ftx ($(calc '%.4f' "$ftx / $changed")x; limit $limit), rx $R_RX; daemon duration_ms $(jnum "$r" .duration_ms); nbdcopy of the whole db@$n → null: $R_SECS s, tx $ntx bytes ($(calc '%.1f' "$ntx / $ftx")x forkd's)"
+    note "incremental db@$n: $blocks blocks of 4 KiB rewritten ($changed bytes, seed $((SEED * 100 + n))); ingest on A $isecs s (changed_bytes $(jq -r '.summary.changed_bytes' "$SCRATCH/ingest$n.json")); replicate: changed_blocks $(jnum "$r" '.snapshots[0].changed_blocks'), payload $pay bytes ($(calc '%.4f' "$pay / $changed")x changed), wire_bytes $wire ($(calc '%.4f' "$wire / $changed")x), A's link tx $ftx ($(calc '%.4f' "$ftx / $changed")x; limit $limit), rx $R_RX; daemon duration_ms $(jnum "$r" .duration_ms), daemons' CPU s (A/B) $fcpu; nbdcopy of the whole db@$n → null: $R_SECS s, tx $ntx bytes ($(calc '%.1f' "$ntx / $ftx")x forkd's)"
 }
 incremental 1 2
 incremental 10 3
@@ -544,7 +555,7 @@ eb=$(alloc "$SCRATCH/B/data/extents.0")
 da=$(du -sb --apparent-size "$SCRATCH/A/data" | cut -f1)
 row space "allocated bytes of data/extents.0, B (target) vs A (source)" "$(mib "$eb") MiB" "$(mib "$ea") MiB" "$(calc '%.3fx' "$eb / $ea")" "—" info
 note "space: after db@1..db@3 and dev@1 on both sites, garbage collection idle on both: extents.0 allocated A $ea bytes, B $eb bytes (stat blocks x 512); whole data dirs (du -s, allocated) A $(du -sB1 "$SCRATCH/A/data" | cut -f1), B $(du -sB1 "$SCRATCH/B/data" | cut -f1); data in the snapshots: db@1 $DATA_BYTES bytes + changed blocks since; A's data dir apparent size $da"
-note "dev@1: $dev_blocks blocks written ($dchanged bytes) through PUT /v1/volumes/dev/data, 1 MiB pieces; replicate: payload $(jnum "$SCRATCH/space" .payload_bytes), wire_bytes $(jnum "$SCRATCH/space" .wire_bytes), A's link tx $R_TX (limit $dlimit)"
+note "dev@1: $dev_blocks blocks written ($dchanged bytes) through PUT /v1/volumes/dev/data, 1 MiB pieces; replicate: payload $(jnum "$SCRATCH/space" .payload_bytes), wire_bytes $(jnum "$SCRATCH/space" .wire_bytes), A's link tx $R_TX (limit $dlimit), daemons' CPU s (A/B) $R_CPU"
 note "checked byte-identical (sha256 of \`forkd dump\` on B against A's dump or against the image ingested): ${VERIFIED[*]}; \`forkd tree\` prints the same on both sites"
 PART_WALL[space]=$((SECONDS - part_t0))
 
