@@ -68,15 +68,16 @@ impl Store {
         self.op(|cat| cat.begin_incoming(name, header))
     }
 
-    /// Write one received frame into `name`'s incoming snapshot (`data`: `count` checked
-    /// blocks from `first`; `None`: they read as zeros now) and record that every block below
-    /// its end arrived.
-    pub fn incoming_frame(&self, name: &str, first: u64, count: u64, data: Option<bytes::Bytes>) -> Result<()> {
-        match data {
-            Some(d) => self.ingest_data(name, vec![(first, d)])?,
-            None => self.catalog_mut().zero(name, first, count, true)?,
+    /// Write a batch of received frames into `name`'s incoming snapshot (`data`: runs of
+    /// checked blocks; `zeros`: `(first, count)` runs that read as zeros now), as one group
+    /// commit, and record that every block below `end` arrived.
+    pub fn incoming_batch(&self, name: &str, data: Vec<(u64, bytes::Bytes)>, zeros: &[(u64, u64)], end: u64) -> Result<()> {
+        self.ingest_data(name, data)?;
+        let mut cat = self.catalog_mut();
+        for &(first, count) in zeros {
+            cat.zero(name, first, count, true)?;
         }
-        self.catalog_mut().incoming_progress(name, first + count)?;
+        cat.incoming_progress(name, end)?;
         self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }

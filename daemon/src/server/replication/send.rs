@@ -5,8 +5,8 @@
 //!
 //! The stream is produced as it is sent ([`DiffStream`]): the walk of the two trees takes one
 //! window of address space at a time, each data run is read from the snapshot and framed with
-//! its crc32s just before it goes out. Runs are at most [`MAX_RUN`] blocks, so the target
-//! records its progress at least every 2 MiB and a cut link costs at most one frame again.
+//! its crc32s just before it goes out. Runs are at most [`MAX_RUN`] blocks (1 MiB), so the
+//! target records its progress at least every 1 MiB and a cut link costs at most a frame again.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -22,8 +22,9 @@ use crate::api::upload::Chunks;
 use crate::store::replica::Changed;
 use crate::store::Store;
 
-/// Largest run of blocks in one frame (2 MiB).
-pub(super) const MAX_RUN: u64 = 512;
+/// Largest run of blocks in one frame (1 MiB): the target loses at most a few of them when
+/// it is killed (`server::http::replica_stream`).
+pub(super) const MAX_RUN: u64 = 256;
 
 /// Blocks of address space walked per hold of the catalog's read lock (1 GiB).
 const WINDOW: u64 = 1 << 18;
