@@ -71,7 +71,13 @@ impl Store {
     /// Write a batch of received frames into `name`'s incoming snapshot (`data`: runs of
     /// checked blocks; `zeros`: `(first, count)` runs that read as zeros now), as one group
     /// commit, and record that every block below `end` arrived.
-    pub fn incoming_batch(&self, name: &str, data: Vec<(u64, bytes::Bytes)>, zeros: &[(u64, u64)], end: u64) -> Result<()> {
+    pub fn incoming_batch(
+        &self,
+        name: &str,
+        data: Vec<(u64, bytes::Bytes)>,
+        zeros: &[(u64, u64)],
+        end: u64,
+    ) -> Result<()> {
         self.ingest_data(name, data)?;
         let mut cat = self.catalog_mut();
         for &(first, count) in zeros {

@@ -84,7 +84,10 @@ impl Receiver {
         loop {
             let chunk = match tokio::time::timeout(IDLE, stream.next()).await {
                 Err(_) => {
-                    return Err(ApiError(StatusCode::REQUEST_TIMEOUT, "the sender went quiet; what arrived is kept".into()))
+                    return Err(ApiError(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the sender went quiet; what arrived is kept".into(),
+                    ))
                 }
                 Ok(None) => return Err(bad("the stream ended before its end frame; what arrived is kept")),
                 Ok(Some(Err(e))) => return Err(bad(format!("the stream broke: {e}; what arrived is kept"))),
@@ -94,7 +97,9 @@ impl Receiver {
             let bad_frame = |e| bad(format!("{e}; what arrived before it is kept"));
             while let Some(event) = decoder.next(&mut input).map_err(bad_frame)? {
                 match event {
-                    Event::DataStart { first, count } => frame = Some((first, count, Vec::with_capacity(count as usize * 4096))),
+                    Event::DataStart { first, count } => {
+                        frame = Some((first, count, Vec::with_capacity(count as usize * 4096)))
+                    }
                     Event::Payload(p) => frame.as_mut().map_or((), |(_, _, buf)| buf.extend_from_slice(p)),
                     Event::DataEnd => {
                         let (first, count, buf) = frame.take().ok_or_else(|| bad("frame payload without a frame"))?;
