@@ -7,10 +7,13 @@
 //! (a source grown between two snapshots) are compared as if the lower root were the first
 //! child of a chain of nodes up to the higher one's level, which is what it maps.
 //!
-//! [`BlockMap::content_digest`] hashes, in block order, the index and crc32 of every block
-//! that holds data other than zeros: two trees that map the same bytes to the same blocks get
-//! the same digest, whichever slots hold them and whether a zero block is a hole, a known-zero
-//! entry or stored zeros.
+//! [`BlockMap::content_digest`] is the wrapping sum, over every block that holds data other than
+//! zeros, of a 128-bit hash of its index and crc32: two trees that map the same bytes to the
+//! same blocks get the same digest, whichever slots hold them and whether a zero block is a
+//! hole, a known-zero entry or stored zeros. Being a sum, it moves by what changed:
+//! [`BlockMap::digest_change`] is what to add to one tree's digest to get another's, found by
+//! the same walk as the difference, so a snapshot's digest costs what changed since one whose
+//! digest is known (the whole tree is read only when none is).
 
 use std::sync::OnceLock;
 
@@ -23,40 +26,59 @@ fn zero_crc() -> u32 {
     *CRC.get_or_init(|| crate::block_crc(&[0u8; 4096]))
 }
 
+/// A block's share of a digest: 0 for a block that reads as zeros.
+fn entry_hash(block: u64, e: Option<Entry>) -> u128 {
+    match e {
+        Some(e) if e.has_data() && e.crc != zero_crc() => {
+            let mut bytes = [0u8; 12];
+            bytes[..8].copy_from_slice(&block.to_le_bytes());
+            bytes[8..].copy_from_slice(&e.crc.to_le_bytes());
+            xxhash_rust::xxh3::xxh3_128(&bytes)
+        }
+        _ => 0,
+    }
+}
+
 /// The slot an entry's data lives in, `None` for a block that reads as zeros.
 fn data_slot(e: Option<Entry>) -> Option<u64> {
     e.filter(Entry::has_data).map(|e| e.slot)
 }
 
 impl BlockMap {
-    /// Call `f(block, entry)`, in block order, for every block of `first..end` whose contents
-    /// may differ between the trees at `old` and `new` (0 is the empty tree): `entry` is the
-    /// new tree's, `None` when the block reads as zeros there. Blocks held in the same slot by
-    /// both are equal; a hole and a known-zero entry are equal. Read-only.
+    /// Call `f(block, old, new)`, in block order, for every block of `first..end` whose
+    /// contents may differ between the trees at `old` and `new` (0 is the empty tree), with each
+    /// tree's entry (`None` when the block reads as zeros there). Blocks held in the same slot
+    /// by both are equal; a hole and a known-zero entry are equal. Read-only.
     pub fn diff_range(
         &self,
         old: NodeId,
         new: NodeId,
         first: u64,
         end: u64,
-        f: &mut dyn FnMut(u64, Option<Entry>),
+        f: &mut dyn FnMut(u64, Option<Entry>, Option<Entry>),
     ) -> Result<()> {
         let level = self.level_of(old)?.max(self.level_of(new)?);
         self.diff_node(old, new, level, 0, first, end, f)
     }
 
-    /// A digest of the contents of the tree at `root`: see the module note. Reads every leaf.
+    /// The digest of the contents of the tree at `root`: see the module note. Reads every leaf.
     pub fn content_digest(&self, root: NodeId) -> Result<u128> {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let zero = zero_crc();
+        let mut sum = 0u128;
         self.for_each(root, &mut |b, e| {
-            if e.has_data() && e.crc != zero {
-                h.update(&b.to_le_bytes());
-                h.update(&e.crc.to_le_bytes());
-            }
+            sum = sum.wrapping_add(entry_hash(b, Some(e)));
             Ok(())
         })?;
-        Ok(h.digest128())
+        Ok(sum)
+    }
+
+    /// What to add (wrapping) to the digest of the tree at `old` to get the digest of the tree at
+    /// `new`: read where they differ only.
+    pub fn digest_change(&self, old: NodeId, new: NodeId) -> Result<u128> {
+        let mut change = 0u128;
+        self.diff_range(old, new, 0, u64::MAX, &mut |b, o, n| {
+            change = change.wrapping_add(entry_hash(b, n)).wrapping_sub(entry_hash(b, o));
+        })?;
+        Ok(change)
     }
 
     fn level_of(&self, id: NodeId) -> Result<u8> {
@@ -104,7 +126,7 @@ impl BlockMap {
         base: u64,
         first: u64,
         end: u64,
-        f: &mut dyn FnMut(u64, Option<Entry>),
+        f: &mut dyn FnMut(u64, Option<Entry>, Option<Entry>),
     ) -> Result<()> {
         let covers = crate::node::capacity(level);
         if old == new || base >= end || base.saturating_add(covers) <= first {
@@ -115,7 +137,7 @@ impl BlockMap {
             for (i, (x, y)) in a.into_iter().zip(b).enumerate() {
                 let block = base + i as u64;
                 if block >= first && block < end && data_slot(x) != data_slot(y) {
-                    f(block, y.filter(Entry::has_data));
+                    f(block, x.filter(Entry::has_data), y.filter(Entry::has_data));
                 }
             }
             return Ok(());

@@ -297,7 +297,7 @@ fn diff_oracle(map: &BlockMap, old: NodeId, new: NodeId, n: u64) -> Vec<(u64, Op
 
 fn diff_of(map: &BlockMap, old: NodeId, new: NodeId, first: u64, end: u64) -> Vec<(u64, Option<u64>)> {
     let mut out = Vec::new();
-    map.diff_range(old, new, first, end, &mut |b, e| out.push((b, e.map(|e| e.slot)))).unwrap();
+    map.diff_range(old, new, first, end, &mut |b, _, e| out.push((b, e.map(|e| e.slot)))).unwrap();
     out
 }
 
@@ -374,7 +374,21 @@ fn content_digest_depends_on_contents_not_on_slots_or_zero_forms() {
     map.commit().unwrap();
     assert_ne!(map.content_digest(a).unwrap(), map.content_digest(b).unwrap(), "a changed crc changes it");
     let empty = map.content_digest(0).unwrap();
+    assert_eq!(empty, 0);
     put(&mut map, &mut a, 6, 11);
     map.commit().unwrap();
     assert_ne!(map.content_digest(a).unwrap(), empty);
+    // A digest moves by what changed: from a snapshot's, the next one's follows.
+    let snap = a;
+    map.share(snap).unwrap();
+    put(&mut map, &mut a, 700, 14);
+    put(&mut map, &mut a, 9_000, 15);
+    map.set(&mut a, n, 5, Some(Entry::ZERO)).unwrap();
+    put(&mut map, &mut a, 6, zero);
+    map.commit().unwrap();
+    let (d0, d1) = (map.content_digest(snap).unwrap(), map.content_digest(a).unwrap());
+    assert_ne!(d0, d1);
+    assert_eq!(d0.wrapping_add(map.digest_change(snap, a).unwrap()), d1);
+    assert_eq!(d1.wrapping_add(map.digest_change(a, snap).unwrap()), d0);
+    assert_eq!(map.digest_change(0, a).unwrap(), d1, "from nothing: the whole digest");
 }

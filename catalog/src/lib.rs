@@ -377,6 +377,17 @@ pub struct Snapshot {
     /// `replica`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guid: Option<String>,
+    /// Its content digest (`BlockMap::content_digest`, hex), kept when it arrived by
+    /// replication, so the next snapshot's is found from what changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+impl Snapshot {
+    /// Its kept content digest, if any.
+    pub fn digest_value(&self) -> Option<u128> {
+        self.digest.as_deref().and_then(|d| u128::from_str_radix(d, 16).ok())
+    }
 }
 
 /// A running ingest: writes land in a staging tree that becomes the next snapshot.
@@ -834,6 +845,7 @@ impl Catalog {
             ingest: None,
             masked: None,
             guid: None,
+            digest: None,
         });
         Ok(SnapshotId { volume: v.name.clone(), id })
     }

@@ -235,6 +235,7 @@ fn diff_finds_added_changed_and_gone_in_any_order() {
         ingest: None,
         masked: None,
         guid: None,
+        digest: None,
     };
     let old = vec![snap(1, "a"), snap(2, "a"), snap(4, "a")];
     let new = vec![snap(2, "b"), snap(3, "a"), snap(4, "a"), snap(5, "a")];

@@ -10,7 +10,7 @@
 //! clone's first snapshot its origin), the blocks that differ are written into it (with
 //! [`Catalog::incoming_progress`] committed after each frame, so a resumed transfer starts at
 //! the first block not yet received), and [`Catalog::finish_incoming`] compares the digest of
-//! what arrived with the sender's and makes it a snapshot with the sender's number, time,
+//! what arrived (its base's, kept with each arrived snapshot, plus what changed) with the sender's and makes it a snapshot with the sender's number, time,
 //! bookmarks and guid; the head follows it. A volume whose latest snapshot is the base of an
 //! incoming one follows the sender whether it is a replica or not (so a returning old source
 //! takes back what was written at the promoted site), unless it has writes or snapshots the
@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Catalog, CatalogError, Kind, MaskRecord, Result, Snapshot, SnapshotId, Staging, Volume};
+use crate::{Catalog, CatalogError, Kind, MaskRecord, NodeId, Result, Snapshot, SnapshotId, Staging, Volume};
 
 /// Key of this site's id.
 const K_SITE: &[u8] = b"cG";
@@ -351,7 +351,7 @@ impl Catalog {
         let mut v = self.shallow(name)?;
         let staging = v.staging.take().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
         let incoming = staging.incoming.clone().ok_or_else(|| CatalogError::NoIngest(v.name.clone()))?;
-        let digest = digest_hex(self.map.content_digest(staging.root)?);
+        let digest = digest_hex(self.incoming_digest(&incoming.header, staging.root)?);
         if digest != incoming.header.digest {
             let dropped = v.clone();
             self.commit_appending(dropped, |cat, _| cat.drop_root(staging.root))?;
@@ -381,8 +381,20 @@ impl Catalog {
                 ingest: None,
                 masked: m.masked,
                 guid: Some(m.guid),
+                digest: Some(digest),
             });
             Ok(SnapshotId { volume: v.name.clone(), id: m.id })
+        })
+    }
+
+    /// The digest of the staging tree at `root` of an incoming snapshot: its base's, kept, plus
+    /// what changed since (read where the trees differ only), else the whole tree's.
+    fn incoming_digest(&self, h: &IncomingHeader, root: NodeId) -> Result<u128> {
+        let base = h.base.as_deref().and_then(|g| self.find_guid(g));
+        let known = base.and_then(|(_, s)| s.digest_value().map(|d| (s.root, d)));
+        Ok(match known {
+            Some((base_root, d)) => d.wrapping_add(self.map.digest_change(base_root, root)?),
+            None => self.map.content_digest(root)?,
         })
     }
 

@@ -36,7 +36,7 @@ fn send(
     let next = to.begin_incoming(&name, &header)?;
     let mut changed = Vec::new();
     from.map()
-        .diff_range(base_root, s.root, next, s.size_bytes / BLOCK_SIZE, &mut |b, e| changed.push((b, e)))
+        .diff_range(base_root, s.root, next, s.size_bytes / BLOCK_SIZE, &mut |b, _, e| changed.push((b, e)))
         .unwrap();
     for (b, e) in changed {
         match e {
@@ -87,6 +87,11 @@ fn snapshots_and_clones_replicate_and_come_back_after_a_promote() {
     let (bv, bs) = b.snapshot_of("dev@1").unwrap();
     let (av, asnap) = a.snapshot_of("dev@1").unwrap();
     assert_eq!(b.guid(bv, bs), a.guid(av, asnap), "the guid travels");
+    // The target keeps each digest, found from its base's and what changed: the whole tree's.
+    for r in ["db@1", "db@2", "dev@1"] {
+        let whole = a.map().content_digest(a.snapshot_of(r).unwrap().1.root).unwrap();
+        assert_eq!(b.snapshot_of(r).unwrap().1.digest_value(), Some(whole), "{r}'s digest on the target");
+    }
     assert!(b.target("dev").unwrap().read_only);
     assert!(matches!(b.write("dev", 0, &[None], false), Err(CatalogError::Replica(_))));
     assert!(matches!(b.snapshot("dev", None), Err(CatalogError::Replica(_))));

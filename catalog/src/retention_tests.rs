@@ -25,6 +25,7 @@ fn snap(id: u64, created_at: i64) -> Snapshot {
         ingest: None,
         masked: None,
         guid: None,
+        digest: None,
     }
 }
 

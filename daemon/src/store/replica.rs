@@ -45,7 +45,7 @@ impl Store {
         let (new, nblocks) = Self::snapshot_root(&cat, snap)?;
         let old = base.map(|b| Self::snapshot_root(&cat, b)).transpose()?.map_or(0, |(r, _)| r);
         let mut runs: Vec<Changed> = Vec::new();
-        cat.map().diff_range(old, new, from, to.min(nblocks), &mut |b, e| {
+        cat.map().diff_range(old, new, from, to.min(nblocks), &mut |b, _, e| {
             let data = e.is_some();
             match runs.last_mut() {
                 Some(r) if r.data == data && r.first + r.count == b && r.count < max_run => r.count += 1,
@@ -55,11 +55,20 @@ impl Store {
         Ok(runs)
     }
 
-    /// The content digest of snapshot `snap` (hex), as the target will compute it.
-    pub fn snapshot_digest(&self, snap: &SnapshotId) -> Result<String> {
+    /// The content digest of snapshot `snap`, as the target computes it: from `base`'s digest
+    /// (`known`, else the one the base snapshot keeps) and what changed since, reading where the
+    /// trees differ only; the whole tree is read when no base digest is known.
+    pub fn snapshot_digest(&self, snap: &SnapshotId, base: Option<&SnapshotId>, known: Option<u128>) -> Result<u128> {
         let cat = self.catalog();
         let (root, _) = Self::snapshot_root(&cat, snap)?;
-        Ok(catalog::digest_hex(cat.map().content_digest(root)?))
+        let from = base.and_then(|b| {
+            let s = cat.volume(&b.volume).ok()?.snapshots.iter().find(|s| s.id == b.id)?;
+            Some((s.root, known.or_else(|| s.digest_value())?))
+        });
+        Ok(match from {
+            Some((base_root, d)) => d.wrapping_add(cat.map().digest_change(base_root, root)?),
+            None => cat.map().content_digest(root)?,
+        })
     }
 
     /// Start or resume receiving a snapshot into `name`; the first block to send.

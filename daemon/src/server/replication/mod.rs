@@ -52,6 +52,8 @@ pub struct Replicator {
     shutdown: CancellationToken,
     /// The target's side: which transfer may write each incoming snapshot.
     pub incoming: IncomingClaims,
+    /// Digests of snapshots sent.
+    digests: send::Digests,
 }
 
 /// Why a replication could not start.
@@ -68,7 +70,13 @@ pub enum Refused {
 impl Replicator {
     /// The replicator of `store`; its continuous jobs end with `shutdown`.
     pub fn new(store: Arc<Store>, shutdown: CancellationToken) -> Arc<Replicator> {
-        Arc::new(Replicator { store, jobs: Mutex::new(HashMap::new()), shutdown, incoming: IncomingClaims::default() })
+        Arc::new(Replicator {
+            store,
+            jobs: Mutex::new(HashMap::new()),
+            shutdown,
+            incoming: IncomingClaims::default(),
+            digests: send::Digests::default(),
+        })
     }
 
     /// Start the continuous replications kept in the catalog.
@@ -219,7 +227,7 @@ impl Replicator {
         }
         for out in plan::oldest_first(todo) {
             let snap = out.snap.clone();
-            let sent = send::send(&self.store, link, out)
+            let sent = send::send(&self.store, link, &self.digests, out)
                 .map_err(|e| anyhow::anyhow!("sending {snap} to {}: {e:#}", link.client.base()))?;
             report.payload_bytes += sent.payload_bytes;
             report.wire_bytes += sent.wire_bytes;

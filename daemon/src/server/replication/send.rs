@@ -9,7 +9,7 @@
 //! target records its progress at least every 1 MiB and a cut link costs at most a frame again.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,9 +41,31 @@ pub(super) struct Link {
     pub stall: Duration,
 }
 
+/// Content digests of snapshots sent, by guid, so the next snapshot's is found from what
+/// changed since its base (`Store::snapshot_digest`).
+#[derive(Debug, Default)]
+pub(super) struct Digests(parking_lot::Mutex<HashMap<String, u128>>);
+
+/// Digests kept at most; beyond, the cache starts afresh (one whole-tree walk per volume).
+const DIGESTS_KEPT: usize = 100_000;
+
+impl Digests {
+    /// The digest of `out`'s snapshot, remembered for the next one.
+    fn of(&self, store: &Store, out: &Outgoing) -> anyhow::Result<String> {
+        let known = out.header.base.as_ref().and_then(|g| self.0.lock().get(g).copied());
+        let d = store.snapshot_digest(&out.snap, out.base.as_ref(), known)?;
+        let mut kept = self.0.lock();
+        if kept.len() >= DIGESTS_KEPT {
+            kept.clear();
+        }
+        kept.insert(out.header.snapshot.guid.clone(), d);
+        Ok(catalog::digest_hex(d))
+    }
+}
+
 /// Send `out` to the target; what was sent.
-pub(super) fn send(store: &Store, link: &Link, mut out: Outgoing) -> anyhow::Result<SentSnapshot> {
-    out.header.digest = store.snapshot_digest(&out.snap)?;
+pub(super) fn send(store: &Store, link: &Link, digests: &Digests, mut out: Outgoing) -> anyhow::Result<SentSnapshot> {
+    out.header.digest = digests.of(store, &out)?;
     let header = serde_json::to_value(&out.header)?;
     let start = link.client.replica_incoming(&out.snap.volume, &header)?;
     let counts = Counts::default();
