@@ -628,13 +628,15 @@ pub struct Catalog {
     gc_step: usize,
     /// This data directory's site id (`replica`).
     site: String,
+    /// Whether the site id is stored.
+    site_kept: bool,
 }
 
 impl Catalog {
     /// Load the catalog from `tree`, abandoning ingests a crash interrupted.
     pub fn open(kv: std::sync::Arc<dyn blockmap::MetaKv>) -> Result<Catalog> {
-        let mut map = BlockMap::open(kv)?;
-        let site = replica::load_site(&mut map)?;
+        let map = BlockMap::open(kv)?;
+        let (site, site_kept) = replica::load_site(&map)?;
         let (volumes, legacy) = records::load(&map)?;
         let last_time = volumes
             .values()
@@ -659,6 +661,7 @@ impl Catalog {
             counted: BTreeSet::new(),
             gc_step: GC_STEP_NODES,
             site,
+            site_kept,
         };
         for v in cat.volumes.values().filter(|v| v.staging.is_some()) {
             tracing::info!(source = %v.name, "an interrupted ingest is waiting: re-run it to resume, or abort it");

@@ -145,16 +145,14 @@ fn new_site_id() -> String {
     format!("{a:016x}{b:016x}")
 }
 
-/// This data directory's site id, made and committed on first use.
-pub(crate) fn load_site(map: &mut blockmap::BlockMap) -> Result<String> {
-    if let Some(v) = map.get_meta(K_SITE)? {
-        return String::from_utf8(v).map_err(|_| CatalogError::Corrupt("the site id".into()));
+/// This data directory's site id and whether it is stored: a new one is made in memory and
+/// stored only with the first commit that lets a guid leave the site ([`Catalog::keep_site`]),
+/// so a store that never replicates writes nothing for it.
+pub(crate) fn load_site(map: &blockmap::BlockMap) -> Result<(String, bool)> {
+    match map.get_meta(K_SITE)? {
+        Some(v) => Ok((String::from_utf8(v).map_err(|_| CatalogError::Corrupt("the site id".into()))?, true)),
+        None => Ok((new_site_id(), false)),
     }
-    let id = new_site_id();
-    map.put_meta(K_SITE, id.clone().into_bytes());
-    map.commit()?;
-    map.flush_store()?;
-    Ok(id)
 }
 
 fn refused(why: String) -> CatalogError {
@@ -165,6 +163,33 @@ impl Catalog {
     /// This site's id.
     pub fn site(&self) -> &str {
         &self.site
+    }
+
+    /// Whether this site's id is stored.
+    pub fn site_is_kept(&self) -> bool {
+        self.site_kept
+    }
+
+    /// Store this site's id if it is not yet (durable with the next flush): before guids
+    /// derived from it go to another site.
+    pub fn keep_site(&mut self) -> Result<()> {
+        if self.site_kept {
+            return Ok(());
+        }
+        self.stage_site();
+        if let Err(e) = self.map.commit() {
+            self.map.rollback();
+            return Err(e.into());
+        }
+        self.site_kept = true;
+        Ok(())
+    }
+
+    /// Stage this site's id in the open transaction if it is not stored yet.
+    fn stage_site(&mut self) {
+        if !self.site_kept {
+            self.map.put_meta(K_SITE, self.site.clone().into_bytes());
+        }
     }
 
     /// The guid of snapshot `s` of `v`.
@@ -231,7 +256,8 @@ impl Catalog {
             None => self.new_replica(name, &h.volume, h.snapshot.size_bytes)?,
         };
         let (root, allocated) = base.as_ref().map_or((0, 0), |(_, s)| (s.root, s.allocated_blocks));
-        self.commit_with(|cat| {
+        let out = self.commit_with(|cat| {
+            cat.stage_site();
             if fresh {
                 cat.map.share(v.root)?;
             }
@@ -244,7 +270,9 @@ impl Catalog {
             let incoming = Some(Incoming { header: h.clone(), next_block: 0 });
             v.staging = Some(Staging { root, allocated_blocks: allocated, incoming });
             Ok((vec![v], vec![], 0))
-        })
+        })?;
+        self.site_kept = true;
+        Ok(out)
     }
 
     /// Check that existing volume `v` may take the incoming snapshot `h` (based on `base`):
@@ -315,9 +343,12 @@ impl Catalog {
         crate::check_size(size_bytes)?;
         let v = self.new_replica(name, m, size_bytes)?;
         self.commit_with(|cat| {
+            cat.stage_site();
             cat.map.share(v.root)?;
             Ok((vec![v], vec![], true))
-        })
+        })?;
+        self.site_kept = true;
+        Ok(true)
     }
 
     fn snapshot_guid(&self, id: &SnapshotId) -> Option<String> {

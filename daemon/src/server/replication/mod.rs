@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use catalog::Catalog;
+
 use crate::api::client::Client;
 use crate::api::replication::{ReplicateReport, ReplicationStatus};
 use crate::store::Store;
@@ -208,6 +210,10 @@ impl Replicator {
     /// One run: every volume of the lineage, every snapshot the target lacks, oldest first.
     fn run(&self, volume: &str, link: &Link) -> anyhow::Result<ReplicateReport> {
         let started = Instant::now();
+        // Guids derived from this site's id are about to leave it: the id must outlive a restart.
+        if !self.store.catalog().site_is_kept() {
+            self.store.op(Catalog::keep_site)?;
+        }
         let order = plan::lineage_order(&self.store.catalog(), volume)?;
         let mut report = ReplicateReport { volume: volume.into(), to: link.client.base().into(), ..Default::default() };
         let (mut held, mut todo, mut bare) = (HashSet::new(), Vec::new(), Vec::new());
