@@ -399,6 +399,8 @@ fn tree_replicates_thin_and_identical() {
     assert_eq!(shown["read_only"], true, "db on the target: {shown:#}");
     assert_eq!(shown["replica_of"]["volume"], "db", "db on the target: {shown:#}");
     assert!(shown["replica_of"]["receiving"].is_null(), "nothing is being received: {shown:#}");
+    assert_eq!(shown["replica_of"]["latest"], "db@5", "the replica's newest snapshot: {shown:#}");
+    assert!(shown["replica_of"]["lag_ms"].is_u64(), "the target's lag bound: {shown:#}");
     let w = b.http("PUT", "/v1/volumes/dev/data?offset=0", Some(&[7u8; 4096]));
     assert!(!w.ok(), "the target accepted a write to the replica dev: HTTP {}", w.status);
     let err = b.cli_fails(&["ingest", "db", "--from", img.path.to_str().expect("utf-8")]);

@@ -130,6 +130,11 @@ pub struct ReplicaOfInfo {
     pub volume: String,
     /// A snapshot half received: its number and the first block not yet received.
     pub receiving: Option<Receiving>,
+    /// The newest snapshot it holds (`VOLUME@N`).
+    pub latest: Option<String>,
+    /// How far behind it is at most: the time since `latest` was taken at the sender (the
+    /// sender's `lag_ms` is exact: it knows whether the volume changed since).
+    pub lag_ms: Option<u64>,
 }
 
 /// The answer of `POST /v1/volumes/{name}/promote`.

@@ -166,7 +166,11 @@ fn replica_text(r: &crate::api::replication::ReplicaOfInfo) -> String {
         .receiving
         .as_ref()
         .map_or_else(String::new, |x| format!("; receiving {} (at block {})", x.snapshot, x.next_block));
-    format!("{} on site {} (read-only until `forkd promote`){receiving}", r.volume, r.site)
+    let latest = match (&r.latest, r.lag_ms) {
+        (Some(l), Some(ms)) => format!("; holds {l}, taken {} ago", human_duration_ms(ms)),
+        _ => String::new(),
+    };
+    format!("{} on site {} (read-only until `forkd promote`){latest}{receiving}", r.volume, r.site)
 }
 
 /// A source's `replication` line: target, mode, state, the last snapshot sent and the lag.

@@ -37,7 +37,14 @@ pub(super) fn replica_of(v: &catalog::Volume, r: &catalog::ReplicaOf) -> Replica
         .as_ref()
         .and_then(|s| s.incoming.as_ref())
         .map(|i| Receiving { snapshot: format!("{}@{}", v.name, i.header.snapshot.id), next_block: i.next_block });
-    ReplicaOfInfo { site: r.site.clone(), volume: r.volume.clone(), receiving }
+    let latest = v.snapshots.last();
+    ReplicaOfInfo {
+        site: r.site.clone(),
+        volume: r.volume.clone(),
+        receiving,
+        latest: latest.map(|s| format!("{}@{}", v.name, s.id)),
+        lag_ms: latest.map(|s| u64::try_from(now_ms() - s.created_at).unwrap_or(0)),
+    }
 }
 
 fn span(what: &str, text: Option<&str>, default: Duration) -> ApiResult<Duration> {
