@@ -403,6 +403,12 @@ fn tree_replicates_thin_and_identical() {
     assert!(shown["replica_of"]["lag_ms"].is_u64(), "the target's lag bound: {shown:#}");
     let w = b.http("PUT", "/v1/volumes/dev/data?offset=0", Some(&[7u8; 4096]));
     assert!(!w.ok(), "the target accepted a write to the replica dev: HTTP {}", w.status);
+    // Hosts attach it read-only (a real NBD client, in B's namespace).
+    let info =
+        forkd_tests::run_bounded(b.in_ns("nbdinfo").arg("--json").arg(b.nbd_uri("dev")), Duration::from_secs(30));
+    assert_success("nbdinfo of the replica dev", &info);
+    let info: Value = serde_json::from_slice(&info.stdout).expect("nbdinfo's JSON");
+    assert_eq!(info["exports"][0]["is_read_only"], true, "the replica dev over NBD: {info:#}");
     let err = b.cli_fails(&["ingest", "db", "--from", img.path.to_str().expect("utf-8")]);
     println!("ingest into the replica db: {}", err.trim());
 
