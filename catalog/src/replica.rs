@@ -219,7 +219,7 @@ impl Catalog {
         }
     }
 
-    /// Refuse a change to a replica's contents (`what`: "written", "snapshotted", ...).
+    /// Refuse a change to a replica's contents.
     pub(crate) fn not_replica(v: &Volume) -> Result<()> {
         match v.replica_of {
             Some(_) => Err(CatalogError::Replica(v.name.clone())),
@@ -307,6 +307,12 @@ impl Catalog {
                 if base_guid.is_some() && base_guid != origin {
                     return Err(refused(format!("`{name}` on this site does not derive from the sender's base")));
                 }
+                let origin_root = v.origin.as_ref().and_then(|o| self.snapshot_root_of(o)).unwrap_or(0);
+                if v.replica_of.is_none() && v.root != origin_root {
+                    return Err(refused(format!(
+                        "`{name}` on this site has writes of its own: delete it, or choose another name, for it to                          follow the sender"
+                    )));
+                }
             }
         }
         if h.snapshot.id <= v.snapshots.last().map_or(0, |s| s.id) {
@@ -349,6 +355,11 @@ impl Catalog {
         })?;
         self.site_kept = true;
         Ok(true)
+    }
+
+    fn snapshot_root_of(&self, id: &SnapshotId) -> Option<NodeId> {
+        let v = self.volumes.get(&id.volume)?;
+        v.snapshots.iter().find(|s| s.id == id.id).map(|s| s.root)
     }
 
     fn snapshot_guid(&self, id: &SnapshotId) -> Option<String> {

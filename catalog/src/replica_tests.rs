@@ -100,6 +100,14 @@ fn snapshots_and_clones_replicate_and_come_back_after_a_promote() {
     // Clones of a replica's snapshots are ordinary clones.
     b.clone_volume("dev@1", "test").unwrap();
     put(&mut b, "test", 1, 9, false);
+    // A volume of the same name with writes of its own never follows a sender.
+    a.clone_volume("db@1", "x").unwrap();
+    a.snapshot("x", None).unwrap();
+    b.clone_volume("db@1", "x").unwrap();
+    put(&mut b, "x", 3, 8, false);
+    let err = send(&a, &mut b, "x@1", Some("db@1"), Some("db@1")).unwrap_err().to_string();
+    assert!(err.contains("writes of its own"), "{err}");
+    assert_eq!(crc(&b, "x", 3), Some(8), "its writes stay");
 
     // Failover: promote at b, write, snapshot, send back: a's dev follows b's.
     assert_eq!(b.promote("dev").unwrap().site, a.site());
