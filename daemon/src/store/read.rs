@@ -59,7 +59,7 @@ impl Store {
 
     /// Fill `whole` (one 4 KiB block per entry) with the blocks `entries` point at: zeros for
     /// holes and known zeros, the rest read from their slots in one submission.
-    fn read_blocks(&self, entries: &[Option<Entry>], whole: &mut [u8]) -> Result<()> {
+    pub(super) fn read_blocks(&self, entries: &[Option<Entry>], whole: &mut [u8]) -> Result<()> {
         let mut pairs: Vec<(u64, usize)> = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             match e {
@@ -88,7 +88,7 @@ impl Store {
     }
 
     /// Check every data block in `whole` (block `first` onwards of `name`) against its crc32.
-    fn check_crcs(&self, name: &str, first: u64, entries: &[Option<Entry>], whole: &[u8]) -> Result<()> {
+    pub(super) fn check_crcs(&self, name: &str, first: u64, entries: &[Option<Entry>], whole: &[u8]) -> Result<()> {
         for (i, e) in entries.iter().enumerate() {
             let Some(e) = e.filter(Entry::has_data) else { continue };
             if catalog::blockmap::block_crc(&whole[i * 4096..(i + 1) * 4096]) != e.crc {

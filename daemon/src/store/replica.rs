@@ -55,6 +55,31 @@ impl Store {
         Ok(runs)
     }
 
+    /// The blocks of `runs` (`(first, count)`) of snapshot `snap`, one after the other in one
+    /// buffer, read in one submission and checked against their crc32s.
+    pub fn read_runs(&self, snap: &SnapshotId, runs: &[(u64, u64)]) -> Result<Vec<u8>> {
+        let cat = self.catalog();
+        let (root, nblocks) = Self::snapshot_root(&cat, snap)?;
+        let mut entries = Vec::new();
+        for &(first, count) in runs {
+            if first.checked_add(count).is_none_or(|end| end > nblocks) {
+                let (offset, length) = (first * catalog::BLOCK_SIZE, count * catalog::BLOCK_SIZE);
+                let size = nblocks * catalog::BLOCK_SIZE;
+                return Err(CatalogError::OutOfRange { volume: snap.to_string(), offset, length, size }.into());
+            }
+            entries.extend(cat.map().lookup(root, first, count)?);
+        }
+        let mut buf = vec![0u8; entries.len() * 4096];
+        self.read_blocks(&entries, &mut buf)?;
+        let mut at = 0usize;
+        for &(first, count) in runs {
+            let n = usize::try_from(count).unwrap_or(usize::MAX);
+            self.check_crcs(&snap.to_string(), first, &entries[at..at + n], &buf[at * 4096..(at + n) * 4096])?;
+            at += n;
+        }
+        Ok(buf)
+    }
+
     /// The content digest of snapshot `snap`, as the target computes it: from `base`'s digest
     /// (`known`, else the one the base snapshot keeps) and what changed since, reading where the
     /// trees differ only; the whole tree is read when no base digest is known.

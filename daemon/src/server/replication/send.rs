@@ -4,8 +4,9 @@
 //! answers once the snapshot is made and its digest matched.
 //!
 //! The stream is produced as it is sent ([`DiffStream`]): the walk of the two trees takes one
-//! window of address space at a time, each data run is read from the snapshot and framed with
-//! its crc32s just before it goes out. Runs are at most [`MAX_RUN`] blocks (1 MiB), so the
+//! window of address space at a time; runs are gathered into chunks of up to 1 MiB of data,
+//! each chunk's data read from the snapshot in one submission (crc32s checked) and framed just
+//! before it goes out in one vectored write. Runs are at most [`MAX_RUN`] blocks (1 MiB), so the
 //! target records its progress at least every 1 MiB and a cut link costs at most a frame again.
 
 use std::cell::Cell;
@@ -111,24 +112,60 @@ struct DiffStream<'a> {
     counts: &'a Counts,
 }
 
+/// Data bytes gathered into one chunk at most (a larger run is a chunk alone).
+const CHUNK_BYTES: u64 = 1 << 20;
+
+/// Runs gathered into one chunk at most.
+const CHUNK_RUNS: usize = 256;
+
 impl DiffStream<'_> {
-    fn frame(&self, run: Changed) -> std::io::Result<Vec<Bytes>> {
-        let count = u32::try_from(run.count).map_err(std::io::Error::other)?;
-        let mut head = Vec::new();
-        let pieces = if run.data {
-            let mut buf = vec![0u8; usize::try_from(run.count * catalog::BLOCK_SIZE).map_err(std::io::Error::other)?];
-            let snap = self.out.snap.to_string();
-            self.store.read(&snap, run.first * catalog::BLOCK_SIZE, &mut buf).map_err(std::io::Error::other)?;
-            frames::encode_data_head(run.first, &buf, &mut head);
-            self.counts.payload.set(self.counts.payload.get() + buf.len() as u64);
-            vec![Bytes::from(head), Bytes::from(buf)]
+    /// The next runs to send together: at most [`CHUNK_RUNS`], with at most [`CHUNK_BYTES`] of
+    /// data (or one larger run), so scattered blocks cost one read submission and one vectored
+    /// write per chunk, not per block.
+    fn take_runs(&mut self) -> Vec<Changed> {
+        let mut taken: Vec<Changed> = Vec::new();
+        let mut bytes = 0;
+        while let Some(run) = self.runs.front() {
+            let len = if run.data { run.count * catalog::BLOCK_SIZE } else { 0 };
+            if !taken.is_empty() && (taken.len() >= CHUNK_RUNS || bytes + len > CHUNK_BYTES) {
+                break;
+            }
+            bytes += len;
+            taken.extend(self.runs.pop_front());
+        }
+        taken
+    }
+
+    /// The frames of `runs` as one chunk's pieces: each frame's head, then its slice of the data
+    /// read for all of them at once.
+    fn frames(&self, runs: &[Changed]) -> std::io::Result<Vec<Bytes>> {
+        let wanted: Vec<(u64, u64)> = runs.iter().filter(|r| r.data).map(|r| (r.first, r.count)).collect();
+        let data = if wanted.is_empty() {
+            Bytes::new()
         } else {
-            frames::encode_zero(run.first, count, &mut head);
-            vec![Bytes::from(head)]
+            Bytes::from(self.store.read_runs(&self.out.snap, &wanted).map_err(std::io::Error::other)?)
         };
+        let mut pieces = Vec::with_capacity(runs.len() * 2);
+        let mut at = 0usize;
+        for run in runs {
+            let count = u32::try_from(run.count).map_err(std::io::Error::other)?;
+            let mut head = Vec::new();
+            if run.data {
+                let len = usize::try_from(run.count * catalog::BLOCK_SIZE).map_err(std::io::Error::other)?;
+                let blocks = data.slice(at..at + len);
+                at += len;
+                frames::encode_data_head(run.first, &blocks, &mut head);
+                self.counts.payload.set(self.counts.payload.get() + len as u64);
+                pieces.push(Bytes::from(head));
+                pieces.push(blocks);
+            } else {
+                frames::encode_zero(run.first, count, &mut head);
+                pieces.push(Bytes::from(head));
+            }
+            self.counts.blocks.set(self.counts.blocks.get() + run.count);
+        }
         let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         self.counts.wire.set(self.counts.wire.get() + len + CHUNK_OVERHEAD);
-        self.counts.blocks.set(self.counts.blocks.get() + run.count);
         Ok(pieces)
     }
 }
@@ -136,8 +173,9 @@ impl DiffStream<'_> {
 impl Chunks for DiffStream<'_> {
     fn next_chunk(&mut self) -> std::io::Result<Option<Vec<Bytes>>> {
         loop {
-            if let Some(run) = self.runs.pop_front() {
-                return self.frame(run).map(Some);
+            let runs = self.take_runs();
+            if !runs.is_empty() {
+                return self.frames(&runs).map(Some);
             }
             if self.ended {
                 return Ok(None);
