@@ -150,7 +150,11 @@ pub(super) async fn show(
             let cat = st.catalog();
             volume(&cat, cat.volume(&name)?, true, q.space != Some(false))?
         };
-        shown.replication = rep.status(&name, crate::server::replication::now_ms());
+        // A volume that now follows another site reports that (`replica_of`), not the
+        // replication it once ran from here.
+        if shown.replica_of.is_none() {
+            shown.replication = rep.status(&name, crate::server::replication::now_ms());
+        }
         Ok(Json(shown))
     })
     .await
