@@ -10,7 +10,8 @@
 //!   (a clone of a clone among them) arrives snapshot by snapshot, each as the diff from one
 //!   the target has: every snapshot dumps the same on both sites, `forkd tree` prints the
 //!   same, the target holds as many bytes as the source, and the link carries little more
-//!   than the changed bytes.
+//!   than the changed bytes; then the source fails over: promoted on the target, fed by
+//!   ingest there, and replicated back.
 //! - `resume_after_cut_link_and_kills`: a run interrupted by a cut link, a SIGKILL of the
 //!   target and a SIGKILL of the source fails, keeps what arrived, and the next run resumes
 //!   (at most 4 MiB sent again per interruption).
@@ -432,6 +433,20 @@ fn tree_replicates_thin_and_identical() {
         alloc_a.abs_diff(alloc_b) <= alloc_a / 50,
         "the target's extent file takes {alloc_b} bytes, the source's {alloc_a}: more than 2 % apart"
     );
+
+    // Failover of the source itself: promoted on B, fed by ingest there (only the change is
+    // sent: the replica's digests serve the agent), replicated back: A's db follows B's.
+    b.cli_ok(&["promote", "db"]);
+    let changed = img.scatter(&mut rng, 8, 64 << 10);
+    assert_eq!(b.ingest("db", img.save()), "db@6");
+    let shown = b.show("db");
+    let last = shown["snapshots"].as_array().and_then(|s| s.last()).expect("db's snapshots on B");
+    assert_eq!(num(&last["ingest"], "sent_bytes"), changed * BS, "the ingest on B sent the change only: {last:#}");
+    let r = replicate(&ts, Side::B, "db", &[]);
+    assert_eq!(sent(&r), [("db@6".to_string(), Some("db@5".to_string()))], "back to A: {r:#}");
+    assert_eq!(num(&r, "payload_bytes"), changed * BS, "back to A, only the change: {r:#}");
+    assert_eq!(a.show("db")["read_only"], true, "A's db follows B now");
+    ts.assert_same_on_both("db@6");
 }
 
 /// How a run is interrupted.
