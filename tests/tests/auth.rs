@@ -188,3 +188,73 @@ fn loopback_without_a_token_is_open_and_with_one_enforced() {
     let out = closed.cli_env(&["list"], &[("FORKD_TOKEN", TOKEN)]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Named tokens with roles (`--tokens-file`): a reader lists and reads but cannot snapshot, an
+/// operator snapshots and clones but cannot set a policy, an admin can; refusals are `403`
+/// naming the token and the role needed; the operation log names the token that did each
+/// operation; a tokens file others may read is refused at start.
+#[test]
+fn named_tokens_have_roles_and_names_in_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let (reader, operator, admin) =
+        ("r3ad3r-0123456789abcdef01", "0p3rat0r-0123456789abcdef01", "adm1n-0123456789abcdef0123");
+    let tokens = root.join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("# name role token\nrita reader {reader}\nolga operator {operator}\nadam admin {admin}\n"),
+    )
+    .expect("write tokens");
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    let tokens_s = tokens.to_str().expect("utf-8");
+    let data = root.join("refused-data");
+    let port = forkd_tests::free_port().to_string();
+    let api = format!("127.0.0.1:{port}");
+    let args = ["serve", "--data-dir", data.to_str().expect("utf-8"), "--api", &api, "--tokens-file", tokens_s];
+    refuses_to_start(&args, &["tokens file", "chmod 600"]);
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+
+    let d = Daemon::start_with(root, "127.0.0.1", &["--tokens-file", tokens_s]);
+    let as_token = |token: &str, args: &[&str]| {
+        let mut cmd = std::process::Command::new(d.bin());
+        cmd.args(["--api", &d.url()]).args(args).env_remove("FORKD_API").env("FORKD_TOKEN", token);
+        forkd_tests::run_bounded(&mut cmd, Duration::from_secs(60))
+    };
+    let ok = |token: &str, args: &[&str]| {
+        let out = as_token(token, args);
+        assert!(out.status.success(), "forkd {}: {}", args.join(" "), stderr(&out));
+    };
+    let refused = |token: &str, args: &[&str], want: &str| {
+        let out = as_token(token, args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "forkd {} succeeded with a token of too small a role", args.join(" "));
+        assert!(err.contains(want), "forkd {}: {err}", args.join(" "));
+    };
+    ok(operator, &["source", "create", "db", "--size", "16M"]);
+    ok(reader, &["list"]);
+    ok(reader, &["show", "db"]);
+    refused(reader, &["snapshot", "db"], "token `rita` has role reader; this request needs operator");
+    ok(operator, &["snapshot", "db"]);
+    ok(operator, &["clone", "db@1", "dev"]);
+    refused(
+        operator,
+        &["policy", "set", "db", "clone_from=masked"],
+        "token `olga` has role operator; this request needs admin",
+    );
+    ok(admin, &["policy", "set", "db", "clone_from=masked"]);
+    refused("not-a-token-0123456789abcdef", &["list"], "wrong token");
+    let log = as_token(reader, &["log", "--json"]);
+    assert!(log.status.success(), "forkd log: {}", stderr(&log));
+    let entries: serde_json::Value = serde_json::from_slice(&log.stdout).expect("log JSON");
+    let who: Vec<String> = entries["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["who"].as_str().unwrap_or("").split('@').next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(who, ["olga", "olga", "olga", "adam"], "who did each operation: {entries:#}");
+    assert!(
+        d.log().contains("token=rita") && !d.log().contains(reader),
+        "the refusal is logged by name, never the token"
+    );
+}

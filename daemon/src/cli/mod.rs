@@ -71,6 +71,8 @@ pub struct Cli {
 }
 
 /// Every `forkd` command.
+// Parsed once per process: the size of `serve`'s flags costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: HTTP API, NBD and iSCSI servers

@@ -25,6 +25,7 @@ use axum::Json;
 
 use crate::api::error::ErrorBody;
 use crate::api::token::{check_token_text, read_token_file};
+use crate::server::roles::{self, Named, Role};
 
 /// Fewest characters a token may have.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -94,6 +95,39 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The tokens the daemon accepts, each with a name and a role ([`crate::server::roles`]).
+#[derive(Debug)]
+pub struct Tokens(pub Vec<Named>);
+
+impl Tokens {
+    /// The one shared token of `token_file`: named `token`, role `admin`.
+    pub fn single(token: Token) -> Tokens {
+        Tokens(vec![Named { name: "token".into(), role: Role::Admin, token }])
+    }
+
+    /// The named token `presented` is: every token is compared, whichever matches, so the time
+    /// says nothing about which one it is.
+    pub fn find(&self, presented: &[u8]) -> Option<&Named> {
+        let mut found = None;
+        for n in &self.0 {
+            if n.token.matches(presented) {
+                found = Some(n);
+            }
+        }
+        found
+    }
+
+    /// The text of a token with at least `role`, for the daemon's own client (a schedule's
+    /// ingest step).
+    pub fn text_for(&self, role: Role) -> Option<String> {
+        self.0.iter().find(|n| n.role >= role).map(|n| n.token.text())
+    }
+}
+
+/// The name of the token a request came with (a request extension, for the operation log).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
 /// Why a request was refused. The text goes to the client and into the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -116,8 +150,8 @@ impl Refusal {
     }
 }
 
-/// Check a request's headers against `token`.
-pub fn check(token: &Token, headers: &HeaderMap) -> Result<(), Refusal> {
+/// Check a request's headers against `tokens`: the named token it carries.
+pub fn check<'a>(tokens: &'a Tokens, headers: &HeaderMap) -> Result<&'a Named, Refusal> {
     let value = headers.get(header::AUTHORIZATION).ok_or(Refusal::Missing)?.as_bytes();
     let (scheme, rest) = value.split_at(value.iter().position(|&b| b == b' ').ok_or(Refusal::Malformed)?);
     if !scheme.eq_ignore_ascii_case(b"bearer") {
@@ -127,11 +161,7 @@ pub fn check(token: &Token, headers: &HeaderMap) -> Result<(), Refusal> {
     if presented.is_empty() {
         return Err(Refusal::Malformed);
     }
-    if token.matches(presented) {
-        Ok(())
-    } else {
-        Err(Refusal::Wrong)
-    }
+    tokens.find(presented).ok_or(Refusal::Wrong)
 }
 
 /// The `401` answer: `{"error": "..."}` and `WWW-Authenticate: Bearer realm="forkd"`.
@@ -142,23 +172,37 @@ pub fn unauthorized(why: Refusal) -> Response {
     r
 }
 
-/// Axum middleware (`axum::middleware::from_fn_with_state(token, require_token)`): pass
-/// requests with the right bearer token on, answer everything else with `401`.
-pub async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
-    match check(&token, req.headers()) {
-        Ok(()) => next.run(req).await,
+/// The `403` answer of a token whose role is below what the request needs.
+fn forbidden(named: &Named, needed: Role) -> Response {
+    let error = format!(
+        "token `{}` has role {}; this request needs {} (docs/api.md, \"Authentication\")",
+        named.name,
+        named.role.name(),
+        needed.name()
+    );
+    (StatusCode::FORBIDDEN, Json(ErrorBody { error })).into_response()
+}
+
+/// Axum middleware (`axum::middleware::from_fn_with_state(tokens, require_token)`): pass
+/// requests with a known bearer token whose role suffices on, with the token's name as a
+/// [`Caller`] extension; answer a missing or unknown token with `401`, too small a role with
+/// `403`. Every refusal is logged with the peer (and the token's name), never the token.
+pub async fn require_token(State(tokens): State<Arc<Tokens>>, mut req: Request, next: Next) -> Response {
+    let peer =
+        req.extensions().get::<ConnectInfo<SocketAddr>>().map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    match check(&tokens, req.headers()) {
+        Ok(named) => {
+            let needed = roles::required(&method, &path);
+            if named.role < needed {
+                tracing::warn!(%peer, %method, %path, token = %named.name, "refused an API request: role {} < {}", named.role.name(), needed.name());
+                return forbidden(named, needed);
+            }
+            req.extensions_mut().insert(Caller(named.name.clone()));
+            next.run(req).await
+        }
         Err(why) => {
-            let peer = req
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
-            tracing::warn!(
-                %peer,
-                method = %req.method(),
-                path = %req.uri().path(),
-                "refused an API request: {}",
-                why.message()
-            );
+            tracing::warn!(%peer, %method, %path, "refused an API request: {}", why.message());
             unauthorized(why)
         }
     }
@@ -219,16 +263,17 @@ mod tests {
 
     #[test]
     fn header_checks() {
-        let t = Token::new(GOOD).expect("token");
-        assert_eq!(check(&t, &headers(None)), Err(Refusal::Missing));
-        assert_eq!(check(&t, &headers(Some(&format!("Bearer {GOOD}")))), Ok(()));
-        assert_eq!(check(&t, &headers(Some(&format!("bearer  {GOOD} ")))), Ok(()));
-        assert_eq!(check(&t, &headers(Some(&format!("Bearer {GOOD}x")))), Err(Refusal::Wrong));
-        assert_eq!(check(&t, &headers(Some("Bearer 0123456789abcdef0123456789abcdeF"))), Err(Refusal::Wrong));
-        assert_eq!(check(&t, &headers(Some(&format!("Basic {GOOD}")))), Err(Refusal::Malformed));
-        assert_eq!(check(&t, &headers(Some("Bearer"))), Err(Refusal::Malformed));
-        assert_eq!(check(&t, &headers(Some("Bearer   "))), Err(Refusal::Malformed));
-        assert_eq!(check(&t, &headers(Some(GOOD))), Err(Refusal::Malformed));
+        let t = Tokens::single(Token::new(GOOD).expect("token"));
+        let check = |h: &HeaderMap| check(&t, h).map(|n| n.name.clone());
+        assert_eq!(check(&headers(None)), Err(Refusal::Missing));
+        assert_eq!(check(&headers(Some(&format!("Bearer {GOOD}")))), Ok("token".to_string()));
+        assert_eq!(check(&headers(Some(&format!("bearer  {GOOD} ")))), Ok("token".to_string()));
+        assert_eq!(check(&headers(Some(&format!("Bearer {GOOD}x")))), Err(Refusal::Wrong));
+        assert_eq!(check(&headers(Some("Bearer 0123456789abcdef0123456789abcdeF"))), Err(Refusal::Wrong));
+        assert_eq!(check(&headers(Some(&format!("Basic {GOOD}")))), Err(Refusal::Malformed));
+        assert_eq!(check(&headers(Some("Bearer"))), Err(Refusal::Malformed));
+        assert_eq!(check(&headers(Some("Bearer   "))), Err(Refusal::Malformed));
+        assert_eq!(check(&headers(Some(GOOD))), Err(Refusal::Malformed));
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct Config {
     pub iscsi: String,
     /// File holding the API token (required unless the API listens on loopback).
     pub token_file: Option<PathBuf>,
+    /// File of named API tokens with roles, `NAME ROLE TOKEN` per line
+    /// ([`crate::server::roles`]).
+    pub tokens_file: Option<PathBuf>,
     /// Who may log in to which iSCSI target ([`crate::server::iscsi::access`]).
     pub iscsi_access: crate::server::iscsi::access::IscsiAccess,
     /// Connection limit and handshake timeout of the NBD listener (`[nbd_limits]`).
@@ -63,6 +66,7 @@ impl Default for Config {
             nbd: "0.0.0.0:10809".into(),
             iscsi: "0.0.0.0:3260".into(),
             token_file: None,
+            tokens_file: None,
             iscsi_access: Default::default(),
             nbd_limits: Default::default(),
             iscsi_limits: Default::default(),
@@ -102,6 +106,9 @@ impl Config {
         }
         if let Some(t) = &args.token_file {
             c.token_file = Some(t.clone());
+        }
+        if let Some(t) = &args.tokens_file {
+            c.tokens_file = Some(t.clone());
         }
         if let Some(e) = &args.meta_engine {
             c.meta_engine = Some(e.clone());
@@ -164,6 +171,8 @@ pub struct ServeArgs {
     pub iscsi: Option<String>,
     /// File holding the API token (the global `--token-file FILE`).
     pub token_file: Option<PathBuf>,
+    /// File of named API tokens with roles (`--tokens-file FILE`).
+    pub tokens_file: Option<PathBuf>,
     /// Metadata engine (`--meta-engine NAME`).
     pub meta_engine: Option<String>,
     /// Hook scripts' directory (`--hooks-dir DIR`).
@@ -197,6 +206,10 @@ struct ServeFlags {
     /// Directory holding the store and catalog [default: ./forkd-data]
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// File of named API tokens with roles: `NAME ROLE TOKEN` per line, ROLE one of reader,
+    /// operator, admin; mode 600
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
     /// Address for the NBD server [default: 0.0.0.0:10809]
     #[arg(long, value_name = "ADDR")]
     nbd: Option<String>,
@@ -269,6 +282,7 @@ impl FromArgMatches for ServeArgs {
             nbd: flags.nbd,
             iscsi: flags.iscsi,
             token_file,
+            tokens_file: flags.tokens_file,
             meta_engine: flags.meta_engine,
             hooks_dir: flags.hooks_dir,
             hook_user: flags.hook_user,

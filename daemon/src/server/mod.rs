@@ -32,5 +32,6 @@ pub mod nbd;
 pub mod offline;
 pub mod replication;
 pub mod retention;
+pub mod roles;
 pub mod scheduler;
 pub mod serve;

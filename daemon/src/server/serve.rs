@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Config, ServeArgs};
-use crate::server::auth::Token;
+use crate::server::auth::{Token, Tokens};
 use crate::server::clock::Clock;
 use crate::server::events::Events;
 use crate::server::hooks::HookRunner;
@@ -33,6 +33,7 @@ use crate::server::iscsi::access::AccessRules;
 use crate::server::leases::Reaper;
 use crate::server::listener::Limits;
 use crate::server::replication::Replicator;
+use crate::server::roles::Role;
 use crate::server::scheduler::{IngestRunner, Scheduler};
 use crate::server::{iscsi, nbd};
 use crate::store::Store;
@@ -64,7 +65,7 @@ struct Plan {
     api: SocketAddr,
     nbd: SocketAddr,
     iscsi: SocketAddr,
-    token: Option<Arc<Token>>,
+    token: Option<Arc<Tokens>>,
     iscsi_rules: AccessRules,
     nbd_limits: Limits,
     iscsi_limits: Limits,
@@ -236,7 +237,8 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
     let clock = plan.leases.clock.clone();
     let reaper = Arc::new(Reaper::new(store.clone(), events.clone(), clock.clone(), plan.leases.warning_ms));
     let reaper = tokio::spawn(reaper.run(plan.leases.tick, shutdown.clone()));
-    let own_api = (own_api_url(listeners.api.local_addr()?), plan.token.as_ref().map(|t| t.text()));
+    let own_api =
+        (own_api_url(listeners.api.local_addr()?), plan.token.as_ref().and_then(|t| t.text_for(Role::Operator)));
     let scheduler =
         Arc::new(Scheduler::new(store.clone(), events.clone(), clock.clone(), own_api, ingest, shutdown.clone()));
     let schedules = tokio::spawn(scheduler.clone().run(plan.leases.tick));
@@ -273,7 +275,7 @@ fn own_api_url(addr: SocketAddr) -> String {
 
 /// What the API's handlers share besides the store.
 struct Api {
-    token: Option<Arc<Token>>,
+    token: Option<Arc<Tokens>>,
     events: Arc<Events>,
     clock: Arc<Clock>,
     scheduler: Arc<Scheduler>,
@@ -320,15 +322,23 @@ async fn periodic_flush(store: Arc<Store>, stop: CancellationToken) {
     }
 }
 
-/// The API token from `config.token_file`; refuses to go on without one when `api` is not a
+/// The API's tokens: the shared one of `config.token_file` (named `token`, role admin) and the
+/// named ones of `config.tokens_file`; refuses to go on without any when `api` is not a
 /// loopback address.
-fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<Token>>> {
-    match &config.token_file {
-        Some(p) => Ok(Some(Arc::new(Token::from_file(p)?))),
-        None if api.ip().is_loopback() => Ok(None),
-        None => Err(anyhow::anyhow!(
+fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<Tokens>>> {
+    let mut tokens = Vec::new();
+    if let Some(p) = &config.token_file {
+        tokens.extend(Tokens::single(Token::from_file(p)?).0);
+    }
+    if let Some(p) = &config.tokens_file {
+        tokens.extend(crate::server::roles::load(p)?);
+    }
+    match tokens.is_empty() {
+        false => Ok(Some(Arc::new(Tokens(tokens)))),
+        true if api.ip().is_loopback() => Ok(None),
+        true => Err(anyhow::anyhow!(
             "the API address {api} is reachable from other hosts, so it needs a token: give --token-file FILE \
-             (or token_file in the config), or listen on 127.0.0.1"
+             or --tokens-file FILE (or token_file, tokens_file in the config), or listen on 127.0.0.1"
         )),
     }
 }
@@ -400,7 +410,7 @@ mod tests {
         std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").expect("write");
         let c = Config { token_file: Some(p.clone()), ..Config::default() };
         let t = api_token(&c, addr("0.0.0.0:7480")).expect("remote with token").expect("token");
-        assert!(t.matches(b"0123456789abcdef0123456789abcdef"));
+        assert!(t.find(b"0123456789abcdef0123456789abcdef").is_some());
         assert!(api_token(&c, addr("127.0.0.1:7480")).expect("loopback with token").is_some());
         std::fs::write(&p, "tooshort\n").expect("write");
         let err = api_token(&c, addr("127.0.0.1:7480")).expect_err("short").to_string();

@@ -217,7 +217,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// included) must carry that bearer token (see [`crate::server::auth`]).
 pub fn router(
     store: Shared,
-    auth: Option<Arc<crate::server::auth::Token>>,
+    auth: Option<Arc<crate::server::auth::Tokens>>,
     events: Arc<Events>,
     clock: Arc<crate::server::clock::Clock>,
     scheduler: Arc<crate::server::scheduler::Scheduler>,

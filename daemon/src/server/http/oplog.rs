@@ -110,7 +110,12 @@ pub(super) async fn record(State(store): State<Shared>, req: Request, next: Next
     let Some(mut op) = Operation::of(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
-    let who = req.extensions().get::<ConnectInfo<SocketAddr>>().map_or_else(|| "unknown".into(), |c| c.0.to_string());
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map_or_else(|| "unknown".into(), |c| c.0.to_string());
+    // With named tokens, who is the token's name at the client's address.
+    let who = match req.extensions().get::<crate::server::auth::Caller>() {
+        Some(c) => format!("{}@{peer}", c.0),
+        None => peer,
+    };
     let (at, started) = (crate::store::now_ms(), Instant::now());
     let (req, detail) = if op.name_in_body {
         let (req, name, detail) = read_name(req).await;
