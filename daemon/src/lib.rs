@@ -6,7 +6,8 @@
 //! - [`cli`]: every other command, a client of the HTTP API, and the binary's entry point.
 //!
 //! Below them: [`store`] (catalog + extent map + data engine, the one place data and metadata
-//! meet; the io_uring engine in it holds the crate's only unsafe code), [`api`] (the typed
+//! meet; the io_uring engine in it holds the crate's unsafe code, but for taking a socket systemd
+//! passed, in `server::systemd`), [`api`] (the typed
 //! contract between the server and its clients: routes' bodies, the error body, the ingest
 //! stream's frames, the HTTP client), [`metrics`] (Prometheus counters, written by the store
 //! and the listeners) and [`units`] (sizes and durations for people).

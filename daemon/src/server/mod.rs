@@ -3,6 +3,7 @@
 //! (`store::exports`), goes to the [`crate::store`].
 //!
 //! - [`serve`]: start-up, the periodic flush and shutdown; [`config`]: settings;
+//! - [`systemd`]: notifications (ready, status, stopping, watchdog) and socket activation;
 //! - [`collector`]: the background garbage collector, one bounded step at a time;
 //! - [`http`]: the HTTP JSON API by resource (volumes, data, ingest, resize);
 //! - [`nbd`]: the NBD listener; [`iscsi`]: the iSCSI listener and its access rules;
@@ -35,3 +36,4 @@ pub mod retention;
 pub mod roles;
 pub mod scheduler;
 pub mod serve;
+pub mod systemd;

@@ -1,7 +1,9 @@
 //! `forkd serve`: start-up and shutdown of the daemon (settings: [`super::config`]).
 //!
-//! Start-up, in order: every setting is checked ([`Plan`]), the store is opened, the three
-//! listeners are bound ([`Listeners`]), then the NBD and iSCSI listeners, the periodic flush, the
+//! Start-up, in order: the sockets systemd passed are taken (socket activation, see
+//! [`crate::server::systemd`]), every setting is checked ([`Plan`]), the store is opened, the
+//! three listeners are bound or taken from systemd by name ([`Listeners`]), systemd is told
+//! `READY=1` (with a `STATUS=` line at each step before), then the NBD and iSCSI listeners, the periodic flush, the
 //! garbage collector ([`crate::server::collector`]), the lease reaper ([`crate::server::leases`]),
 //! the scheduler ([`crate::server::scheduler`], which reaches the API at its bound address) and
 //! the HTTP API run until SIGINT or SIGTERM. The collector stops between two steps; what it
@@ -11,6 +13,9 @@
 //! its next batch, a schedule's run before its next step); every NBD and iSCSI connection is told to stop, answers what it had
 //! received and closes, and both listeners wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
 //! only then is the store flushed, so every write acknowledged before the exit is durable.
+//! systemd hears `STOPPING=1` when the signal comes. While the daemon serves, each round of the
+//! periodic flush reports to the watchdog's [`Health`]: keep-alives stop when a round fails or
+//! hangs, so systemd restarts a daemon whose store no longer flushes.
 //!
 //! The API token (`token_file`, see [`crate::server::auth`]): required whenever the API listens on
 //! anything but a loopback address (the daemon refuses to start without one), optional on
@@ -35,6 +40,7 @@ use crate::server::listener::Limits;
 use crate::server::replication::Replicator;
 use crate::server::roles::Role;
 use crate::server::scheduler::{IngestRunner, Scheduler};
+use crate::server::systemd::{Activated, Health, Notifier};
 use crate::server::{iscsi, nbd};
 use crate::store::Store;
 
@@ -44,16 +50,21 @@ const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// Run the daemon until a shutdown signal.
 /// `ingest` runs a schedule's ingest steps (the agent's run; see [`IngestRunner`]).
 pub fn run(args: &ServeArgs, ingest: IngestRunner) -> anyhow::Result<()> {
+    // Taken first: the descriptors systemd passed are this process's before anything opens files.
+    let activated = Activated::from_env()?;
+    let notifier = Arc::new(Notifier::from_env());
     let plan = Plan::new(&Config::load(args)?)?;
+    notifier.status("opening the store");
     let store = Arc::new(Store::open_with(&plan.data_dir, plan.meta_engine)?);
     store.set_log_retention(plan.log_retention);
     store.set_low_space_threshold(plan.low_space_threshold);
     store.set_gc_step_nodes(plan.gc.step_nodes);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    rt.block_on(serve(plan, store.clone(), ingest))?;
+    rt.block_on(serve(plan, store.clone(), ingest, Systemd { notifier: notifier.clone(), activated }))?;
     // The listeners have drained (every connection ended, or the drain's bound passed with a
     // warning): what was acknowledged before now is made durable here.
+    notifier.status("stopping: final flush");
     store.flush().context("final flush")?;
     tracing::info!("forkd stopped cleanly");
     Ok(())
@@ -175,6 +186,12 @@ fn address(value: &str, flag: &str, example: &str) -> anyhow::Result<SocketAddr>
     value.parse().map_err(|_| anyhow::anyhow!("{flag} {value}: not an address such as {example}"))
 }
 
+/// What systemd gave the daemon: where to notify, and the sockets of socket activation.
+struct Systemd {
+    notifier: Arc<Notifier>,
+    activated: Activated,
+}
+
 /// The three bound listeners.
 struct Listeners {
     api: TcpListener,
@@ -183,22 +200,43 @@ struct Listeners {
 }
 
 impl Listeners {
-    async fn bind(plan: &Plan) -> anyhow::Result<Listeners> {
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
+    /// Each listener from the socket systemd passed under its name (`api`, `nbd`, `iscsi`),
+    /// else bound to its configured address. An API socket from systemd off loopback needs
+    /// the token as a configured one does.
+    async fn bind(plan: &Plan, activated: &mut Activated) -> anyhow::Result<Listeners> {
+        let mut bind = |name: &'static str, addr: SocketAddr, what: &'static str| {
+            let passed = activated.take(name);
+            async move {
+                match passed? {
+                    Some(l) => TcpListener::from_std(l).with_context(|| format!("the {name} socket from systemd")),
+                    None => {
+                        TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
+                    }
+                }
+            }
         };
-        Ok(Listeners {
-            api: bind(plan.api, "the API").await?,
-            nbd: bind(plan.nbd, "NBD").await?,
-            iscsi: bind(plan.iscsi, "iSCSI").await?,
-        })
+        let listeners = Listeners {
+            api: bind("api", plan.api, "the API").await?,
+            nbd: bind("nbd", plan.nbd, "NBD").await?,
+            iscsi: bind("iscsi", plan.iscsi, "iSCSI").await?,
+        };
+        let extra = activated.left_over();
+        if !extra.is_empty() {
+            anyhow::bail!("socket activation: more than one socket named {}", extra.join(", "));
+        }
+        let api = listeners.api.local_addr()?;
+        if plan.token.is_none() && !api.ip().is_loopback() {
+            return Err(token_needed(api));
+        }
+        Ok(listeners)
     }
 
     /// The start-up log line (tests read the ports from it), and the open-target warning.
     fn announce(&self, plan: &Plan) -> anyhow::Result<()> {
-        if plan.iscsi_rules.is_open() && !plan.iscsi.ip().is_loopback() {
+        let iscsi = self.iscsi.local_addr()?;
+        if plan.iscsi_rules.is_open() && !iscsi.ip().is_loopback() {
             tracing::warn!(
-                iscsi = %plan.iscsi,
+                %iscsi,
                 "iSCSI targets are open to every initiator on the network (no CHAP, no allow-list): \
                  see [iscsi_access] in docs/iscsi.md"
             );
@@ -216,11 +254,13 @@ impl Listeners {
 }
 
 /// Serve until a shutdown signal, then wait for every listener and connection to end.
-async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(&plan).await?;
+async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner, mut systemd: Systemd) -> anyhow::Result<()> {
+    systemd.notifier.status("binding the listeners");
+    let listeners = Listeners::bind(&plan, &mut systemd.activated).await?;
     listeners.announce(&plan)?;
     let (nbd_addr, iscsi_addr) = (listeners.nbd.local_addr()?, listeners.iscsi.local_addr()?);
     let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
     let nbd_cfg = nbd::NbdConfig::default();
     let nbd = tokio::spawn(nbd::serve(listeners.nbd, store.clone(), nbd_cfg, plan.nbd_limits, shutdown.clone()));
     let iscsi = tokio::spawn(iscsi::serve(
@@ -230,7 +270,7 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
         plan.iscsi_limits,
         shutdown.clone(),
     ));
-    let periodic = tokio::spawn(periodic_flush(store.clone(), shutdown.clone()));
+    let periodic = tokio::spawn(periodic_flush(store.clone(), health.clone(), shutdown.clone()));
     let ticks = (FLUSH_INTERVAL, plan.gc.pause);
     let collector = tokio::spawn(crate::server::collector::run(store.clone(), ticks, shutdown.clone()));
     let events = Arc::new(Events::new(plan.hooks, nbd_addr, iscsi_addr));
@@ -245,8 +285,16 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner) -> anyhow::R
     let replicator = Replicator::new(store.clone(), shutdown.clone());
     replicator.resume_kept();
     let api = Api { token: plan.token, events, clock, scheduler, replicator };
-    let api_result = serve_api(listeners.api, store, api, shutdown.clone()).await;
+    let api_addr = listeners.api.local_addr()?;
+    systemd.notifier.notify(&format!("READY=1\nSTATUS=serving: api {api_addr}, nbd {nbd_addr}, iscsi {iscsi_addr}"));
+    let watchdog = crate::server::systemd::watchdog_interval().map(|every| {
+        tokio::spawn(crate::server::systemd::keep_alive(systemd.notifier.clone(), health, every, shutdown.clone()))
+    });
+    let api_result = serve_api(listeners.api, store, api, systemd.notifier.clone(), shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     let tasks = [
         ("NBD listener", nbd),
         ("iSCSI listener", iscsi),
@@ -287,6 +335,7 @@ async fn serve_api(
     listener: TcpListener,
     store: Arc<Store>,
     api: Api,
+    notifier: Arc<Notifier>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app =
@@ -295,6 +344,7 @@ async fn serve_api(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
+            notifier.notify("STOPPING=1\nSTATUS=stopping: draining connections");
             shutdown.cancel();
             // A scrub can take hours: it stops (answering 503) so the API can drain.
             store.stop_scrub();
@@ -306,7 +356,8 @@ async fn serve_api(
 /// Like a filesystem's commit interval: writes of clients that never flush become durable
 /// within [`FLUSH_INTERVAL`], and the slots they freed become reusable. The same tick runs
 /// the metadata upkeep ([`Store::maintain`]).
-async fn periodic_flush(store: Arc<Store>, stop: CancellationToken) {
+/// Each round's outcome goes to `health` (the watchdog's keep-alives follow it).
+async fn periodic_flush(store: Arc<Store>, health: Arc<Health>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     loop {
         tokio::select! {
@@ -314,11 +365,19 @@ async fn periodic_flush(store: Arc<Store>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.flush_if_needed().and_then(|_| s.maintain())).await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "periodic flush or metadata upkeep failed"),
-            Err(e) => tracing::warn!(error = %e, "periodic flush task failed"),
-            Ok(Ok(_)) => {}
-        }
+        health.round_started();
+        let ok = match tokio::task::spawn_blocking(move || s.flush_if_needed().and_then(|_| s.maintain())).await {
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "periodic flush or metadata upkeep failed");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "periodic flush task failed");
+                false
+            }
+            Ok(Ok(_)) => true,
+        };
+        health.round_ended(ok);
     }
 }
 
@@ -336,11 +395,16 @@ fn api_token(config: &Config, api: SocketAddr) -> anyhow::Result<Option<Arc<Toke
     match tokens.is_empty() {
         false => Ok(Some(Arc::new(Tokens(tokens)))),
         true if api.ip().is_loopback() => Ok(None),
-        true => Err(anyhow::anyhow!(
-            "the API address {api} is reachable from other hosts, so it needs a token: give --token-file FILE \
-             or --tokens-file FILE (or token_file, tokens_file in the config), or listen on 127.0.0.1"
-        )),
+        true => Err(token_needed(api)),
     }
+}
+
+/// The refusal of an API off loopback without a token.
+fn token_needed(api: SocketAddr) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the API address {api} is reachable from other hosts, so it needs a token: give --token-file FILE \
+         or --tokens-file FILE (or token_file, tokens_file in the config), or listen on 127.0.0.1"
+    )
 }
 
 async fn shutdown_signal() {

@@ -33,7 +33,7 @@
 //! - `scrub`: checking every stored block; `damaged`: the register of damaged slots, which
 //!   poisons their digests so the next ingest sends them again;
 //! - `space`: the emergency reserve, the metadata headroom, and what a full disk does;
-//! - `engine`: the io_uring data engine (the only unsafe code);
+//! - `engine`: the io_uring data engine (the store's only unsafe code);
 //! - `oplog`: the operation log, appended durably and never failing the operation it records;
 //! - `exports`: the live connections per export that rewind, refresh and delete fence and
 //!   drain before they switch a head;
@@ -60,7 +60,7 @@ pub mod busy;
 mod check;
 mod commit;
 mod damaged;
-#[allow(unsafe_code)] // the only unsafe code in the crate: io_uring buffers (see its SAFETY notes)
+#[allow(unsafe_code)] // the store's only unsafe code: io_uring buffers (see its SAFETY notes)
 pub mod engine;
 pub mod exports;
 mod flush;
