@@ -3,13 +3,16 @@
 //! lower, and `systemd-analyze verify` must find nothing in the service and its three sockets
 //! (copied with only `ExecStart`'s binary pointed at the built `forkd`, which verify wants to
 //! exist). The sockets must name themselves as the daemon takes them, and the system call
-//! filter must let io_uring through whether or not `@system-service` holds its calls.
+//! filter must let io_uring through whether or not `@system-service` holds its calls, and every
+//! call a real daemon makes under `strace` (start-up, ingest, clone, HTTP writes, an NBD read,
+//! SIGTERM and the final flush): the sandbox itself needs systemd as PID 1, which tests lack.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use forkd_tests::{forkd_bin, run_bounded};
+use forkd_tests::{forkd_bin, free_port, run_bounded, wait_or_kill, Api, CLI_TIMEOUT, READY_TIMEOUT, STOP_TIMEOUT};
 
 /// The highest `systemd-analyze security` exposure the service may have.
 const MAX_EXPOSURE: f64 = 2.0;
@@ -124,4 +127,122 @@ fn the_system_call_filter_lets_io_uring_through() {
             .any(|w| w == call || w == "@io-uring");
         assert!(!denied, "{call} is denied");
     }
+}
+
+/// Every system call in `group` (an `@` set, expanded through the sets it holds).
+fn expand(group: &str, into: &mut BTreeSet<String>) {
+    let listing = text(&analyze(&["syscall-filter", "--no-pager", group]));
+    let mut members = listing.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    assert_eq!(members.next(), Some(group), "systemd-analyze syscall-filter {group}:\n{listing}");
+    for m in members {
+        if m.starts_with('@') {
+            expand(m, into);
+        } else {
+            into.insert(m.to_string());
+        }
+    }
+}
+
+/// The system calls `forkd.service`'s `SystemCallFilter=` lines allow: the first is an
+/// allow-list, each `~` line takes from it (systemd.exec(5)).
+fn allowed_calls() -> BTreeSet<String> {
+    let mut allowed = BTreeSet::new();
+    for line in values(&read_unit("forkd.service"), "SystemCallFilter") {
+        let (deny, items) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let mut calls = BTreeSet::new();
+        for item in items.split_whitespace() {
+            if item.starts_with('@') {
+                expand(item, &mut calls);
+            } else {
+                calls.insert(item.to_string());
+            }
+        }
+        if deny {
+            allowed.retain(|c| !calls.contains(c));
+        } else {
+            allowed.extend(calls);
+        }
+    }
+    allowed
+}
+
+/// The system calls named in an `strace -c` summary.
+fn traced_calls(summary: &str) -> BTreeSet<String> {
+    let mut rules = 0;
+    let mut calls = BTreeSet::new();
+    for line in summary.lines() {
+        if line.starts_with("------") {
+            rules += 1;
+        } else if rules == 1 {
+            calls.extend(line.split_whitespace().last().map(String::from));
+        }
+    }
+    calls
+}
+
+/// The daemon's first child process of `parent` (strace's tracee).
+fn child_of(parent: u32) -> Option<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+/// Run a daemon under `strace -f -c` through start-up, an ingest, a clone, writes over HTTP,
+/// a read over NBD and a SIGTERM with its final flush, and check that every system call it
+/// made is one the unit's filter allows (the sandbox itself needs systemd as PID 1).
+#[test]
+fn the_daemon_calls_only_what_the_filter_allows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let trace = tmp.path().join("strace.txt");
+    let port = free_port();
+    let nbd = free_port();
+    let mut strace = Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(&trace)
+        .arg(forkd_bin())
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .args(["--api", &format!("127.0.0.1:{port}"), "--nbd", &format!("127.0.0.1:{nbd}"), "--iscsi", "127.0.0.1:0"])
+        .env("FORKD_LOW_SPACE_THRESHOLD", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run strace (package strace)");
+    let api = Api::new(port);
+    let started = Instant::now();
+    while !api.ready() {
+        assert!(started.elapsed() < READY_TIMEOUT, "forkd under strace did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(forkd_bin());
+        cmd.arg("--api").arg(api.base()).args(args).env_remove("FORKD_API");
+        let out = run_bounded(&mut cmd, CLI_TIMEOUT);
+        assert!(out.status.success(), "forkd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let img = tmp.path().join("src.img");
+    std::fs::write(&img, vec![0x3cu8; 4 << 20]).expect("image");
+    cli(&["source", "create", "prod", "--size", "4M"]);
+    cli(&["ingest", "prod", "--from", img.to_str().expect("utf-8")]);
+    cli(&["clone", "prod@1", "dev"]);
+    api.write("dev", 0, &[0xa5; 1 << 20]);
+    let copy = tmp.path().join("copy.img");
+    let mut nbdcopy = Command::new("nbdcopy");
+    nbdcopy.arg(format!("nbd://127.0.0.1:{nbd}/dev")).arg(&copy);
+    let out = run_bounded(&mut nbdcopy, CLI_TIMEOUT);
+    assert!(out.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&copy).expect("copy")[..1 << 20], [0xa5; 1 << 20]);
+
+    let daemon = child_of(strace.id()).expect("the daemon under strace");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let (status, exited) = wait_or_kill(&mut strace, STOP_TIMEOUT, "strace forkd serve");
+    assert!(exited && status.success(), "forkd serve under strace after SIGTERM: {status}");
+    let used = traced_calls(&std::fs::read_to_string(&trace).expect("strace summary"));
+    assert!(used.contains("io_uring_enter") && used.contains("accept4"), "a summary of the daemon's calls: {used:?}");
+    let allowed = allowed_calls();
+    let refused: Vec<&String> = used.iter().filter(|c| !allowed.contains(*c)).collect();
+    assert!(refused.is_empty(), "calls forkd made that forkd.service's SystemCallFilter refuses: {refused:?}");
 }
