@@ -10,7 +10,8 @@
 //! `iscsi` and starts the daemon on the first connection; the daemon's own addresses point at a
 //! port the test holds, so binding instead of taking the sockets would fail. The real CLI, a
 //! real NBD client (`nbdinfo`) and an iSCSI login are served on the passed sockets. A socket
-//! with another name is refused with a message that says how to name it.
+//! with another name is refused with a message that says how to name it, and an API socket off
+//! loopback without a token is refused as a configured one is.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
@@ -121,15 +122,16 @@ fn notify_ready_status_watchdog_and_stopping() {
     assert!(exited && status.success(), "forkd serve after SIGTERM: {status}");
 }
 
-/// `systemd-socket-activate` listening on three free ports named `names`, running
-/// `forkd serve` whose own addresses are all `taken` (a port the caller holds).
-fn socket_activate(root: &Path, names: &str, taken: u16) -> (Guard, [u16; 3], PathBuf) {
+/// `systemd-socket-activate` listening on three free ports named `names` (the first on
+/// `first_host`, the others on 127.0.0.1), running `forkd serve` whose own addresses are all
+/// `taken` (a port the caller holds).
+fn socket_activate(root: &Path, names: &str, taken: u16, first_host: &str) -> (Guard, [u16; 3], PathBuf) {
     let ports = [free_port(), free_port(), free_port()];
     let log = root.join("daemon.log");
     let addr = format!("127.0.0.1:{taken}");
     let mut cmd = Command::new("systemd-socket-activate");
-    for p in ports {
-        cmd.arg("-l").arg(format!("127.0.0.1:{p}"));
+    for (i, p) in ports.into_iter().enumerate() {
+        cmd.arg("-l").arg(format!("{}:{p}", if i == 0 { first_host } else { "127.0.0.1" }));
     }
     cmd.arg(format!("--fdname={names}"))
         .arg(forkd_bin())
@@ -170,7 +172,7 @@ fn socket_activation_by_name() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let taken = held.local_addr().expect("addr").port();
-    let (mut child, [api, nbd, iscsi], log) = socket_activate(tmp.path(), "api:nbd:iscsi", taken);
+    let (mut child, [api, nbd, iscsi], log) = socket_activate(tmp.path(), "api:nbd:iscsi", taken, "127.0.0.1");
     let cli = |args: &[&str]| {
         let mut cmd = Command::new(forkd_bin());
         cmd.arg("--api").arg(format!("http://127.0.0.1:{api}")).args(args).env_remove("FORKD_API");
@@ -215,11 +217,25 @@ fn socket_activation_refuses_an_unknown_name() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let taken = held.local_addr().expect("addr").port();
-    let (mut child, [api, _, _], log) = socket_activate(tmp.path(), "api:nbd:web", taken);
+    let (mut child, [api, _, _], log) = socket_activate(tmp.path(), "api:nbd:web", taken, "127.0.0.1");
     // Start it: the daemon exits at once, so the connection may be refused or reset.
     let _ = std::net::TcpStream::connect(("127.0.0.1", api));
     let (status, exited) = wait_or_kill(&mut child.0, STOP_TIMEOUT, "forkd serve");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(exited && !status.success(), "forkd serve with a socket named web: {status}\n{text}");
     assert!(text.contains("named \"web\"") && text.contains("FileDescriptorName="), "{text}");
+}
+
+#[test]
+fn socket_activation_of_an_api_off_loopback_needs_the_token() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let taken = held.local_addr().expect("addr").port();
+    // The configured API address is loopback; the socket systemd passes is not.
+    let (mut child, [api, _, _], log) = socket_activate(tmp.path(), "api:nbd:iscsi", taken, "0.0.0.0");
+    let _ = std::net::TcpStream::connect(("127.0.0.1", api));
+    let (status, exited) = wait_or_kill(&mut child.0, STOP_TIMEOUT, "forkd serve");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(exited && !status.success(), "forkd serve with an API socket on 0.0.0.0 and no token: {status}\n{text}");
+    assert!(text.contains(&format!("0.0.0.0:{api} is reachable from other hosts")), "{text}");
 }
