@@ -41,7 +41,7 @@ use crate::store::exports::Denied;
 use crate::store::Store;
 
 /// The NBD listener's limits unless the config says otherwise (`[nbd_limits]`).
-pub const DEFAULT_LIMITS: Limits = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(10) };
+pub const DEFAULT_LIMITS: Limits = Limits::new(256, Duration::from_secs(10));
 
 /// Settings of NBD connections in transmission.
 #[derive(Debug, Clone)]
@@ -106,6 +106,8 @@ impl Reason for Close {
             Close::Ended(Ended::Shutdown) => "daemon shutting down",
             Close::Ended(Ended::SocketSetup) => "socket setup failed",
             Close::Ended(Ended::NoThread) => "cannot start a thread",
+            Close::Ended(Ended::HandshakeEvicted) => "handshake evicted",
+            Close::Ended(Ended::PeerLimit) => "peer connection limit",
             Close::Internal => "internal error",
             Close::HandshakeRead => "read error during handshake",
             Close::HandshakeWrite => "write error during handshake",

@@ -1,0 +1,208 @@
+//! Who may hold a listener's handshake slots (NBD option haggling, iSCSI login), kept apart
+//! from the slots of established connections ([`crate::server::listener`]).
+//!
+//! A connection in its handshake costs the daemon a socket (and, for iSCSI, a thread) while it
+//! has proven nothing; a flood of idle sockets must not be able to hold the slots a real
+//! client needs. So, at every accept, before the new connection is registered:
+//! - a peer (IP address) at `max_connections_per_peer` connections (handshaking and
+//!   established together) gives up its oldest handshaking connection for the new one, or is
+//!   refused when all of its connections are established ([`Ended::PeerLimit`]);
+//! - a peer at `max_handshakes_per_peer` handshaking connections gives up its oldest one;
+//! - when `max_handshakes` connections are handshaking, the oldest of all gives way.
+//!
+//! A connection that gave way is told through its [`Handshaking::evicted`] token and closed
+//! ([`Ended::HandshakeEvicted`]). Evicting rather than refusing is what keeps a real client
+//! getting through a flood: the newcomer always gets a handshake slot, and a client finishes
+//! its handshake in milliseconds, while the flood's idle sockets only push out each other
+//! (from one address they push out only that address's own, so a flood from one peer never
+//! evicts another peer's handshake).
+//!
+//! Invariant: a connection is in `handshaking` from its admission until its handshake ends
+//! (done, failed, or evicted); an established connection counts in `established` of its peer
+//! until it ends. [`Handshaking`] gives both back when dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::server::listener::{Ended, Limits};
+
+/// The handshake slots and per-peer counts of one listener.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Id of the next connection (ids grow: the smallest is the oldest).
+    next: u64,
+    /// Connections in their handshake, oldest first.
+    handshaking: BTreeMap<u64, Entry>,
+    /// Established connections per peer (peers with none are left out).
+    established: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    peer: IpAddr,
+    evicted: CancellationToken,
+}
+
+impl State {
+    /// Take the oldest handshaking connection (of `peer`, or of anyone) out and tell it.
+    fn evict_oldest(&mut self, peer: Option<IpAddr>) -> bool {
+        let id = self.handshaking.iter().find(|(_, e)| peer.is_none_or(|p| e.peer == p)).map(|(id, _)| *id);
+        match id.and_then(|id| self.handshaking.remove(&id)) {
+            Some(e) => {
+                e.evicted.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Admission {
+    /// The slots of a listener with `limits`.
+    pub fn new(limits: Limits) -> Arc<Admission> {
+        Arc::new(Admission { limits, state: Mutex::default() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register a new connection from `peer` in its handshake, evicting older handshakes to
+    /// make room (see the module comment); refused only when `peer` has
+    /// `max_connections_per_peer` established connections.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Handshaking, Ended> {
+        let mut s = self.lock();
+        let peer_handshakes = s.handshaking.values().filter(|e| e.peer == peer).count();
+        let peer_established = s.established.get(&peer).copied().unwrap_or(0);
+        if peer_handshakes + peer_established >= self.limits.max_connections_per_peer {
+            if !s.evict_oldest(Some(peer)) {
+                return Err(Ended::PeerLimit);
+            }
+        } else if peer_handshakes >= self.limits.max_handshakes_per_peer {
+            s.evict_oldest(Some(peer));
+        } else if s.handshaking.len() >= self.limits.max_handshakes {
+            s.evict_oldest(None);
+        }
+        let id = s.next;
+        s.next += 1;
+        let evicted = CancellationToken::new();
+        s.handshaking.insert(id, Entry { peer, evicted: evicted.clone() });
+        Ok(Handshaking { admission: self.clone(), id, peer, evicted, established: AtomicBool::new(false) })
+    }
+
+    /// Connections in their handshake now.
+    #[cfg(test)]
+    fn handshaking(&self) -> usize {
+        self.lock().handshaking.len()
+    }
+}
+
+/// One connection's hold on the handshake slots, then on its peer's count of established
+/// connections; given back when dropped.
+#[derive(Debug)]
+pub struct Handshaking {
+    admission: Arc<Admission>,
+    id: u64,
+    peer: IpAddr,
+    /// Cancelled when the connection has to give way to a newer one.
+    pub evicted: CancellationToken,
+    established: AtomicBool,
+}
+
+impl Handshaking {
+    /// The handshake is done: leave the handshake slots for the peer's established count.
+    /// Fails when the connection was evicted in the meantime.
+    pub fn establish(&self) -> Result<(), Ended> {
+        let mut s = self.admission.lock();
+        if s.handshaking.remove(&self.id).is_none() {
+            return Err(Ended::HandshakeEvicted);
+        }
+        *s.established.entry(self.peer).or_default() += 1;
+        self.established.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut s = self.admission.lock();
+        s.handshaking.remove(&self.id);
+        if self.established.load(Ordering::SeqCst) {
+            if let Some(n) = s.established.get_mut(&self.peer) {
+                *n -= 1;
+                if *n == 0 {
+                    s.established.remove(&self.peer);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_connections: 100,
+        handshake_timeout: Duration::from_secs(10),
+        max_handshakes: 4,
+        max_handshakes_per_peer: 2,
+        max_connections_per_peer: 3,
+    };
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn a_peer_over_its_handshakes_evicts_only_its_own_oldest() {
+        let a = Admission::new(LIMITS);
+        let other = a.admit(ip(2)).expect("admit");
+        let first = a.admit(ip(1)).expect("admit");
+        let second = a.admit(ip(1)).expect("admit");
+        let third = a.admit(ip(1)).expect("admit");
+        assert!(first.evicted.is_cancelled(), "the peer's oldest handshake gives way");
+        assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
+        assert!(!other.evicted.is_cancelled(), "another peer's handshake is left alone");
+        assert_eq!(first.establish(), Err(Ended::HandshakeEvicted));
+        assert_eq!(a.handshaking(), 3);
+    }
+
+    #[test]
+    fn full_handshake_slots_evict_the_oldest_of_all() {
+        let a = Admission::new(LIMITS);
+        let held: Vec<_> = (1..=4).map(|i| a.admit(ip(i)).expect("admit")).collect();
+        let newest = a.admit(ip(5)).expect("admit");
+        assert!(held[0].evicted.is_cancelled());
+        assert!(held[1..].iter().all(|h| !h.evicted.is_cancelled()) && !newest.evicted.is_cancelled());
+        assert_eq!(a.handshaking(), 4);
+    }
+
+    #[test]
+    fn a_peer_with_all_its_connections_established_is_refused_until_one_ends() {
+        let a = Admission::new(LIMITS);
+        let est: Vec<_> = (0..3)
+            .map(|_| {
+                let h = a.admit(ip(1)).expect("admit");
+                h.establish().expect("establish");
+                h
+            })
+            .collect();
+        assert_eq!(a.admit(ip(1)).err(), Some(Ended::PeerLimit));
+        assert!(a.admit(ip(2)).is_ok(), "other peers are not limited");
+        drop(est);
+        assert!(a.admit(ip(1)).is_ok(), "a peer's count falls when its connections end");
+    }
+}
