@@ -10,8 +10,10 @@
 //! - a peer at `max_handshakes_per_peer` handshaking connections gives up its oldest one;
 //! - when `max_handshakes` connections are handshaking, the oldest of all gives way.
 //!
-//! A connection that gave way is told through its [`Handshaking::evicted`] token and closed
-//! ([`Ended::HandshakeEvicted`]). Evicting rather than refusing is what keeps a real client
+//! The connection that gives way is the oldest one that has not sent a byte yet
+//! ([`Handshaking::spoke`]), or the oldest when every one has: a client in the middle of its
+//! handshake is pushed out only after every idle socket. It is told through its
+//! [`Handshaking::evicted`] token and closed ([`Ended::HandshakeEvicted`]). Evicting rather than refusing is what keeps a real client
 //! getting through a flood: the newcomer always gets a handshake slot, and a client finishes
 //! its handshake in milliseconds, while the flood's idle sockets only push out each other
 //! (from one address they push out only that address's own, so a flood from one peer never
@@ -51,12 +53,16 @@ struct State {
 struct Entry {
     peer: IpAddr,
     evicted: CancellationToken,
+    spoke: Arc<AtomicBool>,
 }
 
 impl State {
-    /// Take the oldest handshaking connection (of `peer`, or of anyone) out and tell it.
+    /// Take the oldest handshaking connection (of `peer`, or of anyone) out and tell it: the
+    /// oldest that never sent a byte if there is one, else the oldest.
     fn evict_oldest(&mut self, peer: Option<IpAddr>) -> bool {
-        let id = self.handshaking.iter().find(|(_, e)| peer.is_none_or(|p| e.peer == p)).map(|(id, _)| *id);
+        let candidates = || self.handshaking.iter().filter(|(_, e)| peer.is_none_or(|p| e.peer == p));
+        let idle = candidates().find(|(_, e)| !e.spoke.load(Ordering::SeqCst));
+        let id = idle.or_else(|| candidates().next()).map(|(id, _)| *id);
         match id.and_then(|id| self.handshaking.remove(&id)) {
             Some(e) => {
                 e.evicted.cancel();
@@ -96,8 +102,9 @@ impl Admission {
         let id = s.next;
         s.next += 1;
         let evicted = CancellationToken::new();
-        s.handshaking.insert(id, Entry { peer, evicted: evicted.clone() });
-        Ok(Handshaking { admission: self.clone(), id, peer, evicted, established: AtomicBool::new(false) })
+        let spoke = Arc::new(AtomicBool::new(false));
+        s.handshaking.insert(id, Entry { peer, evicted: evicted.clone(), spoke: spoke.clone() });
+        Ok(Handshaking { admission: self.clone(), id, peer, evicted, spoke, established: AtomicBool::new(false) })
     }
 
     /// Connections in their handshake now.
@@ -116,6 +123,8 @@ pub struct Handshaking {
     peer: IpAddr,
     /// Cancelled when the connection has to give way to a newer one.
     pub evicted: CancellationToken,
+    /// Set once the client has sent a byte: such connections are evicted after idle ones.
+    pub spoke: Arc<AtomicBool>,
     established: AtomicBool,
 }
 
@@ -178,6 +187,18 @@ mod tests {
         assert!(!other.evicted.is_cancelled(), "another peer's handshake is left alone");
         assert_eq!(first.establish(), Err(Ended::HandshakeEvicted));
         assert_eq!(a.handshaking(), 3);
+    }
+
+    #[test]
+    fn idle_handshakes_give_way_before_clients_that_have_spoken() {
+        let a = Admission::new(LIMITS);
+        let talking = a.admit(ip(1)).expect("admit");
+        talking.spoke.store(true, Ordering::SeqCst);
+        let idle = a.admit(ip(1)).expect("admit");
+        let newest = a.admit(ip(1)).expect("admit");
+        assert!(idle.evicted.is_cancelled(), "the idle one gives way although it is newer");
+        assert!(!talking.evicted.is_cancelled() && !newest.evicted.is_cancelled());
+        talking.establish().expect("the client that spoke finishes its handshake");
     }
 
     #[test]

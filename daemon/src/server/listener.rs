@@ -235,6 +235,7 @@ pub struct Cx {
     span: Span,
     export: Arc<std::sync::OnceLock<String>>,
     tracker: TaskTracker,
+    spoke: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cx {
@@ -244,6 +245,12 @@ impl Cx {
         if self.export.set(export.to_string()).is_ok() {
             self.span.record("export", export);
         }
+    }
+
+    /// The client has sent bytes in its handshake: from now on idle handshakes are evicted
+    /// before this one ([`crate::server::admission`]). [`Socket::read`] calls it itself.
+    pub fn client_spoke(&self) {
+        self.spoke.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The connection's span, for work it hands to other tasks or threads.
@@ -387,7 +394,15 @@ async fn serve<M: Model>(listener: TcpListener, mut model: M, limits: Limits, sh
             }
         };
         let span = M::Protocol::span(peer);
-        let cx = Cx { peer, shutdown: shutdown.child_token(), span, export: Arc::default(), tracker: tracker.clone() };
+        let spoke = handshaking.spoke.clone();
+        let cx = Cx {
+            peer,
+            shutdown: shutdown.child_token(),
+            span,
+            export: Arc::default(),
+            tracker: tracker.clone(),
+            spoke,
+        };
         model.start(stream, Admitted::new(model.protocol().clone(), cx, slots.clone(), handshaking, &limits));
     }
     // New connections are refused from here on; the open ones finish.
@@ -543,6 +558,8 @@ pub struct Socket {
     deadline: Option<Instant>,
     /// Cancelled when the handshake is evicted (only looked at until the handshake is done).
     evicted: CancellationToken,
+    /// Set at the first byte read ([`Cx::client_spoke`]).
+    spoke: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 }
 
@@ -565,8 +582,8 @@ impl Socket {
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(POLL))?;
         let _ = stream.set_nodelay(true);
-        let evicted = conn.handshaking.evicted.clone();
-        Ok(Socket { stream, deadline: Some(conn.deadline), evicted, shutdown: conn.cx.shutdown.clone() })
+        let (evicted, spoke) = (conn.handshaking.evicted.clone(), conn.handshaking.spoke.clone());
+        Ok(Socket { stream, deadline: Some(conn.deadline), evicted, spoke, shutdown: conn.cx.shutdown.clone() })
     }
 
     /// Read what has arrived into `buf` (at least one byte), blocking until something does.
@@ -588,7 +605,10 @@ impl Socket {
             }
             match self.stream.read(buf) {
                 Ok(0) => return Err(Stop::Eof),
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    self.spoke.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Ok(n);
+                }
                 Err(e) if is_wakeup(&e) => {}
                 Err(e) => return Err(Stop::Failed(e)),
             }

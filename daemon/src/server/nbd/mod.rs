@@ -175,7 +175,7 @@ impl Protocol for Nbd {
 impl TaskProtocol for Nbd {
     type Session = Negotiated;
 
-    async fn handshake(&self, stream: TcpStream, _cx: &Cx) -> Result<Negotiated, Close> {
+    async fn handshake(&self, stream: TcpStream, cx: &Cx) -> Result<Negotiated, Close> {
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
@@ -188,6 +188,7 @@ impl TaskProtocol for Nbd {
                     if rd.read_buf(&mut buf).await.map_err(|_| Close::HandshakeRead)? == 0 {
                         return Err(Close::ClientClosedDuringHandshake);
                     }
+                    cx.client_spoke();
                 }
                 Ok(Step::Reply(b)) => send(&mut wr, &b).await?,
                 Ok(Step::Close { reply }) => {
