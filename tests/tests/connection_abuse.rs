@@ -5,7 +5,8 @@
 //! per-peer limits nor a refusal can be what lets the real client in: it gets through because
 //! a new connection evicts the oldest idle handshake. The handshake timeouts are set far beyond
 //! the tests' bounds (10 minutes), so a client that gets through did not wait for the flood to
-//! time out. Each test prints how long its real clients took.
+//! time out. Each test prints how long its real clients took. The API's half-sent requests
+//! and an idle keep-alive connection must be closed by the daemon (its header timeout).
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -168,4 +169,39 @@ fn iscsi_a_real_login_gets_through_400_idle_connections() {
     println!("iscsi-inq after 400 idle iSCSI connections took {took:?}");
     assert_eq!(d.iscsi_closed("login timed out"), 0);
     assert_eq!(d.iscsi_closed("connection limit"), 0);
+}
+
+#[test]
+fn api_a_real_client_gets_through_1100_half_sent_requests_which_are_closed() {
+    let env = setup("");
+    let d = &env.d;
+    let addr = format!("127.0.0.1:{}", d.port());
+    // A keep-alive connection that made one request and then stays idle.
+    let mut idle = TcpStream::connect(&addr).expect("connect");
+    std::io::Write::write_all(&mut idle, b"GET /v1/volumes HTTP/1.1\r\nHost: x\r\n\r\n").expect("send a request");
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).expect("an answer");
+    assert_eq!(&answer, b"HTTP/1.1 200", "the idle connection's request");
+    let mut half_sent: Vec<TcpStream> = (0..1100)
+        .map(|i| {
+            let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("API connection {i}: {e}"));
+            std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n").expect("send half a request");
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let out = d.cli_ok(&["list"]);
+    let took = started.elapsed();
+    assert!(out.contains("dev"), "forkd list during the flood:\n{out}");
+    println!("forkd list after 1100 half-sent API requests took {took:?}");
+    // Every half-sent request is closed by the daemon (evicted, or at the 10 s header
+    // timeout), within a bound well past that timeout.
+    let bound = Instant::now() + Duration::from_secs(60);
+    for (i, s) in half_sent.iter_mut().enumerate() {
+        let left = bound.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        assert!(closed_by_daemon(s, left), "half-sent request {i} still open after the bound");
+    }
+    println!("all 1100 half-sent requests closed {:?} after forkd list", started.elapsed());
+    assert!(closed_by_daemon(&mut idle, Duration::from_secs(60)), "the idle keep-alive connection is still open");
+    assert!(d.api().ready(), "the API answers after the flood");
 }

@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -54,6 +55,22 @@ struct Entry {
     peer: IpAddr,
     evicted: CancellationToken,
     spoke: Arc<AtomicBool>,
+    /// The connection's socket, to look for bytes the protocol has not read yet.
+    fd: Option<RawFd>,
+}
+
+impl Entry {
+    /// Whether the client has sent anything: bytes the protocol read, or bytes waiting in the
+    /// socket (a client whose reply the daemon has not read yet is not idle). The descriptor
+    /// may already be closed (and even reused) when its connection is ending: that can only
+    /// change which connection is evicted, never what is read.
+    fn spoke(&self) -> bool {
+        let waiting = |fd: RawFd| {
+            use nix::sys::socket::{recv, MsgFlags};
+            recv(fd, &mut [0u8; 1], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0)
+        };
+        self.spoke.load(Ordering::SeqCst) || self.fd.is_some_and(waiting)
+    }
 }
 
 impl State {
@@ -61,7 +78,7 @@ impl State {
     /// oldest that never sent a byte if there is one, else the oldest.
     fn evict_oldest(&mut self, peer: Option<IpAddr>) -> bool {
         let candidates = || self.handshaking.iter().filter(|(_, e)| peer.is_none_or(|p| e.peer == p));
-        let idle = candidates().find(|(_, e)| !e.spoke.load(Ordering::SeqCst));
+        let idle = candidates().find(|(_, e)| !e.spoke());
         let id = idle.or_else(|| candidates().next()).map(|(id, _)| *id);
         match id.and_then(|id| self.handshaking.remove(&id)) {
             Some(e) => {
@@ -86,7 +103,8 @@ impl Admission {
     /// Register a new connection from `peer` in its handshake, evicting older handshakes to
     /// make room (see the module comment); refused only when `peer` has
     /// `max_connections_per_peer` established connections.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Handshaking, Ended> {
+    /// `fd` is its socket, looked at (never read) to tell idle connections from others.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, fd: Option<RawFd>) -> Result<Handshaking, Ended> {
         let mut s = self.lock();
         let peer_handshakes = s.handshaking.values().filter(|e| e.peer == peer).count();
         let peer_established = s.established.get(&peer).copied().unwrap_or(0);
@@ -103,8 +121,14 @@ impl Admission {
         s.next += 1;
         let evicted = CancellationToken::new();
         let spoke = Arc::new(AtomicBool::new(false));
-        s.handshaking.insert(id, Entry { peer, evicted: evicted.clone(), spoke: spoke.clone() });
+        s.handshaking.insert(id, Entry { peer, evicted: evicted.clone(), spoke: spoke.clone(), fd });
         Ok(Handshaking { admission: self.clone(), id, peer, evicted, spoke, established: AtomicBool::new(false) })
+    }
+
+    /// Evict the oldest handshaking connection (an idle one first) to make room for a new one
+    /// when the caller's own bound is full; false when none is handshaking.
+    pub fn evict_one(&self) -> bool {
+        self.lock().evict_oldest(None)
     }
 
     /// Connections in their handshake now.
@@ -178,10 +202,10 @@ mod tests {
     #[test]
     fn a_peer_over_its_handshakes_evicts_only_its_own_oldest() {
         let a = Admission::new(LIMITS);
-        let other = a.admit(ip(2)).expect("admit");
-        let first = a.admit(ip(1)).expect("admit");
-        let second = a.admit(ip(1)).expect("admit");
-        let third = a.admit(ip(1)).expect("admit");
+        let other = a.admit(ip(2), None).expect("admit");
+        let first = a.admit(ip(1), None).expect("admit");
+        let second = a.admit(ip(1), None).expect("admit");
+        let third = a.admit(ip(1), None).expect("admit");
         assert!(first.evicted.is_cancelled(), "the peer's oldest handshake gives way");
         assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
         assert!(!other.evicted.is_cancelled(), "another peer's handshake is left alone");
@@ -192,10 +216,10 @@ mod tests {
     #[test]
     fn idle_handshakes_give_way_before_clients_that_have_spoken() {
         let a = Admission::new(LIMITS);
-        let talking = a.admit(ip(1)).expect("admit");
+        let talking = a.admit(ip(1), None).expect("admit");
         talking.spoke.store(true, Ordering::SeqCst);
-        let idle = a.admit(ip(1)).expect("admit");
-        let newest = a.admit(ip(1)).expect("admit");
+        let idle = a.admit(ip(1), None).expect("admit");
+        let newest = a.admit(ip(1), None).expect("admit");
         assert!(idle.evicted.is_cancelled(), "the idle one gives way although it is newer");
         assert!(!talking.evicted.is_cancelled() && !newest.evicted.is_cancelled());
         talking.establish().expect("the client that spoke finishes its handshake");
@@ -204,8 +228,8 @@ mod tests {
     #[test]
     fn full_handshake_slots_evict_the_oldest_of_all() {
         let a = Admission::new(LIMITS);
-        let held: Vec<_> = (1..=4).map(|i| a.admit(ip(i)).expect("admit")).collect();
-        let newest = a.admit(ip(5)).expect("admit");
+        let held: Vec<_> = (1..=4).map(|i| a.admit(ip(i), None).expect("admit")).collect();
+        let newest = a.admit(ip(5), None).expect("admit");
         assert!(held[0].evicted.is_cancelled());
         assert!(held[1..].iter().all(|h| !h.evicted.is_cancelled()) && !newest.evicted.is_cancelled());
         assert_eq!(a.handshaking(), 4);
@@ -216,14 +240,14 @@ mod tests {
         let a = Admission::new(LIMITS);
         let est: Vec<_> = (0..3)
             .map(|_| {
-                let h = a.admit(ip(1)).expect("admit");
+                let h = a.admit(ip(1), None).expect("admit");
                 h.establish().expect("establish");
                 h
             })
             .collect();
-        assert_eq!(a.admit(ip(1)).err(), Some(Ended::PeerLimit));
-        assert!(a.admit(ip(2)).is_ok(), "other peers are not limited");
+        assert_eq!(a.admit(ip(1), None).err(), Some(Ended::PeerLimit));
+        assert!(a.admit(ip(2), None).is_ok(), "other peers are not limited");
         drop(est);
-        assert!(a.admit(ip(1)).is_ok(), "a peer's count falls when its connections end");
+        assert!(a.admit(ip(1), None).is_ok(), "a peer's count falls when its connections end");
     }
 }

@@ -384,7 +384,7 @@ async fn serve<M: Model>(listener: TcpListener, mut model: M, limits: Limits, sh
             tracing::warn!(%peer, limit = limits.max_connections, "refusing {name} connection: connection limit reached");
             continue;
         }
-        let handshaking = match admission.admit(peer.ip()) {
+        let handshaking = match admission.admit(peer.ip(), Some(std::os::fd::AsRawFd::as_raw_fd(&stream))) {
             Ok(h) => h,
             Err(refused) => {
                 count(&**model.protocol(), &refused.into());

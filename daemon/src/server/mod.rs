@@ -4,7 +4,8 @@
 //!
 //! - [`serve`]: start-up, the periodic flush and shutdown; [`config`]: settings;
 //! - [`collector`]: the background garbage collector, one bounded step at a time;
-//! - [`http`]: the HTTP JSON API by resource (volumes, data, ingest, resize);
+//! - [`http`]: the HTTP JSON API by resource (volumes, data, ingest, resize); [`api_listener`]:
+//!   its accept loop (connection bound, header timeout);
 //! - [`nbd`]: the NBD listener; [`iscsi`]: the iSCSI listener and its access rules;
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
 //!   spans, close reasons, drain on shutdown); [`admission`]: its handshake slots and per-peer
@@ -17,6 +18,7 @@
 //!   around its catalog step (hooks, gates, fences, undo), for the API and the scheduler.
 
 pub mod admission;
+pub mod api_listener;
 pub mod auth;
 pub mod clock;
 pub mod collector;
