@@ -26,7 +26,8 @@
 //! write of their answers never change threads, which measured faster). A thread's socket is
 //! a [`Socket`], whose reads wake every [`POLL`] to honour the deadline and the shutdown.
 //!
-//! Invariants: an admitted connection holds its slot, its place in the drain and its share of
+//! Invariants: an admitted connection holds its handshake slot until its handshake ends, then
+//! (established) its slot under `max_connections`, and its place in the drain and its share of
 //! the open gauge until it ends ([`Admitted`] gives them back when dropped, even on a panic);
 //! the close counter is bumped once for every connection that ends, refused ones included (a
 //! connection whose task or thread panicked is not counted).
@@ -265,10 +266,11 @@ impl Cx {
     }
 }
 
-/// An admitted connection's hold on the listener: its slot under the limit, its place in the
-/// drain and its share of the open gauge, all given back when dropped, in that order (fields
-/// drop in declaration order): once the gauge shows a connection gone its slot is free, and
-/// once the drain sees it gone the gauge is right.
+/// An admitted connection's hold on the listener: its slot under the limit (once established),
+/// its handshake slot or its peer's count, its place in the drain and its share of the open
+/// gauge, all given back when dropped, in that order (fields drop in declaration order): once
+/// the gauge shows a connection gone its slots are free, and once the drain sees it gone the
+/// gauge is right.
 #[derive(Debug)]
 struct Admitted<P: Protocol> {
     proto: Arc<P>,
