@@ -169,7 +169,7 @@ def dframe(first, blocks, corrupt=False):
 
 
 blocks = bytes(range(256)) * 32
-put("ingest_frames", "raw_valid", b"\x00\x05" + dframe(5, blocks) + b"Z" + struct.pack("<QI", 9, 3) + dframe(12, blocks[:4096]) + b"E" + struct.pack("<QQ", 100, 50))
+put("ingest_frames", "raw_valid", b"\x00\x05" + dframe(5, blocks[:4096]) + b"Z" + struct.pack("<QI", 9, 3) + b"E" + struct.pack("<QQ", 100, 50))
 put("ingest_frames", "raw_damaged", b"\x00\x09" + dframe(0, blocks[:4096], corrupt=True))
 put("ingest_frames", "raw_bad_count", b"\x00\x01" + b"Z" + struct.pack("<QI", 0, 0) + b"Q")
 put("ingest_frames", "built", b"\x01\x07" + bytes([0, 5, 0, 0, 0, 1, 7, 0xFF, 0, 0, 1, 9, 0, 0, 0, 3, 0, 0, 0, 0, 2, 100, 0, 0, 0, 50, 0, 0, 0, 0]))
