@@ -78,7 +78,8 @@ done
 {
     echo "# Fuzzing results"
     echo
-    echo "\`bash bench/fuzz.sh $SECONDS_EACH\` on $(date -u +%Y-%m-%d), $(nproc) cores (shared), sanitizer \`$SANITIZER\`,"
+    overrides=$(env | grep '^FUZZ_SECONDS_' | sort | tr '\n' ' ')
+    echo "\`${overrides}bash bench/fuzz.sh $SECONDS_EACH ${*:-}\` on $(date -u +%Y-%m-%d), $(nproc) cores (shared), sanitizer \`$SANITIZER\`,"
     echo "$(cargo +nightly --version 2>/dev/null | cut -d' ' -f1-2), $(cargo fuzz --version 2>/dev/null). Method and targets: bench/FUZZ.md."
     echo "Seconds are wall time including start-up; corpus is the work corpus's size afterwards."
     echo
