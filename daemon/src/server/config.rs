@@ -31,8 +31,6 @@ pub struct Config {
     pub nbd_limits: crate::server::listener::LimitSettings,
     /// Connection limit and login timeout of the iSCSI listener (`[iscsi_limits]`).
     pub iscsi_limits: crate::server::listener::LimitSettings,
-    /// Connection bound and header timeout of the HTTP API (`[api_limits]`).
-    pub api_limits: crate::server::api_listener::ApiLimitSettings,
     /// Metadata engine: a new data directory is created with it, an existing one converted
     /// to it. Unset: a new directory gets the default, an existing one keeps its own.
     pub meta_engine: Option<String>,
@@ -72,7 +70,6 @@ impl Default for Config {
             iscsi_access: Default::default(),
             nbd_limits: Default::default(),
             iscsi_limits: Default::default(),
-            api_limits: Default::default(),
             meta_engine: None,
             hooks_dir: PathBuf::from("/etc/forkd/hooks"),
             hook_user: None,

@@ -4,11 +4,8 @@
 //! The life cycle owns:
 //! - the accept loop, with exponential backoff on accept errors (out of file descriptors and
 //!   the like) instead of spinning;
-//! - the connection limit: a semaphore of `max_connections` slots for established
-//!   connections, taken when the handshake is done; while none is free a new connection is
+//! - the connection limit: a semaphore of `max_connections` slots; a connection over it is
 //!   closed at once, before a byte is sent, and counted;
-//! - the handshake slots and per-peer limits ([`crate::server::admission`]): a connection in
-//!   its handshake holds one of those instead, and a newer one may evict it;
 //! - the handshake deadline (NBD's option haggling, iSCSI's login), and the shutdown signal
 //!   during the handshake;
 //! - a tracing span per connection carrying the peer and, once the protocol knows it
@@ -26,8 +23,7 @@
 //! write of their answers never change threads, which measured faster). A thread's socket is
 //! a [`Socket`], whose reads wake every [`POLL`] to honour the deadline and the shutdown.
 //!
-//! Invariants: an admitted connection holds its handshake slot until its handshake ends, then
-//! (established) its slot under `max_connections`, and its place in the drain and its share of
+//! Invariants: an admitted connection holds its slot, its place in the drain and its share of
 //! the open gauge until it ends ([`Admitted`] gives them back when dropped, even on a panic);
 //! the close counter is bumped once for every connection that ends, refused ones included (a
 //! connection whose task or thread panicked is not counted).
@@ -48,7 +44,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span};
 
 use crate::metrics::ConnectionMetrics;
-use crate::server::admission::{Admission, Handshaking};
 
 /// How long a shutdown waits for connections to end before it goes on without them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,32 +59,10 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Established connections (past their handshake) at once; when all are taken a new
-    /// connection is closed at once, and a handshake that finishes is closed.
+    /// Connections open at once; more are closed at once.
     pub max_connections: usize,
     /// Time a client has to finish its handshake (NBD) or login (iSCSI).
     pub handshake_timeout: Duration,
-    /// Connections in their handshake at once, counted apart from established ones; a new
-    /// one evicts the oldest ([`crate::server::admission`]).
-    pub max_handshakes: usize,
-    /// Connections of one peer (IP address) in their handshake at once; a new one evicts the
-    /// peer's oldest.
-    pub max_handshakes_per_peer: usize,
-    /// Connections of one peer at once, handshaking and established.
-    pub max_connections_per_peer: usize,
-}
-
-impl Limits {
-    /// Limits with the default handshake and per-peer bounds.
-    pub const fn new(max_connections: usize, handshake_timeout: Duration) -> Limits {
-        Limits {
-            max_connections,
-            handshake_timeout,
-            max_handshakes: 64,
-            max_handshakes_per_peer: 8,
-            max_connections_per_peer: 64,
-        }
-    }
 }
 
 /// `[nbd_limits]` and `[iscsi_limits]` in the config file; a key left out keeps the
@@ -101,58 +74,31 @@ pub struct LimitSettings {
     pub max_connections: Option<usize>,
     /// Handshake or login timeout in milliseconds (at least 1).
     pub handshake_timeout_ms: Option<u64>,
-    /// Connections in their handshake at once (at least 1).
-    pub max_handshakes: Option<usize>,
-    /// Connections of one IP address in their handshake at once (at least 1).
-    pub max_handshakes_per_peer: Option<usize>,
-    /// Connections of one IP address at once (at least 1).
-    pub max_connections_per_peer: Option<usize>,
 }
 
 impl LimitSettings {
     /// These settings over `defaults`; `table` names the config table in errors.
     pub fn resolve(&self, defaults: Limits, table: &str) -> anyhow::Result<Limits> {
-        let count = |value: Option<usize>, default: usize, key: &str| {
-            let n = value.unwrap_or(default);
-            anyhow::ensure!(
-                (1..=MAX_CONNECTIONS).contains(&n),
-                "config: {table}.{key} must be from 1 to {MAX_CONNECTIONS}"
-            );
-            Ok(n)
-        };
-        let max_connections = count(self.max_connections, defaults.max_connections, "max_connections")?;
-        let max_handshakes = count(self.max_handshakes, defaults.max_handshakes, "max_handshakes")?;
-        let max_handshakes_per_peer =
-            count(self.max_handshakes_per_peer, defaults.max_handshakes_per_peer, "max_handshakes_per_peer")?;
-        let max_connections_per_peer =
-            count(self.max_connections_per_peer, defaults.max_connections_per_peer, "max_connections_per_peer")?;
+        let max_connections = self.max_connections.unwrap_or(defaults.max_connections);
+        anyhow::ensure!(
+            (1..=MAX_CONNECTIONS).contains(&max_connections),
+            "config: {table}.max_connections must be from 1 to {MAX_CONNECTIONS}"
+        );
         let handshake_timeout = self.handshake_timeout_ms.map_or(defaults.handshake_timeout, Duration::from_millis);
         anyhow::ensure!(
             !handshake_timeout.is_zero() && handshake_timeout <= MAX_HANDSHAKE_TIMEOUT,
             "config: {table}.handshake_timeout_ms must be from 1 to {}",
             MAX_HANDSHAKE_TIMEOUT.as_millis()
         );
-        Ok(Limits {
-            max_connections,
-            handshake_timeout,
-            max_handshakes,
-            max_handshakes_per_peer,
-            max_connections_per_peer,
-        })
+        Ok(Limits { max_connections, handshake_timeout })
     }
 }
 
 /// Why the life cycle itself ended a connection; each protocol's close reason has these too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
-    /// Refused: `max_connections` were already established (at the accept, or when its
-    /// handshake finished).
+    /// Refused: `max_connections` were already open.
     ConnectionLimit,
-    /// Evicted from its handshake by a newer connection (`max_handshakes`,
-    /// `max_handshakes_per_peer`).
-    HandshakeEvicted,
-    /// Refused: its peer had `max_connections_per_peer` established connections.
-    PeerLimit,
     /// The handshake (login) did not finish in time.
     HandshakeTimeout,
     /// The daemon is shutting down.
@@ -236,7 +182,6 @@ pub struct Cx {
     span: Span,
     export: Arc<std::sync::OnceLock<String>>,
     tracker: TaskTracker,
-    spoke: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cx {
@@ -246,12 +191,6 @@ impl Cx {
         if self.export.set(export.to_string()).is_ok() {
             self.span.record("export", export);
         }
-    }
-
-    /// The client has sent bytes in its handshake: from now on idle handshakes are evicted
-    /// before this one ([`crate::server::admission`]). [`Socket::read`] calls it itself.
-    pub fn client_spoke(&self) {
-        self.spoke.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The connection's span, for work it hands to other tasks or threads.
@@ -266,20 +205,16 @@ impl Cx {
     }
 }
 
-/// An admitted connection's hold on the listener: its slot under the limit (once established),
-/// its handshake slot or its peer's count, its place in the drain and its share of the open
-/// gauge, all given back when dropped, in that order (fields drop in declaration order): once
-/// the gauge shows a connection gone its slots are free, and once the drain sees it gone the
-/// gauge is right.
+/// An admitted connection's hold on the listener: its slot under the limit, its place in the
+/// drain and its share of the open gauge, all given back when dropped, in that order (fields
+/// drop in declaration order): once the gauge shows a connection gone its slot is free, and
+/// once the drain sees it gone the gauge is right.
 #[derive(Debug)]
 struct Admitted<P: Protocol> {
     proto: Arc<P>,
     cx: Cx,
     deadline: Instant,
-    /// The established slots, one of which it takes when its handshake is done.
-    slots: Arc<Semaphore>,
-    slot: std::sync::OnceLock<OwnedSemaphorePermit>,
-    handshaking: Handshaking,
+    _slot: OwnedSemaphorePermit,
     _open: Open,
     _tracked: TaskTrackerToken,
 }
@@ -295,22 +230,12 @@ impl Drop for Open {
 }
 
 impl<P: Protocol> Admitted<P> {
-    fn new(proto: Arc<P>, cx: Cx, slots: Arc<Semaphore>, handshaking: Handshaking, limits: &Limits) -> Admitted<P> {
+    fn new(proto: Arc<P>, cx: Cx, slot: OwnedSemaphorePermit, limits: &Limits) -> Admitted<P> {
         let open = proto.metrics().open.clone();
         open.inc();
         let _tracked = cx.tracker.token();
         let deadline = Instant::now() + limits.handshake_timeout;
-        let slot = std::sync::OnceLock::new();
-        Admitted { proto, cx, deadline, slots, slot, handshaking, _tracked, _open: Open(open) }
-    }
-
-    /// The handshake is done: move from the handshake slots to an established slot. Fails when
-    /// the connection was evicted meanwhile or every established slot is taken.
-    fn establish(&self) -> Result<(), Ended> {
-        self.handshaking.establish()?;
-        let slot = self.slots.clone().try_acquire_owned().map_err(|_| Ended::ConnectionLimit)?;
-        let _ = self.slot.set(slot);
-        Ok(())
+        Admitted { proto, cx, deadline, _slot: slot, _tracked, _open: Open(open) }
     }
 
     /// Count and log how the connection ended; dropping `self` then frees its slot.
@@ -360,7 +285,6 @@ trait Model {
 async fn serve<M: Model>(listener: TcpListener, mut model: M, limits: Limits, shutdown: CancellationToken) {
     let name = <M::Protocol as Protocol>::NAME;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let admission = Admission::new(limits);
     let tracker = TaskTracker::new();
     let mut backoff = BACKOFF.0;
     loop {
@@ -381,31 +305,14 @@ async fn serve<M: Model>(listener: TcpListener, mut model: M, limits: Limits, sh
             }
         };
         backoff = BACKOFF.0;
-        if slots.available_permits() == 0 {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             count(&**model.protocol(), &Ended::ConnectionLimit.into());
             tracing::warn!(%peer, limit = limits.max_connections, "refusing {name} connection: connection limit reached");
             continue;
-        }
-        let handshaking = match admission.admit(peer.ip(), Some(std::os::fd::AsRawFd::as_raw_fd(&stream))) {
-            Ok(h) => h,
-            Err(refused) => {
-                count(&**model.protocol(), &refused.into());
-                let limit = limits.max_connections_per_peer;
-                tracing::warn!(%peer, limit, "refusing {name} connection: per-peer connection limit reached");
-                continue;
-            }
         };
         let span = M::Protocol::span(peer);
-        let spoke = handshaking.spoke.clone();
-        let cx = Cx {
-            peer,
-            shutdown: shutdown.child_token(),
-            span,
-            export: Arc::default(),
-            tracker: tracker.clone(),
-            spoke,
-        };
-        model.start(stream, Admitted::new(model.protocol().clone(), cx, slots.clone(), handshaking, &limits));
+        let cx = Cx { peer, shutdown: shutdown.child_token(), span, export: Arc::default(), tracker: tracker.clone() };
+        model.start(stream, Admitted::new(model.protocol().clone(), cx, slot, &limits));
     }
     // New connections are refused from here on; the open ones finish.
     drop(listener);
@@ -449,16 +356,12 @@ async fn run_task<P: TaskProtocol>(proto: &P, stream: TcpStream, conn: &Admitted
     let deadline = tokio::time::Instant::from_std(conn.deadline);
     let session = tokio::select! {
         _ = conn.cx.shutdown.cancelled() => return P::Close::from(Ended::Shutdown).into(),
-        _ = conn.handshaking.evicted.cancelled() => return P::Close::from(Ended::HandshakeEvicted).into(),
         r = tokio::time::timeout_at(deadline, proto.handshake(stream, &conn.cx)) => match r {
             Err(_) => return P::Close::from(Ended::HandshakeTimeout).into(),
             Ok(Err(reason)) => return reason.into(),
             Ok(Ok(s)) => s,
         },
     };
-    if let Err(ended) = conn.establish() {
-        return P::Close::from(ended).into();
-    }
     proto.serve(session, &conn.cx).await
 }
 
@@ -543,9 +446,6 @@ fn run_thread<P: ThreadProtocol>(proto: &P, mut sock: Socket, conn: &Admitted<P>
         Ok(s) => s,
         Err(reason) => return reason.into(),
     };
-    if let Err(ended) = conn.establish() {
-        return P::Close::from(ended).into();
-    }
     sock.deadline = None;
     proto.serve(sock, session, &conn.cx)
 }
@@ -558,10 +458,6 @@ pub struct Socket {
     stream: std::net::TcpStream,
     /// The handshake deadline, until the handshake is done.
     deadline: Option<Instant>,
-    /// Cancelled when the handshake is evicted (only looked at until the handshake is done).
-    evicted: CancellationToken,
-    /// Set at the first byte read ([`Cx::client_spoke`]).
-    spoke: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 }
 
@@ -584,8 +480,7 @@ impl Socket {
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(POLL))?;
         let _ = stream.set_nodelay(true);
-        let (evicted, spoke) = (conn.handshaking.evicted.clone(), conn.handshaking.spoke.clone());
-        Ok(Socket { stream, deadline: Some(conn.deadline), evicted, spoke, shutdown: conn.cx.shutdown.clone() })
+        Ok(Socket { stream, deadline: Some(conn.deadline), shutdown: conn.cx.shutdown.clone() })
     }
 
     /// Read what has arrived into `buf` (at least one byte), blocking until something does.
@@ -596,9 +491,6 @@ impl Socket {
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(Stop::Ended(Ended::HandshakeTimeout));
             }
-            if self.deadline.is_some() && self.evicted.is_cancelled() {
-                return Err(Stop::Ended(Ended::HandshakeEvicted));
-            }
             if stop.is_some_and(CancellationToken::is_cancelled) {
                 return Err(Stop::Stopped);
             }
@@ -607,10 +499,7 @@ impl Socket {
             }
             match self.stream.read(buf) {
                 Ok(0) => return Err(Stop::Eof),
-                Ok(n) => {
-                    self.spoke.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Ok(n);
-                }
+                Ok(n) => return Ok(n),
                 Err(e) if is_wakeup(&e) => {}
                 Err(e) => return Err(Stop::Failed(e)),
             }
@@ -670,8 +559,6 @@ mod tests {
                 EchoClose::Ended(Ended::Shutdown) => "shutting down",
                 EchoClose::Ended(Ended::SocketSetup) => "socket setup failed",
                 EchoClose::Ended(Ended::NoThread) => "no thread",
-                EchoClose::Ended(Ended::HandshakeEvicted) => "handshake evicted",
-                EchoClose::Ended(Ended::PeerLimit) => "peer limit",
                 EchoClose::Gone => "client gone",
             }
         }
@@ -807,11 +694,6 @@ mod tests {
             let mut b = [0u8; 1];
             let n = tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("handshake answer in time");
             assert_eq!((n.expect("read the handshake answer"), b[0]), (1, b'+'));
-            // An echo comes from `serve`, which runs once the connection holds its
-            // established slot.
-            s.write_all(b"e").await.expect("send");
-            let n = tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("echo in time");
-            assert_eq!((n.expect("read the echo"), b[0]), (1, b'e'));
             s
         }
 
@@ -842,7 +724,7 @@ mod tests {
         }
     }
 
-    const LIMITS: Limits = Limits::new(2, Duration::from_secs(30));
+    const LIMITS: Limits = Limits { max_connections: 2, handshake_timeout: Duration::from_secs(30) };
 
     async fn limit_refuses_counts_and_recovers(threads: bool) {
         let l = Running::start(threads, LIMITS).await;
@@ -929,20 +811,20 @@ mod tests {
 
     #[test]
     fn limit_settings_fall_back_to_the_defaults_and_refuse_zero_and_extremes() {
-        let defaults = Limits::new(256, Duration::from_secs(15));
+        let defaults = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(15) };
         assert_eq!(LimitSettings::default().resolve(defaults, "x").expect("defaults"), defaults);
-        let s = LimitSettings { max_connections: Some(3), ..LimitSettings::default() };
+        let s = LimitSettings { max_connections: Some(3), handshake_timeout_ms: None };
         assert_eq!(s.resolve(defaults, "x").expect("limit").max_connections, 3);
         assert_eq!(s.resolve(defaults, "x").expect("limit").handshake_timeout, defaults.handshake_timeout);
-        let zero = LimitSettings { max_connections: Some(0), ..LimitSettings::default() };
+        let zero = LimitSettings { max_connections: Some(0), handshake_timeout_ms: None };
         let err = zero.resolve(defaults, "nbd_limits").expect_err("zero connections").to_string();
         assert!(err.contains("nbd_limits.max_connections"), "{err}");
-        let zero = LimitSettings { handshake_timeout_ms: Some(0), ..LimitSettings::default() };
+        let zero = LimitSettings { max_connections: None, handshake_timeout_ms: Some(0) };
         assert!(zero.resolve(defaults, "x").is_err());
         // Values that would make the listener panic later are refused up front.
-        let huge = LimitSettings { max_connections: Some(usize::MAX), ..LimitSettings::default() };
+        let huge = LimitSettings { max_connections: Some(usize::MAX), handshake_timeout_ms: None };
         assert!(huge.resolve(defaults, "x").expect_err("too many").to_string().contains("from 1 to 1000000"));
-        let endless = LimitSettings { handshake_timeout_ms: Some(u64::MAX), ..LimitSettings::default() };
+        let endless = LimitSettings { max_connections: None, handshake_timeout_ms: Some(u64::MAX) };
         assert!(endless.resolve(defaults, "x").expect_err("too long").to_string().contains("from 1 to 3600000"));
     }
 }

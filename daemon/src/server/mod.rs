@@ -5,12 +5,10 @@
 //! - [`serve`]: start-up, the periodic flush and shutdown; [`config`]: settings;
 //! - [`systemd`]: notifications (ready, status, stopping, watchdog) and socket activation;
 //! - [`collector`]: the background garbage collector, one bounded step at a time;
-//! - [`http`]: the HTTP JSON API by resource (volumes, data, ingest, resize); [`api_listener`]:
-//!   its accept loop (connection bound, header timeout);
+//! - [`http`]: the HTTP JSON API by resource (volumes, data, ingest, resize);
 //! - [`nbd`]: the NBD listener; [`iscsi`]: the iSCSI listener and its access rules;
 //! - [`listener`]: the life cycle both protocol listeners share (limit, handshake timeout,
-//!   spans, close reasons, drain on shutdown); [`admission`]: its handshake slots and per-peer
-//!   counts, apart from established connections;
+//!   spans, close reasons, drain on shutdown);
 //! - [`auth`]: the API's bearer token; [`hooks`]: finding and running hook scripts;
 //! - [`leases`]: the lease reaper; [`clock`]: the daemon's "now" (injectable for tests);
 //! - [`offline`]: `forkd check` and `forkd repair`, on the data directory of a stopped daemon;
@@ -18,8 +16,6 @@
 //! - [`lifecycle`] and [`env_lifecycle`]: what an operation on a volume or an environment does
 //!   around its catalog step (hooks, gates, fences, undo), for the API and the scheduler.
 
-pub mod admission;
-pub mod api_listener;
 pub mod auth;
 pub mod clock;
 pub mod collector;

@@ -9,8 +9,6 @@
 //! the HTTP API run until SIGINT or SIGTERM. The collector stops between two steps; what it
 //! leaves waits in the durable garbage queue for the next start.
 //!
-//! The API is served by [`crate::server::api_listener`] (connection bound, header timeout).
-//!
 //! Shutdown: the API stops accepting requests and running ones finish (a running scrub stops at
 //! its next batch, a schedule's run before its next step); every NBD and iSCSI connection is told to stop, answers what it had
 //! received and closes, and both listeners wait for all of them (threads joined; bounded by [`crate::server::listener::DRAIN_TIMEOUT`]);
@@ -82,7 +80,6 @@ struct Plan {
     iscsi_rules: AccessRules,
     nbd_limits: Limits,
     iscsi_limits: Limits,
-    api_limits: crate::server::api_listener::ApiLimits,
     meta_engine: Option<crate::store::MetaEngine>,
     hooks: HookRunner,
     log_retention: catalog::LogRetention,
@@ -103,7 +100,6 @@ impl Plan {
             iscsi: address(&config.iscsi, "--iscsi", "0.0.0.0:3260")?,
             nbd_limits: config.nbd_limits.resolve(nbd::DEFAULT_LIMITS, "nbd_limits")?,
             iscsi_limits: config.iscsi_limits.resolve(iscsi::DEFAULT_LIMITS, "iscsi_limits")?,
-            api_limits: config.api_limits.resolve()?,
             meta_engine: config.meta_engine.as_deref().map(meta_engine).transpose()?,
             hooks: HookRunner::new(&config.hooks_dir, config.hook_user.as_deref())
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
@@ -288,7 +284,7 @@ async fn serve(plan: Plan, store: Arc<Store>, ingest: IngestRunner, mut systemd:
     let schedules = tokio::spawn(scheduler.clone().run(plan.leases.tick));
     let replicator = Replicator::new(store.clone(), shutdown.clone());
     replicator.resume_kept();
-    let api = Api { token: plan.token, events, clock, scheduler, replicator, limits: plan.api_limits };
+    let api = Api { token: plan.token, events, clock, scheduler, replicator };
     let api_addr = listeners.api.local_addr()?;
     systemd.notifier.notify(&format!("READY=1\nSTATUS=serving: api {api_addr}, nbd {nbd_addr}, iscsi {iscsi_addr}"));
     let watchdog = crate::server::systemd::watchdog_interval().map(|every| {
@@ -332,7 +328,6 @@ struct Api {
     clock: Arc<Clock>,
     scheduler: Arc<Scheduler>,
     replicator: Arc<Replicator>,
-    limits: crate::server::api_listener::ApiLimits,
 }
 
 /// The HTTP API until a shutdown signal (which it passes on to `shutdown`).
@@ -344,16 +339,18 @@ async fn serve_api(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app =
-        crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler, api.replicator);
-    crate::server::api_listener::serve(listener, app, api.limits, async move {
-        shutdown_signal().await;
-        notifier.notify("STOPPING=1\nSTATUS=stopping: draining connections");
-        shutdown.cancel();
-        // A scrub can take hours: it stops (answering 503) so the API can drain.
-        store.stop_scrub();
-    })
-    .await;
-    Ok(())
+        crate::server::http::router(store.clone(), api.token, api.events, api.clock, api.scheduler, api.replicator)
+            .into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            notifier.notify("STOPPING=1\nSTATUS=stopping: draining connections");
+            shutdown.cancel();
+            // A scrub can take hours: it stops (answering 503) so the API can drain.
+            store.stop_scrub();
+        })
+        .await
+        .context("API server failed")
 }
 
 /// Like a filesystem's commit interval: writes of clients that never flush become durable

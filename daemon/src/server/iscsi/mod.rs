@@ -53,7 +53,7 @@ use crate::store::Store;
 const WINDOW: u32 = 128;
 
 /// The iSCSI listener's limits unless the config says otherwise (`[iscsi_limits]`).
-pub const DEFAULT_LIMITS: Limits = Limits::new(256, Duration::from_secs(15));
+pub const DEFAULT_LIMITS: Limits = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(15) };
 
 /// Why an iSCSI connection closed: the `reason` label of
 /// `forkd_iscsi_connections_closed_total`.
@@ -105,8 +105,6 @@ impl Reason for Close {
             Close::Ended(Ended::Shutdown) => "daemon shutting down",
             Close::Ended(Ended::SocketSetup) => "socket setup failed",
             Close::Ended(Ended::NoThread) => "cannot start a thread",
-            Close::Ended(Ended::HandshakeEvicted) => "login evicted",
-            Close::Ended(Ended::PeerLimit) => "peer connection limit",
             Close::InitiatorClosedDuringLogin => "initiator closed during login",
             Close::MalformedLoginPdu => "malformed PDU during login",
             Close::LoginFinished => "login already finished",

@@ -41,7 +41,7 @@ use crate::store::exports::Denied;
 use crate::store::Store;
 
 /// The NBD listener's limits unless the config says otherwise (`[nbd_limits]`).
-pub const DEFAULT_LIMITS: Limits = Limits::new(256, Duration::from_secs(10));
+pub const DEFAULT_LIMITS: Limits = Limits { max_connections: 256, handshake_timeout: Duration::from_secs(10) };
 
 /// Settings of NBD connections in transmission.
 #[derive(Debug, Clone)]
@@ -106,8 +106,6 @@ impl Reason for Close {
             Close::Ended(Ended::Shutdown) => "daemon shutting down",
             Close::Ended(Ended::SocketSetup) => "socket setup failed",
             Close::Ended(Ended::NoThread) => "cannot start a thread",
-            Close::Ended(Ended::HandshakeEvicted) => "handshake evicted",
-            Close::Ended(Ended::PeerLimit) => "peer connection limit",
             Close::Internal => "internal error",
             Close::HandshakeRead => "read error during handshake",
             Close::HandshakeWrite => "write error during handshake",
@@ -175,7 +173,7 @@ impl Protocol for Nbd {
 impl TaskProtocol for Nbd {
     type Session = Negotiated;
 
-    async fn handshake(&self, stream: TcpStream, cx: &Cx) -> Result<Negotiated, Close> {
+    async fn handshake(&self, stream: TcpStream, _cx: &Cx) -> Result<Negotiated, Close> {
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
@@ -188,7 +186,6 @@ impl TaskProtocol for Nbd {
                     if rd.read_buf(&mut buf).await.map_err(|_| Close::HandshakeRead)? == 0 {
                         return Err(Close::ClientClosedDuringHandshake);
                     }
-                    cx.client_spoke();
                 }
                 Ok(Step::Reply(b)) => send(&mut wr, &b).await?,
                 Ok(Step::Close { reply }) => {
