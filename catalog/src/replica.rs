@@ -122,8 +122,6 @@ pub struct ReplicaState {
     pub replica_of: Option<ReplicaOf>,
     /// Guids of its snapshots, oldest first.
     pub snapshots: Vec<String>,
-    /// Its head has no writes since its latest snapshot.
-    pub head_at_latest: bool,
     /// The snapshot being received and the first block not yet received.
     pub receiving: Option<(String, u64)>,
 }
@@ -214,7 +212,6 @@ impl Catalog {
             exists: true,
             replica_of: v.replica_of.clone(),
             snapshots: v.snapshots.iter().map(|s| self.guid(v, s)).collect(),
-            head_at_latest: v.snapshots.last().map_or(v.root == 0, |s| s.root == v.root),
             receiving,
         }
     }
@@ -362,7 +359,8 @@ impl Catalog {
         v.snapshots.iter().find(|s| s.id == id.id).map(|s| s.root)
     }
 
-    fn snapshot_guid(&self, id: &SnapshotId) -> Option<String> {
+    /// The guid of snapshot `id`, if this site holds it.
+    pub fn snapshot_guid(&self, id: &SnapshotId) -> Option<String> {
         let v = self.volumes.get(&id.volume)?;
         v.snapshots.iter().find(|s| s.id == id.id).map(|s| self.guid(v, s))
     }

@@ -47,7 +47,7 @@ pub(super) struct Outgoing {
 /// when the target holds it).
 pub(super) fn volume_meta(cat: &Catalog, name: &str, on_target: &HashSet<String>) -> Result<VolumeMeta, CatalogError> {
     let v = cat.volume(name)?;
-    let origin = v.origin.as_ref().and_then(|o| guid_of(cat, o)).filter(|g| on_target.contains(g));
+    let origin = v.origin.as_ref().and_then(|o| cat.snapshot_guid(o)).filter(|g| on_target.contains(g));
     Ok(VolumeMeta {
         site: cat.site().to_string(),
         kind: v.kind,
@@ -80,7 +80,7 @@ pub(super) fn volume_plan(
         let guid = cat.guid(v, s);
         let header = IncomingHeader {
             volume: meta.clone(),
-            base: base.as_ref().and_then(|b| guid_of(cat, b)),
+            base: base.as_ref().and_then(|b| cat.snapshot_guid(b)),
             snapshot: SnapshotMeta::of(guid.clone(), s),
             digest: String::new(),
         };
@@ -89,11 +89,6 @@ pub(super) fn volume_plan(
         on_target.insert(guid);
     }
     Ok(out)
-}
-
-fn guid_of(cat: &Catalog, id: &SnapshotId) -> Option<String> {
-    let v = cat.volume(&id.volume).ok()?;
-    v.snapshots.iter().find(|s| s.id == id.id).map(|s| cat.guid(v, s))
 }
 
 /// `todo` (each volume's snapshots in order, origins' volumes first) in the order they were
